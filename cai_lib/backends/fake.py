@@ -1,0 +1,55 @@
+"""A deterministic backend with the real interface, for fast tests of pure logic.
+
+Text and scores are functions of the request and seed alone. Never the only test of a
+capability: the transformers backend runs the same paths in the slow tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from cai_lib.backends.base import CallStats, Chat, Generation, Sampling, check_lengths
+from cai_lib.ids import canonical_json, sha256_text
+
+FAKE_FINGERPRINT = sha256_text("fake-backend-v1")
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, model_id: str = "fake", **_: object):
+        self.model_id = model_id
+        self.fingerprint = FAKE_FINGERPRINT
+        self.stats = CallStats()
+        self.fail_when: str | None = None  # a substring that makes a request fail (for tests)
+
+    def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in chat)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def generate(self, chats: Sequence[Chat], sampling: Sampling, seeds: Sequence[int]) -> list[Generation]:
+        check_lengths(chats, seeds)
+        self.stats.generate_calls += 1
+        out = []
+        for chat, seed in zip(chats, seeds):
+            if self.fail_when and self.fail_when in canonical_json(chat):
+                out.append(Generation(None, 0, 0, "error", f"fake failure on {self.fail_when!r}"))
+                continue
+            h = sha256_text(canonical_json([chat, seed, sampling.to_json()]))
+            words = ["fake", chat[-1]["content"].split()[0] if chat[-1]["content"].split() else "", h[:12]]
+            text = " ".join(w for w in words if w)[: sampling.max_new_tokens * 4]
+            n_prompt = sum(len(m["content"].split()) for m in chat)
+            out.append(Generation(text, n_prompt, len(text.split()), "stop"))
+            self.stats.generated_sequences += 1
+            self.stats.prompt_tokens += n_prompt
+            self.stats.completion_tokens += len(text.split())
+        return out
+
+    def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
+        self.stats.scoring_calls += 1
+        rows = []
+        for p in prompts:
+            raw = [int(sha256_text(p + c)[:6], 16) / 0xFFFFFF for c in choices]
+            z = math.log(sum(math.exp(r) for r in raw))
+            rows.append([r - z for r in raw])
+        return rows

@@ -1,0 +1,134 @@
+"""The lake: one adapter for every table read and write.
+
+Locally the tables are real Delta tables written with delta-rs (reader 1 / writer 2, no
+deletion vectors), readable by Spark-with-Delta, Databricks, DuckDB and Polars. Event tables
+are append-only and written with an insert-only MERGE on their key, so a retried or resumed
+job never writes a row twice, and a write with nothing new makes no new table version.
+`SparkDeltaLake` (lake_spark.py) offers the same methods where the Spark session has Delta.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
+
+from schemas import TABLES, TableSpec
+
+
+class LakeError(RuntimeError):
+    """A write that would break a table's contract (null key, unknown table, wrong columns)."""
+
+
+def spec_of(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise LakeError(f"unknown lake table {name!r}; known tables: {', '.join(sorted(TABLES))}") from None
+
+
+def conform(name: str, rows: pa.Table) -> pa.Table:
+    """Select and cast `rows` to the table's schema; name the column and row of a null key."""
+    spec = spec_of(name)
+    missing = [f.name for f in spec.schema if f.name not in rows.column_names]
+    if missing:
+        raise LakeError(f"{name}: rows lack columns {missing}; expected {spec.schema.names}")
+    rows = rows.select(spec.schema.names)
+    for field in spec.schema:
+        if not field.nullable and rows.column(field.name).null_count:
+            bad = pc.index(pc.is_null(rows.column(field.name)), True).as_py()
+            raise LakeError(f"{name}: column {field.name!r} is NOT NULL but row {bad} is null")
+    return rows.cast(spec.schema)
+
+
+class Lake:
+    """Tables under one root folder, by name (`prompts`, `generation_events`, ...)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Lake({str(self.root)!r})"
+
+    def path(self, name: str) -> Path:
+        spec_of(name)
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / "_delta_log").is_dir()
+
+    def table(self, name: str) -> DeltaTable:
+        """The DeltaTable, created empty with its schema and properties if missing."""
+        spec = spec_of(name)
+        path = self.path(name)
+        if self.exists(name):
+            return DeltaTable(str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"delta.appendOnly": "true"} if spec.append_only else None
+        return DeltaTable.create(str(path), schema=spec.schema, configuration=config,
+                                 name=name, mode="ignore")
+
+    def version(self, name: str) -> int | None:
+        return DeltaTable(str(self.path(name))).version() if self.exists(name) else None
+
+    def read(self, name: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
+        """The table (or an empty one with its schema), at `version` for time travel."""
+        spec = spec_of(name)
+        schema = spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns])
+        if not self.exists(name):
+            return schema.empty_table()
+        dt = DeltaTable(str(self.path(name)), version=version)
+        return dt.to_pyarrow_table(columns=columns).cast(schema)
+
+    def count(self, name: str) -> int:
+        if not self.exists(name):
+            return 0
+        return DeltaTable(str(self.path(name))).to_pyarrow_dataset().count_rows()
+
+    def insert_new(self, name: str, rows: pa.Table) -> int:
+        """Insert the rows whose key is not in the table yet; return how many were inserted."""
+        spec = spec_of(name)
+        if not spec.append_only:
+            raise LakeError(f"{name} is a derived table: rebuild it with replace(), not insert_new()")
+        rows = conform(name, rows)
+        if rows.num_rows == 0:
+            return 0
+        # A key twice in one source batch would be inserted twice by MERGE: keep the first.
+        keys = rows.column(spec.key).to_pylist()
+        if len(set(keys)) != len(keys):
+            seen, keep = set(), []
+            for i, k in enumerate(keys):
+                if k not in seen:
+                    seen.add(k)
+                    keep.append(i)
+            rows = rows.take(keep)
+        metrics = (
+            self.table(name)
+            .merge(source=rows, predicate=f"t.{spec.key} = s.{spec.key}", source_alias="s", target_alias="t")
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        return int(metrics["num_target_rows_inserted"])
+
+    def replace(self, name: str, rows: pa.Table) -> bool:
+        """Replace a derived table with `rows` unless it already holds exactly them.
+
+        Returns True when a new version was written. Rows are sorted by key first, so the
+        same events always give the same table, and an unchanged rebuild writes nothing.
+        """
+        spec = spec_of(name)
+        if spec.append_only:
+            raise LakeError(f"{name} is an append-only event table: it is never replaced")
+        rows = conform(name, rows).sort_by(spec.key)
+        if self.exists(name) and self.read(name).sort_by(spec.key).equals(rows):
+            return False
+        self.table(name)
+        write_deltalake(str(self.path(name)), rows, mode="overwrite")
+        return True
+
+    def snapshot(self, names: list[str] | None = None) -> dict[str, dict[str, int | None]]:
+        """{table: {version, rows}} for pointer files and pinning inputs of a run."""
+        names = names or [n for n in TABLES if self.exists(n)]
+        return {n: {"version": self.version(n), "rows": self.count(n)} for n in names}

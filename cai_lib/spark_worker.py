@@ -1,0 +1,73 @@
+"""Code that runs inside Spark's Python workers: one loaded backend per worker process.
+
+The cache lives in this importable module (not `__main__`), and Spark reuses Python workers
+(`spark.python.worker.reuse`), so a worker loads its model once and keeps it across tasks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from typing import Iterator
+
+import pyarrow as pa
+
+from cai_lib.backends import Sampling, load_backend
+
+RESULT_SCHEMA = pa.schema([
+    ("task_idx", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("latency_ms", pa.float64()),
+    ("error", pa.string()),
+])
+RESULT_DDL = ("task_idx long, text string, finish_reason string, prompt_tokens int, "
+              "completion_tokens int, latency_ms double, error string")
+
+_BACKENDS: dict[str, object] = {}
+
+
+def backend_for(spec_json: str):
+    """The worker's backend for this spec, loading it (once) on first use."""
+    if spec_json not in _BACKENDS:
+        _BACKENDS.clear()  # one model per worker: free the old one before loading another
+        spec = json.loads(spec_json)
+        _BACKENDS[spec_json] = load_backend(spec.pop("backend"), spec.pop("model"), **spec)
+    return _BACKENDS[spec_json]
+
+
+def _generate_one_batch(backend, items: list[dict]):
+    sampling = Sampling(**json.loads(items[0]["sampling"]))
+    chats = [json.loads(it["chat"]) for it in items]
+    seeds = [it["seed"] for it in items]
+    try:
+        return backend.generate(chats, sampling, seeds)
+    except Exception:  # noqa: BLE001 - isolate the failing request(s); the rest still count
+        from cai_lib.backends import Generation
+        out = []
+        for chat, seed in zip(chats, seeds):
+            try:
+                out.extend(backend.generate([chat], sampling, [seed]))
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed event, never dropped
+                out.append(Generation(None, 0, 0, "error", f"{type(exc).__name__}: {exc}"[:2000]))
+        return out
+
+
+def generate_partition(batches: Iterator[pa.RecordBatch], spec_json: str, calls) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: rows carry batch_no; each batch is one backend.generate call."""
+    table = pa.Table.from_batches(list(batches))
+    if table.num_rows == 0:
+        return
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in table.to_pylist():
+        groups[(row["batch_no"], row["sampling"])].append(row)
+    backend = backend_for(spec_json)
+    for key in sorted(groups):
+        items = sorted(groups[key], key=lambda r: r["task_idx"])
+        t0 = time.perf_counter()
+        gens = _generate_one_batch(backend, items)
+        per_row_ms = (time.perf_counter() - t0) * 1000 / len(items)
+        calls.add(1)
+        yield pa.RecordBatch.from_pylist([
+            {"task_idx": it["task_idx"], "text": g.text, "finish_reason": g.finish_reason,
+             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+             "latency_ms": per_row_ms, "error": g.error}
+            for it, g in zip(items, gens)], schema=RESULT_SCHEMA)

@@ -1,0 +1,30 @@
+"""DuckDB SQL over the lake: every Delta table is a view named after the table.
+
+Tables are registered as Arrow datasets of their current Delta snapshot (delta-rs lists the
+live files, so removed files are never read), so queries stream and push filters down.
+"""
+from __future__ import annotations
+
+import duckdb
+from deltalake import DeltaTable
+
+from cai_lib.lake import Lake
+from schemas import TABLES
+
+
+def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    for name in TABLES:
+        if lake.exists(name):
+            con.register(name, DeltaTable(str(lake.path(name))).to_pyarrow_dataset())
+    return con
+
+
+def query(lake: Lake, sql: str):
+    """Run `sql`; a clear error lists the tables when a name is unknown."""
+    con = connect(lake)
+    try:
+        return con.sql(sql)
+    except duckdb.CatalogException as exc:
+        present = [n for n in TABLES if lake.exists(n)]
+        raise ValueError(f"{exc}\nTables in lake {lake.root}: {', '.join(present) or '(none yet: run cai ingest)'}") from None

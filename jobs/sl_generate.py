@@ -1,0 +1,148 @@
+"""SL-CAI generation: first answers, then R rounds of critique -> revision, on Spark.
+
+    cai sl-generate --lake lake --rounds 4 --limit 10
+    cai sl-generate --constitution constitutions/medical_information.yaml --model path/to/model
+    spark-submit jobs/sl_generate.py --lake lake --rounds 1
+
+Each round is one wave batched across all prompts: Spark spreads the batches over Python
+workers (one loaded model each). Every generation is a `generation_events` row with a
+deterministic id; a rerun, a retried task or a resumed job calls the model only for ids not
+yet present. `sl_dataset` (final revisions + helpful answers) is rebuilt from the events.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cai_lib.backends import Sampling
+from cai_lib.backends.fake import FAKE_FINGERPRINT
+from cai_lib.backends.models import fingerprint, resolve_model
+from cai_lib.config import CommonConfig, load_config, opt
+from cai_lib.constitution import load_constitution
+from cai_lib.generation import RunStats, new_job_run_id, run_tasks
+from cai_lib.lake import Lake
+from cai_lib.sl import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
+from cai_lib.templates import parse_output
+from jobs.common import report, write_pointer
+
+
+@dataclass
+class SLGenerateConfig(CommonConfig):
+    constitution: str = opt("constitutions/default.yaml", "constitution YAML (or the paper's JSON)")
+    rounds: int = opt(4, "critique -> revision rounds per red-team prompt (the paper used 4)")
+    limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)")
+    splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)")
+    batch_size: int = opt(8, "sequences per model call; a batch is also the unit of resume")
+    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)")
+    few_shot: int = opt(0, "worked critique/revision examples from the constitution prepended to each step")
+    temperature: float = opt(0.7, "sampling temperature for every step (0 = greedy)")
+    top_p: float = opt(0.9, "nucleus sampling mass")
+    answer_max_new_tokens: int = opt(128, "token budget of first answers")
+    critique_max_new_tokens: int = opt(96, "token budget of critiques")
+    revision_max_new_tokens: int = opt(128, "token budget of revisions")
+    max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "batches_per_commit", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    def settings(self) -> SLSettings:
+        s = lambda n: Sampling(self.temperature, self.top_p, n)  # noqa: E731
+        return SLSettings(self.rounds, self.seed, self.few_shot, s(self.answer_max_new_tokens),
+                          s(self.critique_max_new_tokens), s(self.revision_max_new_tokens))
+
+    def backend_spec(self) -> dict:
+        spec = {"backend": self.backend, "model": self.model}
+        if self.backend != "fake":
+            spec.update(dtype=self.dtype, batch_size=self.batch_size)
+        if self.backend == "transformers":
+            spec["threads"] = self.torch_threads
+        return spec
+
+
+def model_fingerprint(backend: str, model_id: str) -> str:
+    """Resolve the model on the driver (a clear error before Spark starts; converts the default once)."""
+    return FAKE_FINGERPRINT if backend == "fake" else fingerprint(resolve_model(model_id))
+
+
+def select_prompts(lake: Lake, cfg: SLGenerateConfig) -> tuple[pa.Table, set[str]]:
+    """The prompts of the chosen splits, and the ids to generate for now (`limit` per kind)."""
+    prompts = lake.read("prompts")
+    if prompts.num_rows == 0:
+        raise ValueError(f"no prompts in lake {cfg.lake}: run `cai ingest --lake {cfg.lake}` first")
+    prompts = prompts.filter(pc.is_in(prompts["split"], pa.array(cfg.splits))).sort_by("prompt_id")
+    chosen = prompts
+    if cfg.limit is not None:
+        chosen = pa.concat_tables([prompts.filter(pc.equal(prompts["kind"], k)).slice(0, cfg.limit)
+                                   for k in ("red_team", "helpful")])
+    return prompts, set(chosen["prompt_id"].to_pylist())
+
+
+def known_events(lake: Lake, ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """Texts of successful events and failure counts, for the planned ids only."""
+    ev = lake.read("generation_events", columns=["target_event_id", "status", "text"])
+    ev = ev.filter(pc.is_in(ev["target_event_id"], pa.array(sorted(ids), pa.string())))
+    texts, failures = {}, {}
+    for r in ev.to_pylist():
+        if r["status"] == "ok":
+            texts[r["target_event_id"]] = r["text"]
+        else:
+            failures[r["target_event_id"]] = failures.get(r["target_event_id"], 0) + 1
+    return texts, failures
+
+
+def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
+    lake = Lake(cfg.lake)
+    constitution = load_constitution(cfg.constitution)
+    fp = model_fingerprint(cfg.backend, cfg.model)
+    ctx = SLContext(constitution, cfg.model, fp, cfg.backend, cfg.settings())
+    prompts, chosen = select_prompts(lake, cfg)
+    texts_by_pid = dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
+    # Plan every prompt of the splits (ids are cheap hashes): sl_dataset covers all complete
+    # chains, while only the `limit` chosen ones are generated in this run.
+    plans = {pid: plan_chain(ctx, pid, kind) for pid, kind in zip(prompts["prompt_id"].to_pylist(),
+                                                                   prompts["kind"].to_pylist())}
+    todo = {pid: plan for pid, plan in plans.items() if pid in chosen}
+    texts, failures = known_events(lake, {s.event_id for chain in plans.values() for s in chain})
+    job_run_id = new_job_run_id()
+    total, exhausted = RunStats(), 0
+    for wave in range(0, 2 * cfg.rounds + 1):
+        tasks, gave_up = pending_tasks(ctx, todo, texts_by_pid, wave, texts, failures, cfg.max_attempts)
+        exhausted += gave_up
+        if not tasks:
+            continue
+        if progress:
+            progress(f"wave {wave}/{2 * cfg.rounds}: {len(tasks)} generations")
+        stats, rows = run_tasks(spark, lake, tasks, cfg.backend_spec(), ctx.constants(),
+                                batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit,
+                                job_run_id=job_run_id, parse=parse_output)
+        total.add(stats)
+        for r in rows.select(["target_event_id", "status", "text"]).to_pylist():
+            if r["status"] == "ok":
+                texts[r["target_event_id"]] = r["text"]
+    dataset_changed = lake.replace("sl_dataset", derive_sl_dataset(ctx, plans, prompts, texts))
+    write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
+                  {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
+    return {"prompts": len(todo), "generations": total.tasks, "model_calls": total.model_calls,
+            "ok": total.ok, "failed": total.failed, "gave_up": exhausted, "inserted": total.inserted,
+            "completion_tokens": total.completion_tokens, "sl_dataset_rows": lake.count("sl_dataset"),
+            "sl_dataset_rewritten": dataset_changed}
+
+
+def main(argv=None) -> int:
+    from cai_lib.spark import get_spark
+    cfg = load_config(SLGenerateConfig, "sl_generate", argv, __doc__)
+    spark = get_spark(cfg.spark_master, "cai-sl-generate")
+    summary = run(spark, cfg, progress=lambda msg: print(msg, flush=True))
+    report("sl-generate", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

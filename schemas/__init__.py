@@ -1,0 +1,14 @@
+"""Every lake table's shape, in one place. Imports nothing of ours (the leaf of the layering).
+
+Jobs, tests and quality suites import these; `cai_lib.lake` creates tables from them.
+"""
+from schemas.tables import (  # noqa: F401
+    GENERATION_EVENTS,
+    GENERATION_KINDS,
+    PROMPT_KINDS,
+    PROMPTS,
+    QUARANTINE,
+    SL_DATASET,
+    TABLES,
+    TableSpec,
+)

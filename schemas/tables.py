@@ -1,0 +1,118 @@
+"""Arrow schemas of the lake tables and how each is written.
+
+`nullable=False` marks key and lineage columns: delta-rs refuses a write that puts a null
+there, and `cai_lib.lake` checks it first to name the column and row. Event tables are
+append-only (`delta.appendOnly=true`): rows are inserted once, keyed on `key`, never updated.
+Derived tables (`sl_dataset`) are rebuilt from the events and replaced whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+PROMPT_KINDS = ("red_team", "helpful")
+GENERATION_KINDS = (
+    "initial_response",  # the helpful model's first answer to a red-team prompt
+    "critique",          # round r: the model critiques its latest answer against one principle
+    "revision",          # round r: the model rewrites its answer following the critique
+    "helpful_response",  # the model's answer to a helpfulness prompt (joins the SL data as is)
+    "pair_sample",       # RLAIF: one of two sampled responses per prompt
+    "cot",               # RLAIF: the feedback model's chain of thought
+)
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = True, doc: str = "") -> pa.Field:
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc} if doc else None)
+
+
+PROMPTS = pa.schema([
+    _f("prompt_id", pa.string(), False, "sha256 of kind + normalised text: same prompt, same id"),
+    _f("text", pa.string(), False),
+    _f("kind", pa.string(), False, "red_team | helpful"),
+    _f("source", pa.string(), False, "the file it was ingested from"),
+    _f("source_row", pa.int64(), False, "0-based record index in that file"),
+    _f("source_format", pa.string(), False),
+    _f("category", pa.string()),
+    _f("tags", pa.list_(pa.string())),
+    _f("split", pa.string(), False, "train | test, a deterministic function of prompt_id"),
+    _f("meta", pa.string(), doc="other fields of the source record, as JSON"),
+    _f("created_at", UTC_TS, False),
+])
+
+GENERATION_EVENTS = pa.schema([
+    _f("event_id", pa.string(), False, "sha256 of kind, parents, principle, constitution, model, template, sampling, seed"),
+    _f("kind", pa.string(), False, "one of GENERATION_KINDS"),
+    _f("status", pa.string(), False, "ok | failed (a failed attempt keeps its own id and the error)"),
+    _f("target_event_id", pa.string(), False, "the id this attempt produces when it succeeds (= event_id when ok)"),
+    _f("attempt", pa.int32(), False),
+    _f("prompt_id", pa.string(), False),
+    _f("parent_id", pa.string(), doc="the event this generation continues (null for a first answer)"),
+    _f("round", pa.int32(), False, "0 for first answers, 1..R for critique/revision rounds"),
+    _f("principle_id", pa.string()),
+    _f("constitution_id", pa.string(), False),
+    _f("constitution_sha", pa.string(), False),
+    _f("model_id", pa.string(), False),
+    _f("model_fingerprint", pa.string(), False),
+    _f("backend", pa.string(), False),
+    _f("template_sha", pa.string(), False),
+    _f("sampling", pa.string(), False, "sampling params as canonical JSON"),
+    _f("seed", pa.int64(), False),
+    _f("text", pa.string(), doc="null when status = failed"),
+    _f("finish_reason", pa.string(), doc="stop | length | error"),
+    _f("prompt_tokens", pa.int32()),
+    _f("completion_tokens", pa.int32()),
+    _f("latency_ms", pa.float64(), doc="the batch's wall time divided by its size"),
+    _f("error", pa.string()),
+    _f("job_run_id", pa.string(), False, "the job run that wrote the row (not part of the id)"),
+    _f("created_at", UTC_TS, False),
+])
+
+QUARANTINE = pa.schema([
+    _f("event_id", pa.string(), False, "sha256 of stage, source, row and reason: re-ingesting adds nothing"),
+    _f("stage", pa.string(), False, "ingest | sl_generate | gate ..."),
+    _f("source", pa.string(), False),
+    _f("source_row", pa.int64()),
+    _f("field", pa.string()),
+    _f("reason", pa.string(), False),
+    _f("payload", pa.string(), doc="the raw record, truncated"),
+    _f("job_run_id", pa.string(), False),
+    _f("created_at", UTC_TS, False),
+])
+
+SL_DATASET = pa.schema([
+    _f("prompt_id", pa.string(), False),
+    _f("prompt", pa.string(), False),
+    _f("response", pa.string(), False),
+    _f("source_kind", pa.string(), False, "revision (red-team, after R rounds) | helpful_response"),
+    _f("category", pa.string()),
+    _f("split", pa.string(), False),
+    _f("rounds", pa.int32(), False),
+    _f("final_event_id", pa.string(), False),
+    _f("chain_event_ids", pa.list_(pa.string()), False, "initial, critique 1, revision 1, ... in order"),
+    _f("principle_ids", pa.list_(pa.string()), False, "one per round"),
+    _f("constitution_sha", pa.string(), False),
+    _f("model_id", pa.string(), False),
+    _f("model_fingerprint", pa.string(), False),
+])
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: pa.Schema
+    key: str
+    append_only: bool  # event tables: insert-only; derived tables: replaced whole
+
+
+TABLES: dict[str, TableSpec] = {
+    s.name: s
+    for s in (
+        TableSpec("prompts", PROMPTS, "prompt_id", True),
+        TableSpec("generation_events", GENERATION_EVENTS, "event_id", True),
+        TableSpec("quarantine", QUARANTINE, "event_id", True),
+        TableSpec("sl_dataset", SL_DATASET, "prompt_id", False),
+    )
+}
