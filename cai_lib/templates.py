@@ -71,7 +71,9 @@ def _few_shot_turns(constitution: Constitution, n: int, p: CritiquePrinciple, up
 
 
 def initial_chat(prompt: str, templates: Mapping[str, str]) -> Chat:
-    """>>> initial_chat("Hi?", DEFAULT_TEMPLATES)
+    """The first turn: the prompt through the `initial` template.
+
+    >>> initial_chat("Hi?", DEFAULT_TEMPLATES)
     [{'role': 'user', 'content': 'Hi?'}]
     """
     return [{"role": "user", "content": templates["initial"].format(prompt=prompt)}]
@@ -101,15 +103,15 @@ def revision_chat(prompt: str, response: str, critique: str, principle: Critique
 
 _LABEL = re.compile(
     r"^\s*(?:\*\*)?(?:critique|revision|revised (?:answer|response)|rewritten (?:answer|response)|"
-    r"here is (?:the|my) (?:revised|rewritten) (?:answer|response))(?:\*\*)?\s*:\s*",
+    r"here is (?:the|my) (?:revised|rewritten) (?:answer|response))(?:\*\*)?\s*:\s*(?:\*\*)?\s*",
     re.IGNORECASE)
 
 
 def parse_output(kind: str, text: str) -> str:
     """The text to store: labels the model echoes ("Revision:") and wrapping quotes removed.
 
-    >>> parse_output("revision", 'Revision: "I can't help with that, but here is why."')
-    "I can't help with that, but here is why."
+    >>> parse_output("revision", 'Revision: "I will not help with that, and here is why."')
+    'I will not help with that, and here is why.'
     >>> parse_output("critique", "  The answer gave unsafe details.  ")
     'The answer gave unsafe details.'
     >>> parse_output("initial_response", "Critique: kept as is, only labels of later steps go")

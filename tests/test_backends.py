@@ -1,0 +1,75 @@
+"""Backends: the real default model (batched, seeded, scored) and the interface's edges."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai_lib.backends import ModelNotFound, Sampling, load_backend
+
+CHATS = [[{"role": "user", "content": q}] for q in
+         ("How do I kill a stuck process on Linux?", "Name three fruits.", "Write one line about rain.")]
+
+
+def test_generation_is_batched_and_each_request_keeps_its_seed(hf_backend):
+    s = Sampling(temperature=0.8, top_p=0.95, max_new_tokens=16)
+    batch = hf_backend.generate(CHATS, s, [11, 22, 33])
+    assert all(g.ok and g.text and 0 < g.completion_tokens <= 16 and g.prompt_tokens > 5 for g in batch)
+    alone = hf_backend.generate(CHATS[1:2], s, [22])
+    assert alone[0].text == batch[1].text  # the same request and seed, another batch: the same text
+    other_seed = hf_backend.generate(CHATS[1:2] * 4, s, [1, 2, 3, 4])
+    assert len({g.text for g in other_seed} | {batch[1].text}) > 1
+
+
+def test_greedy_matches_transformers_generate(hf_backend):
+    g = hf_backend.generate(CHATS[:1], Sampling(temperature=0, max_new_tokens=12), [0])[0]
+    tok, model = hf_backend.tokenizer, hf_backend.model
+    ids = tok(hf_backend.render_chat(CHATS[0]), return_tensors="pt", add_special_tokens=False)
+    ref = model.generate(**ids, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    assert g.text == tok.decode(ref[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_choice_logprobs_match_full_forward_passes():
+    """The shared-prefix two-pass scoring equals one full pass per choice (fp32: exact to 1e-3)."""
+    hf_backend = load_backend("transformers", "default", dtype="float32", threads=2)
+    prompt = hf_backend.render_chat([{"role": "user", "content": "Which is a fruit? (A) apple (B) hammer"}]) + "Answer:"
+    choices = [" (A)", " (B)", " neither of them"]
+    got = hf_backend.choice_logprobs([prompt, prompt + " I think"], choices)
+    tok, model = hf_backend.tokenizer, hf_backend.model
+    for row, p in zip(got, [prompt, prompt + " I think"]):
+        n = len(tok(p, add_special_tokens=False).input_ids)
+        for lp, c in zip(row, choices):
+            ids = tok(p + c, add_special_tokens=False, return_tensors="pt").input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits.float(), -1)
+            ref = sum(float(logp[0, j - 1, ids[0, j]]) for j in range(n, ids.shape[1]))
+            assert lp == pytest.approx(ref, abs=1e-3)
+    assert all(lp < 0 for row in got for lp in row)
+    p_a = math.exp(got[0][0]) / (math.exp(got[0][0]) + math.exp(got[0][1]))
+    assert 0 < p_a < 1
+
+
+def test_unknown_model_and_backend_are_clear_errors():
+    with pytest.raises(ModelNotFound, match="unknown model 'no-such-model'"):
+        load_backend("transformers", "no-such-model")
+    with pytest.raises(ModelNotFound, match="not in the local Hugging Face cache"):
+        load_backend("transformers", "nobody/nothing-here")
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        load_backend("tpu")
+
+
+def test_vllm_backend_says_how_to_install_when_missing():
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here; the GPU test covers it")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="make gpu-env"):
+        load_backend("vllm", "default")
+
+
+def test_seed_count_must_match():
+    with pytest.raises(ValueError, match="one seed per chat"):
+        load_backend("fake").generate(CHATS, Sampling(), [1])

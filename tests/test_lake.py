@@ -1,0 +1,61 @@
+"""The Delta adapter: insert-only writes, NOT NULL keys, append-only tables, no-op rewrites."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from cai_lib.lake import Lake, LakeError
+from schemas import QUARANTINE, SL_DATASET
+
+
+def qrows(ids, reason="r"):
+    now = datetime.now(timezone.utc)
+    return pa.Table.from_pylist([{"event_id": i, "stage": "ingest", "source": "f", "source_row": 0, "field": None,
+                                  "reason": reason, "payload": "x", "job_run_id": "j", "created_at": now} for i in ids])
+
+
+def test_insert_new_is_idempotent_and_a_noop_makes_no_version(tmp_path):
+    lake = Lake(tmp_path)
+    assert lake.insert_new("quarantine", qrows(["a", "b"])) == 2
+    v = lake.version("quarantine")
+    assert lake.insert_new("quarantine", qrows(["a", "b"])) == 0
+    assert lake.version("quarantine") == v
+    assert lake.insert_new("quarantine", qrows(["b", "c", "c"])) == 1  # duplicate keys in one batch: once
+    assert sorted(lake.read("quarantine")["event_id"].to_pylist()) == ["a", "b", "c"]
+
+
+def test_event_tables_are_append_only_delta_with_the_schema(tmp_path):
+    lake = Lake(tmp_path)
+    lake.insert_new("quarantine", qrows(["a"]))
+    dt = DeltaTable(str(lake.path("quarantine")))
+    assert dt.metadata().configuration.get("delta.appendOnly") == "true"
+    assert (dt.protocol().min_reader_version, dt.protocol().min_writer_version) == (1, 2)
+    assert lake.read("quarantine").schema.equals(QUARANTINE)
+    assert not lake.read("generation_events").num_rows  # missing table reads as empty, with its schema
+
+
+def test_null_key_is_refused_with_column_and_row(tmp_path):
+    lake = Lake(tmp_path)
+    rows = qrows(["a", "b"]).set_column(0, "event_id", pa.array(["a", None]))
+    with pytest.raises(LakeError, match=r"'event_id' is NOT NULL but row 1 is null"):
+        lake.insert_new("quarantine", rows)
+    assert not lake.exists("quarantine")  # nothing written
+
+
+def test_replace_writes_only_on_change_and_refuses_event_tables(tmp_path):
+    lake = Lake(tmp_path)
+    row = {"prompt_id": "p", "prompt": "q", "response": "r", "source_kind": "revision", "category": None,
+           "split": "train", "rounds": 1, "final_event_id": "e", "chain_event_ids": ["e0", "e"],
+           "principle_ids": ["x"], "constitution_sha": "c", "model_id": "m", "model_fingerprint": "f"}
+    t = pa.Table.from_pylist([row], schema=SL_DATASET)
+    assert lake.replace("sl_dataset", t) is True
+    v = lake.version("sl_dataset")
+    assert lake.replace("sl_dataset", t) is False and lake.version("sl_dataset") == v
+    assert lake.replace("sl_dataset", pa.Table.from_pylist([{**row, "response": "r2"}], schema=SL_DATASET))
+    with pytest.raises(LakeError, match="append-only"):
+        lake.replace("quarantine", qrows(["a"]))
+    with pytest.raises(LakeError, match="unknown lake table 'nope'"):
+        lake.read("nope")
