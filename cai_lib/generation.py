@@ -20,6 +20,7 @@ import pyarrow as pa
 from cai_lib.ids import canonical_json, stable_id
 from cai_lib.lake import Lake
 from cai_lib.spark_worker import RESULT_DDL, generate_partition
+from schemas import GENERATION_EVENTS
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def event_rows(tasks: list[Task], results: dict[int, dict], constants: dict[str,
             "latency_ms": r["latency_ms"], "error": r["error"],
             "job_run_id": job_run_id, "created_at": now, **constants,
         })
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist(rows, schema=GENERATION_EVENTS)  # typed even when a column is all null
 
 
 def run_tasks(spark, lake: Lake, tasks: list[Task], backend_spec: dict, constants: dict[str, Any], *,

@@ -21,7 +21,9 @@ class FakeBackend:
         self.model_id = model_id
         self.fingerprint = FAKE_FINGERPRINT
         self.stats = CallStats()
-        self.fail_when: str | None = None  # a substring that makes a request fail (for tests)
+        # model id "fail-on:TEXT": requests whose chat contains TEXT fail (tests of failure handling;
+        # the id travels to Spark workers with the backend spec, unlike an attribute set here)
+        self.fail_when: str | None = model_id[len("fail-on:"):] if model_id.startswith("fail-on:") else None
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in chat)
