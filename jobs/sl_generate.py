@@ -35,7 +35,7 @@ class SLGenerateConfig(CommonConfig):
     rounds: int = opt(4, "critique -> revision rounds per red-team prompt (the paper used 4)")
     limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)")
     splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)")
-    batch_size: int = opt(8, "sequences per model call; a batch is also the unit of resume")
+    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
     batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)")
     few_shot: int = opt(0, "worked critique/revision examples from the constitution prepended to each step")
     temperature: float = opt(0.7, "sampling temperature for every step (0 = greedy)")

@@ -1,0 +1,58 @@
+"""The `cai` command line: sql (table, csv), status, constitution validate/import, help."""
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from jobs.cli import main as cai
+from tests.conftest import ROOT, SHARED
+
+
+def test_sql_table_and_csv(small_lake, capsys):
+    assert cai(["sql", "--lake", str(small_lake), "SELECT kind, count(*) AS n FROM prompts GROUP BY kind ORDER BY kind"]) == 0
+    out = capsys.readouterr().out
+    assert "helpful" in out and "red_team" in out and "│" in out
+    assert cai(["sql", "--lake", str(small_lake), "--format", "csv",
+                "SELECT kind, count(*) AS n FROM prompts GROUP BY kind ORDER BY kind"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows == [{"kind": "helpful", "n": "2"}, {"kind": "red_team", "n": "3"}]
+
+
+def test_sql_unknown_table_lists_the_tables(small_lake, capsys):
+    assert cai(["sql", "--lake", str(small_lake), "SELECT * FROM label_events"]) == 1
+    err = capsys.readouterr().err
+    assert "label_events" in err and "prompts" in err
+
+
+def test_status_lists_versions_and_rows(small_lake, capsys):
+    assert cai(["status", "--lake", str(small_lake)]) == 0
+    out = capsys.readouterr().out
+    assert "prompts" in out and "5" in out
+
+
+def test_constitution_validate_exit_codes(tmp_path, capsys):
+    files = [str(p) for p in sorted((ROOT / "constitutions").glob("*.yaml"))]
+    assert cai(["constitution", "validate", *files]) == 0
+    assert capsys.readouterr().out.count("ok ") == 3
+    bad = tmp_path / "dup.yaml"
+    bad.write_text((ROOT / "constitutions/default.yaml").read_text().replace("id: cai-default", "id: cai-default\nextra: 1"))
+    assert cai(["constitution", "validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "dup.yaml" in err and "extra" in err
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside the checkout")
+def test_constitution_import_from_the_paper_json(tmp_path, capsys):
+    src = SHARED / "constitutional-harmlessness-paper/prompts"
+    out = tmp_path / "paper.yaml"
+    assert cai(["constitution", "import", "--critiques", str(src / "CritiqueRevisionInstructions.json"),
+                "--comparisons", str(src / "RLMadisonInstructions.json"), "-o", str(out)]) == 0
+    assert cai(["constitution", "validate", str(out)]) == 0
+    assert "critique_revision=16 comparison=16" in capsys.readouterr().out
+
+
+def test_help_and_unknown_command(capsys):
+    assert cai(["--help"]) == 0 and "sl-generate" in capsys.readouterr().out
+    assert cai(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
