@@ -1,0 +1,61 @@
+"""dvc repro on a copy of this repo with 3 prompts: stages run, a rerun is a no-op, a new prompt
+reruns ingest and sl_generate, and only the new prompt's events go to the model."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_lib.lake import Lake
+from tests.conftest import DEMO_HELPFUL, DEMO_RED, ROOT
+
+
+def sh(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, repo / f)
+    (repo / "data/demo/red_team_prompts.jsonl").write_text("".join(DEMO_RED.read_text().splitlines(True)[:2]))
+    (repo / "data/demo/helpful_prompts.jsonl").write_text("".join(DEMO_HELPFUL.read_text().splitlines(True)[:1]))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ingest"]["test_fraction"] = 0.0
+    params["sl_generate"].update(rounds=1, answer_max_new_tokens=16, critique_max_new_tokens=12,
+                                 revision_max_new_tokens=16)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "copy"], repo)
+
+    sh(["dvc", "repro"], repo)
+    lake = Lake(repo / "lake")
+    assert lake.count("prompts") == 3 and lake.count("generation_events") == 2 * 3 + 1
+    pointer = json.loads((repo / "pointers/sl_generate.json").read_text())
+    assert pointer["tables"]["sl_dataset"]["rows"] == 3
+    snap = lake.snapshot()
+
+    out = sh(["dvc", "repro"], repo)
+    assert "Data and pipelines are up to date" in out
+    assert lake.snapshot() == snap
+
+    with open(repo / "data/demo/helpful_prompts.jsonl", "a") as fh:
+        fh.write(DEMO_HELPFUL.read_text().splitlines(True)[1])
+    out = sh(["dvc", "repro"], repo)
+    assert "Running stage 'ingest'" in out and "Running stage 'sl_generate'" in out
+    assert "generations=1," in out  # only the new prompt's answer went to the model
+    assert lake.count("prompts") == 4 and lake.count("sl_dataset") == 4
