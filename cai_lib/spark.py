@@ -15,8 +15,12 @@ def get_spark(master: str = "local[1]", app_name: str = "cai"):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    builder = SparkSession.builder.appName(app_name)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        # Under spark-submit the JVM already exists and --master decides; only set ours otherwise.
+        builder = builder.master(master)
     spark = (
-        SparkSession.builder.master(master).appName(app_name)
+        builder
         .config("spark.python.worker.reuse", "true")  # one model load per worker, not per task
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")

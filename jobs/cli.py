@@ -13,7 +13,6 @@ Run `cai JOB --help` for a job's flags.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 

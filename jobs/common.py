@@ -24,6 +24,6 @@ def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict |
 
 
 def report(title: str, summary: dict) -> None:
-    """One readable block on stderr-free stdout; machine-readable JSON on the last line."""
+    """One summary line on stdout: `title: key=value, ...` (scripts and tests read it)."""
     print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
     sys.stdout.flush()

@@ -24,6 +24,7 @@ from cai_lib.config import CommonConfig, load_config, opt
 from cai_lib.constitution import load_constitution
 from cai_lib.generation import RunStats, new_job_run_id, run_tasks
 from cai_lib.lake import Lake
+from cai_lib.lake_spark import open_lake
 from cai_lib.sl import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.templates import parse_output
 from jobs.common import report, write_pointer
@@ -98,7 +99,7 @@ def known_events(lake: Lake, ids: set[str]) -> tuple[dict[str, str], dict[str, i
 
 
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
-    lake = Lake(cfg.lake)
+    lake = open_lake(cfg.lake, spark)  # native Delta where the session has it, else delta-rs
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.model)
     ctx = SLContext(constitution, cfg.model, fp, cfg.backend, cfg.settings())
