@@ -43,8 +43,57 @@ def conform(name: str, rows: pa.Table) -> pa.Table:
     return rows.cast(spec.schema)
 
 
-class Lake:
-    """Tables under one root folder, by name (`prompts`, `generation_events`, ...)."""
+class LakeBase:
+    """What both adapters share: the contract checks around each engine's reads and writes.
+
+    Subclasses provide exists, table, version, read, count, `_merge_insert(name, rows, key)`
+    and `_overwrite(name, rows)`.
+    """
+
+    def insert_new(self, name: str, rows: pa.Table) -> int:
+        """Insert the rows whose key is not in the table yet; return how many were inserted."""
+        spec = spec_of(name)
+        if not spec.append_only:
+            raise LakeError(f"{name} is a derived table: rebuild it with replace(), not insert_new()")
+        rows = conform(name, rows)
+        if rows.num_rows == 0:
+            return 0
+        return self._merge_insert(name, first_of_each_key(rows, spec.key), spec.key)
+
+    def replace(self, name: str, rows: pa.Table) -> bool:
+        """Replace a derived table with `rows` unless it already holds exactly them.
+
+        Returns True when a new version was written. Rows are sorted by key first, so the
+        same events always give the same table, and an unchanged rebuild writes nothing.
+        """
+        spec = spec_of(name)
+        if spec.append_only:
+            raise LakeError(f"{name} is an append-only event table: it is never replaced")
+        rows = conform(name, rows).sort_by(spec.key)
+        if self.exists(name) and self.read(name).sort_by(spec.key).equals(rows):
+            return False
+        self.table(name)
+        self._overwrite(name, rows)
+        return True
+
+    def snapshot(self, names: list[str] | None = None) -> dict[str, dict[str, int | None]]:
+        """{table: {version, rows}} for pointer files and pinning inputs of a run."""
+        names = names or [n for n in TABLES if self.exists(n)]
+        return {n: {"version": self.version(n), "rows": self.count(n)} for n in names}
+
+
+def first_of_each_key(rows: pa.Table, key: str) -> pa.Table:
+    """A key twice in one source batch would be inserted twice by MERGE: keep the first."""
+    keys = rows.column(key).to_pylist()
+    if len(set(keys)) == len(keys):
+        return rows
+    seen: set = set()
+    keep = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
+    return rows.take(keep)
+
+
+class Lake(LakeBase):
+    """Tables under one root folder, by name (`prompts`, `generation_events`, ...), via delta-rs."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -87,48 +136,14 @@ class Lake:
             return 0
         return DeltaTable(str(self.path(name))).to_pyarrow_dataset().count_rows()
 
-    def insert_new(self, name: str, rows: pa.Table) -> int:
-        """Insert the rows whose key is not in the table yet; return how many were inserted."""
-        spec = spec_of(name)
-        if not spec.append_only:
-            raise LakeError(f"{name} is a derived table: rebuild it with replace(), not insert_new()")
-        rows = conform(name, rows)
-        if rows.num_rows == 0:
-            return 0
-        # A key twice in one source batch would be inserted twice by MERGE: keep the first.
-        keys = rows.column(spec.key).to_pylist()
-        if len(set(keys)) != len(keys):
-            seen, keep = set(), []
-            for i, k in enumerate(keys):
-                if k not in seen:
-                    seen.add(k)
-                    keep.append(i)
-            rows = rows.take(keep)
+    def _merge_insert(self, name: str, rows: pa.Table, key: str) -> int:
         metrics = (
             self.table(name)
-            .merge(source=rows, predicate=f"t.{spec.key} = s.{spec.key}", source_alias="s", target_alias="t")
+            .merge(source=rows, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t")
             .when_not_matched_insert_all()
             .execute()
         )
         return int(metrics["num_target_rows_inserted"])
 
-    def replace(self, name: str, rows: pa.Table) -> bool:
-        """Replace a derived table with `rows` unless it already holds exactly them.
-
-        Returns True when a new version was written. Rows are sorted by key first, so the
-        same events always give the same table, and an unchanged rebuild writes nothing.
-        """
-        spec = spec_of(name)
-        if spec.append_only:
-            raise LakeError(f"{name} is an append-only event table: it is never replaced")
-        rows = conform(name, rows).sort_by(spec.key)
-        if self.exists(name) and self.read(name).sort_by(spec.key).equals(rows):
-            return False
-        self.table(name)
+    def _overwrite(self, name: str, rows: pa.Table) -> None:
         write_deltalake(str(self.path(name)), rows, mode="overwrite")
-        return True
-
-    def snapshot(self, names: list[str] | None = None) -> dict[str, dict[str, int | None]]:
-        """{table: {version, rows}} for pointer files and pinning inputs of a run."""
-        names = names or [n for n in TABLES if self.exists(n)]
-        return {n: {"version": self.version(n), "rows": self.count(n)} for n in names}

@@ -14,7 +14,7 @@ import os
 
 import pyarrow as pa
 
-from cai_lib.lake import Lake, LakeError, conform, spec_of
+from cai_lib.lake import Lake, LakeBase, spec_of
 
 
 def spark_has_delta(spark) -> bool:
@@ -28,7 +28,7 @@ def open_lake(root, spark=None):
     return SparkDeltaLake(spark, root) if spark is not None and spark_has_delta(spark) else Lake(root)
 
 
-class SparkDeltaLake:
+class SparkDeltaLake(LakeBase):
     def __init__(self, spark, root):
         from delta.tables import DeltaTable  # delta-spark's Python side; the jars come with the session
         self.spark, self.root, self._DeltaTable = spark, str(root).rstrip("/"), DeltaTable
@@ -70,35 +70,15 @@ class SparkDeltaLake:
     def count(self, name: str) -> int:
         return self.spark.read.format("delta").load(self.path(name)).count() if self.exists(name) else 0
 
-    def insert_new(self, name: str, rows: pa.Table) -> int:
-        spec = spec_of(name)
-        if not spec.append_only:
-            raise LakeError(f"{name} is a derived table: rebuild it with replace(), not insert_new()")
-        rows = conform(name, rows)
-        if rows.num_rows == 0:
-            return 0
-        before = self.version(name) if self.exists(name) else None
+    def _merge_insert(self, name: str, rows: pa.Table, key: str) -> int:
+        before = self.version(name)
         target = self.table(name)
-        source = self.spark.createDataFrame(rows).dropDuplicates([spec.key])
-        (target.alias("t").merge(source.alias("s"), f"t.{spec.key} = s.{spec.key}")
+        (target.alias("t").merge(self.spark.createDataFrame(rows).alias("s"), f"t.{key} = s.{key}")
          .whenNotMatchedInsertAll().execute())
         last = target.history(1).first()
         if before is not None and int(last["version"]) == before:
             return 0
         return int((last["operationMetrics"] or {}).get("numTargetRowsInserted", 0))
 
-    def replace(self, name: str, rows: pa.Table) -> bool:
-        spec = spec_of(name)
-        if spec.append_only:
-            raise LakeError(f"{name} is an append-only event table: it is never replaced")
-        rows = conform(name, rows).sort_by(spec.key)
-        if self.exists(name) and self.read(name).sort_by(spec.key).equals(rows):
-            return False
-        self.table(name)
+    def _overwrite(self, name: str, rows: pa.Table) -> None:
         self.spark.createDataFrame(rows).write.format("delta").mode("overwrite").save(self.path(name))
-        return True
-
-    def snapshot(self, names: list[str] | None = None) -> dict:
-        from schemas import TABLES
-        names = names or [n for n in TABLES if self.exists(n)]
-        return {n: {"version": self.version(n), "rows": self.count(n)} for n in names}
