@@ -32,7 +32,8 @@ from cai_lib.spark import get_spark  # noqa: E402
 from cai_lib.templates import parse_output  # noqa: E402
 from jobs.ingest import IngestConfig  # noqa: E402
 from jobs.ingest import run as ingest  # noqa: E402
-from jobs.sl_generate import SLGenerateConfig, model_fingerprint  # noqa: E402
+from cai_lib.generation import model_fingerprint  # noqa: E402
+from jobs.sl_generate import SLGenerateConfig  # noqa: E402
 from jobs.sl_generate import run as sl_generate  # noqa: E402
 
 

@@ -16,7 +16,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from cai_lib.backends.fake import FAKE_FINGERPRINT
+from cai_lib.backends.models import fingerprint, resolve_model
 from cai_lib.ids import canonical_json, stable_id
 from cai_lib.lake import Lake
 from cai_lib.spark_worker import RESULT_DDL, generate_partition
@@ -131,3 +134,61 @@ def run_tasks(spark, lake: Lake, tasks: list[Task], backend_spec: dict, constant
         if on_commit:
             on_commit(stats)
     return stats, (pa.concat_tables(written) if written else None)
+
+
+def model_fingerprint(backend: str, model_id: str) -> str:
+    """Resolve the model on the driver (a clear error before Spark starts; converts the default once)."""
+    return FAKE_FINGERPRINT if backend == "fake" else fingerprint(resolve_model(model_id))
+
+
+def select_prompts(lake, splits: list[str], limit: int | None,
+                   kinds: tuple[str, ...] = ("red_team", "helpful")) -> tuple[pa.Table, set[str]]:
+    """The prompts of `kinds` in `splits`, and the ids to generate for now (`limit` per kind)."""
+    prompts = lake.read("prompts")
+    if prompts.num_rows == 0:
+        raise ValueError(f"no prompts in lake {lake.root}: run `cai ingest --lake {lake.root}` first")
+    prompts = prompts.filter(pc.is_in(prompts["split"], pa.array(splits)))
+    prompts = prompts.filter(pc.is_in(prompts["kind"], pa.array(list(kinds)))).sort_by("prompt_id")
+    chosen = prompts
+    if limit is not None:
+        chosen = pa.concat_tables([prompts.filter(pc.equal(prompts["kind"], k)).slice(0, limit) for k in kinds])
+    return prompts, set(chosen["prompt_id"].to_pylist())
+
+
+def known_events(lake, ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """Texts of successful events and failure counts, for the planned ids only."""
+    ev = lake.read("generation_events", columns=["target_event_id", "status", "text"])
+    ev = ev.filter(pc.is_in(ev["target_event_id"], pa.array(sorted(ids), pa.string())))
+    texts, failures = {}, {}
+    for r in ev.to_pylist():
+        if r["status"] == "ok":
+            texts[r["target_event_id"]] = r["text"]
+        else:
+            failures[r["target_event_id"]] = failures.get(r["target_event_id"], 0) + 1
+    return texts, failures
+
+
+def score_on_spark(spark, items: list[tuple[list, str]], backend_spec: dict, choices, *, batch_size: int) -> tuple[list[dict], int]:
+    """Score (chat, suffix) items on Spark: each worker renders the chats with its model's
+    template and scores the choices. Returns one {logprob_a, logprob_b, error} per item, in
+    order, and the number of scoring calls."""
+    from cai_lib.spark_worker import SCORE_DDL, score_partition
+    if not items:
+        return [], 0
+    sc = spark.sparkContext
+    table = pa.table({
+        "task_idx": pa.array(range(len(items)), pa.int64()),
+        "batch_no": pa.array([i // batch_size for i in range(len(items))], pa.int64()),
+        "chat": [json.dumps(chat, ensure_ascii=False) for chat, _ in items],
+        "suffix": [suffix for _, suffix in items],
+    })
+    calls = sc.accumulator(0)
+    parts = min(-(-len(items) // batch_size), max(1, sc.defaultParallelism))
+    fn = functools.partial(score_partition, spec_json=canonical_json(backend_spec),
+                           choices_json=json.dumps(list(choices)), calls=calls)
+    # whole batches per partition; each worker's backend batches its partition by batch_size
+    df = spark.createDataFrame(table).repartition(parts, "batch_no")
+    out = {r["task_idx"]: r for r in df.mapInArrow(fn, SCORE_DDL).toArrow().to_pylist()}
+    if len(out) != len(items):
+        raise RuntimeError(f"Spark returned {len(out)} scores for {len(items)} items")
+    return [out[i] for i in range(len(items))], calls.value

@@ -71,3 +71,32 @@ def generate_partition(batches: Iterator[pa.RecordBatch], spec_json: str, calls)
              "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
              "latency_ms": per_row_ms, "error": g.error}
             for it, g in zip(items, gens)], schema=RESULT_SCHEMA)
+
+
+SCORE_DDL = "task_idx long, logprob_a double, logprob_b double, error string"
+SCORE_SCHEMA = pa.schema([("task_idx", pa.int64()), ("logprob_a", pa.float64()), ("logprob_b", pa.float64()),
+                          ("error", pa.string())])
+
+
+def score_partition(batches: Iterator[pa.RecordBatch], spec_json: str, choices_json: str, calls) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body for labelling: render each chat, append its suffix, score the choices."""
+    table = pa.Table.from_batches(list(batches))
+    if table.num_rows == 0:
+        return
+    backend = backend_for(spec_json)
+    choices = json.loads(choices_json)
+    rows = sorted(table.to_pylist(), key=lambda r: r["task_idx"])
+    prompts = [backend.render_chat(json.loads(r["chat"])) + r["suffix"] for r in rows]
+    try:
+        scored = [(lp, None) for lp in backend.choice_logprobs(prompts, choices)]
+    except Exception:  # noqa: BLE001 - isolate the failing prompt(s): they are quarantined, not dropped
+        scored = []
+        for p in prompts:
+            try:
+                scored.append((backend.choice_logprobs([p], choices)[0], None))
+            except Exception as exc:  # noqa: BLE001
+                scored.append(([None, None], f"{type(exc).__name__}: {exc}"[:2000]))
+    calls.add(1)
+    yield pa.RecordBatch.from_pylist([
+        {"task_idx": r["task_idx"], "logprob_a": lp[0], "logprob_b": lp[1], "error": err}
+        for r, (lp, err) in zip(rows, scored)], schema=SCORE_SCHEMA)

@@ -21,6 +21,8 @@ from cai_lib.env import set_offline_env
 JOBS = {  # subcommand -> module with main(argv)
     "ingest": "jobs.ingest",
     "sl-generate": "jobs.sl_generate",
+    "sample-pairs": "jobs.sample_pairs",
+    "label": "jobs.label",
 }
 TOOLS = {
     "sql": "jobs.tools:sql_main",

@@ -3,9 +3,39 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from cai_lib.config import CommonConfig, opt
 from cai_lib.lake import Lake
+
+
+@dataclass
+class GenerationConfig(CommonConfig):
+    """Settings every generation job shares (sl-generate, sample-pairs, label --cot)."""
+    limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)")
+    splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)")
+    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
+    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.9, "nucleus sampling mass")
+    max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "batches_per_commit", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    def backend_spec(self) -> dict:
+        """What a Spark worker needs to load the same backend (also the worker's cache key)."""
+        spec = {"backend": self.backend, "model": self.model}
+        if self.backend != "fake":
+            spec.update(dtype=self.dtype, batch_size=self.batch_size)
+        if self.backend == "transformers":
+            spec["threads"] = self.torch_threads
+        return spec
 
 
 def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict | None = None) -> None:

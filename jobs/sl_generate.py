@@ -14,88 +14,31 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from cai_lib.backends import Sampling
-from cai_lib.backends.fake import FAKE_FINGERPRINT
-from cai_lib.backends.models import fingerprint, resolve_model
-from cai_lib.config import CommonConfig, load_config, opt
+from cai_lib.config import load_config, opt
 from cai_lib.constitution import load_constitution
-from cai_lib.generation import RunStats, new_job_run_id, run_tasks
-from cai_lib.lake import Lake
+from cai_lib.generation import RunStats, known_events, model_fingerprint, new_job_run_id, run_tasks, select_prompts
 from cai_lib.lake_spark import open_lake
 from cai_lib.sl import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.templates import parse_output
-from jobs.common import report, write_pointer
+from jobs.common import GenerationConfig, report, write_pointer
 
 
 @dataclass
-class SLGenerateConfig(CommonConfig):
+class SLGenerateConfig(GenerationConfig):
     constitution: str = opt("constitutions/default.yaml", "constitution YAML (or the paper's JSON)")
     rounds: int = opt(4, "critique -> revision rounds per red-team prompt (the paper used 4)")
-    limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)")
-    splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)")
-    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
-    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)")
     few_shot: int = opt(0, "worked critique/revision examples from the constitution prepended to each step")
-    temperature: float = opt(0.7, "sampling temperature for every step (0 = greedy)")
-    top_p: float = opt(0.9, "nucleus sampling mass")
     answer_max_new_tokens: int = opt(128, "token budget of first answers")
     critique_max_new_tokens: int = opt(96, "token budget of critiques")
     revision_max_new_tokens: int = opt(128, "token budget of revisions")
-    max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)")
-
-    def __post_init__(self):
-        for name in ("batch_size", "batches_per_commit", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
 
     def settings(self) -> SLSettings:
         s = lambda n: Sampling(self.temperature, self.top_p, n)  # noqa: E731
         return SLSettings(self.rounds, self.seed, self.few_shot, s(self.answer_max_new_tokens),
                           s(self.critique_max_new_tokens), s(self.revision_max_new_tokens))
 
-    def backend_spec(self) -> dict:
-        spec = {"backend": self.backend, "model": self.model}
-        if self.backend != "fake":
-            spec.update(dtype=self.dtype, batch_size=self.batch_size)
-        if self.backend == "transformers":
-            spec["threads"] = self.torch_threads
-        return spec
-
-
-def model_fingerprint(backend: str, model_id: str) -> str:
-    """Resolve the model on the driver (a clear error before Spark starts; converts the default once)."""
-    return FAKE_FINGERPRINT if backend == "fake" else fingerprint(resolve_model(model_id))
-
-
-def select_prompts(lake: Lake, cfg: SLGenerateConfig) -> tuple[pa.Table, set[str]]:
-    """The prompts of the chosen splits, and the ids to generate for now (`limit` per kind)."""
-    prompts = lake.read("prompts")
-    if prompts.num_rows == 0:
-        raise ValueError(f"no prompts in lake {cfg.lake}: run `cai ingest --lake {cfg.lake}` first")
-    prompts = prompts.filter(pc.is_in(prompts["split"], pa.array(cfg.splits))).sort_by("prompt_id")
-    chosen = prompts
-    if cfg.limit is not None:
-        chosen = pa.concat_tables([prompts.filter(pc.equal(prompts["kind"], k)).slice(0, cfg.limit)
-                                   for k in ("red_team", "helpful")])
-    return prompts, set(chosen["prompt_id"].to_pylist())
-
-
-def known_events(lake: Lake, ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
-    """Texts of successful events and failure counts, for the planned ids only."""
-    ev = lake.read("generation_events", columns=["target_event_id", "status", "text"])
-    ev = ev.filter(pc.is_in(ev["target_event_id"], pa.array(sorted(ids), pa.string())))
-    texts, failures = {}, {}
-    for r in ev.to_pylist():
-        if r["status"] == "ok":
-            texts[r["target_event_id"]] = r["text"]
-        else:
-            failures[r["target_event_id"]] = failures.get(r["target_event_id"], 0) + 1
-    return texts, failures
 
 
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
@@ -103,7 +46,7 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.model)
     ctx = SLContext(constitution, cfg.model, fp, cfg.backend, cfg.settings())
-    prompts, chosen = select_prompts(lake, cfg)
+    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
     texts_by_pid = dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
     # Plan every prompt of the splits (ids are cheap hashes): sl_dataset covers all complete
     # chains, while only the `limit` chosen ones are generated in this run.

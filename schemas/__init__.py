@@ -5,6 +5,8 @@ Jobs, tests and quality suites import these; `cai_lib.lake` creates tables from 
 from schemas.tables import (  # noqa: F401
     GENERATION_EVENTS,
     GENERATION_KINDS,
+    LABEL_EVENTS,
+    PREFERENCE_DATASET,
     PROMPT_KINDS,
     PROMPTS,
     QUARANTINE,

@@ -50,7 +50,7 @@ GENERATION_EVENTS = pa.schema([
     _f("attempt", pa.int32(), False),
     _f("prompt_id", pa.string(), False),
     _f("parent_id", pa.string(), doc="the event this generation continues (null for a first answer)"),
-    _f("round", pa.int32(), False, "0 for first answers, 1..R for critique/revision rounds"),
+    _f("round", pa.int32(), False, "0 for first answers, 1..R for critique/revision rounds; pair_sample: sample index"),
     _f("principle_id", pa.string()),
     _f("constitution_id", pa.string(), False),
     _f("constitution_sha", pa.string(), False),
@@ -99,6 +99,51 @@ SL_DATASET = pa.schema([
 ])
 
 
+LABEL_EVENTS = pa.schema([
+    _f("event_id", pa.string(), False, "sha256 of pair, order, principle, ensemble index, constitution, model, template, cot"),
+    _f("kind", pa.string(), False, "ai_label | ai_label_cot"),
+    _f("status", pa.string(), False),
+    _f("pair_id", pa.string(), False, "sha256 of the prompt and the two responses' event ids"),
+    _f("prompt_id", pa.string(), False),
+    _f("response_a_id", pa.string(), False, "the pair's response A (canonical, whatever the order shown)"),
+    _f("response_b_id", pa.string(), False),
+    _f("order", pa.string(), False, "ab: A shown as option (A); ba: A shown as option (B)"),
+    _f("ensemble_index", pa.int32(), False, "k of K principles sampled for this pair"),
+    _f("principle_id", pa.string(), False),
+    _f("logprob_shown_a", pa.float64(), False, "raw log P(' (A)' | prompt)"),
+    _f("logprob_shown_b", pa.float64(), False, "raw log P(' (B)' | prompt)"),
+    _f("p_shown_a", pa.float64(), False, "normalised P(option (A)) as shown (position bias lives here)"),
+    _f("p_a", pa.float64(), False, "P(response A is better): p_shown_a for ab, 1 - p_shown_a for ba; CoT: clamped"),
+    _f("cot_event_id", pa.string(), doc="the chain of thought read before scoring (ai_label_cot)"),
+    _f("constitution_id", pa.string(), False),
+    _f("constitution_sha", pa.string(), False),
+    _f("model_id", pa.string(), False, "the feedback model"),
+    _f("model_fingerprint", pa.string(), False),
+    _f("backend", pa.string(), False),
+    _f("template_sha", pa.string(), False),
+    _f("job_run_id", pa.string(), False),
+    _f("created_at", UTC_TS, False),
+])
+
+PREFERENCE_DATASET = pa.schema([
+    _f("pair_id", pa.string(), False),
+    _f("prompt_id", pa.string(), False),
+    _f("prompt", pa.string(), False, "the conversation before the two responses"),
+    _f("response_a", pa.string(), False),
+    _f("response_b", pa.string(), False),
+    _f("target", pa.float64(), False, "P(A is better): soft for AI labels, 0 or 1 for human pairs"),
+    _f("source", pa.string(), False, "ai_harmless | human_helpful"),
+    _f("consistent", pa.bool_(), doc="AI labels: every principle's two orders agree on the side"),
+    _f("n_labels", pa.int32(), False),
+    _f("label_event_ids", pa.list_(pa.string()), False),
+    _f("response_a_id", pa.string()),
+    _f("response_b_id", pa.string()),
+    _f("constitution_sha", pa.string()),
+    _f("feedback_model_fingerprint", pa.string()),
+    _f("origin", pa.string(), False, "where the pair came from (lake, or file:row for human pairs)"),
+])
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -114,5 +159,7 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("generation_events", GENERATION_EVENTS, "event_id", True),
         TableSpec("quarantine", QUARANTINE, "event_id", True),
         TableSpec("sl_dataset", SL_DATASET, "prompt_id", False),
+        TableSpec("label_events", LABEL_EVENTS, "event_id", True),
+        TableSpec("preference_dataset", PREFERENCE_DATASET, "pair_id", False),
     )
 }

@@ -1,5 +1,5 @@
 """dvc repro on a copy of this repo with 3 prompts: stages run, a rerun is a no-op, a new prompt
-reruns ingest and sl_generate, and only the new prompt's events go to the model."""
+reruns the stages after ingest, and only the new prompt's events go to the model."""
 from __future__ import annotations
 
 import json
@@ -37,6 +37,7 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     params["ingest"]["test_fraction"] = 0.0
     params["sl_generate"].update(rounds=1, answer_max_new_tokens=16, critique_max_new_tokens=12,
                                  revision_max_new_tokens=16)
+    params["sample_pairs"]["max_new_tokens"] = 16
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
@@ -44,7 +45,9 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
 
     sh(["dvc", "repro"], repo)
     lake = Lake(repo / "lake")
-    assert lake.count("prompts") == 3 and lake.count("generation_events") == 2 * 3 + 1
+    kinds = lake.read("generation_events")["kind"].to_pylist()
+    assert lake.count("prompts") == 3 and len(kinds) - kinds.count("pair_sample") == 2 * 3 + 1
+    assert kinds.count("pair_sample") == 2 * 2 and lake.count("label_events") == 2 * 2  # 2 pairs x 2 orders
     pointer = json.loads((repo / "pointers/sl_generate.json").read_text())
     assert pointer["tables"]["sl_dataset"]["rows"] == 3
     snap = lake.snapshot()
@@ -57,5 +60,6 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
         fh.write(DEMO_HELPFUL.read_text().splitlines(True)[1])
     out = sh(["dvc", "repro"], repo)
     assert "Running stage 'ingest'" in out and "Running stage 'sl_generate'" in out
+    assert "Running stage 'sample_pairs'" in out and "Running stage 'label'" in out
     assert "generations=1," in out  # only the new prompt's answer went to the model
     assert lake.count("prompts") == 4 and lake.count("sl_dataset") == 4

@@ -1,0 +1,162 @@
+"""AI feedback labels for sampled pairs: soft labels from log-probs, both orders, K principles.
+
+    cai label --lake lake                         # one principle per pair, both A/B orders
+    cai label --ensemble 4                        # 4 principles per pair, averaged
+    cai label --cot                               # reason first, then score; p clamped to [0.4, 0.6]
+    cai label --feedback-model path/to/model
+    spark-submit jobs/label.py --lake lake
+
+Every scoring is a `label_events` row (raw log-probs, p_shown_a, p_a, order, principle,
+constitution sha, feedback model, template sha); a CoT is a `generation_events` row. Then
+`preference_dataset` is rebuilt: the AI harmlessness pairs (target = mean over principles of
+the order-debiased p) plus the human helpfulness pairs listed in params (hard targets).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cai_lib.backends import Sampling
+from cai_lib.config import load_config, opt
+from cai_lib.constitution import load_constitution
+from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
+                              feedback_chat, label_values, plan_labels, shown)
+from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, run_tasks, score_on_spark,
+                                select_prompts)
+from cai_lib.ids import derive_seed, sha256_text, stable_id
+from cai_lib.lake_spark import open_lake
+from cai_lib.pairs import pair_id_of
+from cai_lib.preferences import build_preference_dataset
+from cai_lib.templates import effective_templates
+from jobs.common import GenerationConfig, report, write_pointer
+from schemas import LABEL_EVENTS
+
+
+@dataclass
+class LabelConfig(GenerationConfig):
+    constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge the pairs")
+    feedback_model: str | None = opt(None, "the labelling model (default: [common] model)")
+    policy_model: str | None = opt(None, "whose pair samples to label (default: [common] model)")
+    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
+    cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
+    clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident")
+    clamp_hi: float = opt(0.6, "upper CoT clamp")
+    cot_max_new_tokens: int = opt(96, "token budget of a chain of thought")
+    human_pairs: list = opt([], "params only: [{path, limit, seed}] HH-RLHF helpfulness files -> human_helpful rows")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.clamp_lo < 0.5 < self.clamp_hi <= 1:
+            raise ValueError(f"need 0 <= clamp_lo < 0.5 < clamp_hi <= 1, got {self.clamp_lo}, {self.clamp_hi}")
+
+    def backend_spec(self) -> dict:
+        return {**super().backend_spec(), "model": self.feedback_model or self.model}
+
+    def settings(self) -> LabelSettings:
+        return LabelSettings(self.ensemble, self.cot, self.clamp_lo, self.clamp_hi, self.seed)
+
+
+def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
+    """(pair_id, prompt_id, a_id, b_id) for prompts with both samples; texts by event id; prompts by id."""
+    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
+    ev = lake.read("generation_events", columns=["event_id", "kind", "status", "prompt_id", "round",
+                                                 "model_fingerprint", "text"])
+    ev = ev.filter(pc.and_(pc.equal(ev["kind"], "pair_sample"), pc.equal(ev["status"], "ok")))
+    ev = ev.filter(pc.equal(ev["model_fingerprint"], policy_fp))
+    samples: dict[str, dict[int, str]] = {}
+    texts = {}
+    for r in ev.to_pylist():
+        if r["prompt_id"] in chosen:
+            samples.setdefault(r["prompt_id"], {})[r["round"]] = r["event_id"]
+            texts[r["event_id"]] = r["text"]
+    pairs = [(pair_id_of(pid, s[0], s[1]), pid, s[0], s[1]) for pid, s in sorted(samples.items()) if {0, 1} <= set(s)]
+    if not pairs:
+        raise ValueError(f"no sampled pairs in lake {lake.root} for the policy model: run `cai sample-pairs` first")
+    return pairs, texts, dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
+
+
+def run(spark, cfg: LabelConfig, progress=None) -> dict:
+    lake = open_lake(cfg.lake, spark)
+    constitution = load_constitution(cfg.constitution)
+    fb_model = cfg.feedback_model or cfg.model
+    fb_fp = model_fingerprint(cfg.backend, fb_model)
+    pairs, texts, prompt_text = sampled_pairs(lake, cfg, model_fingerprint(cfg.backend, cfg.policy_model or cfg.model))
+    s = cfg.settings()
+    cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens)
+    jobs = plan_labels(pairs, constitution, fb_fp, s, cot_sampling.to_json())
+    have = set(lake.read("label_events", columns=["event_id"])["event_id"].to_pylist())
+    pending = [j for j in jobs if j.event_id not in have]
+    templates = effective_templates(constitution)
+    template = templates["cot" if s.cot else "comparison"]
+    tsha = s.template_sha(constitution)
+    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": fb_model,
+                 "model_fingerprint": fb_fp, "backend": cfg.backend, "template_sha": tsha}
+    job_run_id = new_job_run_id()
+    chat_of = lambda j: feedback_chat(template, conversation_text(prompt_text[j.prompt_id]),  # noqa: E731
+                                      constitution.comparison_principle(j.principle_id).text, *shown(j, texts))
+    cot_text, cot_calls = {}, 0
+    if s.cot and pending:
+        cot_text, _ = known_events(lake, {j.cot_id for j in pending})
+        todo = [Task(j.cot_id, "cot", j.prompt_id, None, j.k, j.principle_id, derive_seed(cfg.seed, "cot", j.cot_id),
+                     cot_sampling.to_json(), chat_of(j)) for j in pending if j.cot_id not in cot_text]
+        if todo:
+            if progress:
+                progress(f"chain of thought for {len(todo)} comparisons")
+            stats, rows = run_tasks(spark, lake, todo, cfg.backend_spec(), constants, batch_size=cfg.batch_size,
+                                    batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
+            cot_calls = stats.model_calls
+            cot_text.update({r["target_event_id"]: r["text"] for r in rows.to_pylist() if r["status"] == "ok"})
+        pending = [j for j in pending if j.cot_id in cot_text]  # a failed CoT is an event; its label waits
+    inserted, quarantined, score_calls = 0, 0, 0
+    group = cfg.batch_size * cfg.batches_per_commit
+    for g in range(0, len(pending), group):
+        chunk = pending[g:g + group]
+        if progress:
+            progress(f"scoring {g + len(chunk)}/{len(pending)} comparisons")
+        items = [(chat_of(j), (cot_text[j.cot_id] + COT_ANSWER_PREFIX) if s.cot else ANSWER_PREFIX) for j in chunk]
+        scores, calls = score_on_spark(spark, items, cfg.backend_spec(), CHOICES, batch_size=cfg.batch_size)
+        score_calls += calls
+        now = datetime.now(timezone.utc)
+        rows, bad = [], []
+        for j, sc in zip(chunk, scores):
+            if sc["error"] is not None:
+                bad.append({"event_id": stable_id("quarantine", stage="label", label=j.event_id), "stage": "label",
+                            "source": "label_events", "source_row": None, "field": "logprobs", "reason": sc["error"],
+                            "payload": j.event_id, "job_run_id": job_run_id, "created_at": now})
+                continue
+            rows.append({"event_id": j.event_id, "kind": "ai_label_cot" if s.cot else "ai_label", "status": "ok",
+                         "pair_id": j.pair_id, "prompt_id": j.prompt_id, "response_a_id": j.a_id,
+                         "response_b_id": j.b_id, "order": j.order, "ensemble_index": j.k,
+                         "principle_id": j.principle_id, "cot_event_id": j.cot_id, "job_run_id": job_run_id,
+                         "created_at": now, **constants, **label_values(j, sc["logprob_a"], sc["logprob_b"], s)})
+        inserted += lake.insert_new("label_events", pa.Table.from_pylist(rows, schema=LABEL_EVENTS)) if rows else 0
+        quarantined += lake.insert_new("quarantine", pa.Table.from_pylist(bad)) if bad else 0
+    labels = lake.read("label_events")
+    mine = {j.event_id for j in jobs}
+    labels = labels.filter(pc.is_in(labels["event_id"], pa.array(sorted(mine), pa.string())))
+    dataset, left_out = build_preference_dataset(labels, texts, prompt_text, cfg.human_pairs)
+    changed = lake.replace("preference_dataset", dataset)
+    write_pointer(cfg.pointer, lake, ["label_events", "preference_dataset"],
+                  {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
+    n_ai = int(pc.sum(pc.equal(dataset["source"], "ai_harmless")).as_py() or 0)
+    return {"pairs": len(pairs), "comparisons": len(jobs), "scored": len(pending), "inserted": inserted,
+            "quarantined": quarantined, "model_calls": score_calls + cot_calls,
+            "ai_pairs": n_ai, "human_pairs": dataset.num_rows - n_ai, **left_out,
+            "preference_dataset_rewritten": changed,
+            "labels_sha": sha256_text(",".join(sorted(mine)))[:12]}
+
+
+def main(argv=None) -> int:
+    from cai_lib.spark import get_spark
+    cfg = load_config(LabelConfig, "label", argv, __doc__)
+    summary = run(get_spark(cfg.spark_master, "cai-label"), cfg, progress=lambda m: print(m, flush=True))
+    report("label", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

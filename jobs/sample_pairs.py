@@ -1,0 +1,74 @@
+"""Sample two responses per red-team prompt from the policy under study (RLAIF's pairs).
+
+    cai sample-pairs --lake lake --model default --limit 20
+    cai sample-pairs --model path/to/sl-cai-model     # once the SL-CAI model exists
+    spark-submit jobs/sample_pairs.py --lake lake
+
+Rows land in `generation_events` (kind pair_sample, `round` = sample index) with deterministic
+ids: a rerun or a resumed job samples only what is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from cai_lib.backends import Sampling
+from cai_lib.config import load_config, opt
+from cai_lib.constitution import load_constitution
+from cai_lib.generation import known_events, model_fingerprint, new_job_run_id, run_tasks, select_prompts
+from cai_lib.lake_spark import open_lake
+from cai_lib.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
+from jobs.common import GenerationConfig, report, write_pointer
+
+
+@dataclass
+class SamplePairsConfig(GenerationConfig):
+    n_samples: int = opt(2, "responses per prompt (2 = one pair)")
+    max_new_tokens: int = opt(96, "token budget of each response")
+    temperature: float = opt(1.0, "sampling temperature: diverse pairs make informative comparisons")
+    constitution: str = opt("constitutions/default.yaml", "recorded on the rows for lineage (not in the ids)")
+
+
+def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
+    lake = open_lake(cfg.lake, spark)
+    constitution = load_constitution(cfg.constitution)
+    fp = model_fingerprint(cfg.backend, cfg.model)
+    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
+    texts = {p: t for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()) if p in chosen}
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    planned = pair_sample_tasks(texts, fingerprint=fp, sampling=sampling, seed=cfg.seed, n_samples=cfg.n_samples)
+    done, failures = known_events(lake, {t.event_id for t in planned})
+    tasks, gave_up = [], 0
+    for t in planned:
+        if t.event_id in done:
+            continue
+        tried = failures.get(t.event_id, 0)
+        if tried >= cfg.max_attempts:
+            gave_up += 1
+            continue
+        tasks.append(dataclasses.replace(t, attempt=tried + 1))
+    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": cfg.model,
+                 "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
+    stats = None
+    if tasks:
+        if progress:
+            progress(f"sampling {len(tasks)} responses for {len(texts)} prompts")
+        stats, _ = run_tasks(spark, lake, tasks, cfg.backend_spec(), constants, batch_size=cfg.batch_size,
+                             batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id())
+    write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
+    return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls if stats else 0,
+            "ok": stats.ok if stats else 0, "failed": stats.failed if stats else 0, "gave_up": gave_up,
+            "inserted": stats.inserted if stats else 0}
+
+
+def main(argv=None) -> int:
+    from cai_lib.spark import get_spark
+    cfg = load_config(SamplePairsConfig, "sample_pairs", argv, __doc__)
+    summary = run(get_spark(cfg.spark_master, "cai-sample-pairs"), cfg, progress=lambda m: print(m, flush=True))
+    report("sample-pairs", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
