@@ -23,6 +23,7 @@ JOBS = {  # subcommand -> module with main(argv)
     "sl-generate": "jobs.sl_generate",
     "sample-pairs": "jobs.sample_pairs",
     "label": "jobs.label",
+    "eval-labeler": "jobs.eval_labeler",
 }
 TOOLS = {
     "sql": "jobs.tools:sql_main",
