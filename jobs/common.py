@@ -55,5 +55,29 @@ def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict |
 
 def report(title: str, summary: dict) -> None:
     """One summary line on stdout: `title: key=value, ...` (scripts and tests read it)."""
-    print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()
+             if not isinstance(v, (dict, list))}
+    print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     sys.stdout.flush()
+
+
+def spark_job_main(config_cls, section: str, argv, doc: str, run) -> int:
+    """The body of every Spark job's main(): config from params + flags, session, run, summary."""
+    from cai_lib.config import load_config
+    from cai_lib.spark import get_spark
+    cfg = load_config(config_cls, section, argv, doc)
+    title = section.replace("_", "-")
+    summary = run(get_spark(cfg.spark_master, f"cai-{title}"), cfg, progress=lambda msg: print(msg, flush=True))
+    report(title, summary)
+    return 0
+
+
+@dataclass
+class FeedbackConfig(GenerationConfig):
+    """Settings of the jobs that ask a feedback model to compare responses (label, eval-labeler)."""
+    constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
+    feedback_model: str | None = opt(None, "the labelling model (default: [common] model)")
+    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
+
+    def backend_spec(self) -> dict:
+        return {**super().backend_spec(), "model": self.feedback_model or self.model}

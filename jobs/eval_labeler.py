@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cai_lib import label_metrics as lm
-from cai_lib.config import load_config, opt
+from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.eval_data import read_hh_pairs, read_hhh
 from cai_lib.feedback import ANSWER_PREFIX, CHOICES, LabelSettings, feedback_chat, label_values, plan_labels, shown
@@ -29,23 +29,17 @@ from cai_lib.ids import sha256_text, stable_id
 from cai_lib.lake_spark import open_lake
 from cai_lib.preferences import dialogue_text
 from cai_lib.templates import effective_templates
-from jobs.common import GenerationConfig, report
+from jobs.common import FeedbackConfig, spark_job_main
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class EvalLabelerConfig(GenerationConfig):
-    constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
-    feedback_model: str | None = opt(None, "the labelling model (default: [common] model)")
+class EvalLabelerConfig(FeedbackConfig):
     human: str | None = opt(None, "HH-RLHF harmlessness pairs (jsonl/.gz) with human labels")
     sample_size: int = opt(200, "pairs drawn (seeded) from --human")
     hhh: str | None = opt(None, "the HHH evaluation (438HHHEvaluations.jsonl format)")
-    ensemble: int = opt(1, "principles per pair, as in `cai label`")
     metrics: str = opt("metrics/eval_labeler.json", "metrics JSON written here")
     plot: str = opt("metrics/labeler_reliability.png", "reliability curve PNG written here")
-
-    def backend_spec(self) -> dict:
-        return {**super().backend_spec(), "model": self.feedback_model or self.model}
 
 
 def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) -> dict:
@@ -120,7 +114,7 @@ def eval_hhh(spark, cfg) -> dict:
     return {"hhh_n": len(items), "hhh_accuracy": right / len(items)}
 
 
-def run(spark, cfg: EvalLabelerConfig) -> dict:
+def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
     if not (cfg.human or cfg.hhh):
         raise ValueError("nothing to evaluate: pass --human HH-RLHF-FILE and/or --hhh HHH-FILE")
     lake = open_lake(cfg.lake, spark)
@@ -142,12 +136,7 @@ def run(spark, cfg: EvalLabelerConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    from cai_lib.spark import get_spark
-    cfg = load_config(EvalLabelerConfig, "eval_labeler", argv, __doc__)
-    out = run(get_spark(cfg.spark_master, "cai-eval-labeler"), cfg)
-    report("eval-labeler", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()
-                            if not isinstance(v, (dict, list))})
-    return 0
+    return spark_job_main(EvalLabelerConfig, "eval_labeler", argv, __doc__, run)
 
 
 if __name__ == "__main__":

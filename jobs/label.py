@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cai_lib.backends import Sampling
-from cai_lib.config import load_config, opt
+from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
                               feedback_chat, label_values, plan_labels, shown)
@@ -32,16 +32,13 @@ from cai_lib.lake_spark import open_lake
 from cai_lib.pairs import pair_id_of
 from cai_lib.preferences import build_preference_dataset
 from cai_lib.templates import effective_templates
-from jobs.common import GenerationConfig, report, write_pointer
+from jobs.common import FeedbackConfig, spark_job_main, write_pointer
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class LabelConfig(GenerationConfig):
-    constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge the pairs")
-    feedback_model: str | None = opt(None, "the labelling model (default: [common] model)")
+class LabelConfig(FeedbackConfig):
     policy_model: str | None = opt(None, "whose pair samples to label (default: [common] model)")
-    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
     clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident")
     clamp_hi: float = opt(0.6, "upper CoT clamp")
@@ -52,9 +49,6 @@ class LabelConfig(GenerationConfig):
         super().__post_init__()
         if not 0 <= self.clamp_lo < 0.5 < self.clamp_hi <= 1:
             raise ValueError(f"need 0 <= clamp_lo < 0.5 < clamp_hi <= 1, got {self.clamp_lo}, {self.clamp_hi}")
-
-    def backend_spec(self) -> dict:
-        return {**super().backend_spec(), "model": self.feedback_model or self.model}
 
     def settings(self) -> LabelSettings:
         return LabelSettings(self.ensemble, self.cot, self.clamp_lo, self.clamp_hi, self.seed)
@@ -151,11 +145,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
 
 
 def main(argv=None) -> int:
-    from cai_lib.spark import get_spark
-    cfg = load_config(LabelConfig, "label", argv, __doc__)
-    summary = run(get_spark(cfg.spark_master, "cai-label"), cfg, progress=lambda m: print(m, flush=True))
-    report("label", summary)
-    return 0
+    return spark_job_main(LabelConfig, "label", argv, __doc__, run)
 
 
 if __name__ == "__main__":

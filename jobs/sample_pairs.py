@@ -14,12 +14,12 @@ import sys
 from dataclasses import dataclass
 
 from cai_lib.backends import Sampling
-from cai_lib.config import load_config, opt
+from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.generation import known_events, model_fingerprint, new_job_run_id, run_tasks, select_prompts
 from cai_lib.lake_spark import open_lake
 from cai_lib.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
-from jobs.common import GenerationConfig, report, write_pointer
+from jobs.common import GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
@@ -63,11 +63,7 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
 
 
 def main(argv=None) -> int:
-    from cai_lib.spark import get_spark
-    cfg = load_config(SamplePairsConfig, "sample_pairs", argv, __doc__)
-    summary = run(get_spark(cfg.spark_master, "cai-sample-pairs"), cfg, progress=lambda m: print(m, flush=True))
-    report("sample-pairs", summary)
-    return 0
+    return spark_job_main(SamplePairsConfig, "sample_pairs", argv, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 
 from cai_lib.backends import Sampling
-from cai_lib.config import load_config, opt
+from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.generation import RunStats, known_events, model_fingerprint, new_job_run_id, run_tasks, select_prompts
 from cai_lib.lake_spark import open_lake
 from cai_lib.sl import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.templates import parse_output
-from jobs.common import GenerationConfig, report, write_pointer
+from jobs.common import GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
@@ -80,12 +80,7 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
 
 
 def main(argv=None) -> int:
-    from cai_lib.spark import get_spark
-    cfg = load_config(SLGenerateConfig, "sl_generate", argv, __doc__)
-    spark = get_spark(cfg.spark_master, "cai-sl-generate")
-    summary = run(spark, cfg, progress=lambda msg: print(msg, flush=True))
-    report("sl-generate", summary)
-    return 0
+    return spark_job_main(SLGenerateConfig, "sl_generate", argv, __doc__, run)
 
 
 if __name__ == "__main__":

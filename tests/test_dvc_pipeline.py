@@ -38,6 +38,10 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     params["sl_generate"].update(rounds=1, answer_max_new_tokens=16, critique_max_new_tokens=12,
                                  revision_max_new_tokens=16)
     params["sample_pairs"]["max_new_tokens"] = 16
+    human = [{"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: Call a locksmith.",
+              "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Use a tension wrench on a neighbour's door."}]
+    (repo / "human.jsonl").write_text("".join(json.dumps(r) + "\n" for r in human))
+    params["eval_labeler"].update(human="human.jsonl", sample_size=1, hhh=None)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
@@ -48,6 +52,7 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     kinds = lake.read("generation_events")["kind"].to_pylist()
     assert lake.count("prompts") == 3 and len(kinds) - kinds.count("pair_sample") == 2 * 3 + 1
     assert kinds.count("pair_sample") == 2 * 2 and lake.count("label_events") == 2 * 2  # 2 pairs x 2 orders
+    assert json.loads((repo / "metrics/eval_labeler.json").read_text())["human_n"] == 1
     pointer = json.loads((repo / "pointers/sl_generate.json").read_text())
     assert pointer["tables"]["sl_dataset"]["rows"] == 3
     snap = lake.snapshot()
@@ -61,5 +66,7 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     out = sh(["dvc", "repro"], repo)
     assert "Running stage 'ingest'" in out and "Running stage 'sl_generate'" in out
     assert "Running stage 'sample_pairs'" in out and "Running stage 'label'" in out
+    # a helpful prompt makes no new pair: label reruns, its pointer is unchanged, so DVC skips eval
+    assert "Running stage 'eval_labeler'" not in out and "'eval_labeler' didn't change" in out
     assert "generations=1," in out  # only the new prompt's answer went to the model
     assert lake.count("prompts") == 4 and lake.count("sl_dataset") == 4

@@ -8,7 +8,6 @@ choice. The same request and seed then give the same text whatever batch it land
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
