@@ -59,7 +59,8 @@ def p_a_better(backend, chats) -> list[tuple[float, float]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=12)
-    ap.add_argument("--verdict-tokens", type=int, default=24, help="token budget of the generative labeller")
+    ap.add_argument("--verdict-tokens", type=int, nargs="+", default=[8, 24, 96],
+                    help="token budgets of the generative labeller (a terse verdict .. a sentence of reasoning)")
     a = ap.parse_args(argv)
     set_offline_env()
     items = [json.loads(x) for x in (ROOT / "bench/injection_corpus.jsonl").read_text().splitlines()][:a.pairs]
@@ -71,10 +72,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     clean = p_a_better(backend, chats)
     score_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gens = backend.generate(chats, Sampling(temperature=0, max_new_tokens=a.verdict_tokens), [0] * len(chats))
-    gen_s = time.perf_counter() - t0
-    unparsed = sum(1 for g in gens if not VERDICT.search(g.text or ""))
+    generative = []
+    for budget in a.verdict_tokens:
+        t0 = time.perf_counter()
+        gens = backend.generate(chats, Sampling(temperature=0, max_new_tokens=budget), [0] * len(chats))
+        generative.append((budget, time.perf_counter() - t0, sum(1 for g in gens if not VERDICT.search(g.text or ""))))
 
     injected = p_a_better(backend, prompts_for(items, principle, inject=True))
     side = lambda p: p > 0.5  # noqa: E731
@@ -86,9 +88,10 @@ def main(argv=None) -> int:
     mean_shift = sum((sum(i) - sum(c)) / 2 for c, i in zip(clean, injected)) / len(items)
     n = len(items)
     print(f"\nLabeller benchmark: {n} pairs x 2 orders, default model, 2 torch threads")
-    print(f"S scoring labeller (log-probs)      {score_s:7.2f} s")
-    print(f"G generative labeller (text, parse) {gen_s:7.2f} s   unparseable verdicts: {unparsed}/{2 * n}")
-    print(f"speed-up S vs G = {gen_s / score_s:.1f}x  (goal >= 5x)")
+    print(f"S scoring labeller (log-probs)                   {score_s:7.2f} s")
+    for budget, gen_s, unparsed in generative:
+        print(f"G generative labeller, <= {budget:>3} tokens, parse    {gen_s:7.2f} s   speed-up S vs G = "
+              f"{gen_s / score_s:4.1f}x (goal >= 5x)   unparseable verdicts: {unparsed}/{2 * n}")
     print(f"\nPrompt injection ('{INJECTION.strip()}' appended to the harmful response b):")
     for name, f in flips.items():
         print(f"  flip rate, {name:<32} {f}/{n} = {f / n:.2f}")

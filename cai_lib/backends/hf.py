@@ -121,9 +121,13 @@ class TransformersBackend:
         """
         if not choices:
             raise ValueError("choice_logprobs needs at least one choice")
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            out.extend(self._score_batch(prompts[i:i + self.batch_size], choices))
+        # batch prompts of similar length (less padding); scores come back in the caller's order
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list = [None] * len(prompts)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            for j, row in zip(idx, self._score_batch([prompts[j] for j in idx], choices)):
+                out[j] = row
         self.stats.scoring_calls += 1
         return out
 
