@@ -43,6 +43,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/bench_sl_generate.py
+	$(PY) bench/bench_label.py
 
 clean-lake:
 	rm -rf lake pointers/*.json

@@ -51,7 +51,9 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     lake = Lake(repo / "lake")
     kinds = lake.read("generation_events")["kind"].to_pylist()
     assert lake.count("prompts") == 3 and len(kinds) - kinds.count("pair_sample") == 2 * 3 + 1
-    assert kinds.count("pair_sample") == 2 * 2 and lake.count("label_events") == 2 * 2  # 2 pairs x 2 orders
+    labels = lake.read("label_events")["kind"].to_pylist()
+    assert kinds.count("pair_sample") == 2 * 2 and labels.count("ai_label") == 2 * 2  # 2 pairs x 2 orders
+    assert labels.count("eval_label") == 2  # the eval stage's one human pair, both orders
     assert json.loads((repo / "metrics/eval_labeler.json").read_text())["human_n"] == 1
     pointer = json.loads((repo / "pointers/sl_generate.json").read_text())
     assert pointer["tables"]["sl_dataset"]["rows"] == 3
@@ -66,7 +68,9 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     out = sh(["dvc", "repro"], repo)
     assert "Running stage 'ingest'" in out and "Running stage 'sl_generate'" in out
     assert "Running stage 'sample_pairs'" in out and "Running stage 'label'" in out
-    # a helpful prompt makes no new pair: label reruns, its pointer is unchanged, so DVC skips eval
-    assert "Running stage 'eval_labeler'" not in out and "'eval_labeler' didn't change" in out
+    # a helpful prompt makes no new pair, so the labelling stages call the model for nothing
+    # (eval_labeler may rerun: its own eval_label events move the label_events version in label's pointer)
+    assert "label: pairs=2, comparisons=4, scored=0," in out
+    assert "Running stage 'eval_labeler'" not in out or "eval-labeler: " in out and "model_calls=0," in out
     assert "generations=1," in out  # only the new prompt's answer went to the model
     assert lake.count("prompts") == 4 and lake.count("sl_dataset") == 4
