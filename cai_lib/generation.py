@@ -128,8 +128,7 @@ def run_tasks(spark, lake: Lake, tasks: list[Task], backend_spec: dict, constant
                         ok=sum(1 for s in rows.column("status").to_pylist() if s == "ok"),
                         completion_tokens=sum(x or 0 for x in rows.column("completion_tokens").to_pylist()))
         step.failed = len(flat) - step.ok
-        for k in ("model_calls", "inserted", "commits", "ok", "failed", "completion_tokens"):
-            setattr(stats, k, getattr(stats, k) + getattr(step, k))
+        stats.add(step)
         written.append(rows)
         if on_commit:
             on_commit(stats)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cai_lib import label_metrics as lm
 from cai_lib.config import opt
@@ -58,7 +59,9 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
     s = LabelSettings(cfg.ensemble, seed=cfg.seed)
     jobs = plan_labels(plan_pairs, constitution, fp, s)
     template = effective_templates(constitution)["comparison"]
-    have = {r["event_id"]: r for r in lake.read("label_events").to_pylist()}
+    stored = lake.read("label_events")
+    stored = stored.filter(pc.is_in(stored["event_id"], pa.array([j.event_id for j in jobs], pa.string())))
+    have = {r["event_id"]: r for r in stored.to_pylist()}  # only this evaluation's comparisons
     todo = [j for j in jobs if j.event_id not in have]
     items = [(feedback_chat(template, contexts[j.prompt_id], constitution.comparison_principle(j.principle_id).text,
                             *shown(j, texts)), ANSWER_PREFIX) for j in todo]
