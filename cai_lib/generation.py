@@ -8,6 +8,7 @@ cuts it into the same batches, so a resumed run generates what an uninterrupted 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import uuid
@@ -55,6 +56,24 @@ class RunStats:
     def add(self, other: "RunStats") -> None:
         for k in vars(self):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def retry_plan(planned: list[Task], done, failures: dict[str, int], max_attempts: int) -> tuple[list[Task], int]:
+    """The planned tasks still to run, each with its attempt number; and how many gave up.
+
+    A task whose event exists is done; one that failed `max_attempts` times is left failed
+    (its failures are events) and counted.
+    """
+    tasks, gave_up = [], 0
+    for t in planned:
+        if t.event_id in done:
+            continue
+        tried = failures.get(t.event_id, 0)
+        if tried >= max_attempts:
+            gave_up += 1
+            continue
+        tasks.append(dataclasses.replace(t, attempt=tried + 1))
+    return tasks, gave_up
 
 
 def new_job_run_id() -> str:

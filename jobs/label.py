@@ -25,8 +25,8 @@ from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
                               feedback_chat, label_values, plan_labels, shown)
-from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, run_tasks, score_on_spark,
-                                select_prompts)
+from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
+                                score_on_spark, select_prompts)
 from cai_lib.ids import derive_seed, sha256_text, stable_id
 from cai_lib.lake_spark import open_lake
 from cai_lib.pairs import pair_id_of
@@ -92,11 +92,12 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     job_run_id = new_job_run_id()
     chat_of = lambda j: feedback_chat(template, conversation_text(prompt_text[j.prompt_id]),  # noqa: E731
                                       constitution.comparison_principle(j.principle_id).text, *shown(j, texts))
-    cot_text, cot_calls = {}, 0
+    cot_text, cot_calls, cot_gave_up = {}, 0, 0
     if s.cot and pending:
-        cot_text, _ = known_events(lake, {j.cot_id for j in pending})
-        todo = [Task(j.cot_id, "cot", j.prompt_id, None, j.k, j.principle_id, derive_seed(cfg.seed, "cot", j.cot_id),
-                     cot_sampling.to_json(), chat_of(j)) for j in pending if j.cot_id not in cot_text]
+        cot_text, failures = known_events(lake, {j.cot_id for j in pending})
+        planned = [Task(j.cot_id, "cot", j.prompt_id, None, j.k, j.principle_id, derive_seed(cfg.seed, "cot", j.cot_id),
+                        cot_sampling.to_json(), chat_of(j)) for j in pending if j.cot_id not in cot_text]
+        todo, cot_gave_up = retry_plan(planned, cot_text, failures, cfg.max_attempts)
         if todo:
             if progress:
                 progress(f"chain of thought for {len(todo)} comparisons")
@@ -138,7 +139,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
                   {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
     n_ai = int(pc.sum(pc.equal(dataset["source"], "ai_harmless")).as_py() or 0)
     return {"pairs": len(pairs), "comparisons": len(jobs), "scored": len(pending), "inserted": inserted,
-            "quarantined": quarantined, "model_calls": score_calls + cot_calls,
+            "quarantined": quarantined, "model_calls": score_calls + cot_calls, "cot_gave_up": cot_gave_up,
             "ai_pairs": n_ai, "human_pairs": dataset.num_rows - n_ai, **left_out,
             "preference_dataset_rewritten": changed,
             "labels_sha": sha256_text(",".join(sorted(mine)))[:12]}

@@ -9,14 +9,14 @@ ids: a rerun or a resumed job samples only what is missing.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 
 from cai_lib.backends import Sampling
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
-from cai_lib.generation import known_events, model_fingerprint, new_job_run_id, run_tasks, select_prompts
+from cai_lib.generation import (RunStats, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
+                                select_prompts)
 from cai_lib.lake_spark import open_lake
 from cai_lib.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
 from jobs.common import GenerationConfig, spark_job_main, write_pointer
@@ -39,27 +39,18 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     planned = pair_sample_tasks(texts, fingerprint=fp, sampling=sampling, seed=cfg.seed, n_samples=cfg.n_samples)
     done, failures = known_events(lake, {t.event_id for t in planned})
-    tasks, gave_up = [], 0
-    for t in planned:
-        if t.event_id in done:
-            continue
-        tried = failures.get(t.event_id, 0)
-        if tried >= cfg.max_attempts:
-            gave_up += 1
-            continue
-        tasks.append(dataclasses.replace(t, attempt=tried + 1))
+    tasks, gave_up = retry_plan(planned, done, failures, cfg.max_attempts)
     constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": cfg.model,
                  "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
-    stats = None
+    stats = RunStats()
     if tasks:
         if progress:
             progress(f"sampling {len(tasks)} responses for {len(texts)} prompts")
         stats, _ = run_tasks(spark, lake, tasks, cfg.backend_spec(), constants, batch_size=cfg.batch_size,
                              batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id())
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
-    return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls if stats else 0,
-            "ok": stats.ok if stats else 0, "failed": stats.failed if stats else 0, "gave_up": gave_up,
-            "inserted": stats.inserted if stats else 0}
+    return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls, "ok": stats.ok,
+            "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted}
 
 
 def main(argv=None) -> int:

@@ -74,3 +74,16 @@ def test_cot_labels_are_clamped_and_their_reasoning_is_an_event(spark, sampled):
 def test_label_without_pairs_is_a_clear_error(spark, small_lake):
     with pytest.raises(ValueError, match="run `cai sample-pairs` first"):
         label(spark, LabelConfig(lake=str(small_lake), **BASE))
+
+
+def test_failing_chains_of_thought_are_retried_then_left_failed(spark, small_lake):
+    """A CoT that fails is an event, retried up to max_attempts, then counted and not retried."""
+    fake = dict(BASE, backend="fake", model="fake")
+    sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), **fake))
+    failing = LabelConfig(lake=str(small_lake), cot=True, **{**fake, "model": "fail-on:Option (A):"})
+    first, second, third = (label(spark, failing) for _ in range(3))
+    assert (first["inserted"], first["cot_gave_up"]) == (0, 0) and first["model_calls"] > 0
+    assert second["cot_gave_up"] == 0 and second["model_calls"] > 0  # attempt 2
+    assert (third["cot_gave_up"], third["model_calls"]) == (6, 0)    # max_attempts=2 reached
+    gen = Lake(small_lake).read("generation_events").to_pylist()
+    assert sorted(r["attempt"] for r in gen if r["kind"] == "cot") == [1] * 6 + [2] * 6
