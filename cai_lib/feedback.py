@@ -113,6 +113,16 @@ def label_values(job: LabelJob, logprob_shown_a: float, logprob_shown_b: float, 
     return {"logprob_shown_a": logprob_shown_a, "logprob_shown_b": logprob_shown_b, "p_shown_a": p_shown_a, "p_a": p_a}
 
 
+def label_row(job: LabelJob, logprob_shown_a: float, logprob_shown_b: float, s: LabelSettings, kind: str,
+              constants: Mapping, job_run_id: str, created_at) -> dict:
+    """One `label_events` row: the job's identity, the scores, and the run's lineage constants."""
+    return {"event_id": job.event_id, "kind": kind, "status": "ok", "pair_id": job.pair_id,
+            "prompt_id": job.prompt_id, "response_a_id": job.a_id, "response_b_id": job.b_id, "order": job.order,
+            "ensemble_index": job.k, "principle_id": job.principle_id, "cot_event_id": job.cot_id,
+            "job_run_id": job_run_id, "created_at": created_at, **constants,
+            **label_values(job, logprob_shown_a, logprob_shown_b, s)}
+
+
 def aggregate_pair(labels: Sequence[Mapping]) -> tuple[float, bool, list[str]]:
     """The pair's soft target (mean over principles of the debiased p), consistency, label ids.
 

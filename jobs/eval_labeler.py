@@ -24,7 +24,7 @@ from cai_lib import label_metrics as lm
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.eval_data import read_hh_pairs, read_hhh
-from cai_lib.feedback import ANSWER_PREFIX, CHOICES, LabelSettings, feedback_chat, label_values, plan_labels, shown
+from cai_lib.feedback import ANSWER_PREFIX, CHOICES, LabelSettings, feedback_chat, label_row, plan_labels, shown
 from cai_lib.generation import model_fingerprint, new_job_run_id, score_on_spark
 from cai_lib.ids import sha256_text, stable_id
 from cai_lib.lake_spark import open_lake
@@ -67,10 +67,7 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
                             *shown(j, texts)), ANSWER_PREFIX) for j in todo]
     scores, calls = score_on_spark(spark, items, cfg.backend_spec(), CHOICES, batch_size=cfg.batch_size)
     now = datetime.now(timezone.utc)
-    new = [{"event_id": j.event_id, "kind": "eval_label", "status": "ok", "pair_id": j.pair_id,
-            "prompt_id": j.prompt_id, "response_a_id": j.a_id, "response_b_id": j.b_id, "order": j.order,
-            "ensemble_index": j.k, "principle_id": j.principle_id, "cot_event_id": None, "job_run_id": job_run_id,
-            "created_at": now, **constants, **label_values(j, sc["logprob_a"], sc["logprob_b"], s)}
+    new = [label_row(j, sc["logprob_a"], sc["logprob_b"], s, "eval_label", constants, job_run_id, now)
            for j, sc in zip(todo, scores) if sc["error"] is None]
     if new:
         lake.insert_new("label_events", pa.Table.from_pylist(new, schema=LABEL_EVENTS))

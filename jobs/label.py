@@ -24,7 +24,7 @@ from cai_lib.backends import Sampling
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
-                              feedback_chat, label_values, plan_labels, shown)
+                              feedback_chat, label_row, plan_labels, shown)
 from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
                                 score_on_spark, select_prompts)
 from cai_lib.ids import derive_seed, sha256_text, stable_id
@@ -123,11 +123,8 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
                             "source": "label_events", "source_row": None, "field": "logprobs", "reason": sc["error"],
                             "payload": j.event_id, "job_run_id": job_run_id, "created_at": now})
                 continue
-            rows.append({"event_id": j.event_id, "kind": "ai_label_cot" if s.cot else "ai_label", "status": "ok",
-                         "pair_id": j.pair_id, "prompt_id": j.prompt_id, "response_a_id": j.a_id,
-                         "response_b_id": j.b_id, "order": j.order, "ensemble_index": j.k,
-                         "principle_id": j.principle_id, "cot_event_id": j.cot_id, "job_run_id": job_run_id,
-                         "created_at": now, **constants, **label_values(j, sc["logprob_a"], sc["logprob_b"], s)})
+            rows.append(label_row(j, sc["logprob_a"], sc["logprob_b"], s, "ai_label_cot" if s.cot else "ai_label",
+                                  constants, job_run_id, now))
         inserted += lake.insert_new("label_events", pa.Table.from_pylist(rows, schema=LABEL_EVENTS)) if rows else 0
         quarantined += lake.insert_new("quarantine", pa.Table.from_pylist(bad)) if bad else 0
     labels = lake.read("label_events")
