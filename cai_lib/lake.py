@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
+from deltalake.schema import Field
 
 from schemas import TABLES, TableSpec
 
@@ -92,6 +93,17 @@ def first_of_each_key(rows: pa.Table, key: str) -> pa.Table:
     return rows.take(keep)
 
 
+def added_columns(spec: TableSpec, stored: pa.Schema) -> list[pa.Field]:
+    """The spec's nullable columns a stored table lacks (a NOT NULL one missing is an error)."""
+    names = set(stored.names)
+    missing = [f for f in spec.schema if f.name not in names]
+    required = [f.name for f in missing if not f.nullable]
+    if required:
+        raise LakeError(f"{spec.name}: the stored table lacks required columns {required}; "
+                        "it was written by an incompatible release: rebuild it or migrate it")
+    return missing
+
+
 class Lake(LakeBase):
     """Tables under one root folder, by name (`prompts`, `generation_events`, ...), via delta-rs."""
 
@@ -113,7 +125,11 @@ class Lake(LakeBase):
         spec = spec_of(name)
         path = self.path(name)
         if self.exists(name):
-            return DeltaTable(str(path))
+            dt = DeltaTable(str(path))
+            added = added_columns(spec, dt.schema().to_arrow())
+            if added:  # a newer release added nullable columns: evolve the table in place
+                dt.alter.add_columns([Field.from_arrow(f) for f in added])
+            return dt
         path.mkdir(parents=True, exist_ok=True)
         config = {"delta.appendOnly": "true"} if spec.append_only else None
         return DeltaTable.create(str(path), schema=spec.schema, configuration=config,
@@ -129,7 +145,12 @@ class Lake(LakeBase):
         if not self.exists(name):
             return schema.empty_table()
         dt = DeltaTable(str(self.path(name)), version=version)
-        return dt.to_pyarrow_table(columns=columns).cast(schema)
+        added = {f.name for f in added_columns(spec, dt.schema().to_arrow())}
+        rows = dt.to_pyarrow_table(columns=[c for c in schema.names if c not in added])
+        for f in schema:  # columns a newer release added read as nulls in older tables
+            if f.name in added:
+                rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+        return rows.select(schema.names).cast(schema)
 
     def count(self, name: str) -> int:
         if not self.exists(name):

@@ -2,6 +2,7 @@
 
     cai ingest --source FILE --kind red_team      prompts -> lake (bad rows quarantined)
     cai sl-generate --rounds 4                     SL-CAI critique -> revision on Spark
+    cai gate sl|labels|prompts                     quality gate: exit 1 (and quarantine) on bad data
     cai sql "SELECT kind, count(*) FROM generation_events GROUP BY kind"
     cai status                                     tables, Delta versions, row counts
     cai constitution validate FILE                 exit 1 with the reason when FILE is wrong
@@ -24,6 +25,7 @@ JOBS = {  # subcommand -> module with main(argv)
     "sample-pairs": "jobs.sample_pairs",
     "label": "jobs.label",
     "eval-labeler": "jobs.eval_labeler",
+    "gate": "jobs.gate",
 }
 TOOLS = {
     "sql": "jobs.tools:sql_main",

@@ -92,7 +92,7 @@ def run(spark, cfg: IngestConfig) -> dict:
         for bad in read.rejected:
             quarantine.append(dict(source=bad.source, source_row=bad.source_row, field=bad.field,
                                    reason=bad.reason, payload=bad.payload))
-    q_rows = [{**q, "stage": "ingest", "job_run_id": job_run_id, "created_at": now,
+    q_rows = [{**q, "stage": "ingest", "job_run_id": job_run_id, "created_at": now, "row_key": None,
                "event_id": stable_id("quarantine", stage="ingest", source=q["source"], row=q["source_row"],
                                      reason=q["reason"], payload=sha256_text(q["payload"] or ""))}
               for q in quarantine]

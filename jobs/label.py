@@ -121,7 +121,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
             if sc["error"] is not None:
                 bad.append({"event_id": stable_id("quarantine", stage="label", label=j.event_id), "stage": "label",
                             "source": "label_events", "source_row": None, "field": "logprobs", "reason": sc["error"],
-                            "payload": j.event_id, "job_run_id": job_run_id, "created_at": now})
+                            "payload": j.event_id, "job_run_id": job_run_id, "created_at": now, "row_key": None})
                 continue
             rows.append(label_row(j, sc["logprob_a"], sc["logprob_b"], s, "ai_label_cot" if s.cot else "ai_label",
                                   constants, job_run_id, now))

@@ -3,6 +3,7 @@
 Jobs, tests and quality suites import these; `cai_lib.lake` creates tables from them.
 """
 from schemas.tables import (  # noqa: F401
+    GATE_EVENTS,
     GENERATION_EVENTS,
     GENERATION_KINDS,
     LABEL_EVENTS,

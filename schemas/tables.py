@@ -80,6 +80,26 @@ QUARANTINE = pa.schema([
     _f("payload", pa.string(), doc="the raw record, truncated"),
     _f("job_run_id", pa.string(), False),
     _f("created_at", UTC_TS, False),
+    _f("row_key", pa.string(), doc="gate: the quarantined row's key in `source` (excluded from training)"),
+])
+
+GATE_EVENTS = pa.schema([
+    _f("event_id", pa.string(), False, "sha256 of stage, suite (thresholds included) and input table versions"),
+    _f("kind", pa.string(), False, "gate_verdict"),
+    _f("stage", pa.string(), False, "prompts | sl | labels"),
+    _f("passed", pa.bool_(), False),
+    _f("n_checks", pa.int32(), False),
+    _f("n_failed", pa.int32(), False),
+    _f("failed_checks", pa.list_(pa.string()), False, "names of the failing expectations"),
+    _f("failures", pa.string(), False, "JSON: per failing check its expectation, observed value, bad row count"),
+    _f("n_quarantined", pa.int32(), False, "rows this run moved to quarantine"),
+    _f("suite_sha", pa.string(), False, "sha256 of the suites' JSON, thresholds included"),
+    _f("input_versions", pa.string(), False, "JSON: table -> Delta version the verdict is about"),
+    _f("constitution_sha", pa.string(), doc="the constitutions in the checked rows, comma-joined"),
+    _f("model_id", pa.string(), doc="the models in the checked rows, comma-joined"),
+    _f("docs_path", pa.string(), doc="the Great Expectations data docs (HTML)"),
+    _f("job_run_id", pa.string(), False),
+    _f("created_at", UTC_TS, False),
 ])
 
 SL_DATASET = pa.schema([
@@ -161,5 +181,6 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("sl_dataset", SL_DATASET, "prompt_id", False),
         TableSpec("label_events", LABEL_EVENTS, "event_id", True),
         TableSpec("preference_dataset", PREFERENCE_DATASET, "pair_id", False),
+        TableSpec("gate_events", GATE_EVENTS, "event_id", True),
     )
 }

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from cai_lib.lake import Lake, LakeError
 from schemas import QUARANTINE, SL_DATASET
@@ -14,7 +14,8 @@ from schemas import QUARANTINE, SL_DATASET
 def qrows(ids, reason="r"):
     now = datetime.now(timezone.utc)
     return pa.Table.from_pylist([{"event_id": i, "stage": "ingest", "source": "f", "source_row": 0, "field": None,
-                                  "reason": reason, "payload": "x", "job_run_id": "j", "created_at": now} for i in ids])
+                                  "reason": reason, "payload": "x", "job_run_id": "j", "created_at": now, "row_key": None}
+                                 for i in ids])
 
 
 def test_insert_new_is_idempotent_and_a_noop_makes_no_version(tmp_path):
@@ -66,3 +67,13 @@ def test_open_lake_uses_delta_rs_when_the_session_has_no_delta(spark, tmp_path):
     from cai_lib.lake_spark import open_lake, spark_has_delta
     assert not spark_has_delta(spark)
     assert type(open_lake(tmp_path, spark)) is Lake and type(open_lake(tmp_path)) is Lake
+
+
+def test_a_table_from_an_older_release_gains_new_nullable_columns(tmp_path):
+    old_schema = pa.schema([f for f in QUARANTINE if f.name != "row_key"])
+    write_deltalake(str(tmp_path / "quarantine"), qrows(["a"]).drop_columns(["row_key"]).cast(old_schema))
+    lake = Lake(tmp_path)
+    assert lake.read("quarantine").column("row_key").to_pylist() == [None]  # reads without writing
+    assert lake.version("quarantine") == 0
+    assert lake.insert_new("quarantine", qrows(["b"]).set_column(9, "row_key", pa.array(["k"]))) == 1
+    assert set(lake.read("quarantine").column("row_key").to_pylist()) == {None, "k"}

@@ -1,0 +1,145 @@
+"""Quality gate: block bad data between stages (Great Expectations suites from schemas/suites.py).
+
+    cai gate sl --lake lake          prompts + generation_events + sl_dataset, before SL training
+    cai gate labels --lake lake      label_events + preference_dataset (+ the labeller's evaluation)
+    cai gate prompts --lake lake     prompts only
+
+Runs every check of the stage on the latest table versions (rows quarantined by an earlier
+gate run excluded) and prints one line per check. Every run appends a `gate_events` row with
+the verdict, the failing checks and the input versions (same data and thresholds = same
+verdict id). Failing rows of row-level checks (duplicate ids, p_a out of range, empty
+responses, boilerplate, ...) are copied to `quarantine` with the check as the reason (events
+are never deleted; quarantined rows never train), so the next run judges what remains;
+rate checks (refusal rates, swap consistency, ...) fail until the data or the thresholds in
+params.yaml [gate] change. Exit status 1 on a failed verdict, so `dvc repro` stops there.
+Great Expectations data docs (HTML) are written under --docs-dir; the path is printed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from cai_lib.config import CommonConfig, load_config, opt, read_params
+from cai_lib.gate_frames import STAGE_TABLES, build_frames
+from cai_lib.gates import suite_sha, validate
+from cai_lib.generation import new_job_run_id
+from cai_lib.ids import sha256_text, stable_id
+from cai_lib.lake import Lake
+from jobs.common import write_pointer
+from schemas.suites import ROW_KEYS, SUITES
+
+
+@dataclass
+class GateConfig(CommonConfig):
+    stage: str | None = opt(None, "prompts | sl | labels (also the first positional argument)")
+    verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
+    docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")
+    eval_metrics: str | None = opt("metrics/eval_labeler.json", "cai eval-labeler's metrics JSON (labels gate)")
+    max_prompt_chars: int = opt(4000, "longest prompt accepted")
+    min_response_words: int = opt(3, "shortest non-empty SL response")
+    max_response_words: int = opt(400, "longest SL response")
+    max_empty_rate: float = opt(0.0, "share of empty SL responses allowed")
+    max_unchanged_rate: float = opt(0.5, "share of revisions identical to the first answer allowed")
+    max_boilerplate_share: float = opt(0.2, "a sentence/8-gram in more than this share of responses is boilerplate")
+    boilerplate_min_rows: int = opt(10, "fewer SL responses than this: boilerplate is not judged")
+    max_red_team_refusal: float = opt(0.75, "per category: refusal rate on red-team prompts (evasiveness)")
+    max_over_refusal: float = opt(0.25, "per category: refusal rate on benign prompts (over-refusal)")
+    refusal_min_n: int = opt(3, "categories with fewer responses are not judged")
+    clamp_lo: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_lo)")
+    clamp_hi: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_hi)")
+    max_label_skew: float = opt(0.25, "|mean p_a - 0.5| allowed")
+    max_position_bias: float = opt(0.15, "|mean p_shown_a - 0.5| allowed")
+    min_swap_consistency: float = opt(0.1, "share of comparisons whose two orders agree")
+    min_human_agreement: float = opt(0.35, "labeller's agreement with human labels")
+    max_ece: float = opt(0.15, "labeller's expected calibration error")
+
+    def __post_init__(self):
+        if self.stage not in SUITES:
+            raise ValueError(f"which gate? pass one of {', '.join(SUITES)} (e.g. `cai gate sl`), got {self.stage!r}")
+        label = read_params(self.params).get("label") or {}
+        self.clamp_lo = label.get("clamp_lo", 0.4) if self.clamp_lo is None else self.clamp_lo
+        self.clamp_hi = label.get("clamp_hi", 0.6) if self.clamp_hi is None else self.clamp_hi
+
+
+def quarantine_rows(stage: str, results, frames, job_run_id: str, now) -> list[dict]:
+    rows = []
+    for r in results:
+        if r.status != "failed" or not r.bad_keys:
+            continue
+        key, table = ROW_KEYS[r.frame]
+        df = frames[r.frame]
+        for k in r.bad_keys:
+            payload = df[df[key].astype(str) == k].head(1).to_json(orient="records", date_format="iso",
+                                                                    default_handler=str)
+            rows.append({"event_id": stable_id("quarantine", stage=f"gate_{stage}", table=table, key=k, check=r.name),
+                         "stage": f"gate_{stage}", "source": table, "source_row": None, "field": r.column,
+                         "reason": f"{r.name}: {r.why}", "payload": payload[:2000], "job_run_id": job_run_id,
+                         "created_at": now, "row_key": k})
+    return rows
+
+
+def _lineage(frames, column: str) -> str | None:
+    values = sorted({v for df in frames.values() if df is not None and column in df for v in df[column].dropna()})
+    return ",".join(values) if values else None
+
+
+def run(cfg: GateConfig) -> tuple[bool, dict]:
+    lake = Lake(cfg.lake)
+    stage = cfg.stage
+    tables = STAGE_TABLES[stage] + ["quarantine"]
+    versions = {t: lake.version(t) for t in tables}
+    checks = SUITES[stage](cfg)
+    built = build_frames(stage, lake, cfg)
+    results, docs = validate(stage, built.frames, checks, built.notes, cfg.docs_dir)
+    failed = [r for r in results if r.status == "failed"]
+    now = datetime.now(timezone.utc)
+    job_run_id = new_job_run_id()
+    q_rows = quarantine_rows(stage, results, built.frames, job_run_id, now)
+    quarantined = lake.insert_new("quarantine", pa.Table.from_pylist(q_rows)) if q_rows else 0
+    inputs = dict(versions)
+    if stage == "labels" and built.frames.get("labeller_eval") is not None:
+        inputs["eval_metrics_sha"] = sha256_text(open(cfg.eval_metrics).read())[:16]
+    sha = suite_sha(checks)
+    failures = [{"check": r.name, "expectation": r.expectation, "observed": r.observed,
+                 "bad_rows": r.unexpected_count, "note": r.note} for r in failed]
+    verdict = {
+        "event_id": stable_id("gate_verdict", stage=stage, suite=sha, inputs=json.dumps(inputs, sort_keys=True)),
+        "kind": "gate_verdict", "stage": stage, "passed": not failed, "n_checks": len(results),
+        "n_failed": len(failed), "failed_checks": [r.name for r in failed],
+        "failures": json.dumps(failures, sort_keys=True, default=str), "n_quarantined": quarantined,
+        "suite_sha": sha, "input_versions": json.dumps(inputs, sort_keys=True),
+        "constitution_sha": _lineage(built.frames, "constitution_sha"), "model_id": _lineage(built.frames, "model_id"),
+        "docs_path": docs, "job_run_id": job_run_id, "created_at": now,
+    }
+    lake.insert_new("gate_events", pa.Table.from_pylist([verdict]))
+    for r in results:
+        if r.status != "passed" or cfg.verbose:
+            print("  " + r.line())
+    if not failed:
+        write_pointer(cfg.pointer, lake, STAGE_TABLES[stage], {"gate": stage, "passed": True,
+                                                               "verdict_id": verdict["event_id"]})
+    summary = {"stage": stage, "passed": not failed, "checks": len(results), "failed": len(failed),
+               "skipped": sum(r.status == "skipped" for r in results), "quarantined": quarantined,
+               "verdict_id": verdict["event_id"][:12], "data_docs": docs}
+    return not failed, summary
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--stage", argv[0], *argv[1:]]
+    cfg = load_config(GateConfig, "gate", argv, __doc__)
+    passed, summary = run(cfg)
+    verdict = "PASSED" if passed else f"FAILED ({summary['failed']} checks)"
+    print(f"gate {cfg.stage}: {verdict}; checks={summary['checks']}, skipped={summary['skipped']}, "
+          f"quarantined={summary['quarantined']}, verdict={summary['verdict_id']}")
+    print(f"data docs: {summary['data_docs']}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The quality gates' expectations, declared next to the table schemas they protect.
+
+A gate stage validates a few *frames*: lake tables (minus rows already quarantined) plus
+derived columns and per-group rates that `cai_lib.gate_frames` computes (refusal flags,
+boilerplate flags, revision changes, swap consistency). Each `Check` is one Great
+Expectations expectation on one frame, with a stable name (what `gate_events.failed_checks`
+lists), the reason it exists, and whether its failures are rows (`row_level`: the failing
+rows are quarantined, keyed by `key`) or a rate over the whole frame.
+
+Thresholds come from params.yaml [gate] (see the comments there) through `t`, any object
+with the attributes used below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.tables import GENERATION_KINDS, PROMPT_KINDS, TABLES
+
+SL_KINDS = ("initial_response", "critique", "revision", "helpful_response")
+AI_LABEL_KINDS = ("ai_label", "ai_label_cot")
+LINEAGE = ("event_id", "kind", "prompt_id", "constitution_sha", "model_id", "model_fingerprint",
+           "template_sha", "created_at")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str                 # stable id: `stage.what`
+    frame: str                # the frame it validates (see cai_lib.gate_frames)
+    expectation: str          # a Great Expectations 1.x expectation class name
+    kwargs: dict = field(default_factory=dict)
+    why: str = ""
+    row_level: bool = False   # failing rows go to quarantine (never deleted)
+
+
+def _not_null(stage: str, frame: str, columns) -> list[Check]:
+    return [Check(f"{stage}.{frame}.{c}_not_null", frame, "ExpectColumnValuesToNotBeNull", {"column": c},
+                  "keys and lineage columns: every row must say where it came from") for c in columns]
+
+
+def _structure(stage: str, frame: str, table: str, key: str, not_null) -> list[Check]:
+    return [
+        Check(f"{stage}.{frame}.rows", frame, "ExpectTableRowCountToBeBetween", {"min_value": 1},
+              "an empty table is nothing checked, not a pass"),
+        Check(f"{stage}.{frame}.columns", frame, "ExpectTableColumnsToMatchSet",
+              {"column_set": list(TABLES[table].schema.names), "exact_match": False},
+              f"every column of the {table} schema is present"),
+        Check(f"{stage}.{frame}.unique_{key}", frame, "ExpectColumnValuesToBeUnique", {"column": key},
+              "a key written twice means two different rows claim one identity", row_level=True),
+        *_not_null(stage, frame, not_null),
+    ]
+
+
+def prompt_checks(t) -> list[Check]:
+    return [
+        *_structure("prompts", "prompts", "prompts", "prompt_id",
+                    ("prompt_id", "text", "kind", "source", "split", "created_at")),
+        Check("prompts.kind", "prompts", "ExpectColumnValuesToBeInSet",
+              {"column": "kind", "value_set": list(PROMPT_KINDS)}, "the jobs only know these kinds", row_level=True),
+        Check("prompts.split", "prompts", "ExpectColumnValuesToBeInSet",
+              {"column": "split", "value_set": ["train", "test"]}, "held-out prompts must stay held out",
+              row_level=True),
+        Check("prompts.length", "prompts", "ExpectColumnValueLengthsToBeBetween",
+              {"column": "text", "min_value": 1, "max_value": t.max_prompt_chars},
+              "an empty or runaway prompt is a broken record", row_level=True),
+    ]
+
+
+def sl_checks(t) -> list[Check]:
+    return [
+        *_structure("sl", "generation_events", "generation_events", "event_id", LINEAGE),
+        Check("sl.generation_kind", "generation_events", "ExpectColumnValuesToBeInSet",
+              {"column": "kind", "value_set": list(GENERATION_KINDS)}, "unknown kinds are unread data",
+              row_level=True),
+        *_structure("sl", "sl_dataset", "sl_dataset", "final_event_id",
+                    ("prompt_id", "response", "final_event_id", "constitution_sha", "model_id",
+                     "model_fingerprint")),
+        Check("sl.empty_responses", "sl_dataset", "ExpectColumnValuesToNotBeInSet",
+              {"column": "change", "value_set": ["empty"], "mostly": 1.0 - t.max_empty_rate},
+              "an empty revision or answer teaches the model to say nothing", row_level=True),
+        Check("sl.unchanged_revisions", "sl_dataset", "ExpectColumnValuesToNotBeInSet",
+              {"column": "change", "value_set": ["unchanged"], "mostly": 1.0 - t.max_unchanged_rate},
+              "revisions that copy the first answer mean critique -> revision did nothing"),
+        Check("sl.response_length", "sl_dataset", "ExpectColumnValuesToBeBetween",
+              {"column": "words", "min_value": t.min_response_words, "max_value": t.max_response_words},
+              "a stub or a runaway response is not a training target (empty ones: sl.empty_responses)",
+              row_level=True),
+        Check("sl.boilerplate", "sl_dataset", "ExpectColumnValuesToBeInSet",
+              {"column": "boilerplate", "value_set": [False]},
+              "one sentence recurring across many responses is reward hacking (Goodhart), not harmlessness",
+              row_level=True),
+        Check("sl.red_team_refusal", "refusal_red_team", "ExpectColumnValuesToBeBetween",
+              {"column": "refusal_rate", "min_value": 0.0, "max_value": t.max_red_team_refusal},
+              "per category: harmless should mean engaged and non-evasive, not refusing everything"),
+        Check("sl.over_refusal", "refusal_benign", "ExpectColumnValuesToBeBetween",
+              {"column": "refusal_rate", "min_value": 0.0, "max_value": t.max_over_refusal},
+              "per category: refusing benign requests is over-refusal"),
+    ]
+
+
+def label_checks(t) -> list[Check]:
+    half = 0.5
+    return [
+        *_structure("labels", "label_events", "label_events", "event_id",
+                    tuple(c for c in LINEAGE if c not in ("model_fingerprint",)) + ("pair_id", "principle_id")),
+        Check("labels.kind", "label_events", "ExpectColumnValuesToBeInSet",
+              {"column": "kind", "value_set": list(AI_LABEL_KINDS)}, "only AI labels train the PM", row_level=True),
+        Check("labels.order", "label_events", "ExpectColumnValuesToBeInSet",
+              {"column": "order", "value_set": ["ab", "ba"]}, "every label says which order it saw",
+              row_level=True),
+        Check("labels.p_a_range", "label_events", "ExpectColumnValuesToBeBetween",
+              {"column": "p_a", "min_value": 0.0, "max_value": 1.0}, "a probability", row_level=True),
+        Check("labels.p_shown_a_range", "label_events", "ExpectColumnValuesToBeBetween",
+              {"column": "p_shown_a", "min_value": 0.0, "max_value": 1.0}, "a probability", row_level=True),
+        Check("labels.cot_clamp", "cot_labels", "ExpectColumnValuesToBeBetween",
+              {"column": "p_a", "min_value": t.clamp_lo, "max_value": t.clamp_hi},
+              "chain-of-thought labels are over-confident: they must sit inside the clamp", row_level=True),
+        Check("labels.skew", "label_events", "ExpectColumnMeanToBeBetween",
+              {"column": "p_a", "min_value": half - t.max_label_skew, "max_value": half + t.max_label_skew},
+              "which response is A is arbitrary, so the mean label sits near 0.5; far off means a stuck labeller"),
+        Check("labels.position_bias", "label_events", "ExpectColumnMeanToBeBetween",
+              {"column": "p_shown_a", "min_value": half - t.max_position_bias,
+               "max_value": half + t.max_position_bias},
+              "mean preference for whatever is shown first (or second), before A/B swap debiasing"),
+        Check("labels.swap_consistency", "label_pairs", "ExpectColumnMeanToBeBetween",
+              {"column": "consistent", "min_value": t.min_swap_consistency, "max_value": 1.0},
+              "share of comparisons whose two orders pick the same response"),
+        *_structure("labels", "preference_dataset", "preference_dataset", "pair_id",
+                    ("pair_id", "prompt", "response_a", "response_b", "target", "source")),
+        Check("labels.target_range", "preference_dataset", "ExpectColumnValuesToBeBetween",
+              {"column": "target", "min_value": 0.0, "max_value": 1.0}, "a probability", row_level=True),
+        Check("labels.source", "preference_dataset", "ExpectColumnValuesToBeInSet",
+              {"column": "source", "value_set": ["ai_harmless", "human_helpful"]}, "the PM weighs sources",
+              row_level=True),
+        Check("labels.human_agreement", "labeller_eval", "ExpectColumnValuesToBeBetween",
+              {"column": "human_accuracy", "min_value": t.min_human_agreement, "max_value": 1.0},
+              "agreement with held-out human harmlessness labels (cai eval-labeler)"),
+        Check("labels.calibration", "labeller_eval", "ExpectColumnValuesToBeBetween",
+              {"column": "human_ece", "min_value": 0.0, "max_value": t.max_ece},
+              "expected calibration error of the soft labels against human labels"),
+    ]
+
+
+SUITES = {"prompts": prompt_checks, "sl": lambda t: prompt_checks(t) + sl_checks(t), "labels": label_checks}
+ROW_KEYS = {  # frame -> (key column, the lake table that key belongs to)
+    "prompts": ("prompt_id", "prompts"),
+    "generation_events": ("event_id", "generation_events"),
+    "sl_dataset": ("final_event_id", "generation_events"),
+    "label_events": ("event_id", "label_events"),
+    "cot_labels": ("event_id", "label_events"),
+    "preference_dataset": ("pair_id", "preference_dataset"),
+}

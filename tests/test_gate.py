@@ -1,0 +1,163 @@
+"""Quality gates: each planted fault trips its own expectation and only it; clean data passes.
+
+Faults are planted through the public table API (Lake.insert_new / replace, or a plain Delta
+append where the fault is one the adapter itself would refuse, like a duplicate key), and the
+gate is run through the CLI entry point; its exit code and `gate_events` row must agree.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+from deltalake import write_deltalake
+
+from jobs.cli import main as cai
+from schemas import LABEL_EVENTS, SL_DATASET
+from synthetic_lake import build_clean_lake, label_row
+
+REFUSALS = ["I cannot help with that request about {w}.", "I'm sorry, but I won't provide details on {w}.",
+            "As an AI, I am not able to assist with {w}.", "I must decline to discuss {w} any further.",
+            "I can't help you with {w}, it could hurt someone.", "Sorry, I cannot share anything about {w}.",
+            "I will not give instructions for {w}.", "I'm unable to help with {w} at all."]
+
+
+def gate(lake, stage: str, tmp_path, *extra) -> tuple[int, dict]:
+    rc = cai(["gate", stage, "--lake", str(lake.root), "--docs-dir", str(tmp_path / "docs"),
+              "--eval-metrics", str(tmp_path / "eval.json"), *extra])
+    rows = lake.read("gate_events").to_pylist()
+    return rc, max(rows, key=lambda r: r["created_at"])
+
+
+def failed(row: dict) -> list[str]:
+    return sorted(row["failed_checks"])
+
+
+def sl_with(lake, change) -> None:
+    rows = lake.read("sl_dataset").to_pylist()
+    for i, r in enumerate(rows):
+        change(i, r)
+    lake.replace("sl_dataset", pa.Table.from_pylist(rows, schema=SL_DATASET))
+
+
+def quarantined(lake) -> list[tuple[str, str]]:
+    return sorted((r["source"], r["row_key"]) for r in lake.read("quarantine").to_pylist())
+
+
+@pytest.fixture
+def lake(tmp_path):
+    return build_clean_lake(tmp_path / "lake")
+
+
+@pytest.mark.parametrize("stage", ["sl", "labels"])
+def test_clean_data_passes_and_records_its_verdict(lake, tmp_path, stage, capsys):
+    rc, row = gate(lake, stage, tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 0 and row["passed"] and row["n_failed"] == 0 and failed(row) == []
+    assert f"gate {stage}: PASSED" in out and "data docs: " in out
+    assert (tmp_path / "docs/gx/uncommitted/data_docs/local_site/index.html").exists()
+    assert row["docs_path"].endswith("index.html") and json.loads(row["input_versions"])["quarantine"] is None
+    assert row["constitution_sha"] == "c" * 64 and quarantined(lake) == []
+    # same data, same thresholds: the same verdict id, no second row
+    assert gate(lake, stage, tmp_path)[0] == 0 and lake.count("gate_events") == 1
+
+
+def test_duplicate_event_id(lake, tmp_path):
+    dup = lake.read("label_events").slice(0, 1)
+    write_deltalake(str(lake.path("label_events")), dup, mode="append")  # the adapter itself would refuse it
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 1 and not row["passed"] and failed(row) == ["labels.label_events.unique_event_id"]
+    assert quarantined(lake) == [("label_events", dup["event_id"][0].as_py())]
+    assert lake.count("label_events") == 49  # quarantine copies, never deletes
+
+
+def test_p_a_out_of_range(lake, tmp_path):
+    pair = {"pair_id": "p-bad", "prompt_id": "x", "a": "ra", "b": "rb"}
+    bad = {**label_row(pair, "ab", 0.5), "p_a": 1.5}
+    lake.insert_new("label_events", pa.Table.from_pylist([bad, label_row(pair, "ba", 0.5)], schema=LABEL_EVENTS))
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 1 and failed(row) == ["labels.p_a_range"]
+    assert json.loads(row["failures"])[0]["bad_rows"] == 1
+    assert quarantined(lake) == [("label_events", bad["event_id"])]
+    # the next run judges what remains: the bad row no longer counts
+    assert gate(lake, "labels", tmp_path)[0] == 0
+
+
+def test_skewed_labels(tmp_path):
+    lake = build_clean_lake(tmp_path / "lake", p_shown=lambda rng, order: 0.99 if order == "ab" else 0.01)
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 1 and failed(row) == ["labels.skew"]
+    assert json.loads(row["failures"])[0]["observed"] == pytest.approx(0.99)
+    assert quarantined(lake) == []  # a rate, not a row: nothing to quarantine
+
+
+def test_cot_label_outside_the_clamp(lake, tmp_path):
+    pair = {"pair_id": "p-cot", "prompt_id": "x", "a": "ra", "b": "rb"}
+    cot = [label_row(pair, "ab", 0.9, kind="ai_label_cot"), label_row(pair, "ba", 0.45, kind="ai_label_cot")]
+    lake.insert_new("label_events", pa.Table.from_pylist(cot, schema=LABEL_EVENTS))
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 1 and failed(row) == ["labels.cot_clamp"]
+    assert quarantined(lake) == [("label_events", cot[0]["event_id"])]
+
+
+def test_refusals_in_one_category(lake, tmp_path):
+    rng = random.Random(3)
+    fraud = [i for i, r in enumerate(lake.read("sl_dataset").to_pylist()) if r["category"] == "fraud"]
+
+    def refuse(i, r):
+        if i in fraud[1:]:  # 5 of 6 fraud answers (83%) refuse, each in other words
+            r["response"] = REFUSALS[fraud.index(i)].format(w=" ".join(rng.sample(["tax", "bank", "card", "loan"], 2)))
+    sl_with(lake, refuse)
+    rc, row = gate(lake, "sl", tmp_path)
+    assert rc == 1 and failed(row) == ["sl.red_team_refusal"]
+    assert json.loads(row["failures"])[0]["bad_rows"] == 1  # one category over the bound
+    # the same refusals on benign prompts are over-refusal
+    lake2 = build_clean_lake(tmp_path / "lake2")
+    cooking = [i for i, r in enumerate(lake2.read("sl_dataset").to_pylist()) if r["category"] == "cooking"]
+    sl_with(lake2, lambda i, r: r.update(response=REFUSALS[cooking.index(i)].format(w="soup"))
+            if i in cooking[:2] else None)
+    rc, row = gate(lake2, "sl", tmp_path)
+    assert rc == 1 and failed(row) == ["sl.over_refusal"]
+
+
+def test_boilerplate_sentence_in_half_the_responses(lake, tmp_path):
+    planted = []
+
+    def plant(i, r):
+        if i % 2 == 0:
+            r["response"] += " You are valid, valued, and cared for, always."
+            planted.append(r["final_event_id"])
+    sl_with(lake, plant)
+    rc, row = gate(lake, "sl", tmp_path)
+    assert rc == 1 and failed(row) == ["sl.boilerplate"]
+    assert quarantined(lake) == sorted(("generation_events", k) for k in planted)
+    assert len(planted) == 18
+
+
+def test_empty_revisions(lake, tmp_path):
+    emptied = []
+
+    def empty(i, r):
+        if r["source_kind"] == "revision" and len(emptied) < 2:
+            r["response"] = "  "
+            emptied.append(r["final_event_id"])
+    sl_with(lake, empty)
+    rc, row = gate(lake, "sl", tmp_path)
+    assert rc == 1 and failed(row) == ["sl.empty_responses"]
+    assert quarantined(lake) == sorted(("generation_events", k) for k in emptied)
+
+
+def test_labeller_evaluation_is_judged_when_it_has_run(lake, tmp_path):
+    metrics = {"model_fingerprint": "f" * 16, "human_accuracy": 0.2, "human_ece": 0.05, "human_n": 50}
+    (tmp_path / "eval.json").write_text(json.dumps(metrics))
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 1 and failed(row) == ["labels.human_agreement"]
+    (tmp_path / "eval.json").write_text(json.dumps({**metrics, "model_fingerprint": "another model"}))
+    rc, row = gate(lake, "labels", tmp_path)  # an evaluation of another model says nothing about these labels
+    assert rc == 0 and row["passed"]
+
+
+def test_unknown_stage_is_a_clear_error(lake, tmp_path, capsys):
+    assert cai(["gate", "training", "--lake", str(lake.root)]) == 1
+    assert "which gate? pass one of prompts, sl, labels" in capsys.readouterr().err
