@@ -76,16 +76,24 @@ def sl_frames(lake: Lake, t, bad) -> Frames:
         sl["boilerplate"] = False
         notes["sl_dataset"] = f"boilerplate not judged below {t.boilerplate_min_rows} responses"
     sl["refusal"] = [quality.is_refusal(r or "") for r in sl["response"]]
+    revisions = sl["change"][sl["source_kind"] == "revision"]
+    notes["sl_dataset"] = (f"{(revisions == 'unchanged').sum()} of {len(revisions)} final revisions unchanged, "
+                           f"{(sl['change'] == 'empty').sum()} empty; " + notes["sl_dataset"])
     sl["prompt_kind"] = sl["source_kind"].map({"revision": "red_team", "helpful_response": "helpful"})
     frames = {"prompts": _read(lake, "prompts", "prompts", bad), "generation_events": gen, "sl_dataset": sl}
     for name, kind in (("refusal_red_team", "red_team"), ("refusal_benign", "helpful")):
         part = sl[sl["prompt_kind"] == kind].assign(category=lambda d: d["category"].fillna("(none)"))
-        rates = quality.refusal_rates(part, text_col="response", group_col="category") if len(part) else None
+        rates = None
+        if len(part):  # per category, plus every response of the kind together as "(all)"
+            rates = quality.refusal_rates(pd.concat([part, part.assign(category="(all)")]), text_col="response",
+                                          group_col="category")
         if rates is not None:
             small = rates[rates["n"] < t.refusal_min_n]
             rates = rates[rates["n"] >= t.refusal_min_n].reset_index(drop=True)
-            notes[name] = (f"{len(rates)} categories judged" +
-                           (f"; {len(small)} with < {t.refusal_min_n} responses not judged" if len(small) else ""))
+            top = rates[rates["category"] != "(all)"].sort_values("refusal_rate", ascending=False).head(1)
+            notes[name] = (f"{kind} refusal rate {part['refusal'].mean():.1%} overall; {len(rates) - 1} categories judged" +
+                           (f", highest {top['category'].iloc[0]} {top['refusal_rate'].iloc[0]:.0%}" if len(top) else "")
+                           + (f"; {len(small)} with < {t.refusal_min_n} responses not judged" if len(small) else ""))
         frames[name] = rates if rates is not None and len(rates) else None
         if frames[name] is None:
             notes.setdefault(name, f"no {kind} responses with >= {t.refusal_min_n} per category")
@@ -95,9 +103,8 @@ def sl_frames(lake: Lake, t, bad) -> Frames:
 def pair_consistency(labels: pd.DataFrame) -> pd.DataFrame | None:
     """One row per (pair, ensemble index) whose two orders are both labelled: do they agree?
 
-    Labels outside [0, 1] are left to labels.p_a_range: they are not probabilities to compare.
+    Pass labels inside [0, 1] only: the others are labels.p_a_range's, not probabilities.
     """
-    labels = labels[labels["p_a"].between(0.0, 1.0)]
     both = labels.pivot_table(index=["pair_id", "ensemble_index"], columns="order", values="p_a", aggfunc="first")
     if "ab" not in both or "ba" not in both:
         return None
@@ -128,18 +135,23 @@ def label_frames(lake: Lake, t, bad) -> Frames:
     ai = labels[labels["kind"].isin(AI_LABEL_KINDS)]
     cot = ai[ai["kind"] == "ai_label_cot"].reset_index(drop=True)
     ev, note = labeller_eval(t.eval_metrics, set(ai["model_fingerprint"].dropna()))
+    if ev is not None and (ev["human_n"].iloc[0] or 0) < t.rate_min_n:
+        ev, note = None, f"the evaluation has {ev['human_n'].iloc[0]} human pairs (< {t.rate_min_n}): not judged"
+    valid = ai[ai["p_a"].between(0.0, 1.0) & ai["p_shown_a"].between(0.0, 1.0)]
+    pairs = pair_consistency(valid) if len(valid) else None
     frames = {
         "label_events": labels,
+        "label_rates": valid if len(valid) >= t.rate_min_n else None,
         "cot_labels": cot if len(cot) else None,
-        "label_pairs": pair_consistency(ai) if len(ai) else None,
+        "label_pairs": pairs if pairs is not None and len(pairs) * 2 >= t.rate_min_n else None,
         "preference_dataset": _read(lake, "preference_dataset", "preference_dataset", bad),
         "labeller_eval": ev,
     }
-    notes = {"labeller_eval": note}
-    if frames["cot_labels"] is None:
-        notes["cot_labels"] = "no chain-of-thought labels"
-    if frames["label_pairs"] is None:
-        notes["label_pairs"] = "no comparison has both orders labelled"
+    notes = {"labeller_eval": note,
+             "label_rates": f"{len(valid)} AI labels (< {t.rate_min_n}): rates over so few are noise, not judged",
+             "label_pairs": f"{0 if pairs is None else len(pairs)} comparisons with both orders labelled "
+                            f"(< {t.rate_min_n} labels): not judged",
+             "cot_labels": "no chain-of-thought labels"}
     return Frames(frames, notes)
 
 

@@ -26,6 +26,7 @@ class CheckResult:
     status: str                     # passed | failed | skipped
     observed: object = None         # the observed value (rates, means) or the bad row count
     unexpected_count: int | None = None
+    unexpected_share: float | None = None  # of the non-null rows checked
     bad_keys: list[str] = field(default_factory=list)  # row-level failures: keys of the failing rows
     note: str = ""
     why: str = ""
@@ -33,9 +34,13 @@ class CheckResult:
     column: str | None = None
 
     def line(self) -> str:
-        what = f"observed={_short(self.observed)}" if self.observed is not None else ""
-        if self.unexpected_count:
-            what += f" bad_rows={self.unexpected_count}"
+        what = ""
+        if self.unexpected_count is not None:
+            what = f"bad_rows={self.unexpected_count}"
+            if self.unexpected_share is not None:
+                what += f" ({self.unexpected_share:.1%})"
+        elif self.observed is not None:
+            what = f"observed={_short(self.observed)}"
         return f"{self.status.upper():7s} {self.name} [{self.expectation}] {what} {self.note}".rstrip()
 
 
@@ -119,6 +124,8 @@ def validate(stage: str, frames: dict[str, pd.DataFrame | None], checks: list[Ch
                 results[c.name] = CheckResult(
                     c.name, frame, c.expectation, "passed" if er.success else "failed",
                     observed=_observed(res, c), unexpected_count=res.get("unexpected_count"), bad_keys=keys,
+                    unexpected_share=(res["unexpected_percent"] / 100 if res.get("unexpected_percent") is not None
+                                      else None),
                     note=notes.get(frame, "") if not er.success else "", why=c.why, row_level=c.row_level,
                     column=c.kwargs.get("column"))
                 if er.exception_info and er.exception_info.get("raised_exception"):

@@ -51,6 +51,7 @@ class GateConfig(CommonConfig):
     refusal_min_n: int = opt(3, "categories with fewer responses are not judged")
     clamp_lo: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_lo)")
     clamp_hi: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_hi)")
+    rate_min_n: int = opt(20, "labels: rates over fewer AI labels (or human pairs) than this are not judged")
     max_label_skew: float = opt(0.25, "|mean p_a - 0.5| allowed")
     max_position_bias: float = opt(0.15, "|mean p_shown_a - 0.5| allowed")
     min_swap_consistency: float = opt(0.1, "share of comparisons whose two orders agree")
@@ -119,6 +120,9 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     for r in results:
         if r.status != "passed" or cfg.verbose:
             print("  " + r.line())
+    for frame, note in built.notes.items():
+        if built.frames.get(frame) is not None:
+            print(f"  measured {frame}: {note}")
     if not failed:
         write_pointer(cfg.pointer, lake, STAGE_TABLES[stage], {"gate": stage, "passed": True,
                                                                "verdict_id": verdict["event_id"]})

@@ -46,6 +46,14 @@ def status_main(argv) -> int:
     print(f"{'table':<22}{'version':>8}{'rows':>10}")
     for name, s in snap.items():
         print(f"{name:<22}{s['version']:>8}{s['rows']:>10}")
+    if lake.exists("gate_events"):
+        print("\nlast gate verdicts")
+        verdicts = lake.read("gate_events").to_pylist()
+        for stage in sorted({v["stage"] for v in verdicts}):
+            v = max((v for v in verdicts if v["stage"] == stage), key=lambda v: v["created_at"])
+            failed = ", ".join(v["failed_checks"]) or "-"
+            print(f"  {stage:<8} {'PASSED' if v['passed'] else 'FAILED':<7} {v['created_at']:%Y-%m-%d %H:%M} "
+                  f"checks={v['n_checks']} quarantined={v['n_quarantined']} failed: {failed}")
     return 0
 
 

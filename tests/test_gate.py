@@ -161,3 +161,21 @@ def test_labeller_evaluation_is_judged_when_it_has_run(lake, tmp_path):
 def test_unknown_stage_is_a_clear_error(lake, tmp_path, capsys):
     assert cai(["gate", "training", "--lake", str(lake.root)]) == 1
     assert "which gate? pass one of prompts, sl, labels" in capsys.readouterr().err
+
+
+def test_rates_over_too_few_labels_are_skipped_not_passed(tmp_path, capsys):
+    lake = build_clean_lake(tmp_path / "lake", p_shown=lambda rng, order: 0.99 if order == "ab" else 0.01)
+    rc, row = gate(lake, "labels", tmp_path, "--rate-min-n", "100")  # 48 labels < 100: skew is not judged
+    out = capsys.readouterr().out
+    assert rc == 0 and row["passed"]
+    assert "SKIPPED labels.skew" in out and "SKIPPED labels.swap_consistency" in out
+
+
+def test_status_shows_the_last_verdict_per_stage(lake, tmp_path, capsys):
+    lake.replace("sl_dataset", lake.read("sl_dataset").slice(0, 0))  # nothing to train on
+    assert gate(lake, "sl", tmp_path)[0] == 1
+    assert gate(lake, "labels", tmp_path)[0] == 0
+    capsys.readouterr()
+    assert cai(["status", "--lake", str(lake.root)]) == 0
+    out = capsys.readouterr().out
+    assert "labels   PASSED" in out and "sl       FAILED" in out and "failed: sl.sl_dataset.rows" in out
