@@ -41,6 +41,9 @@ class CommonConfig:
     seed: int = opt(1234, "base seed; every request's seed derives from it and the request's key")
     params: str = opt(DEFAULT_PARAMS, "params file to read (missing file = defaults)")
     pointer: str | None = opt(None, "write a pointer file (table -> Delta version, row counts) here, for DVC")
+    tracking_uri: str = opt("sqlite:///mlflow/mlflow.db", "MLflow tracking + registry store (env MLFLOW_TRACKING_URI wins)")
+    artifact_dir: str = opt("mlflow/artifacts", "where a new MLflow experiment keeps its artifacts (weights)")
+    experiment: str = opt("cai", "MLflow experiment of the training runs")
 
 
 def _base_type(tp: Any) -> Any:

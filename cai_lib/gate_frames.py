@@ -147,11 +147,16 @@ def label_frames(lake: Lake, t, bad) -> Frames:
         "preference_dataset": _read(lake, "preference_dataset", "preference_dataset", bad),
         "labeller_eval": ev,
     }
+    n_pairs = 0 if pairs is None else len(pairs)
     notes = {"labeller_eval": note,
-             "label_rates": f"{len(valid)} AI labels (< {t.rate_min_n}): rates over so few are noise, not judged",
-             "label_pairs": f"{0 if pairs is None else len(pairs)} comparisons with both orders labelled "
-                            f"(< {t.rate_min_n} labels): not judged",
-             "cot_labels": "no chain-of-thought labels"}
+             "label_rates": (f"{len(valid)} AI labels, mean p_a {valid['p_a'].mean():.3f}, mean p_shown_a "
+                             f"{valid['p_shown_a'].mean():.3f}" if frames["label_rates"] is not None else
+                             f"{len(valid)} AI labels (< {t.rate_min_n}): rates over so few are noise, not judged"),
+             "label_pairs": (f"{n_pairs} comparisons with both orders labelled, "
+                             f"{pairs['consistent'].mean():.1%} swap-consistent" if frames["label_pairs"] is not None
+                             else f"{n_pairs} comparisons with both orders labelled (< {t.rate_min_n} labels): "
+                                  "not judged"),
+             "cot_labels": f"{len(cot)} chain-of-thought labels" if len(cot) else "no chain-of-thought labels"}
     return Frames(frames, notes)
 
 

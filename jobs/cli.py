@@ -4,7 +4,8 @@
     cai sl-generate --rounds 4                     SL-CAI critique -> revision on Spark
     cai gate sl|labels|prompts                     quality gate: exit 1 (and quarantine) on bad data
     cai sql "SELECT kind, count(*) FROM generation_events GROUP BY kind"
-    cai status                                     tables, Delta versions, row counts
+    cai status                                     tables, Delta versions, row counts, gate verdicts
+    cai lineage cai-rl@champion                    a model version's tables, versions, gates, parents
     cai constitution validate FILE                 exit 1 with the reason when FILE is wrong
     cai constitution import --critiques A.json --comparisons B.json -o paper.yaml
     cai model prepare                              convert the embedded default model once
@@ -26,12 +27,16 @@ JOBS = {  # subcommand -> module with main(argv)
     "label": "jobs.label",
     "eval-labeler": "jobs.eval_labeler",
     "gate": "jobs.gate",
+    "train-sl": "jobs.train_sl",
+    "train-pm": "jobs.train_pm",
+    "train-rl": "jobs.train_rl",
 }
 TOOLS = {
     "sql": "jobs.tools:sql_main",
     "status": "jobs.tools:status_main",
     "constitution": "jobs.tools:constitution_main",
     "model": "jobs.tools:model_main",
+    "lineage": "jobs.tools:lineage_main",
 }
 
 

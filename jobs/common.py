@@ -1,8 +1,10 @@
 """What every job shares: pointer files for DVC, a printed summary, exit codes for the CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +83,46 @@ class FeedbackConfig(GenerationConfig):
 
     def backend_spec(self) -> dict:
         return {**super().backend_spec(), "model": self.feedback_model or self.model}
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """What every training job shares: gates to rely on, where the model goes, its registry name."""
+    require_gates: bool = opt(True, "refuse to train on data no passing gate verdict covers")
+    work_dir: str | None = opt(None, "scratch folder for the weights before they are registered (default: system temp)")
+    model_pointer: str | None = opt(None, "write {name, version, run_id} of the registered model here (for DVC)")
+    metrics: str | None = opt(None, "write the run's final metrics JSON here (for dvc metrics)")
+
+
+def gate_verdicts(lake: Lake, cfg: TrainConfig, needs: dict[str, list[str]]) -> dict[str, dict]:
+    """{stage: verdict} for each gate stage whose tables training reads; raises GateNotPassed."""
+    from cai_lib.registry import GateNotPassed, passing_verdict
+    verdicts = {}
+    for stage, tables in needs.items():
+        try:
+            verdicts[stage] = passing_verdict(lake, stage, tables)
+        except GateNotPassed:
+            if cfg.require_gates:
+                raise
+            print(f"warning: training without a passing `{stage}` gate (--no-require-gates)", file=sys.stderr)
+    return verdicts
+
+
+@contextlib.contextmanager
+def scratch_model_dir(cfg: TrainConfig):
+    """A fresh folder for the trained weights; MLflow keeps the registered copy, this one is removed."""
+    if cfg.work_dir:
+        Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cai-train-", dir=cfg.work_dir) as tmp:
+        yield Path(tmp) / "model"
+
+
+def write_json(path: str | None, body: dict) -> None:
+    """Atomically write a small JSON file (model pointer, metrics) for DVC."""
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(out)

@@ -54,7 +54,7 @@ class GateConfig(CommonConfig):
     rate_min_n: int = opt(20, "labels: rates over fewer AI labels (or human pairs) than this are not judged")
     max_label_skew: float = opt(0.25, "|mean p_a - 0.5| allowed")
     max_position_bias: float = opt(0.15, "|mean p_shown_a - 0.5| allowed")
-    min_swap_consistency: float = opt(0.1, "share of comparisons whose two orders agree")
+    min_swap_consistency: float = opt(0.05, "share of comparisons whose two orders agree")
     min_human_agreement: float = opt(0.35, "labeller's agreement with human labels")
     max_ece: float = opt(0.15, "labeller's expected calibration error")
 

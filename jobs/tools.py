@@ -99,3 +99,37 @@ def model_main(argv) -> int:
     folder = prepare_default_model(force=a.force)
     print(f"default model ready: {folder} (fingerprint {fingerprint(folder)[:12]})")
     return 0
+
+
+def lineage_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="cai lineage", description="From a registered model version to the tables, "
+                                "Delta versions, gate verdicts, parent models and commit it came from.")
+    p.add_argument("model", help="cai-rl@champion, cai-sl:3, models:/cai-pm/2, or a name (= latest version)")
+    p.add_argument("--lake", default=None, help="lake to look the gate verdicts up in (default: params.yaml)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: params.yaml [common] tracking_uri)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    a = p.parse_args(argv)
+    import json
+
+    from cai_lib.registry import configure, lineage
+    common = read_params("params.yaml").get("common") or {}
+    configure(a.tracking_uri or common.get("tracking_uri", CommonConfig.tracking_uri),
+              common.get("artifact_dir", CommonConfig.artifact_dir), common.get("experiment", CommonConfig.experiment))
+    info = lineage(a.model, Lake(a.lake or _default_lake()))
+    if a.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    print(f"{info['model']} v{info['version']}" + (f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""))
+    print(f"  run {info['run_id']} ({info['job']}), git {info['git_commit']}")
+    print(f"  base model {info['base_model']}; constitution {info['constitution_sha'] or '-'}")
+    for parent, ref in sorted(info["parents"].items()):
+        print(f"  parent {parent}: {ref}")
+    for table, src in sorted(info["inputs"].items()):
+        print(f"  read {table} v{src['version']}  ({src['path']})")
+    for stage, g in sorted(info["gates"].items()):
+        print(f"  gate {stage}: passed={g['passed']} verdict {g['verdict_id'][:12]}"
+              + (f" ({g['checks']} checks, {g['created_at']}, on {g['input_versions']})" if "checks" in g else ""))
+    shown = {k: v for k, v in info["metrics"].items() if "accuracy" in k or "loss_after" in k or k.endswith("_ece")}
+    if shown:
+        print("  metrics " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    return 0

@@ -1,0 +1,83 @@
+"""Train the preference model (PM) on `preference_dataset`, evaluate it on human pairs, register `cai-pm`.
+
+    cai train-pm --lake lake
+    cai train-pm --train-backbone --max-steps 200 --eval-limit 500
+
+A backbone (the base model) + a scalar head; loss = binary cross-entropy of
+sigmoid(r_A - r_B) against the soft AI harmlessness label p_A (hard 0/1 for human pairs).
+Trains only on what the last passing `labels` gate verdict covers (minus quarantined pairs),
+then reports accuracy and calibration on held-out human HH-RLHF harmless and helpful pairs.
+The MLflow run logs params, per-step loss, the Delta versions read, the gate verdict,
+the constitution and git commit; the model (safetensors) is registered as `cai-pm`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from cai_lib.config import load_config, opt
+from cai_lib.eval_data import read_hh_pairs
+from cai_lib.lake import Lake
+from cai_lib.pm_train import PMSettings, evaluate_pm, train_pm
+from cai_lib.training_data import preference_rows
+from jobs.common import TrainConfig, gate_verdicts, report, scratch_model_dir, write_json
+
+
+@dataclass
+class TrainPMConfig(TrainConfig, PMSettings):
+    base_model: str | None = opt(None, "backbone (default: [common] model)")
+    eval_harmless: str | None = opt(None, "HH-RLHF harmless pairs (jsonl/.gz) to report PM accuracy on")
+    eval_helpful: str | None = opt(None, "HH-RLHF helpful pairs (jsonl/.gz) to report PM accuracy on")
+    eval_limit: int = opt(100, "pairs drawn (seeded) from each evaluation file")
+    registered_name: str = opt("cai-pm", "MLflow registered model name")
+
+    def __post_init__(self):
+        PMSettings.__post_init__(self)
+
+
+def run(cfg: TrainPMConfig, progress=print) -> dict:
+    import mlflow
+    from cai_lib.registry import log_step_metrics, model_folder, register_folder, training_run
+    lake = Lake(cfg.lake)
+    verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
+    data = preference_rows(lake)
+    if not data.rows:
+        raise ValueError(f"{lake.root}/preference_dataset has no trainable pairs ({data.excluded} quarantined): "
+                         "run `cai label` (and `cai gate labels`) first")
+    shas = sorted({r["constitution_sha"] for r in data.rows if r["constitution_sha"]})
+    settings = PMSettings(**{f.name: getattr(cfg, f.name) for f in fields(PMSettings)})
+    settings.threads = settings.threads or cfg.torch_threads
+    base = cfg.base_model or cfg.model
+    folder = model_folder(base)
+    with training_run("train-pm", cfg, lake, ["preference_dataset", "label_events", "quarantine"], verdicts,
+                      {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
+            scratch_model_dir(cfg) as out_dir:
+        progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out)")
+        result = train_pm(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
+        metrics = {**result.metrics(), "pairs_quarantined": data.excluded,
+                   "pairs_ai": sum(r["source"] == "ai_harmless" for r in data.rows),
+                   "pairs_human": sum(r["source"] == "human_helpful" for r in data.rows)}
+        for name, path in (("harmless", cfg.eval_harmless), ("helpful", cfg.eval_helpful)):
+            if path:
+                pairs, rejected = read_hh_pairs(path, limit=cfg.eval_limit, seed=cfg.seed)
+                ev = evaluate_pm(result.pm, pairs, batch_size=cfg.batch_size)
+                metrics.update({f"{name}_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
+                metrics[f"{name}_rejected_by_reader"] = len(rejected)
+                mlflow.set_tag(f"eval.{name}", str(Path(path)))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        version = register_folder(out_dir, cfg.registered_name, "pm")
+    pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id}
+    write_json(cfg.model_pointer, pointer)
+    write_json(cfg.metrics, metrics)
+    return {**pointer, **{k: v for k, v in metrics.items() if not k.startswith(("n_zero",))}}
+
+
+def main(argv=None) -> int:
+    cfg = load_config(TrainPMConfig, "train_pm", argv, __doc__)
+    report("train-pm", run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

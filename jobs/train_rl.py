@@ -1,0 +1,147 @@
+"""RL-CAI: PPO of the SL-CAI policy against the preference model, KL-penalised; register `cai-rl`.
+
+    cai train-rl --lake lake                        PPO: policy cai-sl, reward cai-pm
+    cai train-rl --algorithm dpo                    DPO on preference_dataset (cheaper, offline)
+    cai train-rl --policy cai-sl:3 --reward-model cai-pm@champion --kl-mode adaptive
+
+PPO: the policy samples answers to red-team and helpful training prompts, the PM scores them,
+reward = score - beta * KL(policy || frozen SL-CAI reference) per token, value head, GAE,
+clipped objective. Each step logs reward, KL, beta, losses and the Goodhart watch (refusal
+and boilerplate rate of the samples) to MLflow. DPO: chosen/rejected from each AI pair's soft
+target (weight = its confidence |2p - 1|; exact ties are skipped and counted) and human pairs.
+The run is tagged with its parents (the SL and PM versions) and the gates it relied on.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+
+from cai_lib.config import load_config, opt
+from cai_lib.lake import Lake
+from cai_lib.dpo import train_dpo
+from cai_lib.rl import RLSettings, train_ppo
+from cai_lib.training_data import preference_rows, rl_prompts
+from jobs.common import TrainConfig, gate_verdicts, report, scratch_model_dir, write_json
+
+_RL_FIELDS = {f.name for f in fields(RLSettings)}
+
+
+@dataclass
+class TrainRLConfig(TrainConfig):
+    policy: str = opt("cai-sl", "the policy to start from: a registered model (cai-sl = latest) or a folder")
+    reward_model: str = opt("cai-pm", "PPO: the registered preference model (or a PM folder)")
+    algorithm: str = opt("ppo", "ppo | dpo")
+    steps: int = opt(20, "PPO iterations")
+    batch_size: int = opt(8, "PPO: prompts per iteration; DPO: pairs per step")
+    mini_batch_size: int = opt(4, "rows per forward/backward")
+    ppo_epochs: int = opt(2, "PPO passes over each rollout")
+    max_new_tokens: int = opt(48, "PPO: response length cap")
+    learning_rate: float = opt(1e-5, "AdamW learning rate")
+    kl_beta: float = opt(0.05, "KL penalty coefficient (initial value when adaptive)")
+    kl_mode: str = opt("fixed", "fixed | adaptive")
+    kl_target: float = opt(6.0, "adaptive: target sequence KL (nats)")
+    kl_horizon: float = opt(10000.0, "adaptive: horizon in samples")
+    temperature: float = opt(1.0, "PPO sampling temperature")
+    dpo_beta: float = opt(0.1, "DPO beta")
+    dpo_max_steps: int | None = opt(None, "DPO: optimizer steps cap")
+    registered_name: str = opt("cai-rl", "MLflow registered model name")
+
+    def settings(self) -> RLSettings:
+        values = {k: v for k, v in vars(self).items() if k in _RL_FIELDS}
+        return RLSettings(**values, threads=self.torch_threads)
+
+
+def dpo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
+    """{prompt, chosen, rejected, weight} from preference rows; ties (target 0.5) are counted, not used."""
+    pairs, ties = [], 0
+    for r in rows:
+        if r["target"] == 0.5 or r["response_a"] == r["response_b"]:
+            ties += 1
+            continue
+        a_wins = r["target"] > 0.5
+        pairs.append({"prompt": r["prompt"], "chosen": r["response_a"] if a_wins else r["response_b"],
+                      "rejected": r["response_b"] if a_wins else r["response_a"],
+                      "weight": abs(2 * r["target"] - 1)})
+    return pairs, ties
+
+
+def run(cfg: TrainRLConfig, progress=print) -> dict:
+    import mlflow
+    from cai_lib.registry import configure, model_folder, model_version, register_folder, run_tag, training_run
+    settings = cfg.settings()
+    lake = Lake(cfg.lake)
+    configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
+    needs = {"sl": ["prompts"]} if cfg.algorithm == "ppo" else {"labels": ["preference_dataset"]}
+    verdicts = gate_verdicts(lake, cfg, needs)
+    parents = {"policy": cfg.policy}
+    policy_dir = model_folder(cfg.policy)
+    tags = {"base_model": cfg.policy}
+    for role, ref in (("policy", cfg.policy), ("reward_model", cfg.reward_model if cfg.algorithm == "ppo" else None)):
+        if ref and not ref.startswith(("/", ".")) and ref != "default":
+            try:
+                mv = model_version(ref)
+            except ValueError:
+                continue  # a folder or hub id: the ref itself is the lineage
+            parents[role] = f"{mv.name}/{mv.version}"
+            sha = run_tag(mv, "constitution_sha")
+            if sha and (role == "reward_model" or cfg.algorithm == "dpo"):
+                tags["constitution_sha"] = sha
+    tags.update({f"parent.{k}": v for k, v in parents.items()})
+    if cfg.algorithm == "ppo":
+        from cai_lib.pm_train import PreferenceModel
+        data = rl_prompts(lake)
+        prompts = [r["text"] for r in data.rows]
+        if not prompts:
+            raise ValueError(f"{lake.root}/prompts has no training prompts: run `cai ingest` first")
+        pm = PreferenceModel.load(model_folder(cfg.reward_model))
+        pm.eval()
+
+        def reward_fn(ps, responses):
+            return pm.score_pairs(ps, responses).tolist()
+        tables = ["prompts", "quarantine"]
+    else:
+        data = preference_rows(lake)
+        pairs, ties = dpo_pairs(data.rows)
+        tags["constitution_sha"] = ",".join(sorted({r["constitution_sha"] for r in data.rows if r["constitution_sha"]}))
+        if not pairs:
+            raise ValueError(f"{lake.root}/preference_dataset has no usable pairs ({ties} ties): run `cai label` first")
+        tables = ["preference_dataset", "label_events", "quarantine"]
+    with training_run("train-rl", cfg, lake, tables, verdicts, tags) as run, scratch_model_dir(cfg) as out_dir:
+        if cfg.algorithm == "ppo":
+            progress(f"PPO: {settings.steps} iterations x {settings.batch_size} of {len(prompts)} prompts "
+                     f"({data.excluded} quarantined), policy {parents['policy']}, reward {parents.get('reward_model')}")
+            result = train_ppo(policy_dir, prompts, reward_fn, settings, out_dir, on_step=_logged(progress))
+        else:
+            progress(f"DPO on {len(pairs)} pairs ({ties} ties skipped, {data.excluded} quarantined)")
+            result = train_dpo(policy_dir, pairs, settings, out_dir, on_step=_logged(progress))
+        steps = result.metrics
+        keys = ("reward_mean", "kl_mean", "beta", "refusal_rate", "boilerplate_rate", "loss", "margin", "accuracy")
+        summary = {"algorithm": cfg.algorithm, "steps": len(steps), "seconds": round(result.seconds, 1),
+                   **{f"first_{k}": steps[0][k] for k in keys if k in steps[0]},
+                   **{f"last_{k}": steps[-1][k] for k in keys if k in steps[-1]}}
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        version = register_folder(out_dir, cfg.registered_name, "rl")
+    pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id, "parents": parents}
+    write_json(cfg.model_pointer, pointer)
+    write_json(cfg.metrics, {**summary, "curve": steps})
+    return {k: v for k, v in {**pointer, **summary}.items() if not isinstance(v, dict)}
+
+
+def _logged(progress):
+    from cai_lib.registry import log_step_metrics
+
+    def on_step(step, metrics):
+        log_step_metrics(step, metrics)
+        progress(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                              if isinstance(v, float) and k != "seconds"))
+    return on_step
+
+
+def main(argv=None) -> int:
+    cfg = load_config(TrainRLConfig, "train_rl", argv, __doc__)
+    report("train-rl", run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Training jobs on the real default model (a step or two each), tracked and registered in MLflow.
+
+One chain on a synthetic, gated lake: train-sl -> train-pm -> train-rl (PPO against the PM),
+each registered, loaded back by version and by alias, with its lineage (tables + Delta
+versions, gate verdicts, parents, commit) readable through `cai lineage`. Training refuses
+data without a passing, current gate verdict, and weights stored as pickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from jobs.cli import main as cai
+from schemas import SL_DATASET
+from synthetic_lake import build_clean_lake
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    lake = build_clean_lake(root / "lake")
+    flags = ["--lake", str(lake.root), "--tracking-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifact-dir", str(root / "artifacts"), "--torch-threads", "1"]
+    return root, lake, flags
+
+
+def run(flags, *argv) -> int:
+    return cai([*argv, *flags])
+
+
+def test_training_needs_a_passing_current_gate(env, capsys):
+    root, lake, flags = env
+    assert run(flags, "train-sl", "--max-steps", "1") == 1
+    assert "no `sl` gate verdict" in capsys.readouterr().err
+    assert cai(["gate", "sl", "--lake", str(lake.root), "--docs-dir", str(root / "docs")]) == 0
+    rows = lake.read("sl_dataset")
+    lake.replace("sl_dataset", rows.slice(1))  # the data moved on after the gate
+    assert run(flags, "train-sl", "--max-steps", "1") == 1
+    assert "rerun `cai gate sl`" in capsys.readouterr().err
+    lake.replace("sl_dataset", rows.cast(SL_DATASET))
+    assert cai(["gate", "sl", "--lake", str(lake.root), "--docs-dir", str(root / "docs")]) == 0
+    assert cai(["gate", "labels", "--lake", str(lake.root), "--docs-dir", str(root / "docs"),
+                "--eval-metrics", str(root / "none.json")]) == 0
+
+
+def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
+    from cai_lib.registry import configure, download_model, lineage, set_alias
+    root, lake, flags = env
+    capsys.readouterr()
+    assert run(flags, "train-sl", "--max-steps", "2", "--max-length", "128", "--batch-size", "2",
+               "--model-pointer", str(root / "sl.json"), "--metrics", str(root / "sl_metrics.json")) == 0
+    sl = json.loads((root / "sl.json").read_text())
+    metrics = json.loads((root / "sl_metrics.json").read_text())
+    assert sl["name"] == "cai-sl" and sl["version"] == "1" and metrics["steps"] == 2
+    assert metrics["changed_params"] > 0 and metrics["n_train"] + metrics["n_heldout"] == 36
+    assert run(flags, "train-pm", "--max-steps", "3", "--max-length", "128", "--model-pointer", str(root / "pm.json"),
+               "--eval-harmless", "../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", "--eval-limit", "4") == 0
+    assert json.loads((root / "pm.json").read_text())["version"] == "1"
+    assert run(flags, "train-rl", "--steps", "1", "--batch-size", "2", "--mini-batch-size", "2",
+               "--max-new-tokens", "6", "--ppo-epochs", "1", "--model-pointer", str(root / "rl.json"),
+               "--metrics", str(root / "rl_metrics.json")) == 0
+    rl = json.loads((root / "rl.json").read_text())
+    assert rl["parents"] == {"policy": "cai-sl/1", "reward_model": "cai-pm/1"}
+    curve = json.loads((root / "rl_metrics.json").read_text())["curve"]
+    assert curve[0]["kl_mean"] == 0.0 and "refusal_rate" in curve[0] and "boilerplate_rate" in curve[0]
+
+    configure(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), "cai")
+    set_alias("cai-sl", "champion", "1")
+    by_alias, by_version = download_model("cai-sl@champion"), download_model("cai-sl:1", root / "dl")
+    weights = load_file(by_alias / "model.safetensors")
+    assert weights.keys() == load_file(by_version / "model.safetensors").keys() and len(weights) > 100
+    assert not [p for p in by_alias.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
+
+    info = lineage("cai-sl@champion", lake)
+    assert info["aliases"] == ["champion"] and info["job"] == "train-sl"
+    assert info["inputs"]["sl_dataset"]["version"] == lake.version("sl_dataset")
+    assert info["gates"]["sl"]["passed"] == "True" and info["gates"]["sl"]["checks"] > 30
+    assert info["constitution_sha"] == "c" * 64 and len(info["git_commit"]) >= 40
+    assert lineage("cai-rl", lake)["parents"] == {"policy": "cai-sl/1", "reward_model": "cai-pm/1"}
+    assert lineage("cai-rl", lake)["constitution_sha"] == "c" * 64  # through the PM's run
+
+    capsys.readouterr()
+    assert cai(["lineage", "cai-pm:1", "--lake", str(lake.root), "--tracking-uri", f"sqlite:///{root}/mlflow.db"]) == 0
+    out = capsys.readouterr().out
+    assert "cai-pm v1" in out and "read preference_dataset v" in out and "gate labels: passed=True" in out
+
+
+def test_pickled_weights_are_refused(env, tmp_path):
+    from cai_lib.registry import assert_no_pickles, register_folder
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="refusing to load pickle weight files.*pytorch_model.bin"):
+        assert_no_pickles(tmp_path / "m")
+    with pytest.raises(ValueError, match="pickle"):
+        register_folder(tmp_path / "m", "cai-sl", "sl")
