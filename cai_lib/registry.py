@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -206,17 +207,35 @@ def lineage(ref: str, lake: Lake | None = None) -> dict:
             "metrics": {k: round(v, 6) for k, v in sorted(run.data.metrics.items())}}
 
 
-def model_folder(ref: str) -> Path:
-    """A local weights folder for `ref`: 'default', a folder, a cached hub id, or a registered model
-    (`cai-sl`, `cai-sl:3`, `cai-rl@champion`)."""
-    from cai_lib.backends.models import ModelNotFound, resolve_model
+def resolve_weights(ref: str) -> tuple[str, Path]:
+    """(lineage label, local weights folder) for 'default', a folder, a cached hub id, or a registered
+    model (`cai-sl`, `cai-sl:3`, `cai-rl@champion` -> ("cai-sl/3", its folder)).
+
+    Registered versions are downloaded once into $CAI_MODEL_CACHE/registry/NAME/VERSION
+    (a version's files never change), so jobs and Spark workers load a stable local folder.
+    """
+    from cai_lib.backends.models import ModelNotFound, model_cache_dir, resolve_model
     try:
-        return Path(resolve_model(ref))
+        return ref, Path(resolve_model(ref))
     except ModelNotFound as not_local:
         try:
-            return download_model(ref)
+            mv = model_version(ref)
         except ValueError as exc:
             raise ValueError(f"{not_local}; nor is it a registered model: {exc}") from None
+    home = model_cache_dir() / "registry" / mv.name / str(mv.version)
+    if not home.is_dir():
+        staging = home.with_name(f".{home.name}.download")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        download_model(f"{mv.name}:{mv.version}", staging).rename(home)  # complete or absent
+        shutil.rmtree(staging, ignore_errors=True)
+    assert_no_pickles(home)
+    return f"{mv.name}/{mv.version}", home
+
+
+def model_folder(ref: str) -> Path:
+    """The local weights folder of `ref` (see resolve_weights)."""
+    return resolve_weights(ref)[1]
 
 
 def run_tag(mv, key: str) -> str | None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cai_lib.backends import Sampling
+from cai_lib.backends.models import is_local_model
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
@@ -38,7 +39,7 @@ from schemas import LABEL_EVENTS
 
 @dataclass
 class LabelConfig(FeedbackConfig):
-    policy_model: str | None = opt(None, "whose pair samples to label (default: [common] model)")
+    policy_model: str | None = opt(None, "label only this policy's pair samples (default: every sampled pair)")
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
     clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident")
     clamp_hi: float = opt(0.6, "upper CoT clamp")
@@ -54,20 +55,23 @@ class LabelConfig(FeedbackConfig):
         return LabelSettings(self.ensemble, self.cot, self.clamp_lo, self.clamp_hi, self.seed)
 
 
-def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
-    """(pair_id, prompt_id, a_id, b_id) for prompts with both samples; texts by event id; prompts by id."""
+def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str | None) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
+    """(pair_id, prompt_id, a_id, b_id) for prompts with both samples from one policy (`policy_fp`, or
+    every policy that sampled pairs when None); texts by event id; prompts by id."""
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
     ev = lake.read("generation_events", columns=["event_id", "kind", "status", "prompt_id", "round",
                                                  "model_fingerprint", "text"])
     ev = ev.filter(pc.and_(pc.equal(ev["kind"], "pair_sample"), pc.equal(ev["status"], "ok")))
-    ev = ev.filter(pc.equal(ev["model_fingerprint"], policy_fp))
-    samples: dict[str, dict[int, str]] = {}
+    if policy_fp is not None:
+        ev = ev.filter(pc.equal(ev["model_fingerprint"], policy_fp))
+    samples: dict[tuple[str, str], dict[int, str]] = {}
     texts = {}
     for r in ev.to_pylist():
         if r["prompt_id"] in chosen:
-            samples.setdefault(r["prompt_id"], {})[r["round"]] = r["event_id"]
+            samples.setdefault((r["prompt_id"], r["model_fingerprint"]), {})[r["round"]] = r["event_id"]
             texts[r["event_id"]] = r["text"]
-    pairs = [(pair_id_of(pid, s[0], s[1]), pid, s[0], s[1]) for pid, s in sorted(samples.items()) if {0, 1} <= set(s)]
+    pairs = [(pair_id_of(pid, s[0], s[1]), pid, s[0], s[1]) for (pid, _), s in sorted(samples.items())
+             if {0, 1} <= set(s)]
     if not pairs:
         raise ValueError(f"no sampled pairs in lake {lake.root} for the policy model: run `cai sample-pairs` first")
     return pairs, texts, dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
@@ -78,7 +82,15 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     constitution = load_constitution(cfg.constitution)
     fb_model = cfg.feedback_model or cfg.model
     fb_fp = model_fingerprint(cfg.backend, fb_model)
-    pairs, texts, prompt_text = sampled_pairs(lake, cfg, model_fingerprint(cfg.backend, cfg.policy_model or cfg.model))
+    policy_fp = None
+    if cfg.policy_model:
+        policy = cfg.policy_model
+        if cfg.backend != "fake" and not is_local_model(policy):
+            from cai_lib.registry import configure, resolve_weights
+            configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
+            policy = str(resolve_weights(policy)[1])
+        policy_fp = model_fingerprint(cfg.backend, policy)
+    pairs, texts, prompt_text = sampled_pairs(lake, cfg, policy_fp)
     s = cfg.settings()
     cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens)
     jobs = plan_labels(pairs, constitution, fb_fp, s, cot_sampling.to_json())

@@ -1,11 +1,13 @@
 """Sample two responses per red-team prompt from the policy under study (RLAIF's pairs).
 
     cai sample-pairs --lake lake --model default --limit 20
-    cai sample-pairs --model path/to/sl-cai-model     # once the SL-CAI model exists
+    cai sample-pairs --model cai-sl                   # the registered SL-CAI model (latest; or cai-sl:3)
     spark-submit jobs/sample_pairs.py --lake lake
 
 Rows land in `generation_events` (kind pair_sample, `round` = sample index) with deterministic
-ids: a rerun or a resumed job samples only what is missing.
+ids: a rerun or a resumed job samples only what is missing. Pairs are data: a prompt that
+already has a complete pair (from an earlier policy version) is not sampled again unless
+`--resample`, so a retrained SL-CAI model only samples for new prompts.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from cai_lib.backends import Sampling
+from cai_lib.backends.models import is_local_model
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.generation import (RunStats, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
@@ -28,19 +31,40 @@ class SamplePairsConfig(GenerationConfig):
     max_new_tokens: int = opt(96, "token budget of each response")
     temperature: float = opt(1.0, "sampling temperature: diverse pairs make informative comparisons")
     constitution: str = opt("constitutions/default.yaml", "recorded on the rows for lineage (not in the ids)")
+    resample: bool = opt(False, "sample prompts that already have a pair (from an earlier policy) again")
+
+
+def pair_rounds(lake) -> dict[str, set[int]]:
+    """prompt_id -> sample indexes with an ok pair_sample from any policy."""
+    import pyarrow.compute as pc
+    ev = lake.read("generation_events", columns=["kind", "status", "prompt_id", "round"])
+    ev = ev.filter(pc.and_(pc.equal(ev["kind"], "pair_sample"), pc.equal(ev["status"], "ok")))
+    out: dict[str, set[int]] = {}
+    for pid, rnd in zip(ev["prompt_id"].to_pylist(), ev["round"].to_pylist()):
+        out.setdefault(pid, set()).add(rnd)
+    return out
 
 
 def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
+    model_label = cfg.model
+    if cfg.backend != "fake" and not is_local_model(cfg.model):
+        from cai_lib.registry import configure, resolve_weights  # a registered policy: cai-sl, cai-sl:3
+        configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
+        model_label, folder = resolve_weights(cfg.model)  # fetched once into the model cache
+        cfg.model = str(folder)
     fp = model_fingerprint(cfg.backend, cfg.model)
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
     texts = {p: t for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()) if p in chosen}
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     planned = pair_sample_tasks(texts, fingerprint=fp, sampling=sampling, seed=cfg.seed, n_samples=cfg.n_samples)
+    if not cfg.resample:  # pairs are data: a prompt that has a complete pair (from any policy) keeps it
+        have = pair_rounds(lake)
+        planned = [t for t in planned if len(have.get(t.prompt_id, ())) < cfg.n_samples]
     done, failures = known_events(lake, {t.event_id for t in planned})
     tasks, gave_up = retry_plan(planned, done, failures, cfg.max_attempts)
-    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": cfg.model,
+    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": model_label,
                  "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
     stats = RunStats()
     if tasks:

@@ -45,6 +45,7 @@ class TrainRLConfig(TrainConfig):
     dpo_beta: float = opt(0.1, "DPO beta")
     dpo_max_steps: int | None = opt(None, "DPO: optimizer steps cap")
     registered_name: str = opt("cai-rl", "MLflow registered model name")
+    curve: str | None = opt(None, "write the per-step metrics (reward, KL, beta, Goodhart watch) here as JSON")
 
     def settings(self) -> RLSettings:
         values = {k: v for k, v in vars(self).items() if k in _RL_FIELDS}
@@ -123,7 +124,8 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
         version = register_folder(out_dir, cfg.registered_name, "rl")
     pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id, "parents": parents}
     write_json(cfg.model_pointer, pointer)
-    write_json(cfg.metrics, {**summary, "curve": steps})
+    write_json(cfg.metrics, summary)
+    write_json(cfg.curve, [{"step": i, **m} for i, m in enumerate(steps)])
     return {k: v for k, v in {**pointer, **summary}.items() if not isinstance(v, dict)}
 
 

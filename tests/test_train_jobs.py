@@ -62,10 +62,10 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     assert json.loads((root / "pm.json").read_text())["version"] == "1"
     assert run(flags, "train-rl", "--steps", "1", "--batch-size", "2", "--mini-batch-size", "2",
                "--max-new-tokens", "6", "--ppo-epochs", "1", "--model-pointer", str(root / "rl.json"),
-               "--metrics", str(root / "rl_metrics.json")) == 0
+               "--curve", str(root / "rl_curve.json")) == 0
     rl = json.loads((root / "rl.json").read_text())
     assert rl["parents"] == {"policy": "cai-sl/1", "reward_model": "cai-pm/1"}
-    curve = json.loads((root / "rl_metrics.json").read_text())["curve"]
+    curve = json.loads((root / "rl_curve.json").read_text())
     assert curve[0]["kl_mean"] == 0.0 and "refusal_rate" in curve[0] and "boilerplate_rate" in curve[0]
 
     configure(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), "cai")
