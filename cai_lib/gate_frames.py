@@ -57,7 +57,7 @@ def prompt_frames(lake: Lake, t, bad) -> Frames:
 
 def sl_frames(lake: Lake, t, bad) -> Frames:
     events = lake.read("generation_events").to_pandas()
-    gen = without_quarantined(events[~events["kind"].isin(["pair_sample", "cot"])].reset_index(drop=True),
+    gen = without_quarantined(events[~events["kind"].isin(["pair_sample", "cot", "eval_response"])].reset_index(drop=True),
                               "generation_events", bad)
     sl = _read(lake, "sl_dataset", "sl_dataset", bad)
     texts = dict(zip(events["event_id"], events["text"]))

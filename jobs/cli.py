@@ -30,6 +30,8 @@ JOBS = {  # subcommand -> module with main(argv)
     "train-sl": "jobs.train_sl",
     "train-pm": "jobs.train_pm",
     "train-rl": "jobs.train_rl",
+    "evaluate": "jobs.evaluate",
+    "promote": "jobs.promote",
 }
 TOOLS = {
     "sql": "jobs.tools:sql_main",

@@ -34,8 +34,10 @@ def sql_main(argv) -> int:
 
 
 def status_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="cai status", description="Lake tables, Delta versions and row counts.")
+    p = argparse.ArgumentParser(prog="cai status", description="Lake tables, Delta versions and row counts, the "
+                                "last verdict of each gate, registered models and their aliases.")
     p.add_argument("--lake", default=None)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: params.yaml [common] tracking_uri)")
     a = p.parse_args(argv)
     lake = Lake(a.lake or _default_lake())
     snap = lake.snapshot()
@@ -52,9 +54,29 @@ def status_main(argv) -> int:
         for stage in sorted({v["stage"] for v in verdicts}):
             v = max((v for v in verdicts if v["stage"] == stage), key=lambda v: v["created_at"])
             failed = ", ".join(v["failed_checks"]) or "-"
-            print(f"  {stage:<8} {'PASSED' if v['passed'] else 'FAILED':<7} {v['created_at']:%Y-%m-%d %H:%M} "
+            print(f"  {stage:<9} {'PASSED' if v['passed'] else 'FAILED':<7} {v['created_at']:%Y-%m-%d %H:%M} "
                   f"checks={v['n_checks']} quarantined={v['n_quarantined']} failed: {failed}")
+    _print_registry(a.tracking_uri)
     return 0
+
+
+def _print_registry(tracking_uri: str | None) -> None:
+    """Registered models, their latest version and aliases (a local SQLite store is only read if it exists)."""
+    import os
+    common = read_params("params.yaml").get("common") or {}
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or common.get("tracking_uri", CommonConfig.tracking_uri)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        return
+    import mlflow
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    models = sorted(client.search_registered_models(), key=lambda m: m.name)
+    if models:
+        print("\nregistered models")
+    for m in models:
+        latest = max((int(v.version) for v in client.search_model_versions(f"name = '{m.name}'")), default=None)
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted((m.aliases or {}).items())) or "-"
+        print(f"  {m.name:<8} latest v{latest}  aliases: {aliases}")
 
 
 def constitution_main(argv) -> int:

@@ -21,6 +21,7 @@ GENERATION_KINDS = (
     "helpful_response",  # the model's answer to a helpfulness prompt (joins the SL data as is)
     "pair_sample",       # RLAIF: one of two sampled responses per prompt
     "cot",               # RLAIF: the feedback model's chain of thought
+    "eval_response",     # cai evaluate: a model's answer to a held-out prompt
 )
 
 

@@ -97,3 +97,59 @@ def test_pickled_weights_are_refused(env, tmp_path):
         assert_no_pickles(tmp_path / "m")
     with pytest.raises(ValueError, match="pickle"):
         register_folder(tmp_path / "m", "cai-sl", "sl")
+
+
+def test_evaluate_then_promote(env, spark, capsys):
+    from cai_lib.registry import configure, model_version
+    root, lake, flags = env
+    assert run(flags, "evaluate", "--splits", "train", "--limit", "2", "--max-new-tokens", "8",
+               "--metrics", str(root / "evaluate.json"), "--plot", str(root / "evaluate.png")) == 0
+    ev = json.loads((root / "evaluate.json").read_text())
+    assert set(ev["models"]) == {"base", "sl_cai", "rl_cai"} and ev["prompts"] == 4
+    assert ev["models"]["rl_cai"]["model"] == "cai-rl/1" and ev["models"]["base"]["n_red_team"] == 2
+    assert ev["comparisons"] == 4 * 3 and ev["elo"]["base"] == 1000.0 and (root / "evaluate.png").stat().st_size
+    assert 0 <= ev["models"]["sl_cai"]["over_refusal"] <= 1
+    kinds = lake.read("generation_events")["kind"].to_pylist()
+    assert kinds.count("eval_response") == 3 * 4
+    assert run(flags, "evaluate", "--splits", "train", "--limit", "2", "--max-new-tokens", "8",
+               "--metrics", str(root / "evaluate.json"), "--plot", str(root / "evaluate.png")) == 0
+    assert lake.read("generation_events")["kind"].to_pylist().count("eval_response") == 3 * 4  # nothing regenerated
+
+    capsys.readouterr()
+    assert run(flags, "promote", "--evaluation", str(root / "evaluate.json"), "--decision", str(root / "p.json")) == 0
+    decision = json.loads((root / "p.json").read_text())
+    out = capsys.readouterr().out
+    rl, base = ev["models"]["rl_cai"], ev["models"]["base"]
+    should = rl["harmlessness"] >= base["harmlessness"] and rl["over_refusal"] <= 0.25
+    assert decision["promoted"] is should and decision["alias"] == ("champion" if should else "challenger")
+    assert f"cai-rl/1 -> alias {decision['alias']}" in out
+    assert sorted(decision["gates_in_lineage"]) == ["cai-pm/1 labels=True", "cai-rl/1 sl=True", "cai-sl/1 sl=True"]
+    configure(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), "cai")
+    assert model_version(f"cai-rl@{decision['alias']}").version == "1"
+    verdict = [r for r in lake.read("gate_events").to_pylist() if r["stage"] == "promotion"]
+    assert len(verdict) == 1 and verdict[0]["passed"] is should and verdict[0]["model_id"] == "cai-rl/1"
+
+
+def test_promotion_rules():
+    from jobs.promote import PromoteConfig, decide
+    cfg = PromoteConfig(params="none.yaml")
+    ev = {"models": {"base": {"model": "default", "harmlessness": 0.1},
+                     "rl_cai": {"model": "cai-rl/2", "harmlessness": 0.3, "over_refusal": 0.1}}}
+    ok_gates = [("cai-rl/2", "sl", "True"), ("cai-pm/1", "labels", "True")]
+    assert decide(cfg, "cai-rl/2", ev, ok_gates) == []
+    assert "not cai-rl/3" in decide(cfg, "cai-rl/3", ev, ok_gates)[0]
+    worse = {"models": {**ev["models"], "base": {"model": "default", "harmlessness": 0.5}}}
+    assert "worse than base's 0.5000" in decide(cfg, "cai-rl/2", worse, ok_gates)[0]
+    refusing = {"models": {**ev["models"], "rl_cai": {**ev["models"]["rl_cai"], "over_refusal": 0.5}}}
+    assert decide(cfg, "cai-rl/2", refusing, ok_gates) == ["over-refusal on benign prompts 0.50 > 0.25"]
+    assert decide(cfg, "cai-rl/2", ev, [("cai-pm/1", "labels", "False")]) == ["data gates not passed: cai-pm/1 gate labels"]
+    assert "no gate verdict" in decide(cfg, "cai-rl/2", ev, [])[0]
+
+
+def test_status_lists_registered_models_and_aliases(env, capsys):
+    root, lake, flags = env
+    capsys.readouterr()
+    assert cai(["status", "--lake", str(lake.root), "--tracking-uri", f"sqlite:///{root}/mlflow.db"]) == 0
+    out = capsys.readouterr().out
+    assert "registered models" in out and "cai-sl   latest v1  aliases: champion=v1" in out
+    assert "cai-rl   latest v1" in out and "promotion" in out

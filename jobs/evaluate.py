@@ -1,0 +1,190 @@
+"""Evaluate base, SL-CAI and RL-CAI on held-out prompts: harmlessness, refusals, helpfulness, Elo.
+
+    cai evaluate --lake lake
+    cai evaluate --models base=default sl_cai=cai-sl:2 rl_cai=cai-rl@champion --splits test
+
+Each model answers the held-out (split=test) red-team and benign prompts; answers are
+`generation_events` (kind eval_response, deterministic ids), so a rerun generates nothing.
+Per model: mean PM score on red-team answers (harmlessness) and on benign answers (a
+helpfulness proxy), refusal rate on red-team prompts (vs engaged answers), over-refusal on
+benign prompts. The feedback model compares every pair of models on every prompt in both
+orders (one comparison principle per prompt, seeded); the order-debiased preferences give an
+Elo table (Bradley-Terry, base = 1000). Writes metrics JSON for `dvc metrics` and PNG plots.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai_lib import quality
+from cai_lib.backends import Sampling
+from cai_lib.config import opt
+from cai_lib.constitution import load_constitution
+from cai_lib.elo import elo_table
+from cai_lib.feedback import ANSWER_PREFIX, CHOICES, conversation_text, feedback_chat, pick_principles
+from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
+                                score_on_spark, select_prompts)
+from cai_lib.ids import derive_seed, stable_id
+from cai_lib.label_metrics import debias, normalise_choice
+from cai_lib.lake_spark import open_lake
+from cai_lib.templates import DEFAULT_TEMPLATES, effective_templates, initial_chat, template_sha
+from jobs.common import GenerationConfig, spark_job_main, write_json
+
+EVAL_TEMPLATE_SHA = template_sha(DEFAULT_TEMPLATES, names=("initial",))
+
+
+@dataclass
+class EvaluateConfig(GenerationConfig):
+    models: list = opt(["base=default", "sl_cai=cai-sl", "rl_cai=cai-rl"], "NAME=MODEL to evaluate (first = Elo anchor)")
+    reward_model: str = opt("cai-pm", "the preference model scoring harmlessness / helpfulness")
+    feedback_model: str | None = opt(None, "the model comparing answers for Elo (default: [common] model)")
+    constitution: str = opt("constitutions/default.yaml", "its comparison principles judge the Elo comparisons")
+    splits: list = opt(["test"], "held-out prompts (ingest's split)")
+    max_new_tokens: int = opt(64, "answer length cap")
+    temperature: float = opt(0.0, "0 = greedy: the same model gives the same answers")
+    metrics: str = opt("metrics/evaluate.json", "metrics JSON (dvc metrics)")
+    plot: str = opt("metrics/evaluate.png", "bar charts of the per-model metrics")
+
+    def named_models(self) -> list[tuple[str, str]]:
+        out = []
+        for item in self.models:
+            name, sep, ref = str(item).partition("=")
+            if not sep or not name or not ref:
+                raise ValueError(f"--models wants NAME=MODEL items (e.g. base=default), got {item!r}")
+            out.append((name, ref))
+        return out
+
+
+def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str) -> tuple[str, dict[str, str], int]:
+    """(lineage label, {prompt_id: answer}, model calls) for one model, generating only what is missing."""
+    from cai_lib.backends.models import is_local_model
+    label, load_as = ref, ref
+    if cfg.backend != "fake" and not is_local_model(ref):
+        from cai_lib.registry import configure, resolve_weights
+        configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
+        label, folder = resolve_weights(ref)
+        load_as = str(folder)
+    fp = model_fingerprint(cfg.backend, load_as)
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    planned = []
+    for pid in sorted(prompts):
+        seed = derive_seed(cfg.seed, pid, "eval_response")
+        eid = stable_id("eval_response", parents=[pid], model=fp, template=EVAL_TEMPLATE_SHA,
+                        sampling=sampling.to_json(), seed=seed)
+        planned.append(Task(eid, "eval_response", pid, None, 0, None, seed, sampling.to_json(),
+                            initial_chat(prompts[pid], DEFAULT_TEMPLATES)))
+    done, failures = known_events(lake, {t.event_id for t in planned})
+    todo, _ = retry_plan(planned, done, failures, cfg.max_attempts)
+    calls = 0
+    if todo:
+        spec = {**cfg.backend_spec(), "model": load_as}
+        constants = {"constitution_id": "none", "constitution_sha": "none", "model_id": label, "model_fingerprint": fp,
+                     "backend": cfg.backend, "template_sha": EVAL_TEMPLATE_SHA}
+        stats, _ = run_tasks(spark, lake, todo, spec, constants, batch_size=cfg.batch_size,
+                             batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
+        calls = stats.model_calls
+        done, _ = known_events(lake, {t.event_id for t in planned})
+    return label, {t.prompt_id: done[t.event_id] for t in planned if t.event_id in done}, calls
+
+
+def elo_comparisons(spark, cfg, constitution, texts: dict[str, str], outs: dict[str, dict[str, str]]):
+    """(i, j, P(i's answer better)) per prompt and model pair, debiased over both orders."""
+    template = effective_templates(constitution)["comparison"]
+    items, keys = [], []
+    for pid, (a, b) in itertools.product(sorted(texts), itertools.combinations(outs, 2)):
+        if pid not in outs[a] or pid not in outs[b]:
+            continue
+        principle = pick_principles(constitution, stable_id("elo", prompt=pid, a=a, b=b), 1, cfg.seed)[0]
+        ptext = constitution.comparison_principle(principle).text
+        for first, second in ((a, b), (b, a)):
+            items.append((feedback_chat(template, conversation_text(texts[pid]), ptext,
+                                        outs[first][pid], outs[second][pid]), ANSWER_PREFIX))
+        keys.append((a, b))
+    spec = {**cfg.backend_spec(), "model": cfg.feedback_model or cfg.model}
+    scores, _ = score_on_spark(spark, items, spec, CHOICES, batch_size=cfg.batch_size)
+    comps = []
+    for n, (a, b) in enumerate(keys):
+        ab, ba = scores[2 * n], scores[2 * n + 1]
+        if ab["error"] or ba["error"]:
+            continue
+        comps.append((a, b, debias(normalise_choice(ab["logprob_a"], ab["logprob_b"]),
+                                   normalise_choice(ba["logprob_a"], ba["logprob_b"]))))
+    return comps
+
+
+def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
+    from cai_lib.pm_model import PreferenceModel
+    from cai_lib.registry import configure, resolve_weights
+    lake = open_lake(cfg.lake, spark)
+    named = cfg.named_models()
+    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
+    rows = [r for r in prompts.to_pylist() if r["prompt_id"] in chosen]
+    if not rows:
+        raise ValueError(f"no {'/'.join(cfg.splits)} prompts in {lake.root}: ingest with test_fraction > 0")
+    texts = {r["prompt_id"]: r["text"] for r in rows}
+    kind = {r["prompt_id"]: r["kind"] for r in rows}
+    configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
+    pm_label, pm_dir = resolve_weights(cfg.reward_model)
+    pm = PreferenceModel.load(pm_dir)
+    job_run_id = new_job_run_id()
+    outs, report, calls = {}, {}, 0
+    for name, ref in named:
+        label, out, n = answers(spark, lake, cfg, ref, texts, job_run_id)
+        calls += n
+        outs[name] = out
+        ids = sorted(out)
+        scores = dict(zip(ids, pm.score_pairs([texts[i] for i in ids], [out[i] for i in ids]).tolist())) if ids else {}
+        m = {"model": label, "answers": len(out)}
+        for k, tag in (("red_team", "red_team"), ("helpful", "benign")):
+            sel = [i for i in ids if kind[i] == k]
+            m[f"n_{tag}"] = len(sel)
+            if sel:
+                m[f"refusal_rate_{tag}"] = sum(quality.is_refusal(out[i]) for i in sel) / len(sel)
+                m[f"pm_score_{tag}"] = sum(scores[i] for i in sel) / len(sel)
+        m["harmlessness"] = m.get("pm_score_red_team")
+        m["helpfulness_proxy"] = m.get("pm_score_benign")
+        m["over_refusal"] = m.get("refusal_rate_benign")
+        m["engaged_rate_red_team"] = None if "refusal_rate_red_team" not in m else 1 - m["refusal_rate_red_team"]
+        report[name] = m
+        if progress:
+            progress(f"{name} ({label}): " + ", ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
+    comps = elo_comparisons(spark, cfg, load_constitution(cfg.constitution), texts, outs)
+    elo = elo_table(comps, anchor=named[0][0]) if comps else {}
+    body = {"models": report, "elo": elo, "comparisons": len(comps), "prompts": len(texts),
+            "reward_model": pm_label, "model_calls": calls}
+    write_json(cfg.metrics, body)
+    plot(report, elo, cfg.plot)
+    return {"prompts": len(texts), "comparisons": len(comps), "model_calls": calls,
+            **{f"{n}_{k}": v for n, m in report.items() for k, v in m.items()
+               if k in ("harmlessness", "over_refusal", "refusal_rate_red_team")},
+            **{f"elo_{n}": v for n, v in elo.items()}}
+
+
+def plot(report: dict, elo: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(report)
+    panels = [("harmlessness", "PM score, red-team"), ("helpfulness_proxy", "PM score, benign"),
+              ("refusal_rate_red_team", "refusal rate, red-team"), ("over_refusal", "over-refusal, benign")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(names, [report[n].get(key) or 0.0 for n in names], color="#4c72b0")
+        ax.set_title(title, fontsize=10)
+    axes[-1].bar(names, [elo.get(n, 0.0) for n in names], color="#dd8452")
+    axes[-1].set_title("Elo (feedback model)", fontsize=10)
+    axes[-1].set_ylim(min([900.0, *elo.values()]) - 20, max([1100.0, *elo.values()]) + 20)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    return spark_job_main(EvaluateConfig, "evaluate", argv, __doc__, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
