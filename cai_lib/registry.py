@@ -38,7 +38,7 @@ def configure(tracking_uri: str, artifact_dir: str, experiment: str) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{db}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)  # e.g. databricks-uc
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         location = Path(artifact_dir).resolve().as_uri() if "://" not in artifact_dir else artifact_dir
@@ -119,8 +119,12 @@ def register_folder(folder: str | os.PathLike, name: str, kind: str) -> str:
     """Log a safetensors model folder as a pyfunc model of the active run and register it; the version."""
     import mlflow
     assert_no_pickles(folder)
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))  # UC needs one
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"weights": str(folder)},
-                                   registered_model_name=name, metadata={"cai_kind": kind}, pip_requirements=[])
+                                   registered_model_name=name, metadata={"cai_kind": kind}, pip_requirements=[],
+                                   signature=signature)
     version = str(info.registered_model_version)
     mlflow.MlflowClient().set_model_version_tag(name, version, "cai_kind", kind)
     return version
@@ -211,7 +215,7 @@ def resolve_weights(ref: str) -> tuple[str, Path]:
     """(lineage label, local weights folder) for 'default', a folder, a cached hub id, or a registered
     model (`cai-sl`, `cai-sl:3`, `cai-rl@champion` -> ("cai-sl/3", its folder)).
 
-    Registered versions are downloaded once into $CAI_MODEL_CACHE/registry/NAME/VERSION
+    Registered versions are downloaded once into $CAI_MODEL_CACHE/registry/NAME/VERSION-RUN
     (a version's files never change), so jobs and Spark workers load a stable local folder.
     """
     from cai_lib.backends.models import ModelNotFound, model_cache_dir, resolve_model
@@ -222,7 +226,7 @@ def resolve_weights(ref: str) -> tuple[str, Path]:
             mv = model_version(ref)
         except ValueError as exc:
             raise ValueError(f"{not_local}; nor is it a registered model: {exc}") from None
-    home = model_cache_dir() / "registry" / mv.name / str(mv.version)
+    home = model_cache_dir() / "registry" / mv.name / f"{mv.version}-{mv.run_id[:12]}"  # run id: one per store
     if not home.is_dir():
         staging = home.with_name(f".{home.name}.download")
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,10 @@
 """DuckDB SQL over the lake: every Delta table is a view named after the table.
 
 Tables are registered as Arrow datasets of their current Delta snapshot (delta-rs lists the
-live files, so removed files are never read), so queries stream and push filters down.
+live files, so removed files are never read), so queries stream. Filter pushdown into the
+Arrow scan is off: with duckdb 2.0 + pyarrow 25 a pushed-down `col = 'literal'` on a string
+column fails (string vs string_view kernels; duckdb-python #187/#227), so DuckDB filters the
+streamed rows itself.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from schemas import TABLES
 
 def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
+    con.execute("SET disabled_optimizers = 'filter_pushdown'")  # see the module docstring
     for name in TABLES:
         if lake.exists(name):
             con.register(name, DeltaTable(str(lake.path(name))).to_pyarrow_dataset())

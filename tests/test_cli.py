@@ -56,3 +56,15 @@ def test_constitution_import_from_the_paper_json(tmp_path, capsys):
 def test_help_and_unknown_command(capsys):
     assert cai(["--help"]) == 0 and "sl-generate" in capsys.readouterr().out
     assert cai(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_sql_filters_on_string_columns(tmp_path, capsys):
+    """A WHERE on a string literal used to fail inside the Arrow scan (string vs string_view)."""
+    from synthetic_lake import build_clean_lake
+    lake = build_clean_lake(tmp_path / "lake")
+    assert cai(["sql", "--lake", str(lake.root), "--format", "csv",
+                "SELECT count(*) AS n FROM generation_events WHERE kind = 'revision' AND status = 'ok'"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "24"]
+    assert cai(["sql", "--lake", str(lake.root), "--format", "csv",
+                "SELECT count(*) AS n FROM prompts WHERE category = 'fraud'"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "6"]

@@ -42,6 +42,10 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
               "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Use a tension wrench on a neighbour's door."}]
     (repo / "human.jsonl").write_text("".join(json.dumps(r) + "\n" for r in human))
     params["eval_labeler"].update(human="human.jsonl", sample_size=1, hhh=None)
+    params["train_sl"].update(max_steps=1, max_length=96)
+    params["train_pm"].update(epochs=1, max_length=96, eval_harmless="human.jsonl", eval_helpful=None, eval_limit=1)
+    params["train_rl"].update(steps=1, batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=6)
+    params["evaluate"].update(splits=["train"], limit=1, max_new_tokens=6)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
@@ -57,6 +61,15 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     assert json.loads((repo / "metrics/eval_labeler.json").read_text())["human_n"] == 1
     pointer = json.loads((repo / "pointers/sl_generate.json").read_text())
     assert pointer["tables"]["sl_dataset"]["rows"] == 3
+    assert json.loads((repo / "pointers/gate_sl.json").read_text())["passed"] is True
+    assert json.loads((repo / "models/sl.json").read_text())["version"] == "1"
+    assert json.loads((repo / "models/rl.json").read_text())["parents"] == {"policy": "cai-sl/1",
+                                                                             "reward_model": "cai-pm/1"}
+    decision = json.loads((repo / "metrics/promotion.json").read_text())
+    assert decision["candidate"] == "cai-rl/1" and decision["alias"] in ("champion", "challenger")
+    assert set(json.loads((repo / "metrics/evaluate.json").read_text())["elo"]) == {"base", "sl_cai", "rl_cai"}
+    samples = lake.read("generation_events").to_pylist()
+    assert {r["model_id"] for r in samples if r["kind"] == "pair_sample"} == {"cai-sl/1"}  # the SL-CAI policy
     snap = lake.snapshot()
 
     out = sh(["dvc", "repro"], repo)
@@ -74,3 +87,7 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     assert "Running stage 'eval_labeler'" not in out or "eval-labeler: " in out and "model_calls=0," in out
     assert "generations=1," in out  # only the new prompt's answer went to the model
     assert lake.count("prompts") == 4 and lake.count("sl_dataset") == 4
+    # new SL data -> a new SL-CAI version and an RL run from it; the PM's inputs did not change
+    assert "Running stage 'train_sl'" in out and "Running stage 'train_rl'" in out
+    assert "Running stage 'train_pm'" not in out and "sample-pairs: prompts=2, samples=0," in out
+    assert json.loads((repo / "models/rl.json").read_text())["parents"]["policy"] == "cai-sl/2"
