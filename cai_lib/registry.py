@@ -23,6 +23,9 @@ from cai_lib.lake import Lake
 from cai_lib.weights import assert_no_pickles  # noqa: F401  (re-exported for callers)
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+# The user's MLflow URIs, read before MLflow runs: `mlflow.set_tracking_uri` exports the
+# variable itself, so reading it later would make one configure() call stick for good.
+_USER_ENV = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if os.environ.get(k)}
 
 
 class GateNotPassed(ValueError):
@@ -32,13 +35,13 @@ class GateNotPassed(ValueError):
 def configure(tracking_uri: str, artifact_dir: str, experiment: str) -> str:
     """Point MLflow at the store (env MLFLOW_TRACKING_URI wins) and return the experiment id."""
     import mlflow
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    uri = _USER_ENV.get("MLFLOW_TRACKING_URI") or tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri.removeprefix("sqlite:///")).resolve()  # relative to the working folder
         db.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{db}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)  # e.g. databricks-uc
+    mlflow.set_registry_uri(_USER_ENV.get("MLFLOW_REGISTRY_URI") or uri)  # e.g. databricks-uc
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         location = Path(artifact_dir).resolve().as_uri() if "://" not in artifact_dir else artifact_dir
@@ -201,9 +204,9 @@ def lineage(ref: str, lake: Lake | None = None) -> dict:
                 if rows:
                     gates[stage].update(checks=rows[0]["n_checks"], created_at=str(rows[0]["created_at"]),
                                         input_versions=json.loads(rows[0]["input_versions"]))
-    aliases = [a for a in (client.get_registered_model(mv.name).aliases or {}) if
-               client.get_registered_model(mv.name).aliases[a] == mv.version]
-    return {"model": mv.name, "version": mv.version, "aliases": sorted(aliases), "run_id": mv.run_id,
+    registered = client.get_registered_model(mv.name).aliases or {}
+    aliases = [a for a, v in registered.items() if str(v) == str(mv.version)]
+    return {"model": mv.name, "version": str(mv.version), "aliases": sorted(aliases), "run_id": mv.run_id,
             "job": tags.get("cai.job"), "git_commit": tags.get("git_commit"),
             "constitution_sha": tags.get("constitution_sha"), "base_model": tags.get("base_model"),
             "parents": {k.removeprefix("parent."): v for k, v in tags.items() if k.startswith("parent.")},

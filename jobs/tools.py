@@ -63,8 +63,10 @@ def status_main(argv) -> int:
 def _print_registry(tracking_uri: str | None) -> None:
     """Registered models, their latest version and aliases (a local SQLite store is only read if it exists)."""
     import os
+
+    from cai_lib.registry import _USER_ENV
     common = read_params("params.yaml").get("common") or {}
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or common.get("tracking_uri", CommonConfig.tracking_uri)
+    uri = tracking_uri or _USER_ENV.get("MLFLOW_TRACKING_URI") or common.get("tracking_uri", CommonConfig.tracking_uri)
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
         return
     import mlflow
