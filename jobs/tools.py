@@ -57,7 +57,41 @@ def status_main(argv) -> int:
             print(f"  {stage:<9} {'PASSED' if v['passed'] else 'FAILED':<7} {v['created_at']:%Y-%m-%d %H:%M} "
                   f"checks={v['n_checks']} quarantined={v['n_quarantined']} failed: {failed}")
     _print_registry(a.tracking_uri)
+    _print_metrics()
     return 0
+
+
+SUMMARY = {  # metrics file -> the keys worth a line in `cai status`
+    "metrics/eval_labeler.json": ("human_n", "human_accuracy", "human_ece", "swap_consistency", "hhh_accuracy"),
+    "metrics/train_sl.json": ("n_train", "heldout_loss_before", "heldout_loss_after"),
+    "metrics/train_pm.json": ("harmless_accuracy", "harmless_ece", "helpful_accuracy"),
+    "metrics/train_rl.json": ("steps", "first_reward_mean", "last_reward_mean", "last_kl_mean", "last_refusal_rate"),
+}
+
+
+def _print_metrics() -> None:
+    """The pipeline's headline numbers from the metrics files DVC tracks (those that exist)."""
+    import json
+    from pathlib import Path
+    lines = []
+    for path, keys in SUMMARY.items():
+        if Path(path).exists():
+            m = json.loads(Path(path).read_text())
+            lines.append(f"  {Path(path).stem:<13} " + ", ".join(
+                f"{k}={m[k]:.3f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m))
+    if Path("metrics/evaluate.json").exists():
+        ev = json.loads(Path("metrics/evaluate.json").read_text())
+        for name, m in ev.get("models", {}).items():
+            lines.append(f"  evaluate      {name} ({m.get('model')}): harmlessness={m.get('harmlessness') or 0:.3f} "
+                         f"over_refusal={m.get('over_refusal') or 0:.2f} refusal_red_team="
+                         f"{m.get('refusal_rate_red_team') or 0:.2f} elo={ev.get('elo', {}).get(name)}")
+    if Path("metrics/promotion.json").exists():
+        d = json.loads(Path("metrics/promotion.json").read_text())
+        lines.append(f"  promotion     {d['candidate']} -> {d['alias']}" +
+                     (f" ({'; '.join(d['reasons'])})" if d["reasons"] else ""))
+    if lines:
+        print("\nmetrics (dvc metrics show has them all)")
+        print("\n".join(lines))
 
 
 def _print_registry(tracking_uri: str | None) -> None:
