@@ -18,9 +18,9 @@ from schemas import TABLES
 def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET disabled_optimizers = 'filter_pushdown'")  # see the module docstring
-    for name in TABLES:
-        if lake.exists(name):
-            con.register(name, DeltaTable(str(lake.path(name))).to_pyarrow_dataset())
+    for name, spec in TABLES.items():  # a table not written yet is an empty one with its schema
+        source = DeltaTable(str(lake.path(name))).to_pyarrow_dataset() if lake.exists(name) else spec.schema.empty_table()
+        con.register(name, source)
     return con
 
 
@@ -30,5 +30,6 @@ def query(lake: Lake, sql: str):
     try:
         return con.sql(sql)
     except duckdb.CatalogException as exc:
-        present = [n for n in TABLES if lake.exists(n)]
-        raise ValueError(f"{exc}\nTables in lake {lake.root}: {', '.join(present) or '(none yet: run cai ingest)'}") from None
+        raise ValueError(f"{exc}\nLake tables: {', '.join(TABLES)}") from None
+    except duckdb.Error as exc:  # parser / binder errors: the message says what and where
+        raise ValueError(str(exc)) from None

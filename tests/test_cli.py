@@ -21,9 +21,14 @@ def test_sql_table_and_csv(small_lake, capsys):
 
 
 def test_sql_unknown_table_lists_the_tables(small_lake, capsys):
-    assert cai(["sql", "--lake", str(small_lake), "SELECT * FROM label_events"]) == 1
+    assert cai(["sql", "--lake", str(small_lake), "SELECT * FROM labels"]) == 1
     err = capsys.readouterr().err
-    assert "label_events" in err and "prompts" in err
+    assert "label_events" in err and "prompts" in err and "Traceback" not in err
+    # a table no job has written yet reads as empty, with its columns
+    assert cai(["sql", "--lake", str(small_lake), "--format", "csv", "SELECT count(*) AS n FROM quarantine"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "0"]
+    assert cai(["sql", "--lake", str(small_lake), "SELECT nope FROM prompts"]) == 1
+    assert 'Referenced column "nope" not found' in capsys.readouterr().err
 
 
 def test_status_lists_versions_and_rows(small_lake, capsys):
