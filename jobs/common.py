@@ -117,6 +117,20 @@ def scratch_model_dir(cfg: TrainConfig):
         yield Path(tmp) / "model"
 
 
+def register_trained(cfg: TrainConfig, run, out_dir, kind: str, metrics: dict, extra: dict | None = None) -> dict:
+    """Log the final metrics, register the weights, write the model pointer and metrics files."""
+    import mlflow
+
+    from cai_lib.registry import register_folder
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    version = register_folder(out_dir, cfg.registered_name, kind)
+    pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id, **(extra or {})}
+    write_json(cfg.model_pointer, pointer)
+    write_json(cfg.metrics, metrics)
+    return pointer
+
+
 def write_json(path: str | None, body: dict) -> None:
     """Atomically write a small JSON file (model pointer, metrics) for DVC."""
     if not path:

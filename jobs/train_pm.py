@@ -21,7 +21,7 @@ from cai_lib.eval_data import read_hh_pairs
 from cai_lib.lake import Lake
 from cai_lib.pm_train import PMSettings, evaluate_pm, train_pm
 from cai_lib.training_data import preference_rows
-from jobs.common import TrainConfig, gate_verdicts, report, scratch_model_dir, write_json
+from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrainPMConfig(TrainConfig, PMSettings):
 
 def run(cfg: TrainPMConfig, progress=print) -> dict:
     import mlflow
-    from cai_lib.registry import log_step_metrics, model_folder, register_folder, training_run
+    from cai_lib.registry import log_step_metrics, model_folder, training_run
     lake = Lake(cfg.lake)
     verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
     data = preference_rows(lake)
@@ -65,11 +65,7 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
                 metrics.update({f"{name}_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
                 metrics[f"{name}_rejected_by_reader"] = len(rejected)
                 mlflow.set_tag(f"eval.{name}", str(Path(path)))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        version = register_folder(out_dir, cfg.registered_name, "pm")
-    pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id}
-    write_json(cfg.model_pointer, pointer)
-    write_json(cfg.metrics, metrics)
+        pointer = register_trained(cfg, run, out_dir, "pm", metrics)
     return {**pointer, **{k: v for k, v in metrics.items() if not k.startswith(("n_zero",))}}
 
 

@@ -21,7 +21,7 @@ from cai_lib.lake import Lake
 from cai_lib.dpo import train_dpo
 from cai_lib.rl import RLSettings, train_ppo
 from cai_lib.training_data import preference_rows, rl_prompts
-from jobs.common import TrainConfig, gate_verdicts, report, scratch_model_dir, write_json
+from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir, write_json
 
 _RL_FIELDS = {f.name for f in fields(RLSettings)}
 
@@ -67,8 +67,7 @@ def dpo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
 
 
 def run(cfg: TrainRLConfig, progress=print) -> dict:
-    import mlflow
-    from cai_lib.registry import configure, model_folder, model_version, register_folder, run_tag, training_run
+    from cai_lib.registry import configure, model_folder, model_version, run_tag, training_run
     settings = cfg.settings()
     lake = Lake(cfg.lake)
     configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
@@ -120,11 +119,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
         summary = {"algorithm": cfg.algorithm, "steps": len(steps), "seconds": round(result.seconds, 1),
                    **{f"first_{k}": steps[0][k] for k in keys if k in steps[0]},
                    **{f"last_{k}": steps[-1][k] for k in keys if k in steps[-1]}}
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        version = register_folder(out_dir, cfg.registered_name, "rl")
-    pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id, "parents": parents}
-    write_json(cfg.model_pointer, pointer)
-    write_json(cfg.metrics, summary)
+        pointer = register_trained(cfg, run, out_dir, "rl", summary, {"parents": parents})
     write_json(cfg.curve, [{"step": i, **m} for i, m in enumerate(steps)])
     return {k: v for k, v in {**pointer, **summary}.items() if not isinstance(v, dict)}
 

@@ -18,7 +18,7 @@ from cai_lib.config import load_config, opt
 from cai_lib.lake import Lake
 from cai_lib.sft import SFTSettings, train_sft
 from cai_lib.training_data import sl_rows
-from jobs.common import TrainConfig, gate_verdicts, report, scratch_model_dir, write_json
+from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
@@ -44,8 +44,7 @@ class TrainSLConfig(TrainConfig):
 
 
 def run(cfg: TrainSLConfig, progress=print) -> dict:
-    import mlflow
-    from cai_lib.registry import log_step_metrics, model_folder, register_folder, training_run
+    from cai_lib.registry import log_step_metrics, model_folder, training_run
     lake = Lake(cfg.lake)
     settings = cfg.settings()  # bad settings fail before anything is read or logged
     verdicts = gate_verdicts(lake, cfg, {"sl": ["sl_dataset"]})
@@ -69,11 +68,7 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
                    "changed_params": result.changed_params, "seconds": result.seconds}
         for d in result.dropped:
             print(f"warning: row {d.key} not trained on: {d.reason} ({d.detail})", file=sys.stderr)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        version = register_folder(out_dir, cfg.registered_name, "sl")
-    pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id}
-    write_json(cfg.model_pointer, pointer)
-    write_json(cfg.metrics, metrics)
+        pointer = register_trained(cfg, run, out_dir, "sl", metrics)
     return {**pointer, **metrics}
 
 
