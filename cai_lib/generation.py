@@ -76,6 +76,23 @@ def retry_plan(planned: list[Task], done, failures: dict[str, int], max_attempts
     return tasks, gave_up
 
 
+def commit_progress(progress: Callable[[str], None] | None, total: int, what: str = "generations"):
+    """An `on_commit` callback printing a bar per Delta commit (plain lines: DVC and cluster logs keep them).
+
+    >>> commit_progress(print, 8)(RunStats(ok=3, failed=1, completion_tokens=90, commits=1))
+      [##########..........] 4/8 generations, 1 failed, 90 tokens, 1 commits
+    """
+    if progress is None:
+        return None
+
+    def on_commit(stats: RunStats) -> None:
+        done = stats.ok + stats.failed
+        bar = "#" * round(20 * done / max(total, 1))
+        progress(f"  [{bar:.<20}] {done}/{total} {what}, {stats.failed} failed, {stats.completion_tokens} tokens, "
+                 f"{stats.commits} commits")
+    return on_commit
+
+
 def new_job_run_id() -> str:
     return uuid.uuid4().hex
 

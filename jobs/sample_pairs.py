@@ -18,8 +18,8 @@ from cai_lib.backends import Sampling
 from cai_lib.backends.models import is_local_model
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
-from cai_lib.generation import (RunStats, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
-                                select_prompts)
+from cai_lib.generation import (RunStats, commit_progress, known_events, model_fingerprint, new_job_run_id,
+                                retry_plan, run_tasks, select_prompts)
 from cai_lib.lake_spark import open_lake
 from cai_lib.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
 from jobs.common import GenerationConfig, spark_job_main, write_pointer
@@ -71,7 +71,8 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
         if progress:
             progress(f"sampling {len(tasks)} responses for {len(texts)} prompts")
         stats, _ = run_tasks(spark, lake, tasks, cfg.backend_spec(), constants, batch_size=cfg.batch_size,
-                             batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id())
+                             batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id(),
+                             on_commit=commit_progress(progress, len(tasks)))
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
     return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls, "ok": stats.ok,
             "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted}

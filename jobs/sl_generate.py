@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from cai_lib.backends import Sampling
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
-from cai_lib.generation import RunStats, known_events, model_fingerprint, new_job_run_id, run_tasks, select_prompts
+from cai_lib.generation import (RunStats, commit_progress, known_events, model_fingerprint, new_job_run_id, run_tasks,
+                                select_prompts)
 from cai_lib.lake_spark import open_lake
 from cai_lib.sl import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.templates import parse_output
@@ -65,7 +66,8 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
             progress(f"wave {wave}/{2 * cfg.rounds}: {len(tasks)} generations")
         stats, rows = run_tasks(spark, lake, tasks, cfg.backend_spec(), ctx.constants(),
                                 batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit,
-                                job_run_id=job_run_id, parse=parse_output)
+                                job_run_id=job_run_id, parse=parse_output,
+                                on_commit=commit_progress(progress, len(tasks)))
         total.add(stats)
         for r in rows.select(["target_event_id", "status", "text"]).to_pylist():
             if r["status"] == "ok":
