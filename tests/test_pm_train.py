@@ -176,6 +176,7 @@ def test_settings_and_rows_are_checked_at_the_edge(tmp_path):
 
 # ---------------------------------------------------------------- evaluation
 
+@pytest.mark.skipif(not HARMLESS_TEST.exists(), reason=f"{HARMLESS_TEST} absent (see shared/data/README.md)")
 def test_evaluate_on_ten_human_pairs(base_pm):
     pairs, _ = read_hh_pairs(HARMLESS_TEST, limit=10, seed=0)
     got = evaluate_pm(base_pm, pairs, batch_size=10)
