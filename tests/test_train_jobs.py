@@ -29,7 +29,8 @@ HUMAN_PAIRS = [
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     lake = build_clean_lake(root / "lake")
-    flags = ["--lake", str(lake.root), "--tracking-uri", f"sqlite:///{root}/mlflow.db",
+    (root / "params.yaml").write_text("{}\n")  # the jobs' own defaults, not the repo's demo settings
+    flags = ["--lake", str(lake.root), "--params", str(root / "params.yaml"), "--tracking-uri", f"sqlite:///{root}/mlflow.db",
              "--artifact-dir", str(root / "artifacts"), "--torch-threads", "1"]
     return root, lake, flags
 
