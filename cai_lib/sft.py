@@ -41,6 +41,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from cai_lib.sft_data import (IGNORE, Dropped, Example, build_examples, end_of_turn_ids,  # noqa: F401
+                              is_heldout, split_heldout)
 from cai_lib.weights import assert_no_pickles
 
 __all__ = ["SFTSettings", "SFTResult", "Example", "Dropped", "build_examples", "is_heldout",
@@ -48,7 +50,6 @@ __all__ = ["SFTSettings", "SFTResult", "Example", "Dropped", "build_examples", "
            "IGNORE"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IGNORE = -100  # the label torch's cross-entropy skips
 
 
 # ---------------------------------------------------------------- settings and results
@@ -113,21 +114,6 @@ class SFTSettings:
                              "(e.g. q_proj, k_proj, v_proj, o_proj)")
 
 
-@dataclass(frozen=True)
-class Example:
-    key: str
-    input_ids: list[int]
-    labels: list[int]        # IGNORE (-100) except on the response tokens
-    truncated: bool          # the response tail was cut to fit max_length
-
-
-@dataclass(frozen=True)
-class Dropped:
-    key: str
-    reason: str              # prompt_too_long | empty_response
-    detail: str
-
-
 @dataclass
 class SFTResult:
     out_dir: Path
@@ -145,87 +131,6 @@ class SFTResult:
     changed_params: int                 # parameter tensors that differ from the base, as saved
     total_params: int                   # parameter tensors in the model
     heldout_keys: list[str]
-
-
-# ---------------------------------------------------------------- examples
-
-def _end_ids(tokenizer) -> set[int]:
-    eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
-
-
-def build_examples(tokenizer, rows: Iterable[Mapping], max_length: int
-                   ) -> tuple[list[Example], list[Dropped]]:
-    """Tokenized examples with loss on the response only, and the rows that cannot be used.
-
-    rows: dicts with `prompt`, `response`, `key`. See the module docstring for truncation."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template: SFT renders rows as a chat, so use an "
-                         "instruct/chat model folder (with chat_template.jinja or tokenizer_config)")
-    end_ids = _end_ids(tokenizer)
-    examples: list[Example] = []
-    dropped: list[Dropped] = []
-    for i, row in enumerate(rows):
-        missing = [k for k in ("prompt", "response", "key") if not isinstance(row.get(k), str)]
-        if missing:
-            raise ValueError(f"row {i} lacks string field(s) {missing}: each row needs "
-                             "'prompt', 'response' and 'key' (e.g. the prompt id)")
-        key, prompt, response = row["key"], row["prompt"], row["response"]
-        if not response.strip():
-            dropped.append(Dropped(key, "empty_response", "the response is empty or whitespace"))
-            continue
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise ValueError(f"row {key!r}: the chat template's rendering of the full chat does not "
-                             "start with its generation prompt, so the response tokens cannot be "
-                             "located; use a model whose template appends the assistant turn")
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) >= max_length:
-            dropped.append(Dropped(key, "prompt_too_long",
-                                   f"the prompt renders to {len(prompt_ids)} tokens and max_length "
-                                   f"is {max_length}: no room for the response"))
-            continue
-        rest = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-        # Loss on the response through the first end-of-turn; template glue after it is masked.
-        stop = next((j + 1 for j, t in enumerate(rest) if t in end_ids), len(rest))
-        rest_labels = rest[:stop] + [IGNORE] * (len(rest) - stop)
-        room = max_length - len(prompt_ids)
-        examples.append(Example(key=key, input_ids=prompt_ids + rest[:room],
-                                labels=[IGNORE] * len(prompt_ids) + rest_labels[:room],
-                                truncated=stop > room))
-    return examples, dropped
-
-
-# ---------------------------------------------------------------- held-out split
-
-def is_heldout(key: str, fraction: float) -> bool:
-    """Whether `key` is held out: sha256(key) read as a number in [0, 1) is below `fraction`.
-    Depends on nothing else, so a key keeps its side across runs and dataset versions.
-
-    >>> is_heldout("prompt-1", 0.0), is_heldout("prompt-1", 0.999999)
-    (False, True)
-    """
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
-    return u < fraction
-
-
-def split_heldout(items: Sequence, fraction: float, key=lambda x: x.key) -> tuple[list, list]:
-    """(train, heldout) by `is_heldout(key(item), fraction)`, each in input order.
-
-    >>> split_heldout(["a", "b", "c"], 0.0, key=str)
-    (['a', 'b', 'c'], [])
-    """
-    train, heldout = [], []
-    for item in items:
-        (heldout if is_heldout(key(item), fraction) else train).append(item)
-    return train, heldout
 
 
 # ---------------------------------------------------------------- safetensors only
@@ -357,7 +262,7 @@ def train_sft(model_dir: Path | str, rows: Iterable[Mapping], settings: SFTSetti
 def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> SFTResult:
     model, tokenizer = load_safetensors_folder(model_dir, DTYPES[settings.dtype])
     model.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(_end_ids(tokenizer) or {0})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_of_turn_ids(tokenizer) or {0})
 
     examples, dropped = build_examples(tokenizer, rows, settings.max_length)
     train, heldout = split_heldout(examples, settings.heldout_fraction)
