@@ -11,6 +11,7 @@ from __future__ import annotations
 import duckdb
 from deltalake import DeltaTable
 
+from cai_lib import quality
 from cai_lib.lake import Lake
 from schemas import TABLES
 
@@ -18,6 +19,9 @@ from schemas import TABLES
 def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET disabled_optimizers = 'filter_pushdown'")  # see the module docstring
+    # the gates' refusal detector, so SQL can count refusals: avg(is_refusal(response)::INT)
+    con.create_function("is_refusal", lambda text: quality.is_refusal(text or ""), ["VARCHAR"], "BOOLEAN",
+                        null_handling="special")
     for name, spec in TABLES.items():  # a table not written yet is an empty one with its schema
         source = DeltaTable(str(lake.path(name))).to_pyarrow_dataset() if lake.exists(name) else spec.schema.empty_table()
         con.register(name, source)

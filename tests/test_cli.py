@@ -73,3 +73,19 @@ def test_sql_filters_on_string_columns(tmp_path, capsys):
     assert cai(["sql", "--lake", str(lake.root), "--format", "csv",
                 "SELECT count(*) AS n FROM prompts WHERE category = 'fraud'"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "6"]
+
+
+def test_sql_counts_refusals_per_category(tmp_path, capsys):
+    import pyarrow as pa
+
+    from schemas import SL_DATASET
+    from synthetic_lake import build_clean_lake
+    lake = build_clean_lake(tmp_path / "lake")
+    rows = lake.read("sl_dataset").to_pylist()
+    fraud = [r for r in rows if r["category"] == "fraud"]
+    fraud[0]["response"] = "I'm sorry, but I can't help with that."
+    lake.replace("sl_dataset", pa.Table.from_pylist(rows, schema=SL_DATASET))
+    assert cai(["sql", "--lake", str(lake.root), "--format", "csv",
+                "SELECT category, round(avg(is_refusal(response)::INT), 3) AS refusal_rate FROM sl_dataset "
+                "WHERE category IN ('fraud', 'privacy') GROUP BY 1 ORDER BY 1"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["category,refusal_rate", "fraud,0.167", "privacy,0.0"]
