@@ -215,17 +215,21 @@ def lineage(ref: str, lake: Lake | None = None) -> dict:
             "metrics": {k: round(v, 6) for k, v in sorted(run.data.metrics.items())}}
 
 
-def resolve_weights(ref: str) -> tuple[str, Path]:
+def resolve_weights(ref: str, cfg=None) -> tuple[str, Path]:
     """(lineage label, local weights folder) for 'default', a folder, a cached hub id, or a registered
     model (`cai-sl`, `cai-sl:3`, `cai-rl@champion` -> ("cai-sl/3", its folder)).
 
     Registered versions are downloaded once into $CAI_MODEL_CACHE/registry/NAME/VERSION-RUN
     (a version's files never change), so jobs and Spark workers load a stable local folder.
+    With `cfg` (a CommonConfig), MLflow is pointed at its store first, and only when the
+    registry is needed: a local model never opens the store.
     """
     from cai_lib.backends.models import ModelNotFound, model_cache_dir, resolve_model
     try:
         return ref, Path(resolve_model(ref))
     except ModelNotFound as not_local:
+        if cfg is not None:
+            configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
         try:
             mv = model_version(ref)
         except ValueError as exc:
@@ -241,9 +245,18 @@ def resolve_weights(ref: str) -> tuple[str, Path]:
     return f"{mv.name}/{mv.version}", home
 
 
-def model_folder(ref: str) -> Path:
+def backend_model(cfg, ref: str) -> tuple[str, str]:
+    """(lineage label, what the generation backend loads) for `ref`: a local id stays as it is,
+    a registered model becomes its cached folder; the fake backend takes any id."""
+    if cfg.backend == "fake":
+        return ref, ref
+    label, folder = resolve_weights(ref, cfg)
+    return label, ref if label == ref else str(folder)
+
+
+def model_folder(ref: str, cfg=None) -> Path:
     """The local weights folder of `ref` (see resolve_weights)."""
-    return resolve_weights(ref)[1]
+    return resolve_weights(ref, cfg)[1]
 
 
 def run_tag(mv, key: str) -> str | None:

@@ -59,13 +59,8 @@ class EvaluateConfig(GenerationConfig):
 
 def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str) -> tuple[str, dict[str, str], int]:
     """(lineage label, {prompt_id: answer}, model calls) for one model, generating only what is missing."""
-    from cai_lib.backends.models import is_local_model
-    label, load_as = ref, ref
-    if cfg.backend != "fake" and not is_local_model(ref):
-        from cai_lib.registry import configure, resolve_weights
-        configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
-        label, folder = resolve_weights(ref)
-        load_as = str(folder)
+    from cai_lib.registry import backend_model
+    label, load_as = backend_model(cfg, ref)
     fp = model_fingerprint(cfg.backend, load_as)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     planned = []
@@ -116,7 +111,7 @@ def elo_comparisons(spark, cfg, constitution, texts: dict[str, str], outs: dict[
 
 def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
     from cai_lib.pm_model import PreferenceModel
-    from cai_lib.registry import configure, resolve_weights
+    from cai_lib.registry import resolve_weights
     lake = open_lake(cfg.lake, spark)
     named = cfg.named_models()
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
@@ -125,8 +120,7 @@ def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
         raise ValueError(f"no {'/'.join(cfg.splits)} prompts in {lake.root}: ingest with test_fraction > 0")
     texts = {r["prompt_id"]: r["text"] for r in rows}
     kind = {r["prompt_id"]: r["kind"] for r in rows}
-    configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
-    pm_label, pm_dir = resolve_weights(cfg.reward_model)
+    pm_label, pm_dir = resolve_weights(cfg.reward_model, cfg)
     pm = PreferenceModel.load(pm_dir)
     job_run_id = new_job_run_id()
     outs, report, calls = {}, {}, 0

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cai_lib.backends import Sampling
-from cai_lib.backends.models import is_local_model
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
@@ -84,12 +83,8 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     fb_fp = model_fingerprint(cfg.backend, fb_model)
     policy_fp = None
     if cfg.policy_model:
-        policy = cfg.policy_model
-        if cfg.backend != "fake" and not is_local_model(policy):
-            from cai_lib.registry import configure, resolve_weights
-            configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
-            policy = str(resolve_weights(policy)[1])
-        policy_fp = model_fingerprint(cfg.backend, policy)
+        from cai_lib.registry import backend_model
+        policy_fp = model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy_model)[1])
     pairs, texts, prompt_text = sampled_pairs(lake, cfg, policy_fp)
     s = cfg.settings()
     cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens)

@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 
 from cai_lib.backends import Sampling
-from cai_lib.backends.models import is_local_model
 from cai_lib.config import opt
 from cai_lib.constitution import load_constitution
 from cai_lib.generation import (RunStats, commit_progress, known_events, model_fingerprint, new_job_run_id,
@@ -48,12 +47,8 @@ def pair_rounds(lake) -> dict[str, set[int]]:
 def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
-    model_label = cfg.model
-    if cfg.backend != "fake" and not is_local_model(cfg.model):
-        from cai_lib.registry import configure, resolve_weights  # a registered policy: cai-sl, cai-sl:3
-        configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
-        model_label, folder = resolve_weights(cfg.model)  # fetched once into the model cache
-        cfg.model = str(folder)
+    from cai_lib.registry import backend_model  # a registered policy (cai-sl) is fetched once into the cache
+    model_label, cfg.model = backend_model(cfg, cfg.model)
     fp = model_fingerprint(cfg.backend, cfg.model)
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
     texts = {p: t for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()) if p in chosen}

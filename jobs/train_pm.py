@@ -49,7 +49,7 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
     settings = PMSettings(**{f.name: getattr(cfg, f.name) for f in fields(PMSettings)})
     settings.threads = settings.threads or cfg.torch_threads
     base = cfg.base_model or cfg.model
-    folder = model_folder(base)
+    folder = model_folder(base, cfg)
     with training_run("train-pm", cfg, lake, ["preference_dataset", "label_events", "quarantine"], verdicts,
                       {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
             scratch_model_dir(cfg) as out_dir:

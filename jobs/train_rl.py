@@ -67,24 +67,19 @@ def dpo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
 
 
 def run(cfg: TrainRLConfig, progress=print) -> dict:
-    from cai_lib.registry import configure, model_folder, model_version, run_tag, training_run
+    from cai_lib.registry import model_version, resolve_weights, run_tag, training_run
     settings = cfg.settings()
     lake = Lake(cfg.lake)
-    configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
     needs = {"sl": ["prompts"]} if cfg.algorithm == "ppo" else {"labels": ["preference_dataset"]}
     verdicts = gate_verdicts(lake, cfg, needs)
-    parents = {"policy": cfg.policy}
-    policy_dir = model_folder(cfg.policy)
+    policy_label, policy_dir = resolve_weights(cfg.policy, cfg)  # "cai-sl/3" for a registered model
+    parents = {"policy": policy_label}
     tags = {"base_model": cfg.policy}
-    for role, ref in (("policy", cfg.policy), ("reward_model", cfg.reward_model if cfg.algorithm == "ppo" else None)):
-        if ref and not ref.startswith(("/", ".")) and ref != "default":
-            try:
-                mv = model_version(ref)
-            except ValueError:
-                continue  # a folder or hub id: the ref itself is the lineage
-            parents[role] = f"{mv.name}/{mv.version}"
-            sha = run_tag(mv, "constitution_sha")
-            if sha and (role == "reward_model" or cfg.algorithm == "dpo"):
+    if cfg.algorithm == "ppo":
+        parents["reward_model"], pm_dir = resolve_weights(cfg.reward_model, cfg)
+        if parents["reward_model"] != cfg.reward_model:  # registered: its constitution is the PM run's
+            sha = run_tag(model_version(parents["reward_model"].replace("/", ":")), "constitution_sha")
+            if sha:
                 tags["constitution_sha"] = sha
     tags.update({f"parent.{k}": v for k, v in parents.items()})
     if cfg.algorithm == "ppo":
@@ -93,7 +88,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
         prompts = [r["text"] for r in data.rows]
         if not prompts:
             raise ValueError(f"{lake.root}/prompts has no training prompts: run `cai ingest` first")
-        pm = PreferenceModel.load(model_folder(cfg.reward_model))
+        pm = PreferenceModel.load(pm_dir)
         pm.eval()
 
         def reward_fn(ps, responses):

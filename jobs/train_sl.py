@@ -54,7 +54,7 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
                          "run `cai sl-generate` (and `cai gate sl`) first")
     shas = sorted({r["constitution_sha"] for r in data.rows})
     base = cfg.base_model or cfg.model
-    folder = model_folder(base)
+    folder = model_folder(base, cfg)
     with training_run("train-sl", cfg, lake, ["sl_dataset", "quarantine"], verdicts,
                       {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
             scratch_model_dir(cfg) as out_dir:

@@ -88,15 +88,6 @@ def resolve_model(model_id: str) -> Path | str:
         ) from None
 
 
-def is_local_model(model_id: str) -> bool:
-    """Whether `model_id` loads without the registry: 'default', a folder, or a cached hub id."""
-    try:
-        resolve_model(model_id)
-        return True
-    except ModelNotFound:
-        return False
-
-
 def fingerprint(folder: Path | str) -> str:
     """sha256 of config.json and the weight files, cached beside them (by size and mtime)."""
     folder = Path(folder)
