@@ -45,8 +45,13 @@ def configure(tracking_uri: str, artifact_dir: str, experiment: str) -> str:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         location = Path(artifact_dir).resolve().as_uri() if "://" not in artifact_dir else artifact_dir
-        return mlflow.create_experiment(experiment, artifact_location=location)
-    return exp.experiment_id
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    # runs *and* logged models go to this experiment (and so under artifact_dir), never to
+    # MLflow's Default experiment, whose artifacts land in ./mlruns of whatever folder we run in
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
@@ -102,8 +107,8 @@ def log_lake_inputs(lake: Lake, tables: list[str]) -> dict[str, int | None]:
 def training_run(job: str, cfg, lake: Lake, tables: list[str], verdicts: dict[str, dict], tags: dict | None = None):
     """An MLflow run carrying the lineage every model version must have; yields the run."""
     import mlflow
-    configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
-    with mlflow.start_run(run_name=job) as run:
+    exp_id = configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
+    with mlflow.start_run(run_name=job, experiment_id=exp_id) as run:
         params = {k: v for k, v in vars(cfg).items() if v is not None and not isinstance(v, (dict, list))}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         log_lake_inputs(lake, tables)
@@ -172,11 +177,29 @@ def download_model(ref: str, dst: str | os.PathLike | None = None) -> Path:
     import mlflow
     mv = model_version(ref)
     root = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=dst))
+    folder = _weights_folder(root, mv)
+    assert_no_pickles(folder)
+    return folder
+
+
+def _weights_folder(root: Path, mv) -> Path:
+    """The one weights folder inside a logged pyfunc model (`artifacts/<folder>`, see register_folder)."""
     folders = [p for p in (root / "artifacts").iterdir() if p.is_dir()] if (root / "artifacts").is_dir() else []
     if len(folders) != 1:
         raise ValueError(f"{mv.name} v{mv.version}: expected one weights folder under {root / 'artifacts'}")
-    assert_no_pickles(folders[0])
     return folders[0]
+
+
+def _local_artifacts(mv) -> Path | None:
+    """The model's folder when its artifact store is this machine's file system, else None."""
+    import mlflow
+    from urllib.parse import unquote, urlparse
+    uri = mlflow.MlflowClient().get_model_version_download_uri(mv.name, mv.version)
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+        return None
+    path = Path(unquote(parsed.path))
+    return path if path.is_dir() else None
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
@@ -219,7 +242,8 @@ def resolve_weights(ref: str, cfg=None) -> tuple[str, Path]:
     """(lineage label, local weights folder) for 'default', a folder, a cached hub id, or a registered
     model (`cai-sl`, `cai-sl:3`, `cai-rl@champion` -> ("cai-sl/3", its folder)).
 
-    Registered versions are downloaded once into $CAI_MODEL_CACHE/registry/NAME/VERSION-RUN
+    A version in a local artifact store (the default `mlflow/artifacts`) is read where it lies:
+    no copy. One in a remote store is downloaded once into $CAI_MODEL_CACHE/registry/NAME/VERSION-RUN
     (a version's files never change), so jobs and Spark workers load a stable local folder.
     With `cfg` (a CommonConfig), MLflow is pointed at its store first, and only when the
     registry is needed: a local model never opens the store.
@@ -234,6 +258,11 @@ def resolve_weights(ref: str, cfg=None) -> tuple[str, Path]:
             mv = model_version(ref)
         except ValueError as exc:
             raise ValueError(f"{not_local}; nor is it a registered model: {exc}") from None
+    in_store = _local_artifacts(mv)
+    if in_store is not None:
+        folder = _weights_folder(in_store, mv)
+        assert_no_pickles(folder)
+        return f"{mv.name}/{mv.version}", folder
     home = model_cache_dir() / "registry" / mv.name / f"{mv.version}-{mv.run_id[:12]}"  # run id: one per store
     if not home.is_dir():
         staging = home.with_name(f".{home.name}.download")

@@ -68,6 +68,7 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     assert json.loads((repo / "models/sl.json").read_text())["version"] == "1"
     assert json.loads((repo / "models/rl.json").read_text())["parents"] == {"policy": "cai-sl/1",
                                                                              "reward_model": "cai-pm/1"}
+    assert (repo / "mlflow/artifacts/models").is_dir() and not (repo / "mlruns").exists()  # weights where README says
     decision = json.loads((repo / "metrics/promotion.json").read_text())
     assert decision["candidate"] == "cai-rl/1" and decision["alias"] in ("champion", "challenger")
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())["elo"]) == {"base", "sl_cai", "rl_cai"}

@@ -87,6 +87,14 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     assert weights.keys() == load_file(by_version / "model.safetensors").keys() and len(weights) > 100
     assert not [p for p in by_alias.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
 
+    from cai_lib.registry import model_version, resolve_weights
+    import mlflow
+    sl_run = mlflow.get_run(model_version("cai-sl:1").run_id)  # the configured experiment, not MLflow's Default
+    assert mlflow.get_experiment(sl_run.info.experiment_id).name == "cai"
+    label, folder = resolve_weights("cai-sl@champion")  # a local store is read in place: no copy
+    assert label == "cai-sl/1" and folder.is_relative_to(root / "artifacts") and (folder / "model.safetensors").is_file()
+    assert sl_run.info.artifact_uri.startswith((root / "artifacts").as_uri())
+
     info = lineage("cai-sl@champion", lake)
     assert info["aliases"] == ["champion"] and info["job"] == "train-sl"
     assert info["inputs"]["sl_dataset"]["version"] == lake.version("sl_dataset")
