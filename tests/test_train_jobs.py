@@ -109,6 +109,18 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     assert "cai-pm v1" in out and "read preference_dataset v" in out and "gate labels: passed=True" in out
 
 
+def test_a_remote_store_version_is_downloaded_once(env, monkeypatch, tmp_path):
+    import cai_lib.registry as registry
+    root, _, _ = env
+    registry.configure(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), "cai")
+    monkeypatch.setenv("CAI_MODEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(registry, "_local_artifacts", lambda mv: None)  # as if the store were s3:// or a server
+    label, folder = registry.resolve_weights("cai-pm:1")
+    assert label == "cai-pm/1" and folder.parent == tmp_path / "registry" / "cai-pm"
+    assert folder.name.startswith("1-") and any(folder.glob("*.safetensors"))
+    assert registry.resolve_weights("cai-pm:1")[1] == folder and len(list(folder.parent.iterdir())) == 1  # no 2nd copy
+
+
 def test_pickled_weights_are_refused(env, tmp_path):
     from cai_lib.registry import assert_no_pickles, register_folder
     (tmp_path / "m").mkdir()
