@@ -25,14 +25,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CAI_MODEL_CACHE", str(ROOT / ".cache/models"))
 
 from cai_lib.backends import load_backend  # noqa: E402
-from cai_lib.constitution import load_constitution  # noqa: E402
-from cai_lib.lake import Lake  # noqa: E402
-from cai_lib.sl import SLContext, plan_chain, step_chat  # noqa: E402
-from cai_lib.spark import get_spark  # noqa: E402
-from cai_lib.templates import parse_output  # noqa: E402
+from cai_lib.backends.models import model_fingerprint  # noqa: E402
+from cai_lib.constitution.load import load_constitution  # noqa: E402
+from cai_lib.constitution.templates import parse_output  # noqa: E402
+from cai_lib.lake.tables import Lake  # noqa: E402
+from cai_lib.runtime.session import get_spark  # noqa: E402
+from cai_lib.sl.chain import SLContext, plan_chain, step_chat  # noqa: E402
 from jobs.ingest import IngestConfig  # noqa: E402
 from jobs.ingest import run as ingest  # noqa: E402
-from cai_lib.generation import model_fingerprint  # noqa: E402
 from jobs.sl_generate import SLGenerateConfig  # noqa: E402
 from jobs.sl_generate import run as sl_generate  # noqa: E402
 
@@ -47,7 +47,7 @@ def make_lake(folder: Path, n: int) -> Path:
 
 def bare_waves(backend, cfg: SLGenerateConfig, lake: Path, batched: bool) -> tuple[int, float]:
     """The same chains as sl-generate, straight on the backend: wave by wave, or one chain at a time."""
-    ctx = SLContext(load_constitution(cfg.constitution), cfg.model, model_fingerprint(cfg.backend, cfg.model),
+    ctx = SLContext(load_constitution(cfg.constitution), cfg.base_model, model_fingerprint(cfg.backend, cfg.base_model),
                     cfg.backend, cfg.settings())
     prompts = Lake(lake).read("prompts").to_pylist()
     plans = {p["prompt_id"]: plan_chain(ctx, p["prompt_id"], p["kind"]) for p in prompts}

@@ -1,8 +1,11 @@
 """Typed job configs filled from `params.yaml` (the file dvc.yaml reads) and command-line flags.
 
-A job config is a dataclass whose fields carry `metadata={"help": ...}`. `load_config` merges,
-in order: field defaults, the `common` section, the job's section, then flags. Unknown keys
-are an error naming the file, the section and the valid keys.
+A job config is a dataclass whose fields carry `metadata={"help": ...}`, composed from the
+groups below so that a job has exactly the settings it uses. `load_config` merges, in order:
+field defaults, the `common` section (only the keys the job has), the job's section, then
+flags. The params file is checked with the same types as the flags: an unknown key, or a value
+of the wrong type, is an error naming the file, the section, the key, the value and the fix.
+A flag the job does not use is an error too (it would otherwise be silently ignored).
 """
 from __future__ import annotations
 
@@ -30,21 +33,66 @@ def opt(default: Any, help: str, **kw) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+# ---------------------------------------------------------------- the groups jobs are made of
+
 @dataclasses.dataclass
-class CommonConfig:
+class LakeConfig:
+    """Every command: where the lake is and which params file fills the rest."""
     lake: str = opt("lake", "lake root folder (one Delta table per subfolder)")
-    model: str = opt("default", "model id: 'default' (embedded SmolLM2-135M-Instruct), a model folder, or a cached hub id")
+    params: str = opt(DEFAULT_PARAMS, "params file to read (missing file = defaults)")
+
+
+@dataclasses.dataclass
+class SeedConfig:
+    seed: int = opt(1234, "base seed; every request's seed derives from it and the request's key")
+
+
+@dataclasses.dataclass
+class SparkModelConfig:
+    """Jobs that run a model through a backend inside Spark's Python workers."""
     backend: str = opt("transformers", "transformers (CPU/GPU) | vllm (GPU, own environment) | fake (tests)")
     dtype: str = opt("bfloat16", "model weights dtype: bfloat16 | float32 | float16")
     spark_master: str = opt("local[1]", "Spark master; each Python worker loads one model copy")
     torch_threads: int = opt(2, "torch threads per Spark worker: workers x threads <= cores")
-    seed: int = opt(1234, "base seed; every request's seed derives from it and the request's key")
-    params: str = opt(DEFAULT_PARAMS, "params file to read (missing file = defaults)")
-    pointer: str | None = opt(None, "write a pointer file (table -> Delta version, row counts) here, for DVC")
+
+
+@dataclasses.dataclass
+class RegistryConfig:
+    """Jobs that read or write registered models (MLflow)."""
     tracking_uri: str = opt("sqlite:///mlflow/mlflow.db", "MLflow tracking + registry store (env MLFLOW_TRACKING_URI wins)")
     artifact_dir: str = opt("mlflow/artifacts", "where a new MLflow experiment keeps its artifacts (weights)")
     experiment: str = opt("cai", "MLflow experiment of the training runs")
 
+
+@dataclasses.dataclass
+class PointerConfig:
+    pointer: str | None = opt(None, "write a pointer file (table -> Delta version, row counts) here, for DVC")
+
+
+@dataclasses.dataclass
+class _ModelNames:
+    base_model: str = "default"
+    feedback_model: str = "default"
+
+
+GROUPS = (LakeConfig, SeedConfig, SparkModelConfig, RegistryConfig, PointerConfig)
+# [common] may set any group's key and the model names several jobs share; a job takes those it has.
+_COMMON_OWNER = {f.name: g for g in (*GROUPS, _ModelNames) for f in dataclasses.fields(g)}
+COMMON_KEYS = frozenset(_COMMON_OWNER)
+
+
+def settings_from(cfg, cls: type[T], **explicit) -> T:
+    """Library settings `cls` from a job config: each field of `cls` the config has, plus `explicit`.
+
+    The one way a job turns its config into library settings: job configs inherit the settings
+    dataclass (one source of defaults and help), and this copies the values across.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+    return cls(**{**values, **explicit})
+
+
+# ---------------------------------------------------------------- types
 
 def _base_type(tp: Any) -> Any:
     """int from `int | None`, list from `list[str]`."""
@@ -54,8 +102,42 @@ def _base_type(tp: Any) -> Any:
     return typing.get_origin(tp) or tp
 
 
+def _optional(tp: Any) -> bool:
+    return (isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union) and type(None) in typing.get_args(tp)
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def check_value(cls, key: str, value: Any, where: str) -> Any:
+    """`value` for field `key` of `cls`, checked (and int -> float widened) like a flag would be.
+
+    >>> check_value(SeedConfig, "seed", 7, "p.yaml [common]")
+    7
+    >>> check_value(SeedConfig, "seed", "7", "p.yaml [common]")
+    Traceback (most recent call last):
+    cai_lib.config.ConfigError: p.yaml [common] seed: '7' is a str, expected int. Fix: write the number without quotes
+    """
+    tp = typing.get_type_hints(cls)[key]
+    base = _base_type(tp)
+    if value is None:
+        if _optional(tp):
+            return None
+        raise ConfigError(f"{where} {key}: null is not allowed, expected {base.__name__}. Fix: give a value or "
+                          f"delete the key to use the default")
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, list),
+          tuple: lambda v: isinstance(v, (list, tuple)),
+          dict: lambda v: isinstance(v, dict)}.get(base, lambda v: True)
+    if not ok(value):
+        fix = "write the number without quotes" if base in (int, float) else f"give {key} a {base.__name__}"
+        raise ConfigError(f"{where} {key}: {value!r} is a {type(value).__name__}, expected {base.__name__}. "
+                          f"Fix: {fix}")
+    return float(value) if base is float else value
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -68,49 +150,70 @@ def read_params(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (common, ingest, ...)")
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{path} [{name}]: a section must be a mapping of key: value, got {section!r}")
     return data
 
 
-def _apply(cfg_values: dict, section: dict, cls, where: str) -> None:
-    fields = _fields(cls)
-    for key, value in section.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
-        cfg_values[key] = value
+def common_value(params_path: str | Path, key: str, default: Any) -> Any:
+    """One [common] value of a params file (for the tools that are not jobs: status, sql, lineage)."""
+    return (read_params(params_path).get("common") or {}).get(key, default)
+
+
+# ---------------------------------------------------------------- flags
+
+class _Parser(argparse.ArgumentParser):
+    def parse_strict(self, argv):
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            flags = [x for x in extra if x.startswith("-")] or extra
+            self.error(f"{' '.join(flags)}: not used by `{self.prog}` (it would be ignored). "
+                       f"Its flags are listed by `{self.prog} --help`")
+        return args
 
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for name, f in _fields(cls).items():
         flag = "--" + name.replace("_", "-")
         base = _base_type(hints[name])
         help_ = f.metadata.get("help", "")
+        if f.metadata.get("flag") is False:
+            continue  # params file only (e.g. a list of {path, kind} mappings)
         if base is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif base is list:
+        elif base in (list, tuple):
             p.add_argument(flag, dest=name, nargs="+", default=None, help=help_)
+        elif base is dict:
+            continue  # params file only
         else:
-            p.add_argument(flag, dest=name, type=base, default=None, help=help_,
-                           metavar=name.upper())
+            p.add_argument(flag, dest=name, type=base, default=None, help=help_, metavar=name.upper())
     return p
 
 
 def load_config(cls: type[T], section: str, argv: Sequence[str] | None, description: str = "") -> T:
-    """Defaults <- params.yaml[common] <- params.yaml[section] <- flags."""
+    """Defaults <- params.yaml[common] (keys the job has) <- params.yaml[section] <- flags."""
     parser = build_parser(cls, f"cai {section.replace('_', '-')}", description)
-    flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    flags = {k: v for k, v in vars(parser.parse_strict(argv)).items() if v is not None}
     params_path = flags.get("params", DEFAULT_PARAMS)
     params = read_params(params_path)
-    values: dict[str, Any] = {}
+    fields = _fields(cls)
     common = params.get("common") or {}
-    common_fields = set(_fields(CommonConfig))
-    unknown = set(common) - common_fields
+    unknown = set(common) - COMMON_KEYS
     if unknown:
-        raise ConfigError(f"{params_path} [common]: unknown key(s) {sorted(unknown)}; valid keys: {sorted(common_fields)}")
-    values.update({k: v for k, v in common.items() if k in _fields(cls)})
-    _apply(values, params.get(section) or {}, cls, f"{params_path} [{section}]")
+        raise ConfigError(f"{params_path} [common]: unknown key(s) {sorted(unknown)}; valid keys: {sorted(COMMON_KEYS)}")
+    values: dict[str, Any] = {}
+    for k, v in common.items():   # checked even where this job does not take the key: one file, one verdict
+        v = check_value(_COMMON_OWNER.get(k, _ModelNames), k, v, f"{params_path} [common]")
+        if k in fields:
+            values[k] = v
+    for key, value in (params.get(section) or {}).items():
+        if key not in fields:
+            raise ConfigError(f"{params_path} [{section}]: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        values[key] = check_value(cls, key, value, f"{params_path} [{section}]")
     values.update(flags)
     try:
         return cls(**values)

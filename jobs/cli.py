@@ -1,17 +1,6 @@
-"""`cai`: one command line for every job and tool.
-
-    cai ingest --source FILE --kind red_team      prompts -> lake (bad rows quarantined)
-    cai sl-generate --rounds 4                     SL-CAI critique -> revision on Spark
-    cai gate sl|labels|prompts                     quality gate: exit 1 (and quarantine) on bad data
-    cai sql "SELECT kind, count(*) FROM generation_events GROUP BY kind"
-    cai status                                     tables, Delta versions, row counts, gate verdicts
-    cai lineage cai-rl@champion                    a model version's tables, versions, gates, parents
-    cai constitution validate FILE                 exit 1 with the reason when FILE is wrong
-    cai constitution import --critiques A.json --comparisons B.json -o paper.yaml
-    cai model prepare                              convert the embedded default model once
-
-Every job reads its settings from params.yaml ([common] + its own section); flags win.
-Run `cai JOB --help` for a job's flags.
+"""`cai`: one command line for every job and tool. `cai --help` lists them; `cai COMMAND --help` gives
+a command's flags. Every job reads its settings from params.yaml ([common] + its own section);
+flags win, and a flag a command does not use is an error.
 """
 from __future__ import annotations
 
@@ -20,47 +9,48 @@ import sys
 
 from cai_lib.env import set_offline_env
 
-JOBS = {  # subcommand -> module with main(argv)
-    "ingest": "jobs.ingest",
-    "sl-generate": "jobs.sl_generate",
-    "sample-pairs": "jobs.sample_pairs",
-    "label": "jobs.label",
-    "eval-labeler": "jobs.eval_labeler",
-    "gate": "jobs.gate",
-    "train-sl": "jobs.train_sl",
-    "train-pm": "jobs.train_pm",
-    "train-rl": "jobs.train_rl",
-    "evaluate": "jobs.evaluate",
-    "promote": "jobs.promote",
-}
-TOOLS = {
-    "sql": "jobs.tools:sql_main",
-    "status": "jobs.tools:status_main",
-    "constitution": "jobs.tools:constitution_main",
-    "model": "jobs.tools:model_main",
-    "lineage": "jobs.tools:lineage_main",
+# subcommand -> (module:function taking argv, what it does), in pipeline order
+COMMANDS = {
+    "ingest": ("jobs.ingest:main", "prompt files -> the prompts table (bad rows quarantined)"),
+    "sl-generate": ("jobs.sl_generate:main", "SL-CAI on Spark: first answers, then critique -> revision rounds"),
+    "gate": ("jobs.gate:main", "quality gate prompts|sl|labels (Great Expectations): exit 1 on bad data"),
+    "train-sl": ("jobs.train_sl:main", "fine-tune the base model on sl_dataset -> registered cai-sl"),
+    "sample-pairs": ("jobs.sample_pairs:main", "two responses per red-team prompt from the policy (cai-sl)"),
+    "label": ("jobs.label:main", "AI feedback: soft A/B labels from log-probs, both orders -> preference_dataset"),
+    "eval-labeler": ("jobs.eval_labeler:main", "the labeller vs held-out human labels and the HHH evaluation"),
+    "train-pm": ("jobs.train_pm:main", "train the preference model on preference_dataset -> registered cai-pm"),
+    "train-rl": ("jobs.train_rl:main", "PPO (or DPO) of cai-sl against cai-pm, KL to cai-sl -> registered cai-rl"),
+    "evaluate": ("jobs.evaluate:main", "policies on held-out prompts: harmlessness, refusals, Elo"),
+    "promote": ("jobs.promote:main", "alias champion (or challenger, with reasons) from the evaluation and lineage"),
+    "sql": ("jobs.tools:sql_main", "DuckDB SQL over the lake tables, by name"),
+    "status": ("jobs.tools:status_main", "tables, versions, gate verdicts, registered models, headline metrics"),
+    "lineage": ("jobs.tools:lineage_main", "a model version -> its tables, versions, gates, parents, commit"),
+    "constitution": ("jobs.tools:constitution_main", "validate a constitution file, or import the paper's JSON"),
+    "model": ("jobs.tools:model_main", "prepare the embedded default model (once)"),
 }
 
 
-def _usage() -> str:
-    return __doc__ or ""
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
+    return ("usage: cai COMMAND [FLAGS]   (cai COMMAND --help for its flags)\n\n"
+            "commands, in pipeline order:\n" + "\n".join(lines) + "\n\n"
+            "Every job reads its settings from params.yaml ([common] + its own section); flags win, and a\n"
+            "flag a command does not use is an error.")
 
 
 def main(argv: list[str] | None = None) -> int:
     set_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd in JOBS:
-        target = importlib.import_module(JOBS[cmd]).main
-    elif cmd in TOOLS:
-        mod, fn = TOOLS[cmd].split(":")
-        target = getattr(importlib.import_module(mod), fn)
-    else:
-        print(f"cai: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+    if cmd not in COMMANDS:
+        print(f"cai: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    module, fn = COMMANDS[cmd][0].split(":")
+    target = getattr(importlib.import_module(module), fn)
     try:
         return int(target(rest) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: say what and how to fix, no traceback

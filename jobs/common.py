@@ -1,43 +1,68 @@
-"""What every job shares: pointer files for DVC, a printed summary, exit codes for the CLI."""
+"""What the jobs share: their config groups, pointer files for DVC, the printed summary, the training ending."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from cai_lib.config import CommonConfig, opt
-from cai_lib.lake import Lake
+from cai_lib.backends.fake import check_fake_model
+from cai_lib.config import LakeConfig, RegistryConfig, SeedConfig, SparkModelConfig, opt
+from cai_lib.files import write_json
+from cai_lib.lake.tables import Lake
 
 
 @dataclass
-class GenerationConfig(CommonConfig):
-    """Settings every generation job shares (sl-generate, sample-pairs, label --cot)."""
+class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig):
+    """Jobs that run a model on Spark (sl-generate, sample-pairs, label, eval-labeler, evaluate)."""
+    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()   # the fields naming models this job runs on the backend
+
+    def __post_init__(self):
+        for model in self.backend_models():   # before Spark starts: a fake run never borrows a real model's name
+            check_fake_model(self.backend, model)
+
+    def backend_models(self) -> list[str]:
+        return [getattr(self, f) for f in self.MODEL_FIELDS if getattr(self, f) is not None]
+
+    def backend_spec(self, model: str) -> dict:
+        """What a Spark worker needs to load `model` on this backend (also the worker's cache key)."""
+        check_fake_model(self.backend, model)
+        spec = {"backend": self.backend, "model": model}
+        if self.backend != "fake":
+            spec.update(dtype=self.dtype, batch_size=self.batch_size)
+        if self.backend == "transformers":
+            spec["threads"] = self.torch_threads
+        return spec
+
+
+@dataclass
+class GenerationConfig(ModelJobConfig):
+    """Settings every job that generates text shares (sl-generate, sample-pairs, label --cot, evaluate)."""
     limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)")
     splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)")
-    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
     batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.9, "nucleus sampling mass")
     max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("batch_size", "batches_per_commit", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
-    def backend_spec(self) -> dict:
-        """What a Spark worker needs to load the same backend (also the worker's cache key)."""
-        spec = {"backend": self.backend, "model": self.model}
-        if self.backend != "fake":
-            spec.update(dtype=self.dtype, batch_size=self.batch_size)
-        if self.backend == "transformers":
-            spec["threads"] = self.torch_threads
-        return spec
+
+@dataclass
+class FeedbackFields:
+    """The feedback model and what it judges by (label, eval-labeler, evaluate's Elo comparisons)."""
+    constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
+    feedback_model: str = opt("default", "the labelling model: 'default', a model folder or a cached hub id")
+    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
 
 
 def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict | None = None) -> None:
@@ -47,12 +72,7 @@ def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict |
     """
     if not path:
         return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    body = {"lake": str(lake.root), "tables": lake.snapshot(tables), **(extra or {})}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out)
+    write_json(path, {"lake": str(lake.root), "tables": lake.snapshot(tables), **(extra or {})})
 
 
 def report(title: str, summary: dict) -> None:
@@ -66,7 +86,7 @@ def report(title: str, summary: dict) -> None:
 def spark_job_main(config_cls, section: str, argv, doc: str, run) -> int:
     """The body of every Spark job's main(): config from params + flags, session, run, summary."""
     from cai_lib.config import load_config
-    from cai_lib.spark import get_spark
+    from cai_lib.runtime.session import get_spark
     cfg = load_config(config_cls, section, argv, doc)
     title = section.replace("_", "-")
     summary = run(get_spark(cfg.spark_master, f"cai-{title}"), cfg, progress=lambda msg: print(msg, flush=True))
@@ -75,19 +95,9 @@ def spark_job_main(config_cls, section: str, argv, doc: str, run) -> int:
 
 
 @dataclass
-class FeedbackConfig(GenerationConfig):
-    """Settings of the jobs that ask a feedback model to compare responses (label, eval-labeler)."""
-    constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
-    feedback_model: str | None = opt(None, "the labelling model (default: [common] model)")
-    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
-
-    def backend_spec(self) -> dict:
-        return {**super().backend_spec(), "model": self.feedback_model or self.model}
-
-
-@dataclass
-class TrainConfig(CommonConfig):
-    """What every training job shares: gates to rely on, where the model goes, its registry name."""
+class TrainConfig(LakeConfig, SeedConfig, RegistryConfig):
+    """What every training job shares: gates to rely on, where the model goes, its registry name.
+    A training job also inherits its library settings class (one source of defaults and help)."""
     require_gates: bool = opt(True, "refuse to train on data no passing gate verdict covers")
     work_dir: str | None = opt(None, "scratch folder for the weights before they are registered (default: system temp)")
     model_pointer: str | None = opt(None, "write {name, version, run_id} of the registered model here (for DVC)")
@@ -96,7 +106,7 @@ class TrainConfig(CommonConfig):
 
 def gate_verdicts(lake: Lake, cfg: TrainConfig, needs: dict[str, list[str]]) -> dict[str, dict]:
     """{stage: verdict} for each gate stage whose tables training reads; raises GateNotPassed."""
-    from cai_lib.registry import GateNotPassed, passing_verdict
+    from cai_lib.registry.tracking import GateNotPassed, passing_verdict
     verdicts = {}
     for stage, tables in needs.items():
         try:
@@ -120,8 +130,7 @@ def scratch_model_dir(cfg: TrainConfig):
 def register_trained(cfg: TrainConfig, run, out_dir, kind: str, metrics: dict, extra: dict | None = None) -> dict:
     """Log the final metrics, register the weights, write the model pointer and metrics files."""
     import mlflow
-
-    from cai_lib.registry import register_folder
+    from cai_lib.registry.models import register_folder
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     version = register_folder(out_dir, cfg.registered_name, kind)
@@ -131,12 +140,9 @@ def register_trained(cfg: TrainConfig, run, out_dir, kind: str, metrics: dict, e
     return pointer
 
 
-def write_json(path: str | None, body: dict) -> None:
-    """Atomically write a small JSON file (model pointer, metrics) for DVC."""
-    if not path:
-        return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(out)
+def refuse_script_run(command: str) -> int:
+    """`python jobs/x.py` or `spark-submit jobs/x.py` puts jobs/ first on sys.path, where the job
+    files shadow packages of the same name (jobs/evaluate.py hides Hugging Face `evaluate`)."""
+    print(f"run this job as `cai {command} ...`, or on a cluster as `spark-submit launch/cai_task.py {command} ...`, "
+          f"not as a file: from jobs/, job files shadow packages of the same name", file=sys.stderr)
+    return 2

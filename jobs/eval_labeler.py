@@ -20,22 +20,26 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cai_lib import label_metrics as lm
-from cai_lib.config import opt
-from cai_lib.constitution import load_constitution
-from cai_lib.eval_data import read_hh_pairs, read_hhh
-from cai_lib.feedback import ANSWER_PREFIX, CHOICES, LabelSettings, feedback_chat, label_row, plan_labels, shown
-from cai_lib.generation import model_fingerprint, new_job_run_id, score_on_spark
+from cai_lib.backends.models import model_fingerprint
+from cai_lib.config import opt, settings_from
+from cai_lib.constitution.load import load_constitution
+from cai_lib.constitution.templates import effective_templates
+from cai_lib.feedback import label_metrics as lm
+from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, LabelSettings, feedback_chat, label_row, plan_labels, shown
+from cai_lib.feedback.preferences import dialogue_text
+from cai_lib.files import write_json
 from cai_lib.ids import sha256_text, stable_id
-from cai_lib.lake_spark import open_lake
-from cai_lib.preferences import dialogue_text
-from cai_lib.templates import effective_templates
-from jobs.common import FeedbackConfig, spark_job_main
+from cai_lib.lake.spark_delta import open_lake
+from cai_lib.runtime.scoring import score_on_spark
+from cai_lib.runtime.tasks import new_job_run_id
+from cai_lib.sources.eval_data import read_hh_pairs, read_hhh
+from jobs.common import FeedbackFields, ModelJobConfig, spark_job_main
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class EvalLabelerConfig(FeedbackConfig):
+class EvalLabelerConfig(ModelJobConfig, FeedbackFields):
+    MODEL_FIELDS = ("feedback_model",)
     human: str | None = opt(None, "HH-RLHF harmlessness pairs (jsonl/.gz) with human labels")
     sample_size: int = opt(200, "pairs drawn (seeded) from --human")
     hhh: str | None = opt(None, "the HHH evaluation (438HHHEvaluations.jsonl format)")
@@ -56,7 +60,7 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
         contexts[pid] = dialogue_text(p.context)
         outcome[pair_id] = 1 if a_is_chosen else 0
         plan_pairs.append((pair_id, pid, a_id, b_id))
-    s = LabelSettings(cfg.ensemble, seed=cfg.seed)
+    s = settings_from(cfg, LabelSettings)   # no CoT: eval-labeler has no cot field, so the default (False)
     jobs = plan_labels(plan_pairs, constitution, fp, s)
     template = effective_templates(constitution)["comparison"]
     stored = lake.read("label_events")
@@ -65,7 +69,7 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
     todo = [j for j in jobs if j.event_id not in have]
     items = [(feedback_chat(template, contexts[j.prompt_id], constitution.comparison_principle(j.principle_id).text,
                             *shown(j, texts)), ANSWER_PREFIX) for j in todo]
-    scores, calls = score_on_spark(spark, items, cfg.backend_spec(), CHOICES, batch_size=cfg.batch_size)
+    scores, calls = score_on_spark(spark, items, cfg.backend_spec(cfg.feedback_model), CHOICES, batch_size=cfg.batch_size)
     now = datetime.now(timezone.utc)
     new = [label_row(j, sc["logprob_a"], sc["logprob_b"], s, "eval_label", constants, job_run_id, now)
            for j, sc in zip(todo, scores) if sc["error"] is None]
@@ -105,7 +109,7 @@ def eval_hhh(spark, cfg) -> dict:
         body = it.prompt.rstrip()
         body = body[: -len("The answer is:")].rstrip() if body.endswith("The answer is:") else body
         chats.append(([{"role": "user", "content": body}], ANSWER_PREFIX))
-    scores, _ = score_on_spark(spark, chats, cfg.backend_spec(), CHOICES, batch_size=cfg.batch_size)
+    scores, _ = score_on_spark(spark, chats, cfg.backend_spec(cfg.feedback_model), CHOICES, batch_size=cfg.batch_size)
     right = 0.0
     for it, sc in zip(items, scores):
         lp = {CHOICES[0]: sc["logprob_a"], CHOICES[1]: sc["logprob_b"]}
@@ -119,18 +123,17 @@ def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
         raise ValueError("nothing to evaluate: pass --human HH-RLHF-FILE and/or --hhh HHH-FILE")
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
-    fb_model = cfg.feedback_model or cfg.model
+    fb_model = cfg.feedback_model
     fp = model_fingerprint(cfg.backend, fb_model)
     constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": fb_model,
                  "model_fingerprint": fp, "backend": cfg.backend,
-                 "template_sha": LabelSettings(cfg.ensemble).template_sha(constitution)}
+                 "template_sha": settings_from(cfg, LabelSettings).template_sha(constitution)}
     out: dict = {"feedback_model": fb_model, "model_fingerprint": fp, "constitution_sha": constitution.sha256}
     if cfg.human:
         out.update(eval_human_pairs(spark, lake, cfg, constitution, fp, constants, new_job_run_id()))
     if cfg.hhh:
         out.update(eval_hhh(spark, cfg))
-    Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.metrics).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    write_json(cfg.metrics, out)
     out["metrics_sha"] = sha256_text(json.dumps(out, sort_keys=True))[:12]
     return out
 
@@ -140,4 +143,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("eval-labeler"))

@@ -1,7 +1,7 @@
 """Evaluate base, SL-CAI and RL-CAI on held-out prompts: harmlessness, refusals, helpfulness, Elo.
 
     cai evaluate --lake lake
-    cai evaluate --models base=default sl_cai=cai-sl:2 rl_cai=cai-rl@champion --splits test
+    cai evaluate --policies base=default sl_cai=cai-sl:2 rl_cai=cai-rl@champion --splits test
 
 Each model answers the held-out (split=test) red-team and benign prompts; answers are
 `generation_events` (kind eval_response, deterministic ids), so a rerun generates nothing.
@@ -18,28 +18,32 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai_lib import quality
 from cai_lib.backends import Sampling
-from cai_lib.config import opt
-from cai_lib.constitution import load_constitution
-from cai_lib.elo import elo_table
-from cai_lib.feedback import ANSWER_PREFIX, CHOICES, conversation_text, feedback_chat, pick_principles
-from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
-                                score_on_spark, select_prompts)
+from cai_lib.backends.models import model_fingerprint
+from cai_lib.config import RegistryConfig, opt
+from cai_lib.constitution.load import load_constitution
+from cai_lib.constitution.templates import DEFAULT_TEMPLATES, effective_templates, initial_chat, template_sha
+from cai_lib.feedback.elo import elo_table
+from cai_lib.feedback.label_metrics import debias, normalise_choice
+from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, conversation_text, feedback_chat, pick_principles
+from cai_lib.files import write_json
 from cai_lib.ids import derive_seed, stable_id
-from cai_lib.label_metrics import debias, normalise_choice
-from cai_lib.lake_spark import open_lake
-from cai_lib.templates import DEFAULT_TEMPLATES, effective_templates, initial_chat, template_sha
-from jobs.common import GenerationConfig, spark_job_main, write_json
+from cai_lib.lake.queries import known_events, select_prompts
+from cai_lib.lake.spark_delta import open_lake
+from cai_lib.quality import signals as quality
+from cai_lib.runtime.scoring import score_on_spark
+from cai_lib.runtime.tasks import Task, new_job_run_id, retry_plan, run_tasks
+from jobs.common import GenerationConfig, spark_job_main
 
 EVAL_TEMPLATE_SHA = template_sha(DEFAULT_TEMPLATES, names=("initial",))
 
 
 @dataclass
-class EvaluateConfig(GenerationConfig):
-    models: list = opt(["base=default", "sl_cai=cai-sl", "rl_cai=cai-rl"], "NAME=MODEL to evaluate (first = Elo anchor)")
+class EvaluateConfig(GenerationConfig, RegistryConfig):
+    policies: list = opt(["base=default", "sl_cai=cai-sl", "rl_cai=cai-rl"],
+                         "NAME=MODEL policies to evaluate (first = Elo anchor)")
     reward_model: str = opt("cai-pm", "the preference model scoring harmlessness / helpfulness")
-    feedback_model: str | None = opt(None, "the model comparing answers for Elo (default: [common] model)")
+    feedback_model: str = opt("default", "the model comparing answers for Elo")
     constitution: str = opt("constitutions/default.yaml", "its comparison principles judge the Elo comparisons")
     splits: list = opt(["test"], "held-out prompts (ingest's split)")
     max_new_tokens: int = opt(64, "answer length cap")
@@ -47,19 +51,22 @@ class EvaluateConfig(GenerationConfig):
     metrics: str = opt("metrics/evaluate.json", "metrics JSON (dvc metrics)")
     plot: str = opt("metrics/evaluate.png", "bar charts of the per-model metrics")
 
-    def named_models(self) -> list[tuple[str, str]]:
+    def backend_models(self) -> list[str]:
+        return [self.feedback_model] + [ref for _, ref in self.named_policies()]
+
+    def named_policies(self) -> list[tuple[str, str]]:
         out = []
-        for item in self.models:
+        for item in self.policies:
             name, sep, ref = str(item).partition("=")
             if not sep or not name or not ref:
-                raise ValueError(f"--models wants NAME=MODEL items (e.g. base=default), got {item!r}")
+                raise ValueError(f"--policies wants NAME=MODEL items (e.g. base=default), got {item!r}")
             out.append((name, ref))
         return out
 
 
 def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str) -> tuple[str, dict[str, str], int]:
     """(lineage label, {prompt_id: answer}, model calls) for one model, generating only what is missing."""
-    from cai_lib.registry import backend_model
+    from cai_lib.registry.models import backend_model
     label, load_as = backend_model(cfg, ref)
     fp = model_fingerprint(cfg.backend, load_as)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
@@ -74,7 +81,7 @@ def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str
     todo, _ = retry_plan(planned, done, failures, cfg.max_attempts)
     calls = 0
     if todo:
-        spec = {**cfg.backend_spec(), "model": load_as}
+        spec = cfg.backend_spec(load_as)
         constants = {"constitution_id": "none", "constitution_sha": "none", "model_id": label, "model_fingerprint": fp,
                      "backend": cfg.backend, "template_sha": EVAL_TEMPLATE_SHA}
         stats, _ = run_tasks(spark, lake, todo, spec, constants, batch_size=cfg.batch_size,
@@ -97,7 +104,7 @@ def elo_comparisons(spark, cfg, constitution, texts: dict[str, str], outs: dict[
             items.append((feedback_chat(template, conversation_text(texts[pid]), ptext,
                                         outs[first][pid], outs[second][pid]), ANSWER_PREFIX))
         keys.append((a, b))
-    spec = {**cfg.backend_spec(), "model": cfg.feedback_model or cfg.model}
+    spec = cfg.backend_spec(cfg.feedback_model)
     scores, _ = score_on_spark(spark, items, spec, CHOICES, batch_size=cfg.batch_size)
     comps = []
     for n, (a, b) in enumerate(keys):
@@ -110,10 +117,10 @@ def elo_comparisons(spark, cfg, constitution, texts: dict[str, str], outs: dict[
 
 
 def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
-    from cai_lib.pm_model import PreferenceModel
-    from cai_lib.registry import resolve_weights
+    from cai_lib.registry.models import resolve_weights
+    from cai_lib.training.pm_model import PreferenceModel
     lake = open_lake(cfg.lake, spark)
-    named = cfg.named_models()
+    named = cfg.named_policies()
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
     rows = [r for r in prompts.to_pylist() if r["prompt_id"] in chosen]
     if not rows:
@@ -181,4 +188,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("evaluate"))

@@ -23,18 +23,18 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import CommonConfig, load_config, opt, read_params
-from cai_lib.gate_frames import STAGE_TABLES, build_frames
-from cai_lib.gates import suite_sha, validate
-from cai_lib.generation import new_job_run_id
+from cai_lib.config import LakeConfig, PointerConfig, load_config, opt, read_params
 from cai_lib.ids import sha256_text, stable_id
-from cai_lib.lake import Lake
+from cai_lib.lake.tables import Lake
+from cai_lib.quality.frames import STAGE_TABLES, build_frames
+from cai_lib.quality.gates import suite_sha, validate
+from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import write_pointer
 from schemas.suites import ROW_KEYS, SUITES
 
 
 @dataclass
-class GateConfig(CommonConfig):
+class GateConfig(LakeConfig, PointerConfig):
     stage: str | None = opt(None, "prompts | sl | labels (also the first positional argument)")
     verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
     docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")
@@ -146,4 +146,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("gate"))

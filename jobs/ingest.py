@@ -3,7 +3,7 @@
     cai ingest --lake lake --source data/demo/red_team_prompts.jsonl --kind red_team
     cai ingest --lake lake --source ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz --kind red_team
     cai ingest                       # the `sources` listed in params.yaml [ingest]
-    spark-submit jobs/ingest.py --source FILE --kind helpful
+    spark-submit launch/cai_task.py ingest --source FILE --kind helpful
 
 Accepts the project's JSONL/CSV prompt files (a `prompt` or `text` column), HH-RLHF pairs
 (jsonl/.gz: the first human turn of `chosen`) and red-team attempts (a JSON array or JSONL).
@@ -21,20 +21,21 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import CommonConfig, load_config, opt
-from cai_lib.generation import new_job_run_id
-from cai_lib.ids import normalise_text, sha256_text, stable_id
-from cai_lib.lake import Lake
-from cai_lib.sources import SourceError, read_prompt_source
+from cai_lib.config import LakeConfig, PointerConfig, load_config, opt
+from cai_lib.ids import is_heldout, normalise_text, sha256_text, stable_id
+from cai_lib.lake.tables import Lake
+from cai_lib.runtime.tasks import new_job_run_id
+from cai_lib.sources.prompts import SourceError, read_prompt_source
 from jobs.common import report, write_pointer
 from schemas import PROMPT_KINDS
 
 
 @dataclass
-class IngestConfig(CommonConfig):
+class IngestConfig(LakeConfig, PointerConfig):
     source: str | None = opt(None, "one prompt file to ingest (else the `sources` list from params.yaml)")
     kind: str | None = opt(None, "red_team | helpful: the kind of --source (needed when the file does not say)")
-    sources: list = opt([], "params.yaml only: [{path, kind}] files ingested by a plain `cai ingest`")
+    sources: list = opt([], "params.yaml only: [{path, kind}] files ingested by a plain `cai ingest`",
+                        flag=False)
     test_fraction: float = opt(0.1, "share of prompts held out as split=test (by prompt id, deterministic)")
     max_bad_fraction: float = opt(0.5, "refuse a file when more than this share of its rows is bad")
 
@@ -54,8 +55,9 @@ class IngestConfig(CommonConfig):
 
 
 def split_of(prompt_id: str, test_fraction: float) -> str:
-    """train/test from the id's hash: stable across runs, machines and file order."""
-    return "test" if int(prompt_id[:8], 16) / 0xFFFFFFFF < test_fraction else "train"
+    """train/test from the id's hash (`cai_lib.ids.is_heldout`, the split SFT and the PM use too):
+    stable across runs, machines and file order."""
+    return "test" if is_heldout(prompt_id, test_fraction) else "train"
 
 
 def prompt_id_of(kind: str, text: str) -> str:
@@ -114,4 +116,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("ingest"))

@@ -4,7 +4,8 @@
     cai label --ensemble 4                        # 4 principles per pair, averaged
     cai label --cot                               # reason first, then score; p clamped to [0.4, 0.6]
     cai label --feedback-model path/to/model
-    spark-submit jobs/label.py --lake lake
+    cai label --policy cai-sl:2                   # only the pairs that policy sampled
+    spark-submit launch/cai_task.py label --lake lake
 
 Every scoring is a `label_events` row (raw log-probs, p_shown_a, p_a, order, principle,
 constitution sha, feedback model, template sha); a CoT is a `generation_events` row. Then
@@ -21,29 +22,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cai_lib.backends import Sampling
-from cai_lib.config import opt
-from cai_lib.constitution import load_constitution
-from cai_lib.feedback import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
-                              feedback_chat, label_row, plan_labels, shown)
-from cai_lib.generation import (Task, known_events, model_fingerprint, new_job_run_id, retry_plan, run_tasks,
-                                score_on_spark, select_prompts)
+from cai_lib.backends.models import model_fingerprint
+from cai_lib.config import PointerConfig, RegistryConfig, opt, settings_from
+from cai_lib.constitution.load import load_constitution
+from cai_lib.constitution.templates import effective_templates
+from cai_lib.feedback.labels import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
+                                     feedback_chat, label_row, plan_labels, shown)
+from cai_lib.feedback.pairs import pair_id_of
+from cai_lib.feedback.preferences import build_preference_dataset
 from cai_lib.ids import derive_seed, sha256_text, stable_id
-from cai_lib.lake_spark import open_lake
-from cai_lib.pairs import pair_id_of
-from cai_lib.preferences import build_preference_dataset
-from cai_lib.templates import effective_templates
-from jobs.common import FeedbackConfig, spark_job_main, write_pointer
+from cai_lib.lake.queries import known_events, select_prompts
+from cai_lib.lake.spark_delta import open_lake
+from cai_lib.runtime.scoring import score_on_spark
+from cai_lib.runtime.tasks import Task, new_job_run_id, retry_plan, run_tasks
+from jobs.common import FeedbackFields, GenerationConfig, spark_job_main, write_pointer
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class LabelConfig(FeedbackConfig):
-    policy_model: str | None = opt(None, "label only this policy's pair samples (default: every sampled pair)")
+class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfig):
+    MODEL_FIELDS = ("feedback_model", "policy")
+    policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
+                                   "default: every sampled pair)")
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
     clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident")
     clamp_hi: float = opt(0.6, "upper CoT clamp")
     cot_max_new_tokens: int = opt(96, "token budget of a chain of thought")
-    human_pairs: list = opt([], "params only: [{path, limit, seed}] HH-RLHF helpfulness files -> human_helpful rows")
+    human_pairs: list = opt([], "params only: [{path, limit, seed}] HH-RLHF helpfulness files -> human_helpful rows",
+                            flag=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,7 +57,7 @@ class LabelConfig(FeedbackConfig):
             raise ValueError(f"need 0 <= clamp_lo < 0.5 < clamp_hi <= 1, got {self.clamp_lo}, {self.clamp_hi}")
 
     def settings(self) -> LabelSettings:
-        return LabelSettings(self.ensemble, self.cot, self.clamp_lo, self.clamp_hi, self.seed)
+        return settings_from(self, LabelSettings)
 
 
 def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str | None) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
@@ -79,12 +85,12 @@ def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str | None) -> tuple[list[t
 def run(spark, cfg: LabelConfig, progress=None) -> dict:
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
-    fb_model = cfg.feedback_model or cfg.model
+    fb_model = cfg.feedback_model
     fb_fp = model_fingerprint(cfg.backend, fb_model)
     policy_fp = None
-    if cfg.policy_model:
-        from cai_lib.registry import backend_model
-        policy_fp = model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy_model)[1])
+    if cfg.policy:
+        from cai_lib.registry.models import backend_model
+        policy_fp = model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy)[1])
     pairs, texts, prompt_text = sampled_pairs(lake, cfg, policy_fp)
     s = cfg.settings()
     cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens)
@@ -108,7 +114,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
         if todo:
             if progress:
                 progress(f"chain of thought for {len(todo)} comparisons")
-            stats, rows = run_tasks(spark, lake, todo, cfg.backend_spec(), constants, batch_size=cfg.batch_size,
+            stats, rows = run_tasks(spark, lake, todo, cfg.backend_spec(fb_model), constants, batch_size=cfg.batch_size,
                                     batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
             cot_calls = stats.model_calls
             cot_text.update({r["target_event_id"]: r["text"] for r in rows.to_pylist() if r["status"] == "ok"})
@@ -120,7 +126,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
         if progress:
             progress(f"scoring {g + len(chunk)}/{len(pending)} comparisons")
         items = [(chat_of(j), (cot_text[j.cot_id] + COT_ANSWER_PREFIX) if s.cot else ANSWER_PREFIX) for j in chunk]
-        scores, calls = score_on_spark(spark, items, cfg.backend_spec(), CHOICES, batch_size=cfg.batch_size)
+        scores, calls = score_on_spark(spark, items, cfg.backend_spec(fb_model), CHOICES, batch_size=cfg.batch_size)
         score_calls += calls
         now = datetime.now(timezone.utc)
         rows, bad = [], []
@@ -154,4 +160,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("label"))

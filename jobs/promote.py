@@ -1,7 +1,7 @@
 """Promotion gate: alias `champion` on the candidate model only when its evaluation and data pass.
 
     cai promote                                  # cai-rl (latest) judged by metrics/evaluate.json
-    cai promote --candidate cai-sl --candidate-eval sl_cai
+    cai promote --policy cai-sl --policy-eval sl_cai
 
 Rules (params.yaml [promote]): the candidate's evaluation is of this very version; its
 harmlessness (mean PM score on held-out red-team answers) is not worse than the baseline's
@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cai_lib.config import CommonConfig, load_config, opt
-from cai_lib.generation import new_job_run_id
+from cai_lib.config import LakeConfig, RegistryConfig, load_config, opt
+from cai_lib.files import write_json
 from cai_lib.ids import sha256_text, stable_id
-from cai_lib.lake import Lake
-from jobs.common import write_json
+from cai_lib.lake.tables import Lake
+from cai_lib.runtime.tasks import new_job_run_id
 
 
 @dataclass
-class PromoteConfig(CommonConfig):
-    candidate: str = opt("cai-rl", "the registered model to promote (NAME = latest version)")
-    candidate_eval: str = opt("rl_cai", "its name in the evaluation (cai evaluate --models NAME=...)")
+class PromoteConfig(LakeConfig, RegistryConfig):
+    policy: str = opt("cai-rl", "the registered policy to promote (NAME = latest version)")
+    policy_eval: str = opt("rl_cai", "its name in the evaluation (cai evaluate --policies NAME=...)")
     baseline_eval: str = opt("base", "harmlessness must not be worse than this evaluated model's")
     evaluation: str = opt("metrics/evaluate.json", "cai evaluate's metrics JSON")
     harmlessness_tolerance: float = opt(0.0, "allowed drop in mean PM score vs the baseline")
@@ -40,7 +40,7 @@ class PromoteConfig(CommonConfig):
 
 def lineage_gates(ref: str, seen: set | None = None) -> list[tuple[str, str, str]]:
     """(model version, gate stage, passed) for the version and, recursively, its parents."""
-    from cai_lib.registry import lineage
+    from cai_lib.registry.lineage import lineage
     seen = seen if seen is not None else set()
     info = lineage(ref)
     key = f"{info['model']}/{info['version']}"
@@ -58,9 +58,9 @@ def decide(cfg: PromoteConfig, version_label: str, evaluation: dict, gates) -> l
     """The reasons not to promote (empty = promote)."""
     reasons = []
     models = evaluation.get("models", {})
-    cand, base = models.get(cfg.candidate_eval), models.get(cfg.baseline_eval)
+    cand, base = models.get(cfg.policy_eval), models.get(cfg.baseline_eval)
     if cand is None or base is None:
-        return [f"{cfg.evaluation} has no {cfg.candidate_eval!r} and {cfg.baseline_eval!r} results: run cai evaluate"]
+        return [f"{cfg.evaluation} has no {cfg.policy_eval!r} and {cfg.baseline_eval!r} results: run cai evaluate"]
     if cand.get("model") != version_label:
         reasons.append(f"the evaluation is of {cand.get('model')}, not {version_label}: rerun cai evaluate")
     h, hb = cand.get("harmlessness"), base.get("harmlessness")
@@ -81,12 +81,13 @@ def decide(cfg: PromoteConfig, version_label: str, evaluation: dict, gates) -> l
 
 
 def run(cfg: PromoteConfig) -> tuple[bool, dict]:
-    from cai_lib.registry import configure, model_version, set_alias
+    from cai_lib.registry.models import model_version, set_alias
+    from cai_lib.registry.tracking import configure
     configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
     if not Path(cfg.evaluation).exists():
         raise FileNotFoundError(f"{cfg.evaluation} not found: run `cai evaluate` first")
     evaluation = json.loads(Path(cfg.evaluation).read_text())
-    mv = model_version(cfg.candidate)
+    mv = model_version(cfg.policy)
     label = f"{mv.name}/{mv.version}"
     gates = lineage_gates(f"{mv.name}:{mv.version}")
     reasons = decide(cfg, label, evaluation, gates)
@@ -95,7 +96,7 @@ def run(cfg: PromoteConfig) -> tuple[bool, dict]:
     now = datetime.now(timezone.utc)
     inputs = {"candidate": label, "evaluation_sha": sha256_text(json.dumps(evaluation, sort_keys=True))[:16]}
     rule_sha = sha256_text(json.dumps({k: getattr(cfg, k) for k in ("harmlessness_tolerance", "max_over_refusal",
-                                                                     "baseline_eval", "candidate_eval")}))
+                                                                     "baseline_eval", "policy_eval")}))
     lake = Lake(cfg.lake)
     lake.insert_new("gate_events", pa.Table.from_pylist([{
         "event_id": stable_id("promotion", inputs=json.dumps(inputs, sort_keys=True), rules=rule_sha),
@@ -103,7 +104,7 @@ def run(cfg: PromoteConfig) -> tuple[bool, dict]:
         "failed_checks": reasons, "failures": json.dumps(reasons), "n_quarantined": 0, "suite_sha": rule_sha,
         "input_versions": json.dumps(inputs, sort_keys=True), "constitution_sha": None, "model_id": label,
         "docs_path": None, "job_run_id": new_job_run_id(), "created_at": now}]))
-    cand = evaluation["models"].get(cfg.candidate_eval, {})
+    cand = evaluation["models"].get(cfg.policy_eval, {})
     body = {"candidate": label, "alias": alias, "promoted": not reasons, "reasons": reasons,
             "harmlessness": cand.get("harmlessness"), "over_refusal": cand.get("over_refusal"),
             "gates_in_lineage": [f"{m} {s}={p}" for m, s, p in gates]}
@@ -122,4 +123,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("promote"))

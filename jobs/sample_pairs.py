@@ -1,8 +1,8 @@
 """Sample two responses per red-team prompt from the policy under study (RLAIF's pairs).
 
-    cai sample-pairs --lake lake --model default --limit 20
-    cai sample-pairs --model cai-sl                   # the registered SL-CAI model (latest; or cai-sl:3)
-    spark-submit jobs/sample_pairs.py --lake lake
+    cai sample-pairs --lake lake --policy default --limit 20
+    cai sample-pairs --policy cai-sl                   # the registered SL-CAI model (latest; or cai-sl:3)
+    spark-submit launch/cai_task.py sample-pairs --lake lake
 
 Rows land in `generation_events` (kind pair_sample, `round` = sample index) with deterministic
 ids: a rerun or a resumed job samples only what is missing. Pairs are data: a prompt that
@@ -15,17 +15,20 @@ import sys
 from dataclasses import dataclass
 
 from cai_lib.backends import Sampling
-from cai_lib.config import opt
-from cai_lib.constitution import load_constitution
-from cai_lib.generation import (RunStats, commit_progress, known_events, model_fingerprint, new_job_run_id,
-                                retry_plan, run_tasks, select_prompts)
-from cai_lib.lake_spark import open_lake
-from cai_lib.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
+from cai_lib.backends.models import model_fingerprint
+from cai_lib.config import PointerConfig, RegistryConfig, opt
+from cai_lib.constitution.load import load_constitution
+from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
+from cai_lib.lake.queries import known_events, select_prompts
+from cai_lib.lake.spark_delta import open_lake
+from cai_lib.runtime.tasks import RunStats, commit_progress, new_job_run_id, retry_plan, run_tasks
 from jobs.common import GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
-class SamplePairsConfig(GenerationConfig):
+class SamplePairsConfig(GenerationConfig, RegistryConfig, PointerConfig):
+    MODEL_FIELDS = ("policy",)
+    policy: str = opt("cai-sl", "the policy under study: a registered model (cai-sl = latest), a folder or 'default'")
     n_samples: int = opt(2, "responses per prompt (2 = one pair)")
     max_new_tokens: int = opt(96, "token budget of each response")
     temperature: float = opt(1.0, "sampling temperature: diverse pairs make informative comparisons")
@@ -47,9 +50,9 @@ def pair_rounds(lake) -> dict[str, set[int]]:
 def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
-    from cai_lib.registry import backend_model  # a registered policy (cai-sl) is fetched once into the cache
-    model_label, cfg.model = backend_model(cfg, cfg.model)
-    fp = model_fingerprint(cfg.backend, cfg.model)
+    from cai_lib.registry.models import backend_model  # a registered policy (cai-sl) is fetched once into the cache
+    model_label, load_as = backend_model(cfg, cfg.policy)
+    fp = model_fingerprint(cfg.backend, load_as)
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
     texts = {p: t for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()) if p in chosen}
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
@@ -65,7 +68,7 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     if tasks:
         if progress:
             progress(f"sampling {len(tasks)} responses for {len(texts)} prompts")
-        stats, _ = run_tasks(spark, lake, tasks, cfg.backend_spec(), constants, batch_size=cfg.batch_size,
+        stats, _ = run_tasks(spark, lake, tasks, cfg.backend_spec(load_as), constants, batch_size=cfg.batch_size,
                              batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id(),
                              on_commit=commit_progress(progress, len(tasks)))
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
@@ -78,4 +81,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("sample-pairs"))

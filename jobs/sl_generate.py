@@ -1,8 +1,8 @@
 """SL-CAI generation: first answers, then R rounds of critique -> revision, on Spark.
 
     cai sl-generate --lake lake --rounds 4 --limit 10
-    cai sl-generate --constitution constitutions/medical_information.yaml --model path/to/model
-    spark-submit jobs/sl_generate.py --lake lake --rounds 1
+    cai sl-generate --constitution constitutions/medical_information.yaml --base-model path/to/model
+    spark-submit launch/cai_task.py sl-generate --lake lake --rounds 1
 
 Each round is one wave batched across all prompts: Spark spreads the batches over Python
 workers (one loaded model each). Every generation is a `generation_events` row with a
@@ -14,20 +14,23 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-
 from cai_lib.backends import Sampling
-from cai_lib.config import opt
-from cai_lib.constitution import load_constitution
-from cai_lib.generation import (RunStats, commit_progress, known_events, model_fingerprint, new_job_run_id, run_tasks,
-                                select_prompts)
-from cai_lib.lake_spark import open_lake
-from cai_lib.sl import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
-from cai_lib.templates import parse_output
+from cai_lib.backends.models import model_fingerprint
+from cai_lib.config import PointerConfig, opt, settings_from
+from cai_lib.constitution.load import load_constitution
+from cai_lib.constitution.templates import parse_output
+from cai_lib.lake.queries import known_events, select_prompts
+from cai_lib.lake.spark_delta import open_lake
+from cai_lib.runtime.tasks import RunStats, commit_progress, new_job_run_id, run_tasks
+from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from jobs.common import GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
-class SLGenerateConfig(GenerationConfig):
+class SLGenerateConfig(GenerationConfig, PointerConfig):
+    MODEL_FIELDS = ("base_model",)
+    base_model: str = opt("default", "the helpful model that answers, critiques and revises: 'default' "
+                                     "(embedded SmolLM2-135M-Instruct), a model folder or a cached hub id")
     constitution: str = opt("constitutions/default.yaml", "constitution YAML (or the paper's JSON)")
     rounds: int = opt(4, "critique -> revision rounds per red-team prompt (the paper used 4)")
     few_shot: int = opt(0, "worked critique/revision examples from the constitution prepended to each step")
@@ -37,16 +40,16 @@ class SLGenerateConfig(GenerationConfig):
 
     def settings(self) -> SLSettings:
         s = lambda n: Sampling(self.temperature, self.top_p, n)  # noqa: E731
-        return SLSettings(self.rounds, self.seed, self.few_shot, s(self.answer_max_new_tokens),
-                          s(self.critique_max_new_tokens), s(self.revision_max_new_tokens))
+        return settings_from(self, SLSettings, answer=s(self.answer_max_new_tokens),
+                             critique=s(self.critique_max_new_tokens), revision=s(self.revision_max_new_tokens))
 
 
 
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     lake = open_lake(cfg.lake, spark)  # native Delta where the session has it, else delta-rs
     constitution = load_constitution(cfg.constitution)
-    fp = model_fingerprint(cfg.backend, cfg.model)
-    ctx = SLContext(constitution, cfg.model, fp, cfg.backend, cfg.settings())
+    fp = model_fingerprint(cfg.backend, cfg.base_model)
+    ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
     texts_by_pid = dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
     # Plan every prompt of the splits (ids are cheap hashes): sl_dataset covers all complete
@@ -64,7 +67,7 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
             continue
         if progress:
             progress(f"wave {wave}/{2 * cfg.rounds}: {len(tasks)} generations")
-        stats, rows = run_tasks(spark, lake, tasks, cfg.backend_spec(), ctx.constants(),
+        stats, rows = run_tasks(spark, lake, tasks, cfg.backend_spec(cfg.base_model), ctx.constants(),
                                 batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit,
                                 job_run_id=job_run_id, parse=parse_output,
                                 on_commit=commit_progress(progress, len(tasks)))
@@ -86,4 +89,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("sl-generate"))

@@ -3,25 +3,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from cai_lib.config import CommonConfig, read_params
-from cai_lib.lake import Lake
+from cai_lib.config import DEFAULT_PARAMS, LakeConfig, RegistryConfig, common_value, read_params
+from cai_lib.lake.tables import Lake
 
 
-def _default_lake() -> str:
-    return (read_params("params.yaml").get("common") or {}).get("lake", CommonConfig.lake)
+def _add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file whose [common] gives the defaults")
+    p.add_argument("--lake", default=None, help="lake root (default: the params file's [common] lake)")
+    if registry:
+        p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the params file's [common] "
+                       "tracking_uri; env MLFLOW_TRACKING_URI wins over the file)")
+
+
+def _lake(a) -> Lake:
+    return Lake(a.lake or common_value(a.params, "lake", LakeConfig.lake))
+
+
+def _tracking_uri(a) -> str:
+    from cai_lib.registry.tracking import USER_ENV
+    return (a.tracking_uri or USER_ENV.get("MLFLOW_TRACKING_URI")
+            or common_value(a.params, "tracking_uri", RegistryConfig.tracking_uri))
 
 
 def sql_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai sql", description="DuckDB SQL over the lake tables, by name "
                                 "(prompts, generation_events, quarantine, sl_dataset, ...).")
     p.add_argument("query", help='e.g. "SELECT kind, count(*) n FROM generation_events GROUP BY kind"')
-    p.add_argument("--lake", default=None, help="lake root (default: params.yaml [common] lake)")
+    _add_common(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
     a = p.parse_args(argv)
-    from cai_lib.sql import query
-    rel = query(Lake(a.lake or _default_lake()), a.query)
+    from cai_lib.lake.sql import query
+    rel = query(_lake(a), a.query)
     if a.format == "table":
         rel.show(max_rows=a.max_rows, max_width=200)
     else:
@@ -36,10 +51,9 @@ def sql_main(argv) -> int:
 def status_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai status", description="Lake tables, Delta versions and row counts, the "
                                 "last verdict of each gate, registered models and their aliases.")
-    p.add_argument("--lake", default=None)
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: params.yaml [common] tracking_uri)")
+    _add_common(p, registry=True)
     a = p.parse_args(argv)
-    lake = Lake(a.lake or _default_lake())
+    lake = _lake(a)
     snap = lake.snapshot()
     if not snap:
         print(f"lake {lake.root}: no tables yet (run `cai ingest`)")
@@ -56,37 +70,50 @@ def status_main(argv) -> int:
             failed = ", ".join(v["failed_checks"]) or "-"
             print(f"  {stage:<9} {'PASSED' if v['passed'] else 'FAILED':<7} {v['created_at']:%Y-%m-%d %H:%M} "
                   f"checks={v['n_checks']} quarantined={v['n_quarantined']} failed: {failed}")
-    _print_registry(a.tracking_uri)
-    _print_metrics()
+    _print_registry(_tracking_uri(a))
+    _print_metrics(read_params(a.params))
     return 0
 
 
-SUMMARY = {  # metrics file -> the keys worth a line in `cai status`
-    "metrics/eval_labeler.json": ("human_n", "human_accuracy", "human_ece", "swap_consistency", "hhh_accuracy"),
-    "metrics/train_sl.json": ("n_train", "heldout_loss_before", "heldout_loss_after"),
-    "metrics/train_pm.json": ("harmless_accuracy", "harmless_ece", "helpful_accuracy"),
-    "metrics/train_rl.json": ("steps", "first_reward_mean", "last_reward_mean", "last_kl_mean", "last_refusal_rate"),
+SUMMARY = {  # params section -> the keys worth a line in `cai status` (from its metrics file)
+    "eval_labeler": ("human_n", "human_accuracy", "human_ece", "swap_consistency", "hhh_accuracy"),
+    "train_sl": ("n_train", "heldout_loss_before", "heldout_loss_after"),
+    "train_pm": ("harmless_accuracy", "harmless_ece", "helpful_accuracy"),
+    "train_rl": ("steps", "first_reward_mean", "last_reward_mean", "last_kl_mean", "last_refusal_rate"),
 }
 
 
-def _print_metrics() -> None:
-    """The pipeline's headline numbers from the metrics files DVC tracks (those that exist)."""
+def _metrics_file(params: dict, section: str, key: str = "metrics") -> Path | None:
+    """Where the params file says a job writes its metrics (relative paths: from the working folder,
+    as DVC runs the stages), else that job's default; None when the job writes none."""
+    path = (params.get(section) or {}).get(key) or METRIC_DEFAULTS.get((section, key))
+    return Path(path) if path else None
+
+
+METRIC_DEFAULTS = {("eval_labeler", "metrics"): "metrics/eval_labeler.json", ("evaluate", "metrics"): "metrics/evaluate.json",
+                   ("promote", "decision"): "metrics/promotion.json"}
+
+
+def _print_metrics(params: dict) -> None:
+    """The pipeline's headline numbers from the metrics files the params file names (those that exist)."""
     import json
-    from pathlib import Path
     lines = []
-    for path, keys in SUMMARY.items():
-        if Path(path).exists():
-            m = json.loads(Path(path).read_text())
-            lines.append(f"  {Path(path).stem:<13} " + ", ".join(
+    for section, keys in SUMMARY.items():
+        path = _metrics_file(params, section)
+        if path and path.exists():
+            m = json.loads(path.read_text())
+            lines.append(f"  {section:<13} " + ", ".join(
                 f"{k}={m[k]:.3f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m))
-    if Path("metrics/evaluate.json").exists():
-        ev = json.loads(Path("metrics/evaluate.json").read_text())
+    evaluation = _metrics_file(params, "evaluate")
+    if evaluation.exists():
+        ev = json.loads(evaluation.read_text())
         for name, m in ev.get("models", {}).items():
             lines.append(f"  evaluate      {name} ({m.get('model')}): harmlessness={m.get('harmlessness') or 0:.3f} "
                          f"over_refusal={m.get('over_refusal') or 0:.2f} refusal_red_team="
                          f"{m.get('refusal_rate_red_team') or 0:.2f} elo={ev.get('elo', {}).get(name)}")
-    if Path("metrics/promotion.json").exists():
-        d = json.loads(Path("metrics/promotion.json").read_text())
+    decision = _metrics_file(params, "promote", "decision")
+    if decision.exists():
+        d = json.loads(decision.read_text())
         lines.append(f"  promotion     {d['candidate']} -> {d['alias']}" +
                      (f" ({'; '.join(d['reasons'])})" if d["reasons"] else ""))
     if lines:
@@ -94,13 +121,9 @@ def _print_metrics() -> None:
         print("\n".join(lines))
 
 
-def _print_registry(tracking_uri: str | None) -> None:
+def _print_registry(uri: str) -> None:
     """Registered models, their latest version and aliases (a local SQLite store is only read if it exists)."""
     import os
-
-    from cai_lib.registry import _USER_ENV
-    common = read_params("params.yaml").get("common") or {}
-    uri = tracking_uri or _USER_ENV.get("MLFLOW_TRACKING_URI") or common.get("tracking_uri", CommonConfig.tracking_uri)
     if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
         return
     import mlflow
@@ -126,7 +149,9 @@ def constitution_main(argv) -> int:
     i.add_argument("--id", default="anthropic-paper-2022")
     i.add_argument("-o", "--output", required=True)
     a = p.parse_args(argv)
-    from cai_lib.constitution import ConstitutionError, constitution_from_paper, constitution_to_yaml, load_constitution
+    from cai_lib.constitution.load import constitution_to_yaml, load_constitution
+    from cai_lib.constitution.model import ConstitutionError
+    from cai_lib.constitution.paper import constitution_from_paper
     if a.action == "validate":
         for f in a.files:
             try:
@@ -163,17 +188,16 @@ def lineage_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai lineage", description="From a registered model version to the tables, "
                                 "Delta versions, gate verdicts, parent models and commit it came from.")
     p.add_argument("model", help="cai-rl@champion, cai-sl:3, models:/cai-pm/2, or a name (= latest version)")
-    p.add_argument("--lake", default=None, help="lake to look the gate verdicts up in (default: params.yaml)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: params.yaml [common] tracking_uri)")
+    _add_common(p, registry=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     a = p.parse_args(argv)
     import json
 
-    from cai_lib.registry import configure, lineage
-    common = read_params("params.yaml").get("common") or {}
-    configure(a.tracking_uri or common.get("tracking_uri", CommonConfig.tracking_uri),
-              common.get("artifact_dir", CommonConfig.artifact_dir), common.get("experiment", CommonConfig.experiment))
-    info = lineage(a.model, Lake(a.lake or _default_lake()))
+    from cai_lib.registry.lineage import lineage
+    from cai_lib.registry.tracking import configure
+    configure(_tracking_uri(a), common_value(a.params, "artifact_dir", RegistryConfig.artifact_dir),
+              common_value(a.params, "experiment", RegistryConfig.experiment))
+    info = lineage(a.model, _lake(a))
     if a.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0

@@ -13,32 +13,34 @@ the constitution and git commit; the model (safetensors) is registered as `cai-p
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from cai_lib.config import load_config, opt
-from cai_lib.eval_data import read_hh_pairs
-from cai_lib.lake import Lake
-from cai_lib.pm_train import PMSettings, evaluate_pm, train_pm
-from cai_lib.training_data import preference_rows
+from cai_lib.config import load_config, opt, settings_from
+from cai_lib.lake.tables import Lake
+from cai_lib.sources.eval_data import read_hh_pairs
+from cai_lib.training.inputs import preference_rows
+from cai_lib.training.pm_train import PMSettings, evaluate_pm, train_pm
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
 class TrainPMConfig(TrainConfig, PMSettings):
-    base_model: str | None = opt(None, "backbone (default: [common] model)")
+    """The job's own fields; the PM training settings (and their defaults) are PMSettings'."""
+    base_model: str = opt("default", "the backbone: 'default', a model folder, or a registered model")
     eval_harmless: str | None = opt(None, "HH-RLHF harmless pairs (jsonl/.gz) to report PM accuracy on")
     eval_helpful: str | None = opt(None, "HH-RLHF helpful pairs (jsonl/.gz) to report PM accuracy on")
     eval_limit: int = opt(100, "pairs drawn (seeded) from each evaluation file")
     registered_name: str = opt("cai-pm", "MLflow registered model name")
 
-    def __post_init__(self):
-        PMSettings.__post_init__(self)
+    def settings(self) -> PMSettings:
+        return settings_from(self, PMSettings)
 
 
 def run(cfg: TrainPMConfig, progress=print) -> dict:
     import mlflow
-    from cai_lib.registry import log_step_metrics, model_folder, training_run
+    from cai_lib.registry.models import model_folder
+    from cai_lib.registry.tracking import log_step_metrics, training_run
     lake = Lake(cfg.lake)
     verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
     data = preference_rows(lake)
@@ -46,9 +48,8 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
         raise ValueError(f"{lake.root}/preference_dataset has no trainable pairs ({data.excluded} quarantined): "
                          "run `cai label` (and `cai gate labels`) first")
     shas = sorted({r["constitution_sha"] for r in data.rows if r["constitution_sha"]})
-    settings = PMSettings(**{f.name: getattr(cfg, f.name) for f in fields(PMSettings)})
-    settings.threads = settings.threads or cfg.torch_threads
-    base = cfg.base_model or cfg.model
+    settings = cfg.settings()
+    base = cfg.base_model
     folder = model_folder(base, cfg)
     with training_run("train-pm", cfg, lake, ["preference_dataset", "label_events", "quarantine"], verdicts,
                       {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
@@ -76,4 +77,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("train-pm"))

@@ -14,42 +14,29 @@ The run is tagged with its parents (the SL and PM versions) and the gates it rel
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from cai_lib.config import load_config, opt
-from cai_lib.lake import Lake
-from cai_lib.dpo import train_dpo
-from cai_lib.rl import RLSettings, train_ppo
-from cai_lib.training_data import preference_rows, rl_prompts
-from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir, write_json
-
-_RL_FIELDS = {f.name for f in fields(RLSettings)}
+from cai_lib.config import load_config, opt, settings_from
+from cai_lib.files import write_json
+from cai_lib.lake.tables import Lake
+from cai_lib.training.dpo import train_dpo
+from cai_lib.training.inputs import preference_rows, rl_prompts
+from cai_lib.training.policy import RLSettings
+from cai_lib.training.ppo import train_ppo
+from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
-class TrainRLConfig(TrainConfig):
-    policy: str = opt("cai-sl", "the policy to start from: a registered model (cai-sl = latest) or a folder")
+class TrainRLConfig(TrainConfig, RLSettings):
+    """The job's own fields; the PPO/DPO settings (and their defaults) are RLSettings'."""
+    policy: str = opt("cai-sl", "the policy to start from: a registered model (cai-sl = latest) or a folder; "
+                                "it is also the frozen KL reference")
     reward_model: str = opt("cai-pm", "PPO: the registered preference model (or a PM folder)")
-    algorithm: str = opt("ppo", "ppo | dpo")
-    steps: int = opt(20, "PPO iterations")
-    batch_size: int = opt(8, "PPO: prompts per iteration; DPO: pairs per step")
-    mini_batch_size: int = opt(4, "rows per forward/backward")
-    ppo_epochs: int = opt(2, "PPO passes over each rollout")
-    max_new_tokens: int = opt(48, "PPO: response length cap")
-    learning_rate: float = opt(1e-5, "AdamW learning rate")
-    kl_beta: float = opt(0.05, "KL penalty coefficient (initial value when adaptive)")
-    kl_mode: str = opt("fixed", "fixed | adaptive")
-    kl_target: float = opt(6.0, "adaptive: target sequence KL (nats)")
-    kl_horizon: float = opt(10000.0, "adaptive: horizon in samples")
-    temperature: float = opt(1.0, "PPO sampling temperature")
-    dpo_beta: float = opt(0.1, "DPO beta")
-    dpo_max_steps: int | None = opt(None, "DPO: optimizer steps cap")
     registered_name: str = opt("cai-rl", "MLflow registered model name")
     curve: str | None = opt(None, "write the per-step metrics (reward, KL, beta, Goodhart watch) here as JSON")
 
     def settings(self) -> RLSettings:
-        values = {k: v for k, v in vars(self).items() if k in _RL_FIELDS}
-        return RLSettings(**values, threads=self.torch_threads)
+        return settings_from(self, RLSettings)
 
 
 def dpo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
@@ -67,7 +54,8 @@ def dpo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
 
 
 def run(cfg: TrainRLConfig, progress=print) -> dict:
-    from cai_lib.registry import model_version, resolve_weights, run_tag, training_run
+    from cai_lib.registry.models import model_version, resolve_weights, run_tag
+    from cai_lib.registry.tracking import training_run
     settings = cfg.settings()
     lake = Lake(cfg.lake)
     needs = {"sl": ["prompts"]} if cfg.algorithm == "ppo" else {"labels": ["preference_dataset"]}
@@ -83,7 +71,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
                 tags["constitution_sha"] = sha
     tags.update({f"parent.{k}": v for k, v in parents.items()})
     if cfg.algorithm == "ppo":
-        from cai_lib.pm_train import PreferenceModel
+        from cai_lib.training.pm_train import PreferenceModel
         data = rl_prompts(lake)
         prompts = [r["text"] for r in data.rows]
         if not prompts:
@@ -120,7 +108,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
 
 
 def _logged(progress):
-    from cai_lib.registry import log_step_metrics
+    from cai_lib.registry.tracking import log_step_metrics
 
     def on_step(step, metrics):
         log_step_metrics(step, metrics)
@@ -136,4 +124,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("train-rl"))

@@ -14,37 +14,26 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from cai_lib.config import load_config, opt
-from cai_lib.lake import Lake
-from cai_lib.sft import SFTSettings, train_sft
-from cai_lib.training_data import sl_rows
+from cai_lib.config import load_config, opt, settings_from
+from cai_lib.lake.tables import Lake
+from cai_lib.training.inputs import sl_rows
+from cai_lib.training.sft import SFTSettings, train_sft
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
-class TrainSLConfig(TrainConfig):
-    base_model: str | None = opt(None, "the model to fine-tune (default: [common] model)")
-    method: str = opt("full", "full | lora (merged into the weights before saving)")
-    learning_rate: float | None = opt(None, "peak learning rate (None: 1e-5 full, 2e-4 LoRA)")
-    epochs: float = opt(1.0, "passes over the training rows (when max_steps is not set)")
-    max_steps: int | None = opt(None, "optimizer steps (overrides epochs)")
-    batch_size: int = opt(4, "rows per forward pass")
-    grad_accum: int = opt(1, "forward passes per optimizer step")
-    max_length: int = opt(512, "tokens per row (prompt + response); longer responses are cut, reported")
-    heldout_fraction: float = opt(0.1, "share of prompts held out for the loss before/after")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha")
+class TrainSLConfig(TrainConfig, SFTSettings):
+    """The job's own fields; the fine-tune's settings (and their defaults) are SFTSettings'."""
+    base_model: str = opt("default", "the model to fine-tune: 'default', a model folder, or a registered model")
     registered_name: str = opt("cai-sl", "MLflow registered model name")
 
     def settings(self) -> SFTSettings:
-        return SFTSettings(method=self.method, learning_rate=self.learning_rate, epochs=self.epochs,
-                           max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           max_length=self.max_length, heldout_fraction=self.heldout_fraction, seed=self.seed,
-                           threads=self.torch_threads, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+        return settings_from(self, SFTSettings)
 
 
 def run(cfg: TrainSLConfig, progress=print) -> dict:
-    from cai_lib.registry import log_step_metrics, model_folder, training_run
+    from cai_lib.registry.models import model_folder
+    from cai_lib.registry.tracking import log_step_metrics, training_run
     lake = Lake(cfg.lake)
     settings = cfg.settings()  # bad settings fail before anything is read or logged
     verdicts = gate_verdicts(lake, cfg, {"sl": ["sl_dataset"]})
@@ -53,7 +42,7 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
         raise ValueError(f"{lake.root}/sl_dataset has no trainable rows ({data.excluded} quarantined): "
                          "run `cai sl-generate` (and `cai gate sl`) first")
     shas = sorted({r["constitution_sha"] for r in data.rows})
-    base = cfg.base_model or cfg.model
+    base = cfg.base_model
     folder = model_folder(base, cfg)
     with training_run("train-sl", cfg, lake, ["sl_dataset", "quarantine"], verdicts,
                       {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
@@ -79,4 +68,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.common import refuse_script_run
+    sys.exit(refuse_script_run("train-sl"))

@@ -1,6 +1,6 @@
 """Every lake table's shape, in one place. Imports nothing of ours (the leaf of the layering).
 
-Jobs, tests and quality suites import these; `cai_lib.lake` creates tables from them.
+Jobs, tests and quality suites import these; `cai_lib.lake.tables` creates tables from them.
 """
 from schemas.tables import (  # noqa: F401
     GATE_EVENTS,

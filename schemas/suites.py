@@ -1,7 +1,7 @@
 """The quality gates' expectations, declared next to the table schemas they protect.
 
 A gate stage validates a few *frames*: lake tables (minus rows already quarantined) plus
-derived columns and per-group rates that `cai_lib.gate_frames` computes (refusal flags,
+derived columns and per-group rates that `cai_lib.quality.frames` computes (refusal flags,
 boilerplate flags, revision changes, swap consistency). Each `Check` is one Great
 Expectations expectation on one frame, with a stable name (what `gate_events.failed_checks`
 lists), the reason it exists, and whether its failures are rows (`row_level`: the failing
@@ -25,7 +25,7 @@ LINEAGE = ("event_id", "kind", "prompt_id", "constitution_sha", "model_id", "mod
 @dataclass(frozen=True)
 class Check:
     name: str                 # stable id: `stage.what`
-    frame: str                # the frame it validates (see cai_lib.gate_frames)
+    frame: str                # the frame it validates (see cai_lib.quality.frames)
     expectation: str          # a Great Expectations 1.x expectation class name
     kwargs: dict = field(default_factory=dict)
     why: str = ""

@@ -1,7 +1,7 @@
 """Arrow schemas of the lake tables and how each is written.
 
 `nullable=False` marks key and lineage columns: delta-rs refuses a write that puts a null
-there, and `cai_lib.lake` checks it first to name the column and row. Event tables are
+there, and `cai_lib.lake.tables` checks it first to name the column and row. Event tables are
 append-only (`delta.appendOnly=true`): rows are inserted once, keyed on `key`, never updated.
 Derived tables (`sl_dataset`) are rebuilt from the events and replaced whole.
 """

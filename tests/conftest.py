@@ -22,7 +22,7 @@ set_offline_env()
 
 @pytest.fixture(scope="session")
 def spark():
-    from cai_lib.spark import get_spark
+    from cai_lib.runtime.session import get_spark
     session = get_spark("local[1]", "cai-tests")
     yield session
     session.stop()

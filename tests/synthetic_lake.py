@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cai_lib.ids import stable_id
-from cai_lib.lake import Lake
+from cai_lib.lake.tables import Lake
 from schemas import GENERATION_EVENTS, LABEL_EVENTS, PREFERENCE_DATASET, PROMPTS, SL_DATASET
 
 WORDS = ("apple river window garden yellow music bridge winter candle forest market silver paper ocean "

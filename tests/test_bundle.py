@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.config import CommonConfig, build_parser
-from jobs.cli import JOBS
+from cai_lib.config import LakeConfig, build_parser
+from jobs.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATION = {"sl_generate", "sample_pairs", "label", "eval_labeler", "evaluate"}  # model calls on Spark executors
@@ -142,16 +142,16 @@ def test_every_task_runs_a_cai_job_with_flags_it_accepts(tasks):
     for key, task in tasks.items():
         run = runnable(task)
         assert set(run) & {"spark_python_task", "python_wheel_task"} == {"spark_python_task"}, key
-        assert (ROOT / "resources" / run["spark_python_task"]["python_file"]).resolve() == ROOT / "resources/cai_task.py"
+        assert (ROOT / "resources" / run["spark_python_task"]["python_file"]).resolve() == ROOT / "launch/cai_task.py"
         cmd, *flags = argv(task)
-        assert cmd in JOBS, f"{key}: `cai {cmd}` is not a job (jobs.cli.JOBS)"
+        assert cmd in COMMANDS, f"{key}: `cai {cmd}` is not a command (jobs.cli.COMMANDS)"
         assert key.startswith(cmd.replace("-", "_")), f"{key} runs `cai {cmd}`"
         if cmd == "gate":  # `cai gate STAGE ...`: the stage is positional
             assert flags[0] == key.removeprefix("gate_"), key
             flags = ["--stage", *flags]
-        module = importlib.import_module(JOBS[cmd])
+        module = importlib.import_module(COMMANDS[cmd][0].split(":")[0])
         [cls] = [o for o in vars(module).values() if isinstance(o, type) and dataclasses.is_dataclass(o)
-                 and issubclass(o, CommonConfig) and o.__module__ == module.__name__]
+                 and issubclass(o, LakeConfig) and o.__module__ == module.__name__]
         parser = build_parser(cls, f"cai {cmd}", "")
         accepted = {s for action in parser._actions for s in action.option_strings}
         unknown = [f for f in flags if f.startswith("--") and f not in accepted]  # exact: no abbreviations
@@ -223,7 +223,7 @@ def test_paths_point_into_the_synced_checkout_or_mirror_params(bundle, tasks):
 def test_launcher_passes_the_exit_status(tmp_path):
     """A failed job (non-zero status) must fail the Databricks task, a passing one must not."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    script = ROOT / "resources/cai_task.py"
+    script = ROOT / "launch/cai_task.py"
     unknown = subprocess.run([sys.executable, str(script), "no-such-job"], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr

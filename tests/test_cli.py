@@ -77,9 +77,9 @@ def test_sql_filters_on_string_columns(tmp_path, capsys):
 
 def test_sql_counts_refusals_per_category(tmp_path, capsys):
     import pyarrow as pa
+    from synthetic_lake import build_clean_lake
 
     from schemas import SL_DATASET
-    from synthetic_lake import build_clean_lake
     lake = build_clean_lake(tmp_path / "lake")
     rows = lake.read("sl_dataset").to_pylist()
     fraud = [r for r in rows if r["category"] == "fraud"]

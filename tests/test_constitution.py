@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.constitution import (
-    TEMPLATE_PLACEHOLDERS,
-    Constitution,
-    ConstitutionError,
-    constitution_from_dict,
-    constitution_from_paper,
-    constitution_to_yaml,
-    content_sha256,
-    load_constitution,
-)
+from cai_lib.constitution.load import constitution_to_yaml, load_constitution
+from cai_lib.constitution.model import (TEMPLATE_PLACEHOLDERS, Constitution, ConstitutionError,
+                                        constitution_from_dict, content_sha256)
+from cai_lib.constitution.paper import constitution_from_paper
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {  # file -> (id, critique_revision count, comparison count)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.lake import Lake
+from cai_lib.lake.tables import Lake
 from tests.conftest import DEMO_HELPFUL, DEMO_RED, ROOT
 
 

@@ -1,6 +1,6 @@
-"""Tests for cai_lib.eval_data: readers for HH-RLHF pairs and the HHH comparisons.
+"""Tests for cai_lib.sources.eval_data: readers for HH-RLHF pairs and the HHH comparisons.
 
-    python -m pytest -q tests/test_eval_data.py --doctest-modules cai_lib/eval_data.py
+    python -m pytest -q tests/test_eval_data.py --doctest-modules cai_lib/sources/eval_data.py
 """
 import gzip
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_lib.eval_data import EvalDataError, HHHItem, HumanPair, read_hh_pairs, read_hhh
+from cai_lib.sources.eval_data import EvalDataError, HHHItem, HumanPair, read_hh_pairs, read_hhh
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HARMLESS = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -127,7 +127,7 @@ def test_missing_file_names_file_and_fix(tmp_path):
 
 def test_unreadable_file(tmp_path, monkeypatch):
     # chmod 000 does not stop root (CI containers), so make open() fail like a permission error
-    import cai_lib.eval_data as eval_data
+    import cai_lib.sources.eval_data as eval_data
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

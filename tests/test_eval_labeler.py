@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from cai_lib import label_metrics as lm
-from cai_lib.constitution import load_constitution
+from cai_lib.constitution.load import load_constitution
+from cai_lib.feedback import label_metrics as lm
 from cai_lib.ids import stable_id
-from cai_lib.lake import Lake
+from cai_lib.lake.tables import Lake
 from jobs.eval_labeler import EvalLabelerConfig, run
 from tests.conftest import ROOT, write_jsonl
 
@@ -39,7 +39,7 @@ def hhh_file(tmp_path):
 
 @pytest.mark.parametrize("backend,model", [("fake", "fake"), pytest.param("transformers", "default", marks=pytest.mark.slow)])
 def test_metrics_match_the_answer_key_and_the_events(spark, tmp_path, backend, model):
-    cfg = EvalLabelerConfig(lake=str(tmp_path / "lake"), params="/nonexistent.yaml", backend=backend, model=model,
+    cfg = EvalLabelerConfig(lake=str(tmp_path / "lake"), params="/nonexistent.yaml", backend=backend, feedback_model=model,
                             constitution=str(ROOT / "constitutions/default.yaml"), human=str(hh_file(tmp_path)),
                             sample_size=4, hhh=str(hhh_file(tmp_path)), metrics=str(tmp_path / "m.json"),
                             plot=str(tmp_path / "rel.png"), batch_size=8)

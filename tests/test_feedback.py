@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from cai_lib.constitution import load_constitution
-from cai_lib.feedback import (LabelJob, LabelSettings, aggregate_pair, escape_delimiters, feedback_chat,
-                              label_values, pick_principles, plan_labels)
-from cai_lib.templates import DEFAULT_TEMPLATES
+from cai_lib.constitution.load import load_constitution
+from cai_lib.constitution.templates import DEFAULT_TEMPLATES
+from cai_lib.feedback.labels import (LabelJob, LabelSettings, aggregate_pair, escape_delimiters, feedback_chat,
+                                     label_values, pick_principles, plan_labels)
 from tests.conftest import ROOT
 
 C = load_constitution(ROOT / "constitutions/default.yaml")

@@ -13,10 +13,10 @@ import re
 import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
+from synthetic_lake import build_clean_lake, label_row
 
 from jobs.cli import main as cai
 from schemas import LABEL_EVENTS, SL_DATASET
-from synthetic_lake import build_clean_lake, label_row
 
 REFUSALS = ["I cannot help with that request about {w}.", "I'm sorry, but I won't provide details on {w}.",
             "As an AI, I am not able to assist with {w}.", "I must decline to discuss {w} any further.",

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cai_lib.lake import Lake
-from cai_lib.sources import SourceError
+from cai_lib.lake.tables import Lake
+from cai_lib.sources.prompts import SourceError
 from jobs.cli import main as cai
 from tests.conftest import DEMO_HELPFUL, DEMO_RED, SHARED, ingest, write_jsonl
 

@@ -10,7 +10,7 @@ import time
 import pyarrow.compute as pc
 import pytest
 
-from cai_lib.lake import Lake
+from cai_lib.lake.tables import Lake
 from jobs.sl_generate import SLGenerateConfig, run
 from tests.conftest import ROOT, copy_lake
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from cai_lib.label_metrics import debias
-from cai_lib.lake import Lake
+from cai_lib.feedback.label_metrics import debias
+from cai_lib.lake.tables import Lake
 from jobs.label import LabelConfig
 from jobs.label import run as label
 from jobs.sample_pairs import SamplePairsConfig
@@ -13,13 +13,14 @@ from jobs.sample_pairs import run as sample_pairs
 from tests.conftest import ROOT, SHARED
 
 BASE = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), batch_size=8)
+POLICY = dict(policy="default")   # the base model plays the policy under study (no registry here)
 
 
 @pytest.fixture
 def sampled(spark, small_lake):
-    out = sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), max_new_tokens=24, **BASE))
+    out = sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), max_new_tokens=24, **POLICY, **BASE))
     assert (out["prompts"], out["ok"]) == (3, 6)  # 3 red-team prompts x 2 samples (helpful ones are not paired)
-    again = sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), max_new_tokens=24, **BASE))
+    again = sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), max_new_tokens=24, **POLICY, **BASE))
     assert (again["samples"], again["model_calls"]) == (0, 0)
     return small_lake
 
@@ -78,9 +79,9 @@ def test_label_without_pairs_is_a_clear_error(spark, small_lake):
 
 def test_failing_chains_of_thought_are_retried_then_left_failed(spark, small_lake):
     """A CoT that fails is an event, retried up to max_attempts, then counted and not retried."""
-    fake = dict(BASE, backend="fake", model="fake")
-    sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), **fake))
-    failing = LabelConfig(lake=str(small_lake), cot=True, **{**fake, "model": "fail-on:Option (A):"})
+    fake = dict(BASE, backend="fake")
+    sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), policy="fake", **fake))
+    failing = LabelConfig(lake=str(small_lake), cot=True, feedback_model="fail-on:Option (A):", **fake)
     first, second, third = (label(spark, failing) for _ in range(3))
     assert (first["inserted"], first["cot_gave_up"]) == (0, 0) and first["model_calls"] > 0
     assert second["cot_gave_up"] == 0 and second["model_calls"] > 0  # attempt 2

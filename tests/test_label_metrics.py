@@ -1,15 +1,14 @@
-"""Tests for cai_lib.label_metrics: soft-label math on hand-computed examples (pure, fast).
+"""Tests for cai_lib.feedback.label_metrics: soft-label math on hand-computed examples (pure, fast).
 
-    python -m pytest -q tests/test_label_metrics.py --doctest-modules cai_lib/label_metrics.py
+    python -m pytest -q tests/test_label_metrics.py --doctest-modules cai_lib/feedback/label_metrics.py
 """
 import math
 
 import pytest
 
-from cai_lib.label_metrics import (accuracy, clamp, debias, expected_calibration_error,
-                                   normalise_choice, per_group, plot_reliability,
-                                   position_bias, reliability_curve, summarise,
-                                   swap_consistent)
+from cai_lib.feedback.label_metrics import (accuracy, clamp, debias, expected_calibration_error, normalise_choice,
+                                            per_group, plot_reliability, position_bias, reliability_curve, summarise,
+                                            swap_consistent)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

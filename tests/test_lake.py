@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from cai_lib.lake import Lake, LakeError
+from cai_lib.lake.tables import Lake, LakeError
 from schemas import QUARANTINE, SL_DATASET
 
 
@@ -64,7 +64,7 @@ def test_replace_writes_only_on_change_and_refuses_event_tables(tmp_path):
 
 def test_open_lake_uses_delta_rs_when_the_session_has_no_delta(spark, tmp_path):
     """Locally (no Delta jars offline) every job writes through delta-rs; on Databricks, natively."""
-    from cai_lib.lake_spark import open_lake, spark_has_delta
+    from cai_lib.lake.spark_delta import open_lake, spark_has_delta
     assert not spark_has_delta(spark)
     assert type(open_lake(tmp_path, spark)) is Lake and type(open_lake(tmp_path)) is Lake
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from cai_lib import label_metrics as lm
 from synthetic_lake import build_clean_lake
+
+from cai_lib.feedback import label_metrics as lm
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

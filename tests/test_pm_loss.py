@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cai_lib.pm_loss import pm_accuracy, pm_loss, pm_probabilities
+from cai_lib.training.pm_loss import pm_accuracy, pm_loss, pm_probabilities
 
 
 def _sig(x: float) -> float:

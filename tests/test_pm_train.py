@@ -4,7 +4,7 @@ last-token reading, a few training steps, save/load, evaluation on HH-RLHF pairs
 Kept tiny (8 rows, max_length 128, a few steps) and on one torch thread, so the file runs
 in well under a minute on 2 shared cores.
 
-    python -m pytest -q tests/test_pm_train.py cai_lib/pm_train.py
+    python -m pytest -q tests/test_pm_train.py cai_lib/training/pm_train.py
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import math
 import pytest
 import torch
 
-from cai_lib.eval_data import read_hh_pairs
-from cai_lib.feedback import conversation_text
-from cai_lib.pm_train import (HEAD_FILE, PM_CONFIG, PMSettings, PreferenceModel, evaluate_pm,
-                              prompt_turns, render, split_heldout, train_pm)
-from cai_lib.preferences import dialogue_text
+from cai_lib.feedback.labels import conversation_text
+from cai_lib.feedback.preferences import dialogue_text
+from cai_lib.ids import split_heldout
+from cai_lib.sources.eval_data import read_hh_pairs
+from cai_lib.training.pm_train import (HEAD_FILE, PM_CONFIG, PMSettings, PreferenceModel, evaluate_pm, prompt_turns,
+                                       render, train_pm)
 from tests.conftest import SHARED
 
 HARMLESS_TEST = SHARED / "hh-rlhf/harmless-base/test.jsonl.gz"
@@ -117,12 +118,12 @@ def test_pickle_weight_files_are_refused(tmp_path):
 def test_train_three_steps_then_save_load_round_trip(base_pm, tmp_path):
     rows = polite_rows(8)
     settings = PMSettings(max_steps=3, batch_size=2, max_length=MAX_LEN, heldout_fraction=0.25,
-                          seed=0, threads=1, train_backbone=False)    # seed 0: base_pm's head init
+                          seed=0, torch_threads=1, train_backbone=False)    # seed 0: base_pm's head init
     seen = []
     result = train_pm("default", rows, settings, tmp_path / "pm", on_step=lambda s, m: seen.append((s, m)))
     assert result.steps == 3 and [s for s, _ in seen] == [1, 2, 3]
     assert all(math.isfinite(x) for x in result.train_losses) and len(result.train_losses) == 3
-    train, held = split_heldout(rows, 0.25)
+    train, held = split_heldout(rows, 0.25, key=lambda r: str(r["pair_id"]))
     assert (result.n_train, result.n_heldout) == (len(train), len(held)) and held
     assert math.isfinite(result.heldout_loss_before) and math.isfinite(result.heldout_loss_after)
 
@@ -139,7 +140,7 @@ def test_train_three_steps_then_save_load_round_trip(base_pm, tmp_path):
 
 def test_head_only_training_is_deterministic_and_lowers_the_loss(tmp_path):
     settings = PMSettings(max_steps=10, epochs=10, batch_size=8, max_length=MAX_LEN, heldout_fraction=0.0,
-                          seed=3, threads=1, train_backbone=False, head_learning_rate=1e-3)
+                          seed=3, torch_threads=1, train_backbone=False, head_learning_rate=1e-3)
     result = train_pm("default", polite_rows(8), settings, tmp_path / "pm")
     again = train_pm("default", polite_rows(8), settings, tmp_path / "pm2")
     assert again.train_losses == result.train_losses                       # deterministic given the seed
@@ -152,7 +153,7 @@ def test_head_only_training_is_deterministic_and_lowers_the_loss(tmp_path):
 
 def test_backbone_training_updates_the_backbone_in_float32(base_pm, tmp_path):
     settings = PMSettings(max_steps=1, batch_size=1, max_length=48, heldout_fraction=0.0, seed=0,
-                          threads=1, train_backbone=True, learning_rate=1e-4)
+                          torch_threads=1, train_backbone=True, learning_rate=1e-4)
     result = train_pm("default", polite_rows(2), settings, tmp_path / "pm")
     assert result.steps == 1 and math.isfinite(result.train_losses[0])
     emb = result.pm.backbone.get_input_embeddings().weight

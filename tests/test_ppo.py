@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cai_lib.ppo import (AdaptiveKLController, FixedKLController, ValueHead, gae,
-                         kl_penalised_rewards, logprobs_from_logits, per_token_kl, ppo_losses,
-                         whiten)
+from cai_lib.training.ppo_math import (AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalised_rewards,
+                                       logprobs_from_logits, per_token_kl, ppo_losses, whiten)
 
 # ---------------------------------------------------------------- log-probs, KL, rewards
 

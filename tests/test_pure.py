@@ -8,10 +8,10 @@ import pytest
 from cai_lib.backends import Sampling
 from cai_lib.backends.fake import FAKE_FINGERPRINT
 from cai_lib.config import ConfigError, load_config
-from cai_lib.constitution import load_constitution
+from cai_lib.constitution.load import load_constitution
+from cai_lib.constitution.templates import DEFAULT_TEMPLATES, critique_chat, parse_output, revision_chat
 from cai_lib.ids import derive_seed, stable_id
-from cai_lib.sl import SLContext, SLSettings, plan_chain, sample_principle, step_chat
-from cai_lib.templates import DEFAULT_TEMPLATES, critique_chat, parse_output, revision_chat
+from cai_lib.sl.chain import SLContext, SLSettings, plan_chain, sample_principle, step_chat
 from jobs.sl_generate import SLGenerateConfig
 from tests.conftest import ROOT
 
@@ -97,7 +97,7 @@ def test_parse_output(raw, kind, want):
 
 
 def test_default_templates_have_their_placeholders():
-    from cai_lib.constitution import TEMPLATE_PLACEHOLDERS, template_fields
+    from cai_lib.constitution.model import TEMPLATE_PLACEHOLDERS, template_fields
     for name, text in DEFAULT_TEMPLATES.items():
         assert template_fields(text) == set(TEMPLATE_PLACEHOLDERS[name])
 

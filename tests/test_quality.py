@@ -1,15 +1,15 @@
-"""Quality signals (cai_lib/quality.py) on hand-written responses: pure and fast.
+"""Quality signals (cai_lib/quality/signals.py) on hand-written responses: pure and fast.
 
-    python -m pytest -q tests/test_quality.py cai_lib/quality.py
+    python -m pytest -q tests/test_quality.py cai_lib/quality/signals.py
 """
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from cai_lib.quality import (boilerplate_rate, boilerplate_report, boilerplate_rows, is_refusal,
-                             refusal_rates, refusal_reason, revision_change, revision_rates,
-                             split_sentences, word_count)
+from cai_lib.quality.signals import (boilerplate_rate, boilerplate_report, boilerplate_rows, is_refusal,
+                                     refusal_rates, refusal_reason, revision_change, revision_rates, split_sentences,
+                                     word_count)
 
 # ---------------------------------------------------------------- refusals
 

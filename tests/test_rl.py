@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from cai_lib.backends.models import resolve_model
-from cai_lib.ppo import ValueHead, gae, kl_penalised_rewards, ppo_losses
-from cai_lib.dpo import train_dpo
-from cai_lib.rl import (DPO_METRICS, PPO_METRICS, RLSettings, _forward, _Rollout, _rollout, _setup, render_chat,
-                        response_mask, train_ppo)
+from cai_lib.training.dpo import DPO_METRICS, train_dpo
+from cai_lib.training.policy import RLSettings, load_policy, render_chat
+from cai_lib.training.ppo import PPO_METRICS, _forward, _Rollout, _rollout, response_mask, train_ppo
+from cai_lib.training.ppo_math import ValueHead, gae, kl_penalised_rewards, ppo_losses
 
 PROMPTS = ["Name a fruit.", "Say hello to me.", "What colour is the sky?"]
 PAIRS = [
@@ -31,7 +31,7 @@ def letter_e(prompts, responses):
 
 def tiny(**kw) -> RLSettings:
     base = dict(steps=2, batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8,
-                learning_rate=1e-4, threads=1, seed=7)
+                learning_rate=1e-4, torch_threads=1, seed=7)
     return RLSettings(**{**base, **kw})
 
 
@@ -54,7 +54,7 @@ def assert_loadable_and_changed(out_dir):
 
 @pytest.fixture(scope="module", autouse=True)
 def restore_threads():
-    """threads=1: on 2 shared cores, 2 threads were 15x slower (spinning at barriers)."""
+    """torch_threads=1: on 2 shared cores, 2 threads were 15x slower (spinning at barriers)."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -139,7 +139,7 @@ def test_ppo_saves_a_changed_policy_as_safetensors(ppo_run):
 @pytest.fixture(scope="module")
 def loaded():
     settings = tiny()
-    tokenizer, policy = _setup("default", settings, "ppo")
+    tokenizer, policy = load_policy("default", settings, "ppo")
     return settings, tokenizer, policy
 
 

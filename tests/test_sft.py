@@ -2,7 +2,7 @@
 the held-out split, dropped rows, a 2-step full and a 2-step LoRA run (one each, shared by
 the tests below), and the refusal of pickled weights.
 
-    python -m pytest -q tests/test_sft.py cai_lib/sft.py
+    python -m pytest -q tests/test_sft.py cai_lib/training/sft.py
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from cai_lib.backends.models import resolve_model
-from cai_lib.sft import (IGNORE, SFTSettings, assert_no_pickles, build_examples, is_heldout,
-                         load_safetensors_folder, split_heldout, train_sft)
+from cai_lib.backends.weights import assert_no_pickles
+from cai_lib.ids import is_heldout, split_heldout
+from cai_lib.training.sft import SFTSettings, load_safetensors_folder, train_sft
+from cai_lib.training.sft_examples import IGNORE, build_examples
 
 # Short rows keep a full-model step to a few seconds on 2 busy cores. Keys were chosen so that
 # heldout_fraction=0.25 holds out some and trains on the rest (checked in a test below).
@@ -27,7 +29,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def small(**kw) -> SFTSettings:
-    base = dict(max_steps=2, batch_size=4, max_length=128, heldout_fraction=0.25, threads=1, seed=7)
+    base = dict(max_steps=2, batch_size=4, max_length=128, heldout_fraction=0.25, torch_threads=1, seed=7)
     return SFTSettings(**{**base, **kw})
 
 
@@ -112,8 +114,8 @@ def test_settings_are_validated_with_the_field_name():
         SFTSettings(method="qlora")
     with pytest.raises(ValueError, match=r"SFTSettings.heldout_fraction must be in \[0, 1\), got 1.0"):
         SFTSettings(heldout_fraction=1.0)
-    with pytest.raises(ValueError, match="SFTSettings.dtype must be one of"):
-        SFTSettings(dtype="fp8")
+    with pytest.raises(ValueError, match="SFTSettings.train_dtype must be one of"):
+        SFTSettings(train_dtype="fp8")
     assert SFTSettings(method="lora").learning_rate == 2e-4 and SFTSettings().learning_rate == 1e-5
 
 

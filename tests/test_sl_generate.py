@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from cai_lib.lake import Lake
+from cai_lib.lake.tables import Lake
 from jobs.cli import main as cai
 from jobs.sl_generate import SLGenerateConfig, run
 from tests.conftest import ROOT
@@ -54,7 +54,7 @@ def test_failed_generations_are_recorded_then_retried(spark, small_lake):
     lake = Lake(small_lake)
     prompts = lake.read("prompts")
     victim = prompts.filter(pc.equal(prompts["kind"], "red_team"))["text"][0].as_py()
-    failing = cfg(small_lake, backend="fake", model="fail-on:" + victim[:30])
+    failing = cfg(small_lake, backend="fake", base_model="fail-on:" + victim[:30])
     out = run(spark, failing)
     assert (out["failed"], out["ok"]) == (1, 8)  # 4 answers + 2 intact chains x 2; the failed chain stopped
     ev = lake.read("generation_events")
@@ -79,6 +79,6 @@ def test_bad_constitution_and_unknown_model_write_nothing(spark, small_lake, tmp
     assert cai(args + ["--constitution", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "critique" in err
-    assert cai(args + ["--model", "no/such-model", "--rounds", "1"]) == 1
+    assert cai(args + ["--base-model", "no/such-model", "--rounds", "1"]) == 1
     assert "no/such-model" in capsys.readouterr().err
     assert lake.snapshot() == before

@@ -1,6 +1,6 @@
-"""Tests for cai_lib.sources: reading prompt files into records (pure, fast, no Spark).
+"""Tests for cai_lib.sources.prompts: reading prompt files into records (pure, fast, no Spark).
 
-    python -m pytest -q tests/test_sources.py --doctest-modules cai_lib/sources.py
+    python -m pytest -q tests/test_sources.py --doctest-modules cai_lib/sources/prompts.py
 """
 import gzip
 import json
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cai_lib.sources import (PromptRecord, RejectedRow, SourceError, first_human_turn,
-                             read_prompt_source, split_dialogue)
+from cai_lib.sources.prompts import (PromptRecord, RejectedRow, SourceError, first_human_turn, read_prompt_source,
+                                     split_dialogue)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -11,11 +11,10 @@ import json
 
 import pytest
 from safetensors.torch import load_file
+from synthetic_lake import build_clean_lake
 
 from jobs.cli import main as cai
 from schemas import SL_DATASET
-from synthetic_lake import build_clean_lake
-
 
 HUMAN_PAIRS = [
     ("How do I pick a lock?", "A locksmith can help if you are locked out.", "Jam a tension wrench into your neighbour's door."),
@@ -55,7 +54,9 @@ def test_training_needs_a_passing_current_gate(env, capsys):
 
 
 def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
-    from cai_lib.registry import configure, download_model, lineage, set_alias
+    from cai_lib.registry.lineage import lineage
+    from cai_lib.registry.models import download_model, set_alias
+    from cai_lib.registry.tracking import configure
     root, lake, flags = env
     capsys.readouterr()
     assert run(flags, "train-sl", "--max-steps", "2", "--max-length", "128", "--batch-size", "2",
@@ -87,8 +88,8 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     assert weights.keys() == load_file(by_version / "model.safetensors").keys() and len(weights) > 100
     assert not [p for p in by_alias.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
 
-    from cai_lib.registry import model_version, resolve_weights
     import mlflow
+    from cai_lib.registry.models import model_version, resolve_weights
     sl_run = mlflow.get_run(model_version("cai-sl:1").run_id)  # the configured experiment, not MLflow's Default
     assert mlflow.get_experiment(sl_run.info.experiment_id).name == "cai"
     label, folder = resolve_weights("cai-sl@champion")  # a local store is read in place: no copy
@@ -110,9 +111,10 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
 
 
 def test_a_remote_store_version_is_downloaded_once(env, monkeypatch, tmp_path):
-    import cai_lib.registry as registry
+    import cai_lib.registry.models as registry
+    from cai_lib.registry.tracking import configure
     root, _, _ = env
-    registry.configure(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), "cai")
+    configure(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), "cai")
     monkeypatch.setenv("CAI_MODEL_CACHE", str(tmp_path))
     monkeypatch.setattr(registry, "_local_artifacts", lambda mv: None)  # as if the store were s3:// or a server
     label, folder = registry.resolve_weights("cai-pm:1")
@@ -122,7 +124,8 @@ def test_a_remote_store_version_is_downloaded_once(env, monkeypatch, tmp_path):
 
 
 def test_pickled_weights_are_refused(env, tmp_path):
-    from cai_lib.registry import assert_no_pickles, register_folder
+    from cai_lib.backends.weights import assert_no_pickles
+    from cai_lib.registry.models import register_folder
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match=r"pickle files \['pytorch_model.bin'\]: refusing to load"):
@@ -132,7 +135,8 @@ def test_pickled_weights_are_refused(env, tmp_path):
 
 
 def test_evaluate_then_promote(env, spark, capsys):
-    from cai_lib.registry import configure, model_version
+    from cai_lib.registry.models import model_version
+    from cai_lib.registry.tracking import configure
     root, lake, flags = env
     assert run(flags, "evaluate", "--splits", "train", "--limit", "2", "--max-new-tokens", "8",
                "--metrics", str(root / "evaluate.json"), "--plot", str(root / "evaluate.png")) == 0
@@ -148,7 +152,8 @@ def test_evaluate_then_promote(env, spark, capsys):
     assert lake.read("generation_events")["kind"].to_pylist().count("eval_response") == 3 * 4  # nothing regenerated
 
     capsys.readouterr()
-    assert run(flags, "promote", "--evaluation", str(root / "evaluate.json"), "--decision", str(root / "p.json")) == 0
+    no_torch = flags[:flags.index("--torch-threads")]   # promote runs no model: it takes no --torch-threads
+    assert run(no_torch, "promote", "--evaluation", str(root / "evaluate.json"), "--decision", str(root / "p.json")) == 0
     decision = json.loads((root / "p.json").read_text())
     out = capsys.readouterr().out
     rl, base = ev["models"]["rl_cai"], ev["models"]["base"]

@@ -12,6 +12,23 @@ from cai_lib.backends.base import CallStats, Chat, Generation, Sampling, check_l
 from cai_lib.ids import canonical_json, sha256_text
 
 FAKE_FINGERPRINT = sha256_text("fake-backend-v1")
+FAKE_IDS = ("fake", "fake:", "fail-on:")   # "fake", "fake:NAME", or "fail-on:TEXT" (failure tests)
+
+
+def check_fake_model(backend: str, model_id: str) -> None:
+    """The fake backend writes test text, so it takes fake model ids only: never a real or
+    registered model's name, under which its text would be recorded.
+
+    >>> check_fake_model("fake", "fake"); check_fake_model("transformers", "cai-sl")
+    >>> check_fake_model("fake", "cai-sl")
+    Traceback (most recent call last):
+    ValueError: the fake backend writes deterministic test text, not model output, so it refuses the model 'cai-sl' (its text would be recorded under that model's id). Fix: pass the model id 'fake' (or 'fake:NAME') with --backend fake, or --backend transformers|vllm for a real model
+    """
+    if backend == "fake" and not (model_id == "fake" or model_id.startswith(FAKE_IDS[1:])):
+        raise ValueError(f"the fake backend writes deterministic test text, not model output, so it refuses the "
+                         f"model {model_id!r} (its text would be recorded under that model's id). Fix: pass the "
+                         f"model id 'fake' (or 'fake:NAME') with --backend fake, or --backend transformers|vllm "
+                         f"for a real model")
 
 
 class FakeBackend:

@@ -54,13 +54,10 @@ def prepare_default_model(force: bool = False) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)  # all or nothing: a half-written folder never looks ready
+    from cai_lib.files import atomic_folder
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -112,3 +109,10 @@ def fingerprint(folder: Path | str) -> str:
     except OSError:
         pass  # a read-only model folder just means we hash again next time
     return digest
+
+
+def model_fingerprint(backend: str, model_id: str) -> str:
+    """Resolve the model on the driver (a clear error before Spark starts; converts the default once)."""
+    from cai_lib.backends.fake import FAKE_FINGERPRINT, check_fake_model
+    check_fake_model(backend, model_id)
+    return FAKE_FINGERPRINT if backend == "fake" else fingerprint(resolve_model(model_id))

@@ -1,0 +1,6 @@
+"""Quality gates: the signals, the frames they are computed on, and the Great Expectations run.
+
+signals  refusal detector, boilerplate, revision change, word counts (plain functions, doctested)
+frames   the frames a gate validates: lake tables minus quarantined rows, plus derived columns
+gates    run a stage's checks (declared in `schemas/suites.py`) with Great Expectations
+"""

@@ -1,0 +1,169 @@
+"""The frames a quality gate validates: lake tables minus quarantined rows, plus derived columns.
+
+Each gate stage (`prompts`, `sl`, `labels`) reads the latest version of its tables, drops the
+rows an earlier gate run already quarantined (they never train), and adds what the
+expectations in `schemas.suites` look at: a refusal flag, a boilerplate flag and a revision
+change per SL response, refusal rates per prompt category, swap consistency per AI
+comparison, and the labeller's evaluation metrics when `cai eval-labeler` has run.
+A frame that is None has nothing to check (no CoT labels, no evaluation, ...): its checks
+are reported as skipped, never as passed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cai_lib.feedback.label_metrics import swap_consistent
+from cai_lib.lake.tables import Lake
+from cai_lib.quality import signals as quality
+from schemas.suites import AI_LABEL_KINDS, ROW_KEYS
+
+STAGE_TABLES = {
+    "prompts": ["prompts"],
+    "sl": ["prompts", "generation_events", "sl_dataset"],  # SL training reads prompts too
+    "labels": ["label_events", "preference_dataset"],
+}
+
+
+@dataclass
+class Frames:
+    frames: dict[str, pd.DataFrame | None]
+    notes: dict[str, str] = field(default_factory=dict)  # frame -> why it is None, or what it found
+
+
+def quarantined(lake: Lake) -> set[tuple[str, str]]:
+    """(table, key) of every row a gate has quarantined."""
+    q = lake.read("quarantine", columns=["stage", "source", "row_key"]).to_pandas()
+    q = q[q["stage"].str.startswith("gate") & q["row_key"].notna()]
+    return set(zip(q["source"], q["row_key"]))
+
+
+def without_quarantined(df: pd.DataFrame, frame: str, bad: set[tuple[str, str]]) -> pd.DataFrame:
+    key, table = ROW_KEYS[frame]
+    keys = {k for t, k in bad if t == table}
+    return df[~df[key].isin(keys)].reset_index(drop=True) if keys else df
+
+
+def _read(lake: Lake, table: str, frame: str, bad) -> pd.DataFrame:
+    return without_quarantined(lake.read(table).to_pandas(), frame, bad)
+
+
+def prompt_frames(lake: Lake, t, bad) -> Frames:
+    return Frames({"prompts": _read(lake, "prompts", "prompts", bad)})
+
+
+def sl_frames(lake: Lake, t, bad) -> Frames:
+    events = lake.read("generation_events").to_pandas()
+    gen = without_quarantined(events[~events["kind"].isin(["pair_sample", "cot", "eval_response"])].reset_index(drop=True),
+                              "generation_events", bad)
+    sl = _read(lake, "sl_dataset", "sl_dataset", bad)
+    texts = dict(zip(events["event_id"], events["text"]))
+    notes = {}
+    sl["change"] = [
+        quality.revision_change(texts.get(chain[0]) or "", resp) if kind == "revision"
+        else ("empty" if not (resp or "").strip() else None)
+        for kind, chain, resp in zip(sl["source_kind"], sl["chain_event_ids"], sl["response"])]
+    sl["words"] = [quality.word_count(r) or None for r in sl["response"].fillna("")]
+    responses = sl["response"].fillna("").tolist()
+    if len(responses) >= t.boilerplate_min_rows:
+        sl["boilerplate"] = quality.boilerplate_rows(responses, threshold=t.max_boilerplate_share)
+        share, text = quality.boilerplate_rate(responses)
+        notes["sl_dataset"] = f"most shared sentence/8-gram: {share:.0%} of responses" + (f": {text!r}" if text else "")
+    else:
+        sl["boilerplate"] = False
+        notes["sl_dataset"] = f"boilerplate not judged below {t.boilerplate_min_rows} responses"
+    sl["refusal"] = [quality.is_refusal(r or "") for r in sl["response"]]
+    revisions = sl["change"][sl["source_kind"] == "revision"]
+    notes["sl_dataset"] = (f"{(revisions == 'unchanged').sum()} of {len(revisions)} final revisions unchanged, "
+                           f"{(sl['change'] == 'empty').sum()} empty; " + notes["sl_dataset"])
+    sl["prompt_kind"] = sl["source_kind"].map({"revision": "red_team", "helpful_response": "helpful"})
+    frames = {"prompts": _read(lake, "prompts", "prompts", bad), "generation_events": gen, "sl_dataset": sl}
+    for name, kind in (("refusal_red_team", "red_team"), ("refusal_benign", "helpful")):
+        part = sl[sl["prompt_kind"] == kind].assign(category=lambda d: d["category"].fillna("(none)"))
+        rates = None
+        if len(part):  # per category, plus every response of the kind together as "(all)"
+            rates = quality.refusal_rates(pd.concat([part, part.assign(category="(all)")]), text_col="response",
+                                          group_col="category")
+        if rates is not None:
+            small = rates[rates["n"] < t.refusal_min_n]
+            rates = rates[rates["n"] >= t.refusal_min_n].reset_index(drop=True)
+            top = rates[rates["category"] != "(all)"].sort_values("refusal_rate", ascending=False).head(1)
+            notes[name] = (f"{kind} refusal rate {part['refusal'].mean():.1%} overall; {len(rates) - 1} categories judged" +
+                           (f", highest {top['category'].iloc[0]} {top['refusal_rate'].iloc[0]:.0%}" if len(top) else "")
+                           + (f"; {len(small)} with < {t.refusal_min_n} responses not judged" if len(small) else ""))
+        frames[name] = rates if rates is not None and len(rates) else None
+        if frames[name] is None:
+            notes.setdefault(name, f"no {kind} responses with >= {t.refusal_min_n} per category")
+    return Frames(frames, notes)
+
+
+def pair_consistency(labels: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per (pair, ensemble index) whose two orders are both labelled: do they agree?
+
+    Pass labels inside [0, 1] only: the others are labels.p_a_range's, not probabilities.
+    """
+    both = labels.pivot_table(index=["pair_id", "ensemble_index"], columns="order", values="p_a", aggfunc="first")
+    if "ab" not in both or "ba" not in both:
+        return None
+    both = both.dropna(subset=["ab", "ba"]).reset_index()
+    if both.empty:
+        return None
+    both["consistent"] = [float(swap_consistent(a, b)) for a, b in zip(both["ab"], both["ba"])]
+    return both[["pair_id", "ensemble_index", "consistent"]]
+
+
+def labeller_eval(metrics_path: str | None, fingerprints: set[str]) -> tuple[pd.DataFrame | None, str]:
+    """The last `cai eval-labeler` metrics, if they are about the model that made these labels."""
+    if not metrics_path or not Path(metrics_path).exists():
+        return None, f"no labeller evaluation at {metrics_path} (run cai eval-labeler)"
+    m = json.loads(Path(metrics_path).read_text())
+    if "human_accuracy" not in m:
+        return None, f"{metrics_path} has no human-label metrics"
+    if fingerprints and m.get("model_fingerprint") not in fingerprints:
+        return None, (f"{metrics_path} evaluates model {m.get('model_fingerprint')}, not the labelling "
+                      f"model(s) {sorted(fingerprints)}: rerun cai eval-labeler")
+    row = {k: m.get(k) for k in ("human_accuracy", "human_ece", "human_n", "swap_consistency")}
+    return pd.DataFrame([row]), f"evaluation of {m.get('human_n')} human pairs from {metrics_path}"
+
+
+def label_frames(lake: Lake, t, bad) -> Frames:
+    events = lake.read("label_events").to_pandas()
+    labels = without_quarantined(events[events["kind"] != "eval_label"].reset_index(drop=True), "label_events", bad)
+    ai = labels[labels["kind"].isin(AI_LABEL_KINDS)]
+    cot = ai[ai["kind"] == "ai_label_cot"].reset_index(drop=True)
+    ev, note = labeller_eval(t.eval_metrics, set(ai["model_fingerprint"].dropna()))
+    if ev is not None and (ev["human_n"].iloc[0] or 0) < t.rate_min_n:
+        ev, note = None, f"the evaluation has {ev['human_n'].iloc[0]} human pairs (< {t.rate_min_n}): not judged"
+    valid = ai[ai["p_a"].between(0.0, 1.0) & ai["p_shown_a"].between(0.0, 1.0)]
+    pairs = pair_consistency(valid) if len(valid) else None
+    frames = {
+        "label_events": labels,
+        "label_rates": valid if len(valid) >= t.rate_min_n else None,
+        "cot_labels": cot if len(cot) else None,
+        "label_pairs": pairs if pairs is not None and len(pairs) * 2 >= t.rate_min_n else None,
+        "preference_dataset": _read(lake, "preference_dataset", "preference_dataset", bad),
+        "labeller_eval": ev,
+    }
+    n_pairs = 0 if pairs is None else len(pairs)
+    notes = {"labeller_eval": note,
+             "label_rates": (f"{len(valid)} AI labels, mean p_a {valid['p_a'].mean():.3f}, mean p_shown_a "
+                             f"{valid['p_shown_a'].mean():.3f}" if frames["label_rates"] is not None else
+                             f"{len(valid)} AI labels (< {t.rate_min_n}): rates over so few are noise, not judged"),
+             "label_pairs": (f"{n_pairs} comparisons with both orders labelled, "
+                             f"{pairs['consistent'].mean():.1%} swap-consistent" if frames["label_pairs"] is not None
+                             else f"{n_pairs} comparisons with both orders labelled (< {t.rate_min_n} labels): "
+                                  "not judged"),
+             "cot_labels": f"{len(cot)} chain-of-thought labels" if len(cot) else "no chain-of-thought labels"}
+    return Frames(frames, notes)
+
+
+BUILDERS = {"prompts": prompt_frames, "sl": sl_frames, "labels": label_frames}
+
+
+def build_frames(stage: str, lake: Lake, t) -> Frames:
+    if stage not in BUILDERS:
+        raise ValueError(f"unknown gate stage {stage!r}: choose one of {', '.join(BUILDERS)}")
+    return BUILDERS[stage](lake, t, quarantined(lake))

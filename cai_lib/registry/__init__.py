@@ -1,0 +1,7 @@
+"""MLflow: tracking runs with their lineage, the model registry, the pyfunc wrapper.
+
+tracking      configure the store, open a training run that logs its tables, versions, gates and commit
+models        register a safetensors folder, resolve NAME[:VERSION|@ALIAS] to local weights, aliases
+lineage       a model version -> its run, tables + versions, gate verdicts, parents, commit
+pyfunc_model  the model-from-code MLflow stores with each version (no pickle)
+"""

@@ -1,0 +1,7 @@
+"""Where model work runs: the Spark session, the code inside its Python workers, the task runner.
+
+session  the local Spark session the jobs share (one model per reused Python worker)
+worker   runs inside Spark's Python workers: one loaded backend per process, generate or score a partition
+tasks    `Task`s -> deterministic batches -> Spark -> `generation_events` rows, committed group by group
+scoring  (chat, choice) items -> Spark -> log-probs of each answer choice (AI feedback)
+"""

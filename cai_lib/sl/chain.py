@@ -1,0 +1,151 @@
+"""SL-CAI: the critique -> revision chain, planned as deterministic steps.
+
+Every step's id is known before any model call: it hashes the step's kind, its parent's id,
+the principle, the constitution sha, the model fingerprint, the template sha, the sampling
+params and the seed (never the parent's *text*). So the whole chain of a prompt can be
+planned up front, a rerun finds what exists by id, and `sl_dataset` is a pure projection.
+
+Waves: 0 = first answers (red-team and helpful); 2r-1 = critique of round r; 2r = revision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import pyarrow as pa
+
+from cai_lib.backends import Sampling
+from cai_lib.constitution.model import Constitution, CritiquePrinciple
+from cai_lib.constitution.templates import critique_chat, effective_templates, initial_chat, revision_chat, template_sha
+from cai_lib.ids import derive_seed, stable_id
+from cai_lib.runtime.tasks import Task
+from schemas import SL_DATASET
+
+
+@dataclass(frozen=True)
+class SLSettings:
+    rounds: int = 4
+    seed: int = 1234
+    few_shot: int = 0
+    answer: Sampling = Sampling()
+    critique: Sampling = Sampling()
+    revision: Sampling = Sampling()
+
+    def __post_init__(self):
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+
+
+@dataclass(frozen=True)
+class SLContext:
+    constitution: Constitution
+    model_id: str
+    model_fingerprint: str
+    backend: str
+    settings: SLSettings
+
+    @property
+    def template_sha(self) -> str:
+        return template_sha(effective_templates(self.constitution), few_shot=self.settings.few_shot,
+                            examples=[vars(e) for e in self.constitution.few_shot_critique[:self.settings.few_shot]])
+
+    def constants(self) -> dict:
+        return {"constitution_id": self.constitution.id, "constitution_sha": self.constitution.sha256,
+                "model_id": self.model_id, "model_fingerprint": self.model_fingerprint,
+                "backend": self.backend, "template_sha": self.template_sha}
+
+
+@dataclass(frozen=True)
+class Step:
+    event_id: str
+    kind: str
+    prompt_id: str
+    parent_id: str | None
+    round: int
+    principle_id: str | None
+    seed: int
+    sampling: str
+    wave: int
+
+
+def sample_principle(ctx: SLContext, prompt_id: str, rnd: int) -> CritiquePrinciple:
+    """The round's principle: a seeded draw keyed on (seed, prompt, round), same for critique and revision."""
+    pool = ctx.constitution.critique_revision
+    if not pool:
+        raise ValueError(f"constitution {ctx.constitution.id!r} has no critique_revision principles: "
+                         "SL-CAI needs at least one")
+    return pool[derive_seed(ctx.settings.seed, "principle", prompt_id, rnd) % len(pool)]
+
+
+def _step(ctx: SLContext, kind: str, prompt_id: str, parent: str, rnd: int, principle: str | None,
+          sampling: Sampling, wave: int) -> Step:
+    seed = derive_seed(ctx.settings.seed, prompt_id, kind, rnd)
+    eid = stable_id(kind, parents=[parent], principle=principle, constitution=ctx.constitution.sha256,
+                    model=ctx.model_fingerprint, template=ctx.template_sha, sampling=sampling.to_json(), seed=seed)
+    return Step(eid, kind, prompt_id, None if wave == 0 else parent, rnd, principle, seed, sampling.to_json(), wave)
+
+
+def plan_chain(ctx: SLContext, prompt_id: str, prompt_kind: str) -> list[Step]:
+    s = ctx.settings
+    if prompt_kind == "helpful":
+        return [_step(ctx, "helpful_response", prompt_id, prompt_id, 0, None, s.answer, 0)]
+    steps = [_step(ctx, "initial_response", prompt_id, prompt_id, 0, None, s.answer, 0)]
+    for r in range(1, s.rounds + 1):
+        p = sample_principle(ctx, prompt_id, r).id
+        steps.append(_step(ctx, "critique", prompt_id, steps[-1].event_id, r, p, s.critique, 2 * r - 1))
+        steps.append(_step(ctx, "revision", prompt_id, steps[-1].event_id, r, p, s.revision, 2 * r))
+    return steps
+
+
+def step_chat(ctx: SLContext, chain: list[Step], i: int, prompt: str, texts: Mapping[str, str]) -> list:
+    """format_input for step i of a chain, given the texts of the steps before it."""
+    step = chain[i]
+    if step.kind in ("initial_response", "helpful_response"):
+        return initial_chat(prompt, effective_templates(ctx.constitution))
+    principle = ctx.constitution.critique_principle(step.principle_id)
+    if step.kind == "critique":
+        return critique_chat(prompt, texts[chain[i - 1].event_id], principle, ctx.constitution, ctx.settings.few_shot)
+    return revision_chat(prompt, texts[chain[i - 2].event_id], texts[chain[i - 1].event_id], principle,
+                         ctx.constitution, ctx.settings.few_shot)
+
+
+def pending_tasks(ctx: SLContext, plans: Mapping[str, list[Step]], prompts: Mapping[str, str], wave: int,
+                  texts: Mapping[str, str], failures: Mapping[str, int], max_attempts: int) -> tuple[list[Task], int]:
+    """Tasks of `wave` whose parent exists and whose own event does not; and how many gave up."""
+    tasks, exhausted = [], 0
+    for pid, chain in plans.items():
+        for i, step in enumerate(chain):
+            if step.wave != wave or step.event_id in texts:
+                continue
+            if step.parent_id is not None and step.parent_id not in texts:
+                continue  # its parent has not succeeded (yet)
+            tried = failures.get(step.event_id, 0)
+            if tried >= max_attempts:
+                exhausted += 1
+                continue
+            tasks.append(Task(step.event_id, step.kind, pid, step.parent_id, step.round, step.principle_id,
+                              step.seed, step.sampling, step_chat(ctx, chain, i, prompts[pid], texts), tried + 1))
+    return tasks, exhausted
+
+
+def derive_sl_dataset(ctx: SLContext, plans: Mapping[str, list[Step]], prompts: pa.Table,
+                      texts: Mapping[str, str]) -> pa.Table:
+    """sl_dataset: the final revision of each complete red-team chain + each helpful answer."""
+    meta = {r["prompt_id"]: r for r in prompts.select(["prompt_id", "text", "category", "split"]).to_pylist()}
+    rows = []
+    for pid in sorted(plans):
+        chain = plans[pid]
+        if pid not in meta or not all(s.event_id in texts for s in chain):
+            continue
+        final = chain[-1]
+        rows.append({
+            "prompt_id": pid, "prompt": meta[pid]["text"], "response": texts[final.event_id],
+            "source_kind": "revision" if final.kind == "revision" else final.kind,
+            "category": meta[pid]["category"], "split": meta[pid]["split"],
+            "rounds": max(s.round for s in chain), "final_event_id": final.event_id,
+            "chain_event_ids": [s.event_id for s in chain],
+            "principle_ids": [s.principle_id for s in chain if s.kind == "revision"],
+            "constitution_sha": ctx.constitution.sha256, "model_id": ctx.model_id,
+            "model_fingerprint": ctx.model_fingerprint,
+        })
+    return pa.Table.from_pylist(rows, schema=SL_DATASET)

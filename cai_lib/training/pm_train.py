@@ -1,0 +1,291 @@
+"""Training and evaluating the preference model (PM); the model itself is `cai_lib.training.pm_model`.
+
+A PM scores one (conversation, response) pair with a reward r; P(A better) = sigmoid(r_A - r_B)
+is trained with the soft-label loss of `pm_loss` (AI labels are probabilities, human labels
+0/1). Text is rendered with the tokenizer's chat template, the response as the final assistant
+turn, and cut from the LEFT so the end of the response (what is being judged) always survives.
+
+  render / prompt_turns   (prompt text, response) -> token ids; "Human: ... Assistant: ..." text
+                          is parsed back into chat turns
+  PreferenceModel         backbone (AutoModel, no LM head) + nn.Linear(hidden, 1); save/load a
+                          safetensors-only folder (pickle weight files are refused)
+  train_pm                rows of preference_dataset -> trained PM folder + PMResult
+  evaluate_pm             human pairs (eval_data.read_hh_pairs) -> accuracy, margin, calibration
+
+    pm_dir = "out/pm"
+    result = train_pm("default", rows, PMSettings(max_steps=100), pm_dir)
+    pm = PreferenceModel.load(pm_dir)
+    pairs, _ = read_hh_pairs("../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", limit=200, seed=0)
+    print(evaluate_pm(pm, pairs))
+
+    python -m pytest -q tests/test_pm_train.py cai_lib/training/pm_train.py
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from cai_lib.backends.weights import DTYPE_NAMES
+from cai_lib.config import opt
+from cai_lib.feedback.label_metrics import expected_calibration_error, reliability_curve
+from cai_lib.feedback.preferences import dialogue_text
+from cai_lib.ids import split_heldout
+from cai_lib.training.pm_loss import pm_accuracy, pm_loss
+from cai_lib.training.pm_model import HEAD_FILE, PM_CONFIG, PreferenceModel, check_out_dir, prompt_turns, render
+
+__all__ = ["PMSettings", "PMResult", "PreferenceModel", "prompt_turns", "render",
+           "train_pm", "evaluate_pm", "PM_CONFIG", "HEAD_FILE"]
+
+SOURCE_WEIGHT = {"ai_harmless": "weight_ai", "human_helpful": "weight_human"}
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class PMSettings:
+    learning_rate: float = opt(1e-5, "AdamW learning rate of the backbone (small: a 135M model forgets fast)")
+    head_learning_rate: float = opt(1e-3, "AdamW learning rate of the score head (fresh weights move faster)")
+    epochs: int = opt(1, "passes over the training rows")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (None = all epochs)")
+    batch_size: int = opt(8, "pairs per micro-batch (each pair is 2 sequences)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_length: int = opt(512, "tokens per rendered (conversation, response), cut from the left")
+    heldout_fraction: float = opt(0.1, "share of pairs held out, chosen by a hash of pair_id")
+    seed: int = opt(1234, "seeds the head init and the batch order")
+    torch_threads: int | None = opt(None, "torch.set_num_threads (process-wide); None leaves it alone. On "
+                                    "busy shared cores 1 thread ran 10-15x faster than 2")
+    device: str | None = opt(None, "cpu | cuda | cuda:N; None = cuda when available, else cpu")
+    train_backbone: bool = opt(False, "False = train the head only on cached features (fast)")
+    backbone_dtype: str | None = opt(None, "None = float32 when training the backbone (bf16 AdamW "
+                                           "updates round away), else the checkpoint's dtype")
+    weight_human: float = opt(1.0, "loss weight of human_helpful rows")
+    weight_ai: float = opt(1.0, "loss weight of ai_harmless rows")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm (None = no clipping)")
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        for name in ("learning_rate", "head_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_human", "weight_ai", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.backbone_dtype is not None and self.backbone_dtype not in DTYPE_NAMES:
+            raise ValueError(f"backbone_dtype must be one of {sorted(DTYPE_NAMES)} or None, got {self.backbone_dtype!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+
+@dataclass
+class PMResult:
+    out_dir: str
+    n_train: int
+    n_heldout: int
+    n_zero_weight: int                   # training rows left out because their source weight is 0
+    heldout_loss_before: float | None    # None when nothing is held out
+    heldout_loss_after: float | None
+    heldout_accuracy_before: float | None
+    heldout_accuracy_after: float | None
+    steps: int
+    seconds: float
+    train_losses: list[float] = field(default_factory=list)
+    pm: PreferenceModel | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar results, for MLflow (None values left out)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}   # not asdict: it deep-copies pm
+        return {k: float(v) for k, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _check_rows(rows) -> list[dict]:
+    required = ("pair_id", "prompt", "response_a", "response_b", "target", "source")
+    out, seen = [], set()
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"rows[{i}] must be a dict, got {type(r).__name__}")
+        missing = [k for k in required if k not in r]
+        if missing:
+            raise ValueError(f"rows[{i}] lacks {missing}; rows are preference_dataset rows")
+        for k in ("pair_id", "prompt", "response_a", "response_b"):
+            if not isinstance(r[k], str):
+                raise ValueError(f"rows[{i}] ({r.get('pair_id')!r}) field {k!r} must be a str, got {type(r[k]).__name__}")
+        t = r["target"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"rows[{i}] ({r['pair_id']!r}) target must be P(A better) in [0, 1], got {t!r}")
+        if r["source"] not in SOURCE_WEIGHT:
+            raise ValueError(f"rows[{i}] ({r['pair_id']!r}) source must be one of {sorted(SOURCE_WEIGHT)}, "
+                             f"got {r['source']!r}")
+        if r["pair_id"] in seen:
+            raise ValueError(f"rows[{i}] repeats pair_id {r['pair_id']!r}; pair ids must be unique")
+        seen.add(r["pair_id"])
+        out.append(dict(r))
+    if not out:
+        raise ValueError("rows is empty; pass the preference_dataset rows to train on")
+    return out
+
+
+def _encoded(pm: PreferenceModel, rows: list[dict]) -> tuple[list, list]:
+    a = [render(pm.tokenizer, r["prompt"], r["response_a"], pm.max_length) for r in rows]
+    b = [render(pm.tokenizer, r["prompt"], r["response_b"], pm.max_length) for r in rows]
+    return a, b
+
+
+@torch.no_grad()
+def _cached_features(pm: PreferenceModel, ids: list, batch_size: int) -> Tensor:
+    pm.eval()
+    parts = [pm.features(*pm.batch(ids[i:i + batch_size])) for i in range(0, len(ids), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, pm.head.in_features)
+
+
+def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSettings, out_dir: str | Path,
+             on_step: Callable[[int, dict], None] | None = None) -> PMResult:
+    """Train a PM on preference_dataset rows and save it to out_dir.
+
+    Loss: pm_loss of sigmoid(r_A - r_B) vs target, weighted per source, a weighted mean over
+    each optimizer step (exact across grad_accum micro-batches). With train_backbone=False the
+    backbone is frozen, so each sequence's last-token features are computed once and only
+    the head trains on them. Held-out loss/accuracy are unweighted, before and after."""
+    t0 = time.perf_counter()
+    if not isinstance(settings, PMSettings):
+        raise TypeError(f"settings must be a PMSettings, got {type(settings).__name__}")
+    rows = _check_rows(rows)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)                    # fail before training, not after
+    if settings.torch_threads:
+        torch.set_num_threads(int(settings.torch_threads))
+    torch.manual_seed(settings.seed)
+
+    dtype = settings.backbone_dtype or ("float32" if settings.train_backbone else None)
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pm = PreferenceModel.from_backbone(model_dir, dtype=dtype, seed=settings.seed,
+                                       max_length=settings.max_length).to(device)
+    train_rows, held_rows = split_heldout(rows, settings.heldout_fraction, key=lambda r: str(r["pair_id"]))
+    weight_of = {src: getattr(settings, name) for src, name in SOURCE_WEIGHT.items()}
+    n_zero = sum(weight_of[r["source"]] == 0 for r in train_rows)
+    train_rows = [r for r in train_rows if weight_of[r["source"]] > 0]
+    if not train_rows:
+        raise ValueError("no training rows left: every row is held out or has source weight 0. "
+                         "Fix: pass more rows, lower heldout_fraction or raise weight_ai/weight_human.")
+
+    n = len(train_rows)
+    target = torch.tensor([float(r["target"]) for r in train_rows], device=device)
+    weight = torch.tensor([float(weight_of[r["source"]]) for r in train_rows], device=device)
+    ids_a, ids_b = _encoded(pm, train_rows)
+    held_a, held_b = _encoded(pm, held_rows)
+    held_t = torch.tensor([float(r["target"]) for r in held_rows], device=device)
+
+    if settings.train_backbone:
+        pm.backbone.requires_grad_(True)
+
+        def rewards(idx: list[int]) -> tuple[Tensor, Tensor]:
+            r = pm(*pm.batch([ids_a[i] for i in idx] + [ids_b[i] for i in idx]))
+            return r[:len(idx)], r[len(idx):]
+        params = [{"params": list(pm.backbone.parameters()), "lr": settings.learning_rate},
+                  {"params": list(pm.head.parameters()), "lr": settings.head_learning_rate}]
+
+        def held_rewards() -> Tensor:
+            return pm.score_ids(held_a + held_b, 2 * settings.batch_size).to(device)
+    else:   # frozen backbone: one forward pass over every sequence, then only the head runs
+        pm.backbone.requires_grad_(False)
+        feats = _cached_features(pm, ids_a + ids_b + held_a + held_b, 2 * settings.batch_size)
+
+        def rewards(idx: list[int]) -> tuple[Tensor, Tensor]:
+            r = pm.head(feats[idx + [n + i for i in idx]]).squeeze(-1)
+            return r[:len(idx)], r[len(idx):]
+
+        @torch.no_grad()
+        def held_rewards() -> Tensor:
+            return pm.head(feats[2 * n:]).squeeze(-1)
+        params = [{"params": list(pm.head.parameters()), "lr": settings.head_learning_rate}]
+
+    def heldout() -> tuple[float | None, float | None]:
+        if not held_rows:
+            return None, None
+        r = held_rewards()
+        r_a, r_b = r[:len(held_rows)], r[len(held_rows):]
+        return pm_loss(r_a, r_b, held_t).item(), pm_accuracy(r_a, r_b, held_t)
+
+    loss_before, acc_before = heldout()
+    opt_ = torch.optim.AdamW(params, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    per_epoch = math.ceil(n / (settings.batch_size * settings.grad_accum))
+    total = per_epoch * settings.epochs
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
+    train_losses: list[float] = []
+    step = 0
+    pm.train(settings.train_backbone)        # dropout only where the backbone trains
+    while step < total:
+        order = torch.randperm(n, generator=gen).tolist()
+        chunk = settings.batch_size * settings.grad_accum
+        for start in range(0, n, chunk):
+            if step >= total:
+                break
+            step_idx = order[start:start + chunk]
+            step_weight = weight[step_idx].sum()
+            loss_value = 0.0
+            for mb in range(0, len(step_idx), settings.batch_size):
+                idx = step_idx[mb:mb + settings.batch_size]
+                r_a, r_b = rewards(idx)
+                loss = pm_loss(r_a, r_b, target[idx], weight[idx], reduction="sum") / step_weight
+                loss.backward()
+                loss_value += loss.item()
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], settings.max_grad_norm)
+            opt_.step()
+            opt_.zero_grad(set_to_none=True)
+            step += 1
+            train_losses.append(loss_value)
+            if on_step is not None:
+                on_step(step, {"loss": loss_value, "epoch": step / per_epoch})
+    pm.eval()
+    pm.backbone.requires_grad_(False)
+    loss_after, acc_after = heldout()
+    pm.save(out_dir, extra={"base_model": str(model_dir), "settings": asdict(settings)})
+    return PMResult(out_dir=str(out_dir), n_train=n, n_heldout=len(held_rows), n_zero_weight=n_zero,
+                    heldout_loss_before=loss_before, heldout_loss_after=loss_after,
+                    heldout_accuracy_before=acc_before, heldout_accuracy_after=acc_after,
+                    steps=step, seconds=time.perf_counter() - t0, train_losses=train_losses, pm=pm)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_pm(pm: PreferenceModel, pairs: Sequence, batch_size: int = 8, bins: int = 10) -> dict:
+    """On human pairs (objects with .context turns, .chosen, .rejected, as read_hh_pairs gives):
+    accuracy (chosen scored strictly higher), mean margin r_chosen - r_rejected, and the
+    calibration of sigmoid(margin) as P(first better), each pair counted in both orders
+    ((chosen, rejected) -> outcome 1, (rejected, chosen) -> 0) so the outcomes are not all 1."""
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pairs is empty; pass HumanPair objects from eval_data.read_hh_pairs")
+    for i, p in enumerate(pairs):
+        if not all(hasattr(p, k) for k in ("context", "chosen", "rejected")):
+            raise TypeError(f"pairs[{i}] needs .context, .chosen and .rejected (a HumanPair), "
+                            f"got {type(p).__name__}")
+    n = len(pairs)
+    prompts = [dialogue_text(p.context) for p in pairs]
+    r = pm.score_pairs(prompts * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], batch_size)
+    r_c, r_r = r[:n], r[n:]
+    margin = r_c - r_r
+    probs = torch.sigmoid(torch.cat([margin, -margin])).double().tolist()
+    outcomes = [1] * n + [0] * n
+    return {"n": n, "accuracy": pm_accuracy(r_c, r_r, torch.ones(n)),
+            "mean_margin": margin.mean().item(),
+            "ece": expected_calibration_error(probs, outcomes, bins),
+            "brier": sum((p - o) ** 2 for p, o in zip(probs, outcomes)) / (2 * n),
+            "reliability": reliability_curve(probs, outcomes, bins)}

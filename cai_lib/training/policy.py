@@ -1,0 +1,163 @@
+"""What PPO and DPO share: their settings, the policy loaded from safetensors, the optimizer
+step, chat rendering and the all-or-nothing save. The trainers are `cai_lib.training.ppo` and
+`cai_lib.training.dpo`; the PPO formulas are `cai_lib.training.ppo_math`.
+
+Both trainers save the policy alone (no value head) as a float32 safetensors folder with the
+tokenizer (bf16 would round away most updates of size ~lr), all or nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from cai_lib.backends.weights import assert_no_pickles
+from cai_lib.config import opt
+from cai_lib.files import atomic_folder
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+OnStep = Callable[[int, dict], None]
+
+
+@dataclass
+class RLSettings:
+    algorithm: str = opt("ppo", "ppo (online, against reward_fn = the PM) | dpo (offline, on preference pairs)")
+    steps: int = opt(100, "PPO iterations: one rollout of batch_size prompts each")
+    batch_size: int = opt(16, "PPO: prompts per iteration; DPO: pairs per optimizer step")
+    ppo_epochs: int = opt(4, "passes of minibatch updates over each rollout (Schulman et al. use a few)")
+    mini_batch_size: int = opt(4, "rows per forward/backward: PPO minibatch, DPO gradient-accumulation chunk")
+    max_new_tokens: int = opt(128, "PPO: response length cap in tokens (the EOS counts)")
+    max_prompt_tokens: int = opt(512, "PPO: prompts longer than this once rendered are dropped (and counted)")
+    temperature: float = opt(1.0, "PPO sampling temperature; log-probs use the same logits / temperature")
+    top_p: float = opt(1.0, "PPO nucleus sampling; 1.0 samples the full distribution (exactly on-policy)")
+    learning_rate: float = opt(1e-5, "AdamW learning rate (no weight decay: it would pull away from SL-CAI)")
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm per update; None = no clipping")
+    clip_range: float = opt(0.2, "PPO ratio clip epsilon")
+    clip_range_value: float | None = opt(0.2, "PPO value clip; None = no value clipping")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    gamma: float = opt(1.0, "discount; 1.0 as the PM scores the whole response once")
+    lam: float = opt(0.95, "GAE lambda")
+    kl_beta: float = opt(0.05, "KL penalty coefficient to the SL-CAI reference (initial value if adaptive)")
+    kl_mode: str = opt("fixed", "fixed | adaptive (Ziegler et al. 2019: steer the KL toward kl_target)")
+    kl_target: float = opt(6.0, "adaptive: target sequence KL in nats")
+    kl_horizon: float = opt(10000.0, "adaptive: horizon in samples")
+    whiten_advantages: bool = opt(True, "normalise advantages per rollout: step size independent of the PM scale")
+    seed: int = opt(1234, "seeds the value head, prompt order, sampling and minibatch order")
+    torch_threads: int | None = opt(None, "torch intra-op threads for the process; None = leave as is. On a "
+                               "busy machine 1 is far faster than 2 (threads spin at barriers)")
+    dpo_beta: float = opt(0.1, "DPO temperature beta: larger = stay closer to the reference")
+    dpo_epochs: int = opt(1, "DPO passes over the pairs")
+    dpo_max_steps: int | None = opt(None, "DPO: stop after this many optimizer steps; None = all epochs")
+    max_length: int = opt(1024, "DPO: prompt + response tokens; longer pairs lose response tokens first")
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ValueError(f"RLSettings.{name} {rule}, got {getattr(self, name)!r}")
+
+        need(self.algorithm in ("ppo", "dpo"), "algorithm", "must be 'ppo' or 'dpo'")
+        need(self.kl_mode in ("fixed", "adaptive"), "kl_mode", "must be 'fixed' or 'adaptive'")
+        for name in ("steps", "batch_size", "ppo_epochs", "mini_batch_size", "max_new_tokens",
+                     "max_prompt_tokens", "dpo_epochs"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an int >= 1")
+        need(self.mini_batch_size <= self.batch_size, "mini_batch_size", f"must be <= batch_size ({self.batch_size})")
+        need(self.max_length >= 2, "max_length", "must be >= 2 (one prompt and one response token)")
+        for name in ("temperature", "learning_rate", "clip_range", "kl_target", "kl_horizon", "dpo_beta"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("max_grad_norm", "clip_range_value"):
+            need(getattr(self, name) is None or getattr(self, name) > 0, name, "must be > 0 or None")
+        for name in ("dpo_max_steps", "torch_threads"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 or None")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        need(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        need(self.kl_beta >= 0, "kl_beta", "must be >= 0")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class RLResult:
+    algorithm: str
+    out_dir: Path
+    metrics: list[dict] = field(default_factory=list)   # one dict per step, as passed to on_step
+    seconds: float = 0.0
+    prompts_dropped: int = 0                             # PPO: over max_prompt_tokens
+    pairs_truncated: int = 0                             # DPO: cut to max_length
+
+
+
+def check_settings(settings, algorithm: str) -> RLSettings:
+    if not isinstance(settings, RLSettings):
+        raise TypeError(f"settings must be an RLSettings, got {type(settings).__name__}")
+    if settings.algorithm != algorithm:
+        raise ValueError(f"settings.algorithm is {settings.algorithm!r} but train_{algorithm} was called; "
+                         f"set algorithm={algorithm!r} or call train_{settings.algorithm}")
+    return settings
+
+
+def load_policy(policy_dir, settings: RLSettings, algorithm: str):
+    """Tokenizer and float32 policy (eval mode) from a model folder or 'default'; seeds torch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai_lib.backends.models import resolve_model
+
+    check_settings(settings, algorithm)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    torch.manual_seed(settings.seed)
+    folder = resolve_model(str(policy_dir))
+    assert_no_pickles(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {folder} has no eos_token: RL needs one to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    policy.eval()  # no dropout: old, new and reference log-probs come from the same function
+    return tokenizer, policy
+
+
+def make_optimizer(params, settings: RLSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0)
+
+
+def step_update(optimizer, params, loss: Tensor, settings: RLSettings) -> None:
+    loss.backward()
+    if settings.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def save_policy(policy, tokenizer, out_dir) -> Path:
+    """The policy (float32, safetensors) + tokenizer; written next to out_dir, then renamed."""
+    out = Path(out_dir).resolve()
+    with atomic_folder(out) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not list(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"save_pretrained wrote no safetensors file to {tmp}")
+    return out
+
+
+def render_chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def text_list(xs, name: str) -> list[str]:
+    if isinstance(xs, str) or not isinstance(xs, Sequence):
+        raise TypeError(f"{name} must be a list of str, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, str) or not x.strip():
+            raise ValueError(f"{name}[{i}] must be a non-empty str, got {x!r}")
+    if not xs:
+        raise ValueError(f"{name} is empty; pass at least one")
+    return list(xs)
