@@ -59,7 +59,7 @@ class GenerationConfig(ModelJobConfig):
 
 @dataclass
 class FeedbackFields:
-    """The feedback model and what it judges by (label, eval-labeler, evaluate's Elo comparisons)."""
+    """The feedback model and what it judges by (label, eval-labeler)."""
     constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
     feedback_model: str = opt("default", "the labelling model: 'default', a model folder or a cached hub id")
     ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from cai_lib.backends.weights import assert_no_pickles
+
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIRNAME = "SmolLM2-135M-Instruct"
@@ -68,21 +70,24 @@ def resolve_model(model_id: str) -> Path | str:
     path = Path(model_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelNotFound(f"model folder {path} has no config.json: point --model at a Hugging Face model folder")
+            raise ModelNotFound(f"model folder {path} has no config.json: point the model flag at a Hugging Face model folder")
+        assert_no_pickles(path)   # every load path resolves through here: generation, scoring, training, registry
         return path.resolve()
     if path.suffix or "/" not in model_id or model_id.startswith((".", "/")):
         raise ModelNotFound(
             f"unknown model {model_id!r}: not 'default', not an existing model folder, and not a hub id "
-            "(org/name). Use --model default, a folder with config.json and weights, or a hub id "
+            "(org/name). Use default, a folder with config.json and weights, or a hub id "
             "already in the local Hugging Face cache (this machine is offline).")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(model_id, local_files_only=True)
+        cached = snapshot_download(model_id, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any miss means the same thing to the user
         raise ModelNotFound(
             f"model {model_id!r} is not in the local Hugging Face cache and the hub is offline: "
-            f"download it where you have network and copy the folder here, then pass --model FOLDER ({exc})"
+            f"download it where you have network and copy the folder here, then pass the model folder instead ({exc})"
         ) from None
+    assert_no_pickles(cached)
+    return cached
 
 
 def fingerprint(folder: Path | str) -> str:

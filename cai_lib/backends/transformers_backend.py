@@ -57,7 +57,8 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype)).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True)
+        self.model = self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.stats = CallStats()

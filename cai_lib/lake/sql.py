@@ -11,8 +11,8 @@ from __future__ import annotations
 import duckdb
 from deltalake import DeltaTable
 
-from cai_lib.quality import signals as quality
 from cai_lib.lake.tables import Lake
+from cai_lib.quality import signals as quality
 from schemas import TABLES
 
 
