@@ -25,7 +25,7 @@ from cai_lib.config import LakeConfig, PointerConfig, load_config, opt
 from cai_lib.ids import is_heldout, normalise_text, sha256_text, stable_id
 from cai_lib.lake.tables import Lake
 from cai_lib.runtime.tasks import new_job_run_id
-from cai_lib.sources.prompts import SourceError, read_prompt_source
+from cai_lib.sources.prompts import MAX_PROMPT_CHARS, SourceError, read_prompt_source
 from jobs.common import report, write_pointer
 from schemas import PROMPT_KINDS
 
@@ -38,6 +38,7 @@ class IngestConfig(LakeConfig, PointerConfig):
                         flag=False)
     test_fraction: float = opt(0.1, "share of prompts held out as split=test (by prompt id, deterministic)")
     max_bad_fraction: float = opt(0.5, "refuse a file when more than this share of its rows is bad")
+    max_prompt_chars: int = opt(MAX_PROMPT_CHARS, "longer prompts are quarantined with the reason, never stored")
 
     def __post_init__(self):
         if self.kind is not None and self.kind not in PROMPT_KINDS:
@@ -70,7 +71,8 @@ def run(spark, cfg: IngestConfig) -> dict:
     now = datetime.now(timezone.utc)
     prompts, quarantine, seen = [], [], set()
     for path, kind in cfg.files():
-        read = read_prompt_source(path, max_bad_fraction=cfg.max_bad_fraction)  # SourceError: nothing written
+        # a SourceError (unreadable file, too many bad rows) stops the run before anything is written
+        read = read_prompt_source(path, max_bad_fraction=cfg.max_bad_fraction, max_prompt_chars=cfg.max_prompt_chars)
         for rec in read.records:
             rec_kind = kind or rec.kind
             if rec_kind is None:

@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import re
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,17 @@ KINDS = ("red_team", "helpful")
 RED_TEAM_META = ("rating", "min_harmlessness_score_transcript", "task_description",
                  "task_descripton_harmlessness_score", "model_type", "num_params",
                  "red_team_member_id", "is_upworker")
+# Their types in Anthropic's file; a value of another type is a broken or hostile row, not meta.
+_NUMBER = (int, float)
+RED_TEAM_META_TYPES = {"rating": _NUMBER, "min_harmlessness_score_transcript": _NUMBER, "task_description": str,
+                       "task_descripton_harmlessness_score": _NUMBER, "model_type": str, "num_params": (str, int),
+                       "red_team_member_id": (int, str), "is_upworker": bool}
 PLAIN_FIELDS = ("prompt", "text", "category", "tags", "kind")
 MAX_PAYLOAD = 2000
+MAX_PROMPT_CHARS = 4000   # longer "prompts" are pasted documents, not requests (the prompts gate's bound too)
+# C0 controls but tab/newline/CR, DEL, and the bidi embeddings/overrides/isolates: they hide or
+# reorder what a reader (or a labeller) sees, so a prompt holding one is quarantined, not stored.
+_HIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
 # Turn markers include the leading blank line: a bare "Human:" also occurs inside turns.
@@ -257,7 +267,44 @@ def _dialogue_prompt(rec: dict, key: str) -> str:
         raise _Reject(key, str(e)) from None
 
 
-def _to_record(fmt: str, rec, source: str, row: int) -> PromptRecord:
+def _checked(text: str, field_name: str, max_chars: int) -> str:
+    """The prompt text, or a _Reject naming the field and why (too long, hidden characters).
+
+    >>> _checked("hi\u202eereht", "prompt", 100)
+    Traceback (most recent call last):
+    cai_lib.sources.prompts._Reject: 'prompt' holds RIGHT-TO-LEFT OVERRIDE (U+202E) at character 3: control and bidi override characters are quarantined, not stored (they hide or reorder text). Fix: remove it from the file
+    """
+    if len(text) > max_chars:
+        raise _Reject(field_name, f"'{field_name}' is {len(text)} characters, over max_prompt_chars={max_chars}. "
+                                  "Fix: shorten it, or raise max_prompt_chars in params.yaml [ingest]")
+    hidden = _HIDDEN.search(text)
+    if hidden:
+        ch = hidden.group()
+        name = unicodedata.name(ch, "a control character")
+        raise _Reject(field_name, f"'{field_name}' holds {name} (U+{ord(ch):04X}) at character {hidden.start() + 1}: "
+                                  "control and bidi override characters are quarantined, not stored (they hide or "
+                                  "reorder text). Fix: remove it from the file")
+    return text
+
+
+def _red_team_meta(rec: dict) -> dict:
+    meta = {k: rec[k] for k in RED_TEAM_META if k in rec}
+    for key, value in meta.items():
+        want = RED_TEAM_META_TYPES[key]
+        if value is not None and (not isinstance(value, want) or isinstance(value, bool) and want is not bool):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise _Reject(key, f"'{key}' must be {names} (or null), got {json.dumps(value, ensure_ascii=False)[:100]}")
+    return meta
+
+
+def _to_record(fmt: str, rec, source: str, row: int, max_chars: int = MAX_PROMPT_CHARS) -> PromptRecord:
+    record = _parse_record(fmt, rec, source, row)
+    field_name = {"hh-rlhf": "chosen", "red-team": "transcript"}.get(fmt, "prompt")
+    _checked(record.text, field_name, max_chars)
+    return record
+
+
+def _parse_record(fmt: str, rec, source: str, row: int) -> PromptRecord:
     if isinstance(rec, _Reject):            # the line did not even parse
         raise rec
     if not isinstance(rec, dict):
@@ -266,8 +313,7 @@ def _to_record(fmt: str, rec, source: str, row: int) -> PromptRecord:
         return PromptRecord(_dialogue_prompt(rec, "chosen"), source, row, None, None, (), {})
     if fmt == "red-team":
         text = _dialogue_prompt(rec, "transcript")
-        meta = {k: rec[k] for k in RED_TEAM_META if k in rec}
-        return PromptRecord(text, source, row, "red_team", None, _tags(rec.get("tags")), meta)
+        return PromptRecord(text, source, row, "red_team", None, _tags(rec.get("tags")), _red_team_meta(rec))
     key = "prompt" if rec.get("prompt") is not None or "text" not in rec else "text"
     text = rec.get(key)
     if text is None:
@@ -300,10 +346,13 @@ def _first_problems(rejected: list[RejectedRow], layout: str, n: int = 3) -> str
                      for r in rejected[:n])
 
 
-def read_prompt_source(path, *, max_bad_fraction: float = 0.5) -> SourceRead:
-    """Read one prompt file fully. Row problems -> `rejected`; file problems -> SourceError."""
+def read_prompt_source(path, *, max_bad_fraction: float = 0.5, max_prompt_chars: int = MAX_PROMPT_CHARS) -> SourceRead:
+    """Read one prompt file fully. Row problems (too long, hidden characters, wrong types included)
+    -> `rejected`; file problems -> SourceError."""
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+    if max_prompt_chars < 1:
+        raise ValueError(f"max_prompt_chars must be >= 1, got {max_prompt_chars!r}")
     source, p = str(path), Path(path)
     ext = _extension(p)
     if not p.exists():
@@ -327,7 +376,7 @@ def read_prompt_source(path, *, max_bad_fraction: float = 0.5) -> SourceRead:
     rejected: list[RejectedRow] = []
     for row, value, payload in items:
         try:
-            records.append(_to_record(fmt, value, source, row))
+            records.append(_to_record(fmt, value, source, row, max_prompt_chars))
         except _Reject as r:
             rejected.append(RejectedRow(source, row, r.field, r.reason, payload))
 

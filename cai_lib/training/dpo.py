@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cai_lib.training.policy import (OnStep, RLResult, RLSettings, check_settings, load_policy, make_optimizer,
-                                     render_chat, save_policy)
+                                     finish, record_step, render_chat)
 from cai_lib.training.ppo_math import logprobs_from_logits
 
 __all__ = ["dpo_loss", "train_dpo", "DPO_METRICS"]
@@ -162,10 +162,5 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
                    "reward_rejected": torch.cat(rejected).mean().item(),
                    "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
                    "pairs": float(len(batch)), "seconds": time.perf_counter() - t0}
-        result.metrics.append(metrics)
-        if on_step is not None:
-            on_step(step, metrics)
-
-    result.out_dir = save_policy(policy, tokenizer, out_dir)
-    result.seconds = time.perf_counter() - start
-    return result
+        record_step(result, step, metrics, on_step)
+    return finish(result, policy, tokenizer, out_dir, start)

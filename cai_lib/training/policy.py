@@ -7,6 +7,7 @@ tokenizer (bf16 would round away most updates of size ~lr), all or nothing.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -161,3 +162,17 @@ def text_list(xs, name: str) -> list[str]:
     if not xs:
         raise ValueError(f"{name} is empty; pass at least one")
     return list(xs)
+
+
+def record_step(result: RLResult, step: int, metrics: dict, on_step: OnStep | None) -> None:
+    """Keep a step's metrics and hand them to the caller's callback (MLflow, progress lines)."""
+    result.metrics.append(metrics)
+    if on_step is not None:
+        on_step(step, metrics)
+
+
+def finish(result: RLResult, policy, tokenizer, out_dir, start: float) -> RLResult:
+    """Save the trained policy (all or nothing) and close the result with the wall time since `start`."""
+    result.out_dir = save_policy(policy, tokenizer, out_dir)
+    result.seconds = time.perf_counter() - start
+    return result

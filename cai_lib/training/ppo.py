@@ -44,7 +44,7 @@ from torch import Tensor
 from cai_lib.ids import derive_seed
 from cai_lib.quality.signals import boilerplate_rate, is_refusal
 from cai_lib.training.policy import (OnStep, RewardFn, RLResult, RLSettings, check_settings, load_policy,
-                                     make_optimizer, render_chat, save_policy, step_update, text_list)
+                                     finish, make_optimizer, record_step, render_chat, step_update, text_list)
 from cai_lib.training.ppo_math import (AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalised_rewards,
                                        logprobs_from_logits, ppo_losses, whiten)
 
@@ -224,10 +224,5 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
             "boilerplate_rate": boilerplate_rate(roll.texts)[0],
             "seconds": time.perf_counter() - t0,
         }
-        result.metrics.append(metrics)
-        if on_step is not None:
-            on_step(step, metrics)
-
-    result.out_dir = save_policy(policy, tokenizer, out_dir)
-    result.seconds = time.perf_counter() - start
-    return result
+        record_step(result, step, metrics, on_step)
+    return finish(result, policy, tokenizer, out_dir, start)
