@@ -34,9 +34,11 @@ def sql_main(argv) -> int:
     _add_common(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
+    p.add_argument("--allow-files", action="store_true", help="let the query use DuckDB's file functions (read_csv, "
+                   "COPY ... TO, ATTACH, glob); by default it sees the lake's tables only")
     a = p.parse_args(argv)
     from cai_lib.lake.sql import query
-    rel = query(_lake(a), a.query)
+    rel = query(_lake(a), a.query, allow_files=a.allow_files)
     if a.format == "table":
         rel.show(max_rows=a.max_rows, max_width=200)
     else:

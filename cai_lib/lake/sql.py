@@ -1,10 +1,15 @@
 """DuckDB SQL over the lake: every Delta table is a view named after the table.
 
-Tables are registered as Arrow datasets of their current Delta snapshot (delta-rs lists the
-live files, so removed files are never read), so queries stream. Filter pushdown into the
-Arrow scan is off: with duckdb 2.0 + pyarrow 25 a pushed-down `col = 'literal'` on a string
-column fails (string vs string_view kernels; duckdb-python #187/#227), so DuckDB filters the
-streamed rows itself.
+Each view reads the live parquet files of the table's current Delta snapshot (delta-rs lists
+them, so removed files are never read) with DuckDB's own reader: no Python runs inside the scan.
+(Scanning pyarrow datasets from DuckDB's threads crashed or hung the process when an error was
+raised mid-stream, e.g. a failed CAST: rc 139 on lakes of many files.) A query runs to the end
+inside `query`, so an error anywhere becomes one ValueError.
+
+Confined by default: external access is off and the configuration locked, so a query sees the
+lake's tables and nothing else (no COPY ... TO, ATTACH, read_csv, glob, extensions). The only
+paths DuckDB may open are the tables' live data files, read-only through the views.
+`allow_files=True` (`cai sql --allow-files`) gives a trusted shell DuckDB's file functions back.
 """
 from __future__ import annotations
 
@@ -16,24 +21,51 @@ from cai_lib.quality import signals as quality
 from schemas import TABLES
 
 
-def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
+def _live_files(lake: Lake, name: str) -> list[str]:
+    if not lake.exists(name):
+        return []
+    return [u.removeprefix("file://") for u in DeltaTable(str(lake.path(name))).file_uris()]
+
+
+def _sql_list(paths: list[str]) -> str:
+    """A SQL list literal of paths (views cannot take prepared parameters).
+
+    >>> _sql_list(["/a/b.parquet", "/it's.parquet"])
+    "['/a/b.parquet', '/it''s.parquet']"
+    """
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def connect(lake: Lake, allow_files: bool = False) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
-    con.execute("SET disabled_optimizers = 'filter_pushdown'")  # see the module docstring
     # the gates' refusal detector, so SQL can count refusals: avg(is_refusal(response)::INT)
     con.create_function("is_refusal", lambda text: quality.is_refusal(text or ""), ["VARCHAR"], "BOOLEAN",
                         null_handling="special")
-    for name, spec in TABLES.items():  # a table not written yet is an empty one with its schema
-        source = DeltaTable(str(lake.path(name))).to_pyarrow_dataset() if lake.exists(name) else spec.schema.empty_table()
-        con.register(name, source)
+    files = {name: _live_files(lake, name) for name in TABLES}
+    if not allow_files:
+        con.execute(f"SET allowed_paths = {_sql_list([f for fs in files.values() for f in fs])}")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    for name, spec in TABLES.items():
+        if files[name]:   # columns added to a table later read as NULL in its older files
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files[name])}, union_by_name = true)")
+        else:             # a table not written yet (or emptied) is an empty one with its schema
+            con.register(name, spec.schema.empty_table())
     return con
 
 
-def query(lake: Lake, sql: str):
-    """Run `sql`; a clear error lists the tables when a name is unknown."""
-    con = connect(lake)
+def query(lake: Lake, sql: str, allow_files: bool = False) -> duckdb.DuckDBPyRelation:
+    """Run `sql` to the end; the result is in memory. Any SQL error (parse, bind, or one raised while
+    rows stream, e.g. a failed CAST) is one ValueError; an unknown table lists the lake's tables."""
+    con = connect(lake, allow_files)
     try:
-        return con.sql(sql)
+        result = con.sql(sql)
+        table = result.to_arrow_table() if result is not None else None
     except duckdb.CatalogException as exc:
         raise ValueError(f"{exc}\nLake tables: {', '.join(TABLES)}") from None
-    except duckdb.Error as exc:  # parser / binder errors: the message says what and where
-        raise ValueError(str(exc)) from None
+    except duckdb.PermissionException as exc:
+        raise ValueError(f"{exc}. `cai sql` sees the lake's tables only; pass --allow-files for DuckDB's "
+                         "file functions (a trusted shell)") from None
+    except duckdb.Error as exc:  # the message says what and where
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    return duckdb.from_arrow(table) if table is not None else duckdb.sql("SELECT 'ok' AS status")
