@@ -121,7 +121,7 @@ def eval_hhh(spark, cfg) -> dict:
 def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
     if not (cfg.human or cfg.hhh):
         raise ValueError("nothing to evaluate: pass --human HH-RLHF-FILE and/or --hhh HHH-FILE")
-    lake = open_lake(cfg.lake, spark)
+    lake = open_lake(cfg.lake, spark, mode="create")   # its own comparisons only: a new lake will do
     constitution = load_constitution(cfg.constitution)
     fb_model = cfg.feedback_model
     fp = model_fingerprint(cfg.backend, fb_model)

@@ -89,7 +89,7 @@ def _lineage(frames, column: str) -> str | None:
 
 
 def run(cfg: GateConfig) -> tuple[bool, dict]:
-    lake = Lake(cfg.lake)
+    lake = Lake(cfg.lake, mode="write")
     stage = cfg.stage
     tables = STAGE_TABLES[stage] + ["quarantine"]
     versions = {t: lake.version(t) for t in tables}

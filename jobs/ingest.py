@@ -66,7 +66,7 @@ def prompt_id_of(kind: str, text: str) -> str:
 
 
 def run(spark, cfg: IngestConfig) -> dict:
-    lake = Lake(cfg.lake)
+    lake = Lake(cfg.lake, mode="create")   # ingest may start a lake; a bad target fails before reading
     job_run_id = new_job_run_id()
     now = datetime.now(timezone.utc)
     prompts, quarantine, seen = [], [], set()

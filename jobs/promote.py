@@ -83,6 +83,7 @@ def decide(cfg: PromoteConfig, version_label: str, evaluation: dict, gates) -> l
 def run(cfg: PromoteConfig) -> tuple[bool, dict]:
     from cai_lib.registry.models import model_version, set_alias
     from cai_lib.registry.tracking import configure
+    lake = Lake(cfg.lake, mode="write")   # a bad lake fails before any alias is set
     configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
     if not Path(cfg.evaluation).exists():
         raise FileNotFoundError(f"{cfg.evaluation} not found: run `cai evaluate` first")
@@ -97,7 +98,6 @@ def run(cfg: PromoteConfig) -> tuple[bool, dict]:
     inputs = {"candidate": label, "evaluation_sha": sha256_text(json.dumps(evaluation, sort_keys=True))[:16]}
     rule_sha = sha256_text(json.dumps({k: getattr(cfg, k) for k in ("harmlessness_tolerance", "max_over_refusal",
                                                                      "baseline_eval", "policy_eval")}))
-    lake = Lake(cfg.lake)
     lake.insert_new("gate_events", pa.Table.from_pylist([{
         "event_id": stable_id("promotion", inputs=json.dumps(inputs, sort_keys=True), rules=rule_sha),
         "kind": "promotion", "stage": "promotion", "passed": not reasons, "n_checks": 4, "n_failed": len(reasons),

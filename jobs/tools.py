@@ -17,8 +17,9 @@ def _add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
                        "tracking_uri; env MLFLOW_TRACKING_URI wins over the file)")
 
 
-def _lake(a) -> Lake:
-    return Lake(a.lake or common_value(a.params, "lake", LakeConfig.lake))
+def _lake(a, mode: str | None = "read") -> Lake:
+    """The lake a tool reads: it must exist (a mistyped --lake is an error, not an empty lake)."""
+    return Lake(a.lake or common_value(a.params, "lake", LakeConfig.lake), mode=mode)
 
 
 def _tracking_uri(a) -> str:
@@ -199,7 +200,7 @@ def lineage_main(argv) -> int:
     from cai_lib.registry.tracking import configure
     configure(_tracking_uri(a), common_value(a.params, "artifact_dir", RegistryConfig.artifact_dir),
               common_value(a.params, "experiment", RegistryConfig.experiment))
-    info = lineage(a.model, _lake(a))
+    info = lineage(a.model, _lake(a, mode=None))   # gate details when the lake is there
     if a.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0

@@ -41,7 +41,7 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
     import mlflow
     from cai_lib.registry.models import model_folder
     from cai_lib.registry.tracking import log_step_metrics, training_run
-    lake = Lake(cfg.lake)
+    lake = Lake(cfg.lake, mode="read")
     verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
     data = preference_rows(lake)
     if not data.rows:

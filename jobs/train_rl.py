@@ -57,7 +57,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
     from cai_lib.registry.models import model_version, resolve_weights, run_tag
     from cai_lib.registry.tracking import training_run
     settings = cfg.settings()
-    lake = Lake(cfg.lake)
+    lake = Lake(cfg.lake, mode="read")
     needs = {"sl": ["prompts"]} if cfg.algorithm == "ppo" else {"labels": ["preference_dataset"]}
     verdicts = gate_verdicts(lake, cfg, needs)
     policy_label, policy_dir = resolve_weights(cfg.policy, cfg)  # "cai-sl/3" for a registered model

@@ -34,7 +34,7 @@ class TrainSLConfig(TrainConfig, SFTSettings):
 def run(cfg: TrainSLConfig, progress=print) -> dict:
     from cai_lib.registry.models import model_folder
     from cai_lib.registry.tracking import log_step_metrics, training_run
-    lake = Lake(cfg.lake)
+    lake = Lake(cfg.lake, mode="read")
     settings = cfg.settings()  # bad settings fail before anything is read or logged
     verdicts = gate_verdicts(lake, cfg, {"sl": ["sl_dataset"]})
     data = sl_rows(lake)

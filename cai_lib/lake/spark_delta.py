@@ -11,10 +11,11 @@ cannot reach. The interface is the one the delta-rs adapter's tests pin down.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 
-from cai_lib.lake.tables import Lake, LakeBase, spec_of
+from cai_lib.lake.tables import Lake, LakeBase, check_lake_root, spec_of
 
 
 def spark_has_delta(spark) -> bool:
@@ -23,8 +24,11 @@ def spark_has_delta(spark) -> bool:
     return "DeltaSparkSessionExtension" in (spark.conf.get("spark.sql.extensions", "") or "")
 
 
-def open_lake(root, spark=None):
-    """The lake adapter for this session: native Spark Delta where available, else delta-rs."""
+def open_lake(root, spark=None, mode: str | None = "write"):
+    """The lake adapter for this session: native Spark Delta where available, else delta-rs. The
+    folder is checked first (`mode`, see check_lake_root): a job fails before any model call."""
+    if "://" not in str(root):   # a local folder (a cloud URI is the cluster's to check)
+        check_lake_root(Path(root), mode)
     return SparkDeltaLake(spark, root) if spark is not None and spark_has_delta(spark) else Lake(root)
 
 

@@ -9,6 +9,7 @@ job never writes a row twice, and a write with nothing new makes no new table ve
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,10 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.schema import Field
 
 from schemas import TABLES, TableSpec
+
+
+class LakeTargetError(ValueError):
+    """The lake folder cannot be used (not a folder, missing, not a lake, not writable); nothing was written."""
 
 
 class LakeError(RuntimeError):
@@ -104,11 +109,50 @@ def added_columns(spec: TableSpec, stored: pa.Schema) -> list[pa.Field]:
     return missing
 
 
-class Lake(LakeBase):
-    """Tables under one root folder, by name (`prompts`, `generation_events`, ...), via delta-rs."""
+MODES = (None, "read", "write", "create")
 
-    def __init__(self, root: str | os.PathLike):
+
+def check_lake_root(root: Path, mode: str | None) -> None:
+    """Before a job reads or writes anything: is `root` a lake it can use? `read` and `write` need an
+    existing lake, `create` (ingest) may start one, None checks nothing (library use). Raises
+    LakeTargetError naming the path, what is wrong and the fix; writes nothing but a probe file."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode is None:
+        return
+    if root.exists() and not root.is_dir():
+        raise LakeTargetError(f"lake {root} is a file, not a folder. Fix: point --lake (or [common] lake) at a "
+                              "lake folder, or at a new path for a new lake")
+    if not root.exists():
+        if mode != "create":
+            raise LakeTargetError(f"no lake at {root}: the folder does not exist. Fix: check --lake (or [common] "
+                                  f"lake in the params file), or create the lake with `cai ingest --lake {root}`")
+        return
+    foreign = sorted(e.name for e in root.iterdir() if not e.name.startswith(".") and e.name not in TABLES)
+    if foreign:
+        raise LakeTargetError(f"{root} is not a lake: it holds {foreign[:5]} besides lake tables (a lake holds only "
+                              f"the tables {', '.join(TABLES)}). Fix: point --lake at a lake folder or a new path")
+    for name in TABLES:
+        folder = root / name
+        if folder.exists() and (not folder.is_dir() or (not (folder / "_delta_log").is_dir() and any(folder.iterdir()))):
+            raise LakeTargetError(f"{folder} is where the {name} table belongs, but it holds files and no _delta_log "
+                                  "(not a Delta table). Fix: move it out of the lake, or choose another lake")
+    if mode in ("write", "create"):
+        try:
+            with tempfile.NamedTemporaryFile(dir=root, prefix=".cai-write-probe-"):
+                pass
+        except OSError as exc:
+            raise LakeTargetError(f"lake {root} is not writable ({exc.strerror}): this job writes events there. "
+                                  "Fix: make it writable, or pass --lake a writable folder") from None
+
+
+class Lake(LakeBase):
+    """Tables under one root folder, by name (`prompts`, `generation_events`, ...), via delta-rs.
+    `mode` checks the folder first (see check_lake_root): jobs pass it, library use need not."""
+
+    def __init__(self, root: str | os.PathLike, mode: str | None = None):
         self.root = Path(root)
+        check_lake_root(self.root, mode)
 
     def __repr__(self) -> str:
         return f"Lake({str(self.root)!r})"
