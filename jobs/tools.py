@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cai_lib.config import DEFAULT_PARAMS, LakeConfig, RegistryConfig, common_value, read_params
 from cai_lib.lake.tables import Lake
+from schemas import TABLES
 
 
 def _add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
@@ -52,20 +53,25 @@ def sql_main(argv) -> int:
 
 
 def status_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="cai status", description="Lake tables, Delta versions and row counts, the "
-                                "last verdict of each gate, registered models and their aliases.")
+    p = argparse.ArgumentParser(prog="cai status", description="Lake tables with their health, Delta versions and "
+                                "row counts, the last verdict of each gate, registered models and their aliases, "
+                                "headline metrics. Exit 1 when a table is broken (everything else is still shown).")
     _add_common(p, registry=True)
     a = p.parse_args(argv)
+    from cai_lib.lake.health import check_table
     lake = _lake(a)
-    snap = lake.snapshot()
-    if not snap:
+    health = [h for h in (check_table(lake.root, name) for name in TABLES) if h.state != "absent"]
+    if not health:
         print(f"lake {lake.root}: no tables yet (run `cai ingest`)")
         return 0
     print(f"lake {lake.root}")
-    print(f"{'table':<22}{'version':>8}{'rows':>10}")
-    for name, s in snap.items():
-        print(f"{name:<22}{s['version']:>8}{s['rows']:>10}")
-    if lake.exists("gate_events"):
+    print(f"{'table':<22}{'version':>8}{'rows':>10}  health")
+    for h in health:
+        state = "ok" if h.state == "ok" else f"BROKEN: {h.problem}. Fix: {h.fix(lake.root)}"
+        print(f"{h.name:<22}{h.version if h.version is not None else '-':>8}{h.rows if h.rows is not None else '-':>10}"
+              f"  {state}")
+    broken = {h.name for h in health if h.state == "broken"}
+    if lake.exists("gate_events") and "gate_events" not in broken:
         print("\nlast gate verdicts")
         verdicts = lake.read("gate_events").to_pylist()
         for stage in sorted({v["stage"] for v in verdicts}):
@@ -75,7 +81,7 @@ def status_main(argv) -> int:
                   f"checks={v['n_checks']} quarantined={v['n_quarantined']} failed: {failed}")
     _print_registry(_tracking_uri(a))
     _print_metrics(read_params(a.params))
-    return 0
+    return 1 if broken else 0
 
 
 SUMMARY = {  # params section -> the keys worth a line in `cai status` (from its metrics file)
@@ -218,3 +224,27 @@ def lineage_main(argv) -> int:
     if shown:
         print("  metrics " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     return 0
+
+
+def lake_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="cai lake", description="Check every table of the lake, or restore a broken "
+                                "one to its last good version (the commits after it are set aside, never deleted).")
+    sub = p.add_subparsers(dest="action", required=True)
+    _add_common(sub.add_parser("check", help="each table: ok, absent or BROKEN with the fix; exit 1 if any is broken"))
+    r = sub.add_parser("restore", help="set a broken table's bad commits aside so it opens at its last good version")
+    r.add_argument("table", choices=sorted(TABLES))
+    _add_common(r)
+    a = p.parse_args(argv)
+    from cai_lib.lake.health import check_table, restore
+    lake = _lake(a)
+    if a.action == "restore":
+        h = restore(lake.root, a.table)
+        print(f"{h.name}: ok at version {h.version}, {h.rows} rows")
+        return 0
+    broken = 0
+    for name in TABLES:
+        h = check_table(lake.root, name)
+        broken += h.state == "broken"
+        print(f"{name:<22}" + {"ok": f"ok      version {h.version}, {h.rows} rows", "absent": "absent"}.get(
+            h.state, f"BROKEN  {h.message(lake.root)}"))
+    return 1 if broken else 0

@@ -37,7 +37,7 @@ def test_help_lists_every_command_with_its_purpose(capsys):
     out = capsys.readouterr().out
     for cmd, (_, what) in COMMANDS.items():
         assert f"  {cmd}" in out and what in out, cmd
-    assert len(COMMANDS) == 16
+    assert len(COMMANDS) == 17
 
 
 @pytest.mark.parametrize("cmd,flag", [("train-pm", "--backend"), ("train-sl", "--spark-master"),
@@ -69,8 +69,8 @@ def test_one_naming_scheme_for_models():
 def test_every_command_that_reads_params_takes_params():
     for cmd in JOB_COMMANDS:
         assert "--params" in flags_of(cmd), cmd
-    for tool in ("sql", "status", "lineage"):
-        proc = subprocess.run([sys.executable, "-m", "jobs.cli", tool, "--help"], capture_output=True, text=True,
+    for tool in ("sql", "status", "lineage", "lake check"):
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", *tool.split(), "--help"], capture_output=True, text=True,
                               cwd=ROOT)
         assert "--params" in proc.stdout, tool
 

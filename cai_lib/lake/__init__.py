@@ -4,4 +4,5 @@ tables       `Lake` (delta-rs): create from `schemas/`, read (time travel), inse
 spark_delta  the same interface on a Spark session with Delta (Databricks, delta-spark)
 queries      what a generation job reads before it plans: prompts by split, events already there
 sql          DuckDB over every table, by name (`cai sql`)
+health       which tables open; a broken one's bad commit, last good version and restore (`cai lake`)
 """

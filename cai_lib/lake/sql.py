@@ -14,9 +14,7 @@ paths DuckDB may open are the tables' live data files, read-only through the vie
 from __future__ import annotations
 
 import duckdb
-from deltalake import DeltaTable
-
-from cai_lib.lake.tables import Lake
+from cai_lib.lake.tables import BrokenTableError, Lake
 from cai_lib.quality import signals as quality
 from schemas import TABLES
 
@@ -24,7 +22,7 @@ from schemas import TABLES
 def _live_files(lake: Lake, name: str) -> list[str]:
     if not lake.exists(name):
         return []
-    return [u.removeprefix("file://") for u in DeltaTable(str(lake.path(name))).file_uris()]
+    return [u.removeprefix("file://") for u in lake.delta_table(name).file_uris()]
 
 
 def _sql_list(paths: list[str]) -> str:
@@ -36,33 +34,43 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-def connect(lake: Lake, allow_files: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(lake: Lake, allow_files: bool = False) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
+    """A confined connection with a view per table, and {table: why} for tables that do not open:
+    those are left out, so a query over the other tables still runs."""
     con = duckdb.connect()
     # the gates' refusal detector, so SQL can count refusals: avg(is_refusal(response)::INT)
     con.create_function("is_refusal", lambda text: quality.is_refusal(text or ""), ["VARCHAR"], "BOOLEAN",
                         null_handling="special")
-    files = {name: _live_files(lake, name) for name in TABLES}
+    files, broken = {}, {}
+    for name in TABLES:
+        try:
+            files[name] = _live_files(lake, name)
+        except BrokenTableError as exc:
+            broken[name] = str(exc)
     if not allow_files:
         con.execute(f"SET allowed_paths = {_sql_list([f for fs in files.values() for f in fs])}")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     for name, spec in TABLES.items():
+        if name in broken:
+            continue
         if files[name]:   # columns added to a table later read as NULL in its older files
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files[name])}, union_by_name = true)")
         else:             # a table not written yet (or emptied) is an empty one with its schema
             con.register(name, spec.schema.empty_table())
-    return con
+    return con, broken
 
 
 def query(lake: Lake, sql: str, allow_files: bool = False) -> duckdb.DuckDBPyRelation:
     """Run `sql` to the end; the result is in memory. Any SQL error (parse, bind, or one raised while
     rows stream, e.g. a failed CAST) is one ValueError; an unknown table lists the lake's tables."""
-    con = connect(lake, allow_files)
+    con, broken = connect(lake, allow_files)
     try:
         result = con.sql(sql)
         table = result.to_arrow_table() if result is not None else None
     except duckdb.CatalogException as exc:
-        raise ValueError(f"{exc}\nLake tables: {', '.join(TABLES)}") from None
+        named = [why for name, why in broken.items() if f"name {name} does not exist" in str(exc)]
+        raise ValueError(named[0] if named else f"{exc}\nLake tables: {', '.join(TABLES)}") from None
     except duckdb.PermissionException as exc:
         raise ValueError(f"{exc}. `cai sql` sees the lake's tables only; pass --allow-files for DuckDB's "
                          "file functions (a trusted shell)") from None

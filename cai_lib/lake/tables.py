@@ -24,6 +24,10 @@ class LakeTargetError(ValueError):
     """The lake folder cannot be used (not a folder, missing, not a lake, not writable); nothing was written."""
 
 
+class BrokenTableError(ValueError):
+    """A table that does not open; the message names the table, the bad file and the recovery."""
+
+
 class LakeError(RuntimeError):
     """A write that would break a table's contract (null key, unknown table, wrong columns)."""
 
@@ -164,12 +168,20 @@ class Lake(LakeBase):
     def exists(self, name: str) -> bool:
         return (self.path(name) / "_delta_log").is_dir()
 
+    def delta_table(self, name: str, version: int | None = None) -> DeltaTable:
+        """The DeltaTable, or a BrokenTableError naming the table, the bad commit and the fix."""
+        try:
+            return DeltaTable(str(self.path(name)), version=version)
+        except Exception as exc:  # noqa: BLE001 - delta-rs raises DeltaError, OSError, ... on a broken log
+            from cai_lib.lake.health import diagnose
+            raise BrokenTableError(diagnose(self.path(name), name, exc).message(self.root)) from None
+
     def table(self, name: str) -> DeltaTable:
         """The DeltaTable, created empty with its schema and properties if missing."""
         spec = spec_of(name)
         path = self.path(name)
         if self.exists(name):
-            dt = DeltaTable(str(path))
+            dt = self.delta_table(name)
             added = added_columns(spec, dt.schema().to_arrow())
             if added:  # a newer release added nullable columns: evolve the table in place
                 dt.alter.add_columns([Field.from_arrow(f) for f in added])
@@ -180,7 +192,7 @@ class Lake(LakeBase):
                                  name=name, mode="ignore")
 
     def version(self, name: str) -> int | None:
-        return DeltaTable(str(self.path(name))).version() if self.exists(name) else None
+        return self.delta_table(name).version() if self.exists(name) else None
 
     def read(self, name: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """The table (or an empty one with its schema), at `version` for time travel."""
@@ -188,7 +200,7 @@ class Lake(LakeBase):
         schema = spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns])
         if not self.exists(name):
             return schema.empty_table()
-        dt = DeltaTable(str(self.path(name)), version=version)
+        dt = self.delta_table(name, version)
         added = {f.name for f in added_columns(spec, dt.schema().to_arrow())}
         rows = dt.to_pyarrow_table(columns=[c for c in schema.names if c not in added])
         for f in schema:  # columns a newer release added read as nulls in older tables
@@ -199,7 +211,13 @@ class Lake(LakeBase):
     def count(self, name: str) -> int:
         if not self.exists(name):
             return 0
-        return DeltaTable(str(self.path(name))).to_pyarrow_dataset().count_rows()
+        try:
+            return self.delta_table(name).to_pyarrow_dataset().count_rows()
+        except BrokenTableError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the log opens but a data file is gone or corrupt
+            from cai_lib.lake.health import diagnose
+            raise BrokenTableError(diagnose(self.path(name), name, exc).message(self.root)) from None
 
     def _merge_insert(self, name: str, rows: pa.Table, key: str) -> int:
         metrics = (

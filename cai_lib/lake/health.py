@@ -1,0 +1,121 @@
+"""Table health: find what is wrong with a table that no longer opens, and set it right without
+deleting history.
+
+A table that fails to open (a truncated or corrupt commit in `_delta_log`, a missing data file) is
+diagnosed: which commit file is bad and which earlier version still opens. `restore` sets every
+commit after that version aside under `<lake>/.cai-broken/<table>/<time>/` (kept, never deleted)
+so the table opens at its last good version again; the set-aside files can be inspected or put
+back by hand.
+
+    cai lake check --lake lake            # every table: ok / absent / BROKEN, with the fix
+    cai lake restore generation_events    # set the broken commits aside; the table reopens
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from deltalake import DeltaTable
+
+BROKEN_DIR = ".cai-broken"
+
+
+@dataclass
+class TableHealth:
+    name: str
+    state: str                 # ok | absent | broken
+    version: int | None = None
+    rows: int | None = None
+    problem: str | None = None
+    bad_file: str | None = None
+    last_good: int | None = None
+
+    def fix(self, root: Path) -> str:
+        if self.last_good is None:
+            return (f"no earlier version of {self.name} opens either; move {root / self.name} out of the lake "
+                    "(the other tables keep working) and rebuild it")
+        return (f"`cai lake restore {self.name} --lake {root}` sets the commits after version {self.last_good} "
+                f"aside (kept under {root / BROKEN_DIR}) and reopens version {self.last_good}; nothing is deleted")
+
+    def message(self, root: Path) -> str:
+        where = f" in {self.bad_file}" if self.bad_file else ""
+        return f"table {self.name} at {root / self.name} cannot be read: {self.problem}{where}. Fix: {self.fix(root)}"
+
+
+def _commits(table_dir: Path) -> list[tuple[int, Path]]:
+    log = table_dir / "_delta_log"
+    return sorted((int(p.name.split(".")[0]), p) for p in log.glob("*.json") if p.name.split(".")[0].isdigit())
+
+
+def _bad_commit(table_dir: Path) -> tuple[int, Path] | None:
+    """The first commit file that is not valid JSON lines (truncated, overwritten, empty)."""
+    for version, path in _commits(table_dir):
+        try:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if not lines:
+                raise ValueError("empty commit")
+            for line in lines:
+                json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return version, path
+    return None
+
+
+def _opens(table_dir: Path, version: int | None = None) -> bool:
+    try:
+        DeltaTable(str(table_dir), version=version).to_pyarrow_dataset().count_rows()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means this version does not open
+        return False
+
+
+def diagnose(table_dir: Path, name: str, exc: BaseException) -> TableHealth:
+    """What is wrong with a table that raised `exc` on opening, and its newest version that opens."""
+    problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    bad = _bad_commit(table_dir)
+    candidates = [v for v, _ in _commits(table_dir) if bad is None or v < bad[0]]
+    last_good = next((v for v in reversed(candidates) if _opens(table_dir, v)), None)
+    return TableHealth(name, "broken", problem=problem, bad_file=str(bad[1]) if bad else None, last_good=last_good)
+
+
+def check_table(root: Path, name: str) -> TableHealth:
+    table_dir = root / name
+    if not (table_dir / "_delta_log").is_dir():
+        return TableHealth(name, "absent")
+    try:
+        dt = DeltaTable(str(table_dir))
+        return TableHealth(name, "ok", version=dt.version(), rows=dt.to_pyarrow_dataset().count_rows())
+    except Exception as exc:  # noqa: BLE001 - delta-rs raises DeltaError, OSError, ... for a broken table
+        return diagnose(table_dir, name, exc)
+
+
+def restore(root: Path, name: str) -> TableHealth:
+    """Set every commit after the last good version aside (moved, never deleted); the table's health after."""
+    health = check_table(root, name)
+    if health.state != "broken":
+        return health
+    if health.last_good is None:
+        raise ValueError(health.message(root))
+    table_dir = root / name
+    aside = root / BROKEN_DIR / name / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    aside.mkdir(parents=True)
+    log = table_dir / "_delta_log"
+    for path in sorted(log.iterdir()):
+        version = path.name.split(".")[0]
+        later = version.isdigit() and int(version) > health.last_good
+        if later or path.name == "_last_checkpoint" and _checkpoint_after(path, health.last_good):
+            shutil.move(str(path), aside / path.name)
+    after = check_table(root, name)
+    if after.state != "ok":
+        raise ValueError(f"{name}: still unreadable after setting commits aside into {aside}: {after.problem}")
+    return after
+
+
+def _checkpoint_after(path: Path, version: int) -> bool:
+    try:
+        return int(json.loads(path.read_text())["version"]) > version
+    except (ValueError, KeyError, TypeError):
+        return True   # an unreadable pointer to a checkpoint is no use either
