@@ -9,12 +9,15 @@ job never writes a row twice, and a write with nothing new makes no new table ve
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 from deltalake.schema import Field
 
 from schemas import TABLES, TableSpec
@@ -26,6 +29,10 @@ class LakeTargetError(ValueError):
 
 class BrokenTableError(ValueError):
     """A table that does not open; the message names the table, the bad file and the recovery."""
+
+
+class CommitRaceError(ValueError):
+    """Another writer kept committing to the same table first; nothing of this run was committed twice."""
 
 
 class LakeError(RuntimeError):
@@ -114,6 +121,7 @@ def added_columns(spec: TableSpec, stored: pa.Schema) -> list[pa.Field]:
 
 
 MODES = (None, "read", "write", "create")
+COMMIT_ATTEMPTS = 20   # concurrent writers of one table each retry a lost commit this many times
 
 
 def check_lake_root(root: Path, mode: str | None) -> None:
@@ -220,13 +228,30 @@ class Lake(LakeBase):
             raise BrokenTableError(diagnose(self.path(name), name, exc).message(self.root)) from None
 
     def _merge_insert(self, name: str, rows: pa.Table, key: str) -> int:
-        metrics = (
-            self.table(name)
-            .merge(source=rows, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )
-        return int(metrics["num_target_rows_inserted"])
+        def merge() -> int:
+            metrics = (
+                self.table(name)
+                .merge(source=rows, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t")
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            return int(metrics["num_target_rows_inserted"])
+        return self._retrying(name, merge)
 
     def _overwrite(self, name: str, rows: pa.Table) -> None:
-        write_deltalake(str(self.path(name)), rows, mode="overwrite")
+        self._retrying(name, lambda: write_deltalake(str(self.path(name)), rows, mode="overwrite"))
+
+    def _retrying(self, name: str, commit):
+        """Run `commit` again when another writer committed first. An insert-only MERGE on the key is
+        idempotent (a retry inserts only what is still missing) and a derived table is a projection,
+        so a lost race costs one retry, never the finished model work these rows carry."""
+        attempts = COMMIT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                return commit()
+            except CommitFailedError as exc:
+                if attempt == attempts:
+                    raise CommitRaceError(f"{name}: lost the commit race {attempts} times in a row to another writer of "
+                                    f"{self.path(name)} ({str(exc).splitlines()[0]}). Fix: let the other run finish, "
+                                    "then rerun this job: it writes only what is still missing") from None
+                time.sleep(random.uniform(0.05, 0.25) * attempt)   # jitter: two losers do not collide again
