@@ -5,6 +5,7 @@ flags win, and a flag a command does not use is an error.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from cai_lib.env import set_offline_env
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: say what and how to fix, no traceback
         print(f"cai {cmd}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:   # `cai lake check | head`: the reader left; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
