@@ -51,7 +51,7 @@ class SeedConfig:
 class SparkModelConfig:
     """Jobs that run a model through a backend inside Spark's Python workers."""
     backend: str = opt("transformers", "transformers (CPU/GPU) | vllm (GPU, own environment) | fake (tests)")
-    dtype: str = opt("bfloat16", "model weights dtype: bfloat16 | float32 | float16")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on a GPU or a bf16-capable CPU, else float32) | bfloat16 | float32 | float16")
     spark_master: str = opt("local[1]", "Spark master; each Python worker loads one model copy")
     torch_threads: int = opt(2, "torch threads per Spark worker: workers x threads <= cores")
 

@@ -48,23 +48,26 @@ def normalise_text(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def is_heldout(key: str, fraction: float) -> bool:
-    """Whether `key` is held out: sha256(key) read as a number in [0, 1) is below `fraction`.
+def is_heldout(key: str, fraction: float, salt: str = "") -> bool:
+    """Whether `key` is held out: sha256(salt + key) read as a number in [0, 1) is below `fraction`.
     Depends on nothing else, so a key keeps its side across runs, machines and dataset versions.
     The one split of the project: ingest (test prompts), SFT (held-out prompts) and PM training
-    (held-out pairs) all call it.
+    (held-out pairs) all call it. Splits of the same keys for different purposes take different
+    salts: SFT trains only on ingest's train prompts, so an unsalted SFT split of those same ids
+    would hold out none of them (every id below 0.1 is already a test prompt).
 
     >>> is_heldout("prompt-1", 0.0), is_heldout("prompt-1", 0.999999)
     (False, True)
     """
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    u = int.from_bytes(hashlib.sha256((salt + key).encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
     return u < fraction
 
 
-def split_heldout(items: Sequence[T], fraction: float, key: Callable[[T], str]) -> tuple[list[T], list[T]]:
-    """(train, heldout) by `is_heldout(key(item), fraction)`, each in input order.
+def split_heldout(items: Sequence[T], fraction: float, key: Callable[[T], str],
+                  salt: str = "") -> tuple[list[T], list[T]]:
+    """(train, heldout) by `is_heldout(key(item), fraction, salt)`, each in input order.
 
     >>> train, held = split_heldout([str(i) for i in range(1000)], 0.1, key=str)
     >>> len(train), len(held)
@@ -72,5 +75,5 @@ def split_heldout(items: Sequence[T], fraction: float, key: Callable[[T], str]) 
     """
     train, heldout = [], []
     for item in items:
-        (heldout if is_heldout(key(item), fraction) else train).append(item)
+        (heldout if is_heldout(key(item), fraction, salt) else train).append(item)
     return train, heldout

@@ -56,7 +56,7 @@ class IngestConfig(LakeConfig, PointerConfig):
 
 
 def split_of(prompt_id: str, test_fraction: float) -> str:
-    """train/test from the id's hash (`cai_lib.ids.is_heldout`, the split SFT and the PM use too):
+    """train/test from the id's hash (`cai_lib.ids.is_heldout`, unsalted; SFT splits these ids again with its own salt):
     stable across runs, machines and file order."""
     return "test" if is_heldout(prompt_id, test_fraction) else "train"
 

@@ -30,9 +30,10 @@ def test_greedy_matches_transformers_generate(hf_backend):
     assert g.text == tok.decode(ref[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def test_choice_logprobs_match_full_forward_passes():
+def test_choice_logprobs_match_full_forward_passes(hf_backend):
     """The shared-prefix two-pass scoring equals one full pass per choice (fp32: exact to 1e-3)."""
-    hf_backend = load_backend("transformers", "default", dtype="float32", threads=2)
+    if hf_backend.dtype != "float32":   # `auto` is bf16 on a bf16-capable CPU
+        hf_backend = load_backend("transformers", "default", dtype="float32", threads=2)
     prompt = hf_backend.render_chat([{"role": "user", "content": "Which is a fruit? (A) apple (B) hammer"}]) + "Answer:"
     choices = [" (A)", " (B)", " neither of them"]
     got = hf_backend.choice_logprobs([prompt, prompt + " I think"], choices)
@@ -48,6 +49,21 @@ def test_choice_logprobs_match_full_forward_passes():
     assert all(lp < 0 for row in got for lp in row)
     p_a = math.exp(got[0][0]) / (math.exp(got[0][0]) + math.exp(got[0][1]))
     assert 0 < p_a < 1
+
+
+def test_auto_dtype_follows_the_cpu_bf16_instructions(tmp_path):
+    from cai_lib.backends.weights import cpu_bf16_support, resolve_dtype
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert [cpu_bf16_support(p) for p in (avx2, amx, arm, tmp_path / "missing")] == [False, True, True, False]
+    assert resolve_dtype("auto", "cuda:0") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_bf16_support() else "float32")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp8", "cpu")
 
 
 def test_unknown_model_and_backend_are_clear_errors():

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from cai_lib.backends.models import resolve_model
 from cai_lib.backends.weights import assert_no_pickles
 from cai_lib.ids import is_heldout, split_heldout
-from cai_lib.training.sft import SFTSettings, load_safetensors_folder, train_sft
+from cai_lib.training.sft import SFT_SALT, SFTSettings, load_safetensors_folder, train_sft
+from jobs.ingest import split_of
 from cai_lib.training.sft_examples import IGNORE, build_examples
 
 # Short rows keep a full-model step to a few seconds on 2 busy cores. Keys were chosen so that
-# heldout_fraction=0.25 holds out some and trains on the rest (checked in a test below).
+# heldout_fraction=0.5 (SFT salt) holds out three and trains on the rest (checked in a test below).
 ROWS = [{"key": f"p{i}", "prompt": f"How long do I bake loaf {i}?",
          "response": f"Bake loaf {i} at 220 C for {20 + i} minutes."} for i in range(8)]
 LONG = {"key": "long", "prompt": "word " * 200, "response": "ok"}
@@ -29,7 +30,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def small(**kw) -> SFTSettings:
-    base = dict(max_steps=2, batch_size=4, max_length=128, heldout_fraction=0.25, torch_threads=1, seed=7)
+    base = dict(max_steps=2, batch_size=4, max_length=128, heldout_fraction=0.5, torch_threads=1, seed=7)
     return SFTSettings(**{**base, **kw})
 
 
@@ -107,6 +108,17 @@ def test_heldout_split_is_deterministic_disjoint_and_stable():
     assert split_heldout(keys[::-1], 0.1, key=str)[1] == held[::-1]
     assert set(held) <= set(split_heldout(keys, 0.3, key=str)[1])
     assert [r["key"] for r in ROWS if is_heldout(r["key"], 0.25)] == ["p0", "p2", "p7"]
+    assert [r["key"] for r in ROWS if is_heldout(r["key"], 0.5, SFT_SALT)] == ["p3", "p4", "p7"]
+
+
+def test_sft_holds_out_some_of_the_train_prompts_of_an_ingest_split_lake():
+    # SFT rows are the prompts ingest put in its train split (the same hash at 0.1, unsalted):
+    # the salted SFT split still holds about 10% of them out. Unsalted it would hold out none.
+    ids = [f"prompt-{i}" for i in range(2000)]
+    ingest_train = [k for k in ids if split_of(k, 0.1) == "train"]
+    assert split_heldout(ingest_train, 0.1, key=str)[1] == []
+    train, held = split_heldout(ingest_train, 0.1, key=str, salt=SFT_SALT)
+    assert (len(ingest_train), len(train), len(held)) == (1779, 1609, 170)
 
 
 def test_settings_are_validated_with_the_field_name():
@@ -141,7 +153,7 @@ def test_full_finetune_trains_reports_and_saves_safetensors(full_run):
     assert all(math.isfinite(x) for x in result.train_losses)
     assert [s for s, _ in logged] == [1, 2] and [m["loss"] for _, m in logged] == result.train_losses
     assert logged[0][1]["lr"] == pytest.approx(1e-5) and logged[1][1]["lr"] == pytest.approx(5e-6)
-    assert (result.n_train, result.n_heldout, result.heldout_keys) == (5, 3, ["p0", "p2", "p7"])
+    assert (result.n_train, result.n_heldout, result.heldout_keys) == (5, 3, ["p3", "p4", "p7"])
     assert [(d.key, d.reason) for d in result.dropped] == [("long", "prompt_too_long")]
     assert math.isfinite(result.heldout_loss_before) and math.isfinite(result.heldout_loss_after)
     assert result.heldout_loss_after != result.heldout_loss_before

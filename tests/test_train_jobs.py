@@ -64,7 +64,7 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     sl = json.loads((root / "sl.json").read_text())
     metrics = json.loads((root / "sl_metrics.json").read_text())
     assert sl["name"] == "cai-sl" and sl["version"] == "1" and metrics["steps"] == 2
-    assert metrics["changed_params"] > 0 and metrics["n_train"] + metrics["n_heldout"] == 36
+    assert metrics["changed_params"] > 0 and (metrics["n_train"], metrics["n_heldout"]) == (31, 5)
     human = root / "human.jsonl"  # HH-RLHF format, our own pairs: the test needs no shared data
     human.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
                                          "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"}) + "\n"

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from cai_lib.backends.base import CallStats, Chat, Generation, Sampling, check_lengths, cut_at_stop
 from cai_lib.backends.models import fingerprint, resolve_model
-from cai_lib.backends.weights import torch_dtype
+from cai_lib.backends.weights import resolve_dtype, torch_dtype
 
 
 class _PerRowSampler(LogitsProcessor):
@@ -45,7 +45,7 @@ class _PerRowSampler(LogitsProcessor):
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model_id: str = "default", *, dtype: str = "bfloat16", device: str | None = None,
+    def __init__(self, model_id: str = "default", *, dtype: str = "auto", device: str | None = None,
                  threads: int | None = None, batch_size: int = 8, max_prompt_tokens: int = 2048):
         if threads:
             torch.set_num_threads(int(threads))
@@ -57,7 +57,8 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(self.dtype), use_safetensors=True)
         self.model = self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens

@@ -16,7 +16,7 @@ from cai_lib.backends.models import fingerprint, resolve_model
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, model_id: str = "default", *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85,
+    def __init__(self, model_id: str = "default", *, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
                  max_model_len: int = 4096, **_: object):
         try:
             from vllm import LLM, SamplingParams

@@ -45,9 +45,11 @@ from cai_lib.files import atomic_folder, write_json
 from cai_lib.ids import split_heldout
 from cai_lib.training.sft_examples import IGNORE, Dropped, Example, build_examples, end_of_turn_ids
 
-__all__ = ["SFTSettings", "SFTResult", "train_sft", "load_safetensors_folder"]
+__all__ = ["SFTSettings", "SFTResult", "train_sft", "load_safetensors_folder", "SFT_SALT"]
 
-
+# SFT rows are ingest's train prompts, already split by the unsalted hash of the same ids:
+# the held-out split needs its own salt or it holds out nothing (see cai_lib.ids.is_heldout).
+SFT_SALT = "sft-heldout:"
 
 # ---------------------------------------------------------------- settings and results
 
@@ -263,7 +265,7 @@ def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> S
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_of_turn_ids(tokenizer) or {0})
 
     examples, dropped = build_examples(tokenizer, rows, settings.max_length)
-    train, heldout = split_heldout(examples, settings.heldout_fraction, key=lambda e: e.key)
+    train, heldout = split_heldout(examples, settings.heldout_fraction, key=lambda e: e.key, salt=SFT_SALT)
     if not train:
         raise ValueError(f"no training rows left ({len(rows)} rows, {len(dropped)} dropped, "
                          f"{len(heldout)} held out): pass more rows or a smaller heldout_fraction")
