@@ -1,6 +1,11 @@
 """`cai`: one command line for every job and tool. `cai --help` lists them; `cai COMMAND --help` gives
 a command's flags. Every job reads its settings from params.yaml ([common] + its own section);
 flags win, and a flag a command does not use is an error.
+
+An expected error (bad input, a missing table or file, a job that failed its contract: a
+ValueError, a FileNotFoundError or one of the project's own error classes) is one line on
+stderr and exit 1. Anything else is a bug and keeps its traceback; `cai --debug ...` shows
+the traceback of expected errors too.
 """
 from __future__ import annotations
 
@@ -38,12 +43,22 @@ def usage() -> str:
     return ("usage: cai COMMAND [FLAGS]   (cai COMMAND --help for its flags)\n\n"
             "commands, in pipeline order:\n" + "\n".join(lines) + "\n\n"
             "Every job reads its settings from params.yaml ([common] + its own section); flags win, and a\n"
-            "flag a command does not use is an error.")
+            "flag a command does not use is an error. `cai --debug COMMAND ...` shows tracebacks.")
+
+
+def expected_error(exc: BaseException) -> bool:
+    """Bad input or a failed contract, which the message explains: ValueError (every input and lake
+    error of the project subclasses it), FileNotFoundError, or an error class of our own packages
+    (LakeError, JobFailed). A KeyError, TypeError or bare RuntimeError is a bug: it needs its traceback."""
+    own = type(exc).__module__.split(".")[0] in ("cai_lib", "jobs", "schemas")
+    return isinstance(exc, (ValueError, FileNotFoundError)) or own
 
 
 def main(argv: list[str] | None = None) -> int:
     set_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv   # `cai --debug COMMAND ...` (or anywhere in the line): no command has such a flag
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
@@ -55,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     target = getattr(importlib.import_module(module), fn)
     try:
         return int(target(rest) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: say what and how to fix, no traceback
-        print(f"cai {cmd}: error: {exc}", file=sys.stderr)
-        return 1
     except BrokenPipeError:   # `cai lake check | head`: the reader left; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:  # noqa: BLE001 - sorted below: expected errors are one line, bugs re-raise
+        if debug or not expected_error(exc):
+            raise
+        print(f"cai {cmd}: error: {exc}", file=sys.stderr)   # say what and how to fix, no traceback
+        return 1
 
 
 if __name__ == "__main__":

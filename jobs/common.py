@@ -1,4 +1,5 @@
-"""What the jobs share: their config groups, pointer files for DVC, the printed summary, the training ending."""
+"""What the jobs share: their config groups, pointer files for DVC, the printed summary and exit status,
+the guarded rebuild of derived tables, the training ending."""
 from __future__ import annotations
 
 import contextlib
@@ -47,12 +48,16 @@ class GenerationConfig(ModelJobConfig):
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.9, "nucleus sampling mass")
     max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)")
+    max_failed_fraction: float = opt(0.1, "exit 1 when more than this share of the run's model work failed or "
+                                          "gave up (what succeeded is still committed); 1 = never")
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("batch_size", "batches_per_commit", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise ValueError(f"max_failed_fraction must be between 0 and 1, got {self.max_failed_fraction}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
@@ -75,22 +80,120 @@ def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict |
     write_json(path, {"lake": str(lake.root), "tables": lake.snapshot(tables), **(extra or {})})
 
 
+class JobFailed(RuntimeError):
+    """A job that ran but failed its contract (too many failed model calls, a refused rebuild).
+    What it committed stays committed; the CLI prints the message and exits 1."""
+
+
+@dataclass
+class Failures:
+    """One kind of model work a run did: how much it tried, failed, and skipped as given up."""
+    what: str                        # plural noun: "generations", "responses", "scorings", ...
+    attempted: int = 0               # tried in this run
+    failed: int = 0                  # of those, failed (each a failed event or a quarantine row)
+    gave_up: int = 0                 # skipped: failed max_attempts times in earlier runs
+    first_error: str | None = None
+    max_attempts: int | None = None  # None: no attempt limit (retried on every run)
+    tries: int = 0                   # the most attempts one given-up item has had
+
+    @classmethod
+    def of(cls, what: str, stats, gave_up: int = 0, max_attempts: int | None = None, tries: int = 0) -> "Failures":
+        """From a RunStats (cai_lib/runtime/tasks.py), or None when nothing ran."""
+        return cls(what, stats.tasks if stats else 0, stats.failed if stats else 0, gave_up,
+                   stats.first_error if stats else None, max_attempts, tries)
+
+    def undone_fraction(self) -> float:
+        return (self.failed + self.gave_up) / max(self.attempted + self.gave_up, 1)
+
+    def describe(self) -> str:
+        """`2 of 5 generations failed (first error: ...); 3 generations gave up after 2 attempts: ...`"""
+        parts = []
+        if self.failed:
+            retry = (f"a rerun retries those with attempts left (max_attempts={self.max_attempts})"
+                     if self.max_attempts else "a rerun retries them")
+            parts.append(f"{self.failed} of {self.attempted} {self.what} failed (first error: {self.first_error}); "
+                         f"{retry}")
+        if self.gave_up:
+            n = max(self.tries, self.max_attempts or 0)
+            parts.append(f"{self.gave_up} {self.what} gave up after {n} failed attempts and were skipped: pass "
+                         f"--max-attempts {n + 1} to retry them")
+        if self.attempted == 0 and self.gave_up:
+            parts.append(f"this run did no {self.what}")
+        return "; ".join(parts)
+
+
+def judge(summary: dict, max_failed_fraction: float) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a run's summary: its `failures` over the bound, its refused `errors`."""
+    errors, warnings = [], []
+    for f in summary.get("failures", []):
+        if not (f.failed or f.gave_up):
+            continue
+        if f.undone_fraction() > max_failed_fraction:
+            errors.append(f"{f.describe()} (more than max_failed_fraction={max_failed_fraction} of this run's "
+                          f"{f.what}; what succeeded is committed)")
+        else:
+            warnings.append(f.describe())
+    return errors + list(summary.get("errors", [])), warnings + list(summary.get("warnings", []))
+
+
+def guarded_replace(lake: Lake, name: str, rows, selected: set, allow_shrink: bool, why) -> tuple[bool, list, list]:
+    """Rebuild a derived table, unless it would shrink without an explanation: (rewritten, errors, warnings).
+
+    A row may only disappear when these settings no longer select its input (its key is not
+    in `selected`: a prompt outside --splits, a pair outside --limit or --policy). A row whose
+    input is still selected but that this run could not rebuild (failed, given-up or not yet
+    generated work) keeps the old table and is an error; `why(keys)` says why those rows are
+    missing. allow_shrink replaces it anyway.
+    """
+    from cai_lib.lake.tables import spec_of
+    key = spec_of(name).key
+    old = set(lake.read(name, columns=[key])[key].to_pylist()) if lake.exists(name) else set()
+    new = rows.num_rows
+    if new >= len(old):
+        return lake.replace(name, rows), [], []
+    lost = old - set(rows[key].to_pylist())
+    unexplained = lost & selected
+    if unexplained and not allow_shrink:
+        return False, [f"refusing to rebuild {name}: it would shrink from {len(old)} to {new} rows, and "
+                       f"{len(unexplained)} of the dropped rows are for inputs these settings still select: "
+                       f"{why(unexplained)}. The old table is kept. Fix: rerun until that work succeeds, or pass "
+                       f"--allow-shrink to replace it anyway"], []
+    note = (f"{name} shrank from {len(old)} to {new} rows: {len(lost) - len(unexplained)} dropped rows are for "
+            f"inputs these settings no longer select"
+            + (f", {len(unexplained)} dropped anyway (--allow-shrink): {why(unexplained)}" if unexplained else ""))
+    return lake.replace(name, rows), [], [note]
+
+
 def report(title: str, summary: dict) -> None:
-    """One summary line on stdout: `title: key=value, ...` (scripts and tests read it)."""
+    """One summary line on stdout: `title: key=value, ...` (scripts and tests read it); a job that
+    lists its `failures` always shows failed= (and gave_up=), even when its own keys do not."""
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()
              if not isinstance(v, (dict, list))}
+    failures = summary.get("failures", [])
+    if failures:
+        shown.setdefault("failed", sum(f.failed for f in failures))
+        shown.setdefault("gave_up", sum(f.gave_up for f in failures))
     print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     sys.stdout.flush()
 
 
 def spark_job_main(config_cls, section: str, argv, doc: str, run) -> int:
-    """The body of every Spark job's main(): config from params + flags, session, run, summary."""
+    """The body of every Spark job's main(): config from params + flags, session, run, summary, verdict.
+
+    The summary line always prints; then each warning (failures within max_failed_fraction, an
+    explained shrink) goes to stderr, and any error raises JobFailed (exit 1: `dvc repro` stops).
+    """
     from cai_lib.config import load_config
     from cai_lib.runtime.session import get_spark
     cfg = load_config(config_cls, section, argv, doc)
     title = section.replace("_", "-")
     summary = run(get_spark(cfg.spark_master, f"cai-{title}"), cfg, progress=lambda msg: print(msg, flush=True))
     report(title, summary)
+    errors, warnings = judge(summary, getattr(cfg, "max_failed_fraction", 1.0))
+    for w in warnings:
+        print(f"cai {title}: warning: {w}", file=sys.stderr, flush=True)
+    if errors:
+        raise JobFailed("\n  ".join(errors))
     return 0
 
 

@@ -11,6 +11,14 @@ Every scoring is a `label_events` row (raw log-probs, p_shown_a, p_a, order, pri
 constitution sha, feedback model, template sha); a CoT is a `generation_events` row. Then
 `preference_dataset` is rebuilt: the AI harmlessness pairs (target = mean over principles of
 the order-debiased p) plus the human helpfulness pairs listed in params (hard targets).
+
+Exit status: 1 when more than max_failed_fraction of this run's chains of thought (failed, or
+given up after max_attempts: `--max-attempts N` retries them) or of its scorings (failed:
+quarantined, retried by every rerun) did not succeed; what succeeded is committed. A run that
+did nothing because every CoT gave up exits 1 too. `preference_dataset` is never rebuilt smaller
+because pairs still selected lack labels (failed scorings or CoTs): the old table is kept and the
+run exits 1, unless --allow-shrink. Rows of pairs no longer selected (--limit, --splits,
+--policy, human_pairs) may go, with a warning.
 """
 from __future__ import annotations
 
@@ -34,8 +42,8 @@ from cai_lib.ids import derive_seed, sha256_text, stable_id
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.scoring import score_on_spark
-from cai_lib.runtime.tasks import Task, new_job_run_id, retry_plan, run_tasks
-from jobs.common import FeedbackFields, GenerationConfig, spark_job_main, write_pointer
+from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
+from jobs.common import Failures, FeedbackFields, GenerationConfig, guarded_replace, spark_job_main, write_pointer
 from schemas import LABEL_EVENTS
 
 
@@ -50,6 +58,7 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
     cot_max_new_tokens: int = opt(96, "token budget of a chain of thought")
     human_pairs: list = opt([], "params only: [{path, limit, seed}] HH-RLHF helpfulness files -> human_helpful rows",
                             flag=False)
+    allow_shrink: bool = opt(False, "replace preference_dataset even when pairs lacking labels would make it smaller")
 
     def __post_init__(self):
         super().__post_init__()
@@ -106,11 +115,13 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     chat_of = lambda j: feedback_chat(template, conversation_text(prompt_text[j.prompt_id]),  # noqa: E731
                                       constitution.comparison_principle(j.principle_id).text, *shown(j, texts))
     cot_text, cot_calls, cot_gave_up = {}, 0, 0
+    cot_fails = Failures("chains of thought", max_attempts=cfg.max_attempts)
     if s.cot and pending:
         cot_text, failures = known_events(lake, {j.cot_id for j in pending})
         planned = [Task(j.cot_id, "cot", j.prompt_id, None, j.k, j.principle_id, derive_seed(cfg.seed, "cot", j.cot_id),
                         cot_sampling.to_json(), chat_of(j)) for j in pending if j.cot_id not in cot_text]
         todo, cot_gave_up = retry_plan(planned, cot_text, failures, cfg.max_attempts)
+        stats = None
         if todo:
             if progress:
                 progress(f"chain of thought for {len(todo)} comparisons")
@@ -118,8 +129,11 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
                                     batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
             cot_calls = stats.model_calls
             cot_text.update({r["target_event_id"]: r["text"] for r in rows.to_pylist() if r["status"] == "ok"})
+        cot_fails = Failures.of("chains of thought", stats, cot_gave_up, cfg.max_attempts,
+                                most_tries([t.event_id for t in planned], cot_text, failures))
         pending = [j for j in pending if j.cot_id in cot_text]  # a failed CoT is an event; its label waits
     inserted, quarantined, score_calls = 0, 0, 0
+    score_fails = Failures("scorings", attempted=len(pending))
     group = cfg.batch_size * cfg.batches_per_commit
     for g in range(0, len(pending), group):
         chunk = pending[g:g + group]
@@ -132,6 +146,8 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
         rows, bad = [], []
         for j, sc in zip(chunk, scores):
             if sc["error"] is not None:
+                score_fails.failed += 1
+                score_fails.first_error = score_fails.first_error or sc["error"]
                 bad.append({"event_id": stable_id("quarantine", stage="label", label=j.event_id), "stage": "label",
                             "source": "label_events", "source_row": None, "field": "logprobs", "reason": sc["error"],
                             "payload": j.event_id, "job_run_id": job_run_id, "created_at": now, "row_key": None})
@@ -144,15 +160,24 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     mine = {j.event_id for j in jobs}
     labels = labels.filter(pc.is_in(labels["event_id"], pa.array(sorted(mine), pa.string())))
     dataset, left_out = build_preference_dataset(labels, texts, prompt_text, cfg.human_pairs)
-    changed = lake.replace("preference_dataset", dataset)
+    selected = {p[0] for p in pairs} | set(pc.filter(dataset["pair_id"], pc.equal(dataset["source"], "human_helpful"))
+                                           .to_pylist())
+
+    def why(ids) -> str:
+        return (f"those pairs lack labels under these settings (constitution, feedback model, ensemble, cot): "
+                f"{score_fails.failed} scorings failed and {cot_fails.failed + cot_fails.gave_up} chains of thought "
+                f"failed or gave up in this run")
+    changed, errors, warnings = guarded_replace(lake, "preference_dataset", dataset, selected, cfg.allow_shrink, why)
     write_pointer(cfg.pointer, lake, ["label_events", "preference_dataset"],
                   {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
     n_ai = int(pc.sum(pc.equal(dataset["source"], "ai_harmless")).as_py() or 0)
     return {"pairs": len(pairs), "comparisons": len(jobs), "scored": len(pending), "inserted": inserted,
-            "quarantined": quarantined, "model_calls": score_calls + cot_calls, "cot_gave_up": cot_gave_up,
+            "quarantined": quarantined, "model_calls": score_calls + cot_calls,
+            "failed": score_fails.failed + cot_fails.failed, "cot_failed": cot_fails.failed, "cot_gave_up": cot_gave_up,
             "ai_pairs": n_ai, "human_pairs": dataset.num_rows - n_ai, **left_out,
             "preference_dataset_rewritten": changed,
-            "labels_sha": sha256_text(",".join(sorted(mine)))[:12]}
+            "labels_sha": sha256_text(",".join(sorted(mine)))[:12],
+            "failures": [cot_fails, score_fails], "errors": errors, "warnings": warnings}
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,10 @@ Rows land in `generation_events` (kind pair_sample, `round` = sample index) with
 ids: a rerun or a resumed job samples only what is missing. Pairs are data: a prompt that
 already has a complete pair (from an earlier policy version) is not sampled again unless
 `--resample`, so a retrained SL-CAI model only samples for new prompts.
+
+Exit status: 1 when more than max_failed_fraction of this run's responses failed or were
+skipped as given up (after max_attempts failures; `--max-attempts N` retries them), including
+a run that did nothing because all its work gave up. Successful samples are committed anyway.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from cai_lib.constitution.load import load_constitution
 from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.tasks import RunStats, commit_progress, new_job_run_id, retry_plan, run_tasks
-from jobs.common import GenerationConfig, spark_job_main, write_pointer
+from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, retry_plan, run_tasks
+from jobs.common import Failures, GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
@@ -72,8 +76,10 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
                              batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id(),
                              on_commit=commit_progress(progress, len(tasks)))
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
+    fails = Failures.of("responses", stats, gave_up, cfg.max_attempts,
+                        most_tries([t.event_id for t in planned], done, failures))
     return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls, "ok": stats.ok,
-            "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted}
+            "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted, "failures": [fails]}
 
 
 def main(argv=None) -> int:

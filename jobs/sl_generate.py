@@ -8,6 +8,15 @@ Each round is one wave batched across all prompts: Spark spreads the batches ove
 workers (one loaded model each). Every generation is a `generation_events` row with a
 deterministic id; a rerun, a retried task or a resumed job calls the model only for ids not
 yet present. `sl_dataset` (final revisions + helpful answers) is rebuilt from the events.
+
+Exit status: 1 when more than max_failed_fraction of this run's generations failed or were
+skipped as given up (a run that did nothing because all its work gave up is a failure too:
+the work is still undone); the successful ones are committed all the same. A failed generation
+is retried by the next run until it has failed max_attempts times; `--max-attempts N` retries
+given-up ones again. `sl_dataset` is never rebuilt smaller because chains of prompts still
+selected are incomplete under these settings (failed, given up, or outside --limit after a
+constitution or model change): the old table is kept and the run exits 1, unless --allow-shrink.
+Rows of prompts no longer selected (--splits) may go, with a warning.
 """
 from __future__ import annotations
 
@@ -21,9 +30,9 @@ from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import parse_output
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.tasks import RunStats, commit_progress, new_job_run_id, run_tasks
+from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
 from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
-from jobs.common import GenerationConfig, spark_job_main, write_pointer
+from jobs.common import Failures, GenerationConfig, guarded_replace, spark_job_main, write_pointer
 
 
 @dataclass
@@ -37,6 +46,7 @@ class SLGenerateConfig(GenerationConfig, PointerConfig):
     answer_max_new_tokens: int = opt(128, "token budget of first answers")
     critique_max_new_tokens: int = opt(96, "token budget of critiques")
     revision_max_new_tokens: int = opt(128, "token budget of revisions")
+    allow_shrink: bool = opt(False, "replace sl_dataset even when incomplete chains would make it smaller")
 
     def settings(self) -> SLSettings:
         s = lambda n: Sampling(self.temperature, self.top_p, n)  # noqa: E731
@@ -75,13 +85,22 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
         for r in rows.select(["target_event_id", "status", "text"]).to_pylist():
             if r["status"] == "ok":
                 texts[r["target_event_id"]] = r["text"]
-    dataset_changed = lake.replace("sl_dataset", derive_sl_dataset(ctx, plans, prompts, texts))
+    planned = {s.event_id for chain in todo.values() for s in chain}
+    fails = Failures.of("generations", total, exhausted, cfg.max_attempts, most_tries(planned, texts, failures))
+
+    def why(pids) -> str:
+        mine = sum(1 for p in pids if p in todo)
+        return (f"their chains are incomplete under these settings (constitution, model, rounds): {mine} of those "
+                f"prompts were in this run ({fails.failed} generations failed, {fails.gave_up} gave up), "
+                f"{len(pids) - mine} were not (outside --limit)")
+    dataset = derive_sl_dataset(ctx, plans, prompts, texts)
+    dataset_changed, errors, warnings = guarded_replace(lake, "sl_dataset", dataset, set(plans), cfg.allow_shrink, why)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
                   {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
     return {"prompts": len(todo), "generations": total.tasks, "model_calls": total.model_calls,
             "ok": total.ok, "failed": total.failed, "gave_up": exhausted, "inserted": total.inserted,
             "completion_tokens": total.completion_tokens, "sl_dataset_rows": lake.count("sl_dataset"),
-            "sl_dataset_rewritten": dataset_changed}
+            "sl_dataset_rewritten": dataset_changed, "failures": [fails], "errors": errors, "warnings": warnings}
 
 
 def main(argv=None) -> int:

@@ -49,10 +49,14 @@ class RunStats:
     inserted: int = 0
     completion_tokens: int = 0
     commits: int = 0
+    first_error: str | None = None   # the first failed task's error, so a failing run can say why
 
     def add(self, other: "RunStats") -> None:
         for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
+            if k == "first_error":
+                self.first_error = self.first_error or other.first_error
+            else:
+                setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 def retry_plan(planned: list[Task], done, failures: dict[str, int], max_attempts: int) -> tuple[list[Task], int]:
@@ -71,6 +75,11 @@ def retry_plan(planned: list[Task], done, failures: dict[str, int], max_attempts
             continue
         tasks.append(dataclasses.replace(t, attempt=tried + 1))
     return tasks, gave_up
+
+
+def most_tries(ids, done, failures: dict[str, int]) -> int:
+    """The most failed attempts any of `ids` without a result has had (what --max-attempts must exceed)."""
+    return max((failures.get(i, 0) for i in ids if i not in done), default=0)
 
 
 def commit_progress(progress: Callable[[str], None] | None, total: int, what: str = "generations"):
@@ -161,6 +170,8 @@ def run_tasks(spark, lake: Lake, tasks: list[Task], backend_spec: dict, constant
                         ok=sum(1 for s in rows.column("status").to_pylist() if s == "ok"),
                         completion_tokens=sum(x or 0 for x in rows.column("completion_tokens").to_pylist()))
         step.failed = len(flat) - step.ok
+        if step.failed:
+            step.first_error = next((e for e in rows.column("error").to_pylist() if e), "the backend returned no text")
         stats.add(step)
         written.append(rows)
         if on_commit:
