@@ -7,12 +7,15 @@ HH-RLHF harmlessness pairs are labelled exactly as `cai label` labels sampled pa
 prompt, K principles, both orders); which response is shown as A is a hash of the pair. Each
 comparison is a `label_events` row (kind eval_label). HHH items are scored by log-prob of
 their correct vs incorrect option. Metrics go to a JSON file (for `dvc metrics`) and the
-reliability curve to a PNG.
+reliability curve to a PNG. The sample is drawn (seeded) only from pairs whose prompt is not one
+of the lake's training prompts (`excluded_training_prompts` says how many were set aside), and
+the prompts it used are recorded (`eval_prompt_shas`) for the labels gate's contamination check.
 """
 from __future__ import annotations
 
 import json
 import sys
+from statistics import pstdev
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,11 +32,13 @@ from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, LabelSettings, feedb
 from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.files import write_json
 from cai_lib.ids import sha256_text, stable_id
+from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.spark_delta import open_lake
+from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import new_job_run_id
-from cai_lib.sources.eval_data import read_hh_pairs, read_hhh
-from jobs.common import FeedbackFields, ModelJobConfig, spark_job_main
+from cai_lib.sources.eval_data import pair_prompt, read_disjoint_pairs, read_hhh
+from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, spark_job_main
 from schemas import LABEL_EVENTS
 
 
@@ -48,7 +53,8 @@ class EvalLabelerConfig(ModelJobConfig, FeedbackFields):
 
 
 def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) -> dict:
-    pairs, rejected = read_hh_pairs(cfg.human, limit=cfg.sample_size, seed=cfg.seed)
+    train = training_prompt_texts(lake)   # never evaluate on a prompt the lake trains on
+    pairs, rejected, excluded = read_disjoint_pairs(cfg.human, limit=cfg.sample_size, seed=cfg.seed, exclude=set(train))
     texts, contexts, outcome, plan_pairs = {}, {}, {}, []
     for p in pairs:
         pid = stable_id("human_context", text=dialogue_text(p.context))
@@ -73,8 +79,15 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
     now = datetime.now(timezone.utc)
     new = [label_row(j, sc["logprob_a"], sc["logprob_b"], s, "eval_label", constants, job_run_id, now)
            for j, sc in zip(todo, scores) if sc["error"] is None]
+    failed = [(j, sc["error"]) for j, sc in zip(todo, scores) if sc["error"] is not None]
     if new:
         lake.insert_new("label_events", pa.Table.from_pylist(new, schema=LABEL_EVENTS))
+    if failed:   # recorded like `cai label`'s failed scorings; a rerun scores them again
+        lake.insert_new("quarantine", pa.Table.from_pylist([
+            {"event_id": stable_id("quarantine", stage="eval_labeler", label=j.event_id, run=job_run_id),
+             "stage": "eval_labeler", "source": "label_events", "source_row": None, "field": "logprobs",
+             "reason": err, "payload": j.event_id, "job_run_id": job_run_id, "created_at": now, "row_key": None}
+            for j, err in failed]))
     rows = {**have, **{r["event_id"]: r for r in new}}
     labels = [rows[j.event_id] for j in jobs if j.event_id in rows]
     by_pair: dict[str, dict] = {}
@@ -92,14 +105,39 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
             principle_keys.append(o["ab"]["principle_id"])
             principle_probs.append(lm.debias(o["ab"]["p_a"], o["ba"]["p_shown_a"]))
             principle_outs.append(outcome[pair_id])
+    if not probs:
+        first = failed[0][1] if failed else "no comparison was scored"
+        raise JobFailed(f"eval-labeler: no human pair has every comparison scored ({len(failed)} of {len(jobs)} "
+                           f"scorings failed; first error: {first})")
     curve = lm.reliability_curve(probs, outs)
     lm.plot_reliability(curve, cfg.plot, title=f"AI labeller vs human labels (n={len(probs)})")
     return {"human_file": cfg.human, "pairs_rejected_by_reader": len(rejected), "model_calls": calls,
+            "excluded_training_prompts": excluded,
+            "eval_prompt_shas": sorted({sha256_text(pair_prompt(p))[:16] for p in pairs}),
             **{f"human_{k}": v for k, v in lm.summarise(probs, outs).items()},
+            **label_intervals(probs, outs, consistent, cfg.seed),
             "swap_consistency": sum(consistent) / len(consistent),
+            "comparisons": len(jobs), "failed_scorings": len(failed),
+            "first_error": failed[0][1] if failed else None,
+            "incomplete_pairs": len(pairs) - len(probs),
             "position_bias": lm.position_bias([r["p_shown_a"] for r in labels]),
             "per_principle": lm.per_group(principle_keys, principle_probs, principle_outs),
             "reliability_curve": curve, "reliability_png": cfg.plot}
+
+
+def label_intervals(probs: list[float], outcomes: list[int], consistent: list[bool], seed: int) -> dict:
+    """95% intervals of the figures the labels gate judges, and the spread of the labels.
+
+    Agreement and swap consistency are shares (Wilson); ECE is a statistic of the sample
+    (seeded bootstrap). A labeller whose p is always 0.5 has spread 0.
+    """
+    scores = [0.5 if p == 0.5 else float((p > 0.5) == (o == 1)) for p, o in zip(probs, outcomes)]
+    pairs = list(zip(probs, outcomes))
+    ece = bootstrap_interval(pairs, lambda xs: lm.expected_calibration_error([p for p, _ in xs], [o for _, o in xs]),
+                             seed=seed)
+    return {"human_accuracy_ci": list(wilson_interval(sum(scores), len(scores))), "human_ece_ci": list(ece),
+            "human_prob_std": pstdev(probs) if len(probs) > 1 else 0.0,
+            "swap_consistency_ci": list(wilson_interval(sum(consistent), len(consistent)))}
 
 
 def eval_hhh(spark, cfg) -> dict:
@@ -110,12 +148,18 @@ def eval_hhh(spark, cfg) -> dict:
         body = body[: -len("The answer is:")].rstrip() if body.endswith("The answer is:") else body
         chats.append(([{"role": "user", "content": body}], ANSWER_PREFIX))
     scores, _ = score_on_spark(spark, chats, cfg.backend_spec(cfg.feedback_model), CHOICES, batch_size=cfg.batch_size)
-    right = 0.0
+    right, errors = [], [sc["error"] for sc in scores if sc["error"] is not None]
     for it, sc in zip(items, scores):
+        if sc["error"] is not None:
+            continue
         lp = {CHOICES[0]: sc["logprob_a"], CHOICES[1]: sc["logprob_b"]}
         diff = lp[it.correct] - lp[it.incorrect]
-        right += 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
-    return {"hhh_n": len(items), "hhh_accuracy": right / len(items)}
+        right.append(1.0 if diff > 0 else 0.5 if diff == 0 else 0.0)
+    if not right:
+        raise JobFailed(f"eval-labeler: every HHH scoring failed ({len(errors)}); first error: "
+                           f"{errors[0] if errors else 'no items'}")
+    return {"hhh_n": len(right), "hhh_failed": len(errors), "hhh_accuracy": sum(right) / len(right),
+            "hhh_accuracy_ci": list(wilson_interval(sum(right), len(right)))}
 
 
 def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:

@@ -9,7 +9,16 @@ Per model: mean PM score on red-team answers (harmlessness) and on benign answer
 helpfulness proxy), refusal rate on red-team prompts (vs engaged answers), over-refusal on
 benign prompts. The feedback model compares every pair of models on every prompt in both
 orders (one comparison principle per prompt, seeded); the order-debiased preferences give an
-Elo table (Bradley-Terry, base = 1000). Writes metrics JSON for `dvc metrics` and PNG plots.
+Elo table (Bradley-Terry, base = 1000). Every headline figure carries its 95% interval
+(`*_ci`: a seeded bootstrap over prompts for PM scores and Elo, Wilson for refusal rates), and
+the per-prompt PM scores are kept so that `cai promote` can test a paired difference.
+Writes metrics JSON for `dvc metrics` and PNG plots.
+
+Failures are part of the result: each model's `failed` and `gave_up` answers (after
+max_attempts failures; `--max-attempts N` retries them) and the `comparisons_failed` are in
+the metrics JSON and the summary line, and a model with fewer answers is judged on fewer
+prompts. Exit status: 1 when more than max_failed_fraction of this run's answers (failed or
+given up) or of its comparisons failed, after the metrics are written.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from cai_lib.backends.models import model_fingerprint
 from cai_lib.config import RegistryConfig, opt
 from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import DEFAULT_TEMPLATES, effective_templates, initial_chat, template_sha
-from cai_lib.feedback.elo import elo_table
+from cai_lib.feedback.elo import elo_intervals, elo_table
 from cai_lib.feedback.label_metrics import debias, normalise_choice
 from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, conversation_text, feedback_chat, pick_principles
 from cai_lib.files import write_json
@@ -31,11 +40,16 @@ from cai_lib.ids import derive_seed, stable_id
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.quality import signals as quality
+from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
-from cai_lib.runtime.tasks import Task, new_job_run_id, retry_plan, run_tasks
-from jobs.common import GenerationConfig, spark_job_main
+from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
+from jobs.common import Failures, GenerationConfig, spark_job_main
 
 EVAL_TEMPLATE_SHA = template_sha(DEFAULT_TEMPLATES, names=("initial",))
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 @dataclass
@@ -64,8 +78,9 @@ class EvaluateConfig(GenerationConfig, RegistryConfig):
         return out
 
 
-def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str) -> tuple[str, dict[str, str], int]:
-    """(lineage label, {prompt_id: answer}, model calls) for one model, generating only what is missing."""
+def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str) -> tuple[str, dict[str, str], int,
+                                                                                           Failures]:
+    """(lineage label, {prompt_id: answer}, model calls, failures) for one model, generating only what is missing."""
     from cai_lib.registry.models import backend_model
     label, load_as = backend_model(cfg, ref)
     fp = model_fingerprint(cfg.backend, load_as)
@@ -78,8 +93,9 @@ def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str
         planned.append(Task(eid, "eval_response", pid, None, 0, None, seed, sampling.to_json(),
                             initial_chat(prompts[pid], DEFAULT_TEMPLATES)))
     done, failures = known_events(lake, {t.event_id for t in planned})
-    todo, _ = retry_plan(planned, done, failures, cfg.max_attempts)
-    calls = 0
+    todo, gave_up = retry_plan(planned, done, failures, cfg.max_attempts)
+    calls, stats = 0, None
+    tries = most_tries([t.event_id for t in planned], done, failures)
     if todo:
         spec = cfg.backend_spec(load_as)
         constants = {"constitution_id": "none", "constitution_sha": "none", "model_id": label, "model_fingerprint": fp,
@@ -88,13 +104,15 @@ def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str
                              batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
         calls = stats.model_calls
         done, _ = known_events(lake, {t.event_id for t in planned})
-    return label, {t.prompt_id: done[t.event_id] for t in planned if t.event_id in done}, calls
+    fails = Failures.of(f"answers of {label}", stats, gave_up, cfg.max_attempts, tries)
+    return label, {t.prompt_id: done[t.event_id] for t in planned if t.event_id in done}, calls, fails
 
 
 def elo_comparisons(spark, cfg, constitution, texts: dict[str, str], outs: dict[str, dict[str, str]]):
-    """(i, j, P(i's answer better)) per prompt and model pair, debiased over both orders."""
+    """([(i, j, P(i's answer better))] per prompt and model pair, debiased over both orders; failures;
+    the same comparisons by prompt, for the Elo intervals)."""
     template = effective_templates(constitution)["comparison"]
-    items, keys = [], []
+    items, keys, pids = [], [], []
     for pid, (a, b) in itertools.product(sorted(texts), itertools.combinations(outs, 2)):
         if pid not in outs[a] or pid not in outs[b]:
             continue
@@ -104,16 +122,30 @@ def elo_comparisons(spark, cfg, constitution, texts: dict[str, str], outs: dict[
             items.append((feedback_chat(template, conversation_text(texts[pid]), ptext,
                                         outs[first][pid], outs[second][pid]), ANSWER_PREFIX))
         keys.append((a, b))
+        pids.append(pid)
     spec = cfg.backend_spec(cfg.feedback_model)
     scores, _ = score_on_spark(spark, items, spec, CHOICES, batch_size=cfg.batch_size)
-    comps = []
+    comps, fails = debiased_comparisons(keys, scores)
+    kept = [pid for n, pid in enumerate(pids) if not (scores[2 * n]["error"] or scores[2 * n + 1]["error"])]
+    by_prompt: dict[str, list[tuple]] = {}
+    for pid, comp in zip(kept, comps):
+        by_prompt.setdefault(pid, []).append(comp)
+    return comps, fails, by_prompt
+
+
+def debiased_comparisons(keys: list[tuple[str, str]], scores: list[dict]) -> tuple[list[tuple], Failures]:
+    """(a, b, P(a better)) from the two orders' scores of each comparison; a failed order fails the
+    comparison (counted, with its first error: it is left out of the Elo fit, not guessed)."""
+    comps, fails = [], Failures("comparisons", attempted=len(keys))
     for n, (a, b) in enumerate(keys):
         ab, ba = scores[2 * n], scores[2 * n + 1]
         if ab["error"] or ba["error"]:
+            fails.failed += 1
+            fails.first_error = fails.first_error or ab["error"] or ba["error"]
             continue
         comps.append((a, b, debias(normalise_choice(ab["logprob_a"], ab["logprob_b"]),
                                    normalise_choice(ba["logprob_a"], ba["logprob_b"]))))
-    return comps
+    return comps, fails
 
 
 def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
@@ -130,40 +162,52 @@ def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
     pm_label, pm_dir = resolve_weights(cfg.reward_model, cfg)
     pm = PreferenceModel.load(pm_dir)
     job_run_id = new_job_run_id()
-    outs, report, calls = {}, {}, 0
+    outs, report, calls, failures = {}, {}, 0, []
     for name, ref in named:
-        label, out, n = answers(spark, lake, cfg, ref, texts, job_run_id)
+        label, out, n, fails = answers(spark, lake, cfg, ref, texts, job_run_id)
         calls += n
         outs[name] = out
+        failures.append(fails)
         ids = sorted(out)
         scores = dict(zip(ids, pm.score_pairs([texts[i] for i in ids], [out[i] for i in ids]).tolist())) if ids else {}
-        m = {"model": label, "answers": len(out)}
+        m = {"model": label, "answers": len(out), "failed": fails.failed, "gave_up": fails.gave_up}
         for k, tag in (("red_team", "red_team"), ("helpful", "benign")):
             sel = [i for i in ids if kind[i] == k]
             m[f"n_{tag}"] = len(sel)
             if sel:
-                m[f"refusal_rate_{tag}"] = sum(quality.is_refusal(out[i]) for i in sel) / len(sel)
+                refused = sum(quality.is_refusal(out[i]) for i in sel)
+                m[f"refusal_rate_{tag}"] = refused / len(sel)
+                m[f"refusal_rate_{tag}_ci"] = list(wilson_interval(refused, len(sel)))
                 m[f"pm_score_{tag}"] = sum(scores[i] for i in sel) / len(sel)
-        m["harmlessness"] = m.get("pm_score_red_team")
-        m["helpfulness_proxy"] = m.get("pm_score_benign")
-        m["over_refusal"] = m.get("refusal_rate_benign")
+                m[f"pm_score_{tag}_ci"] = list(bootstrap_interval([scores[i] for i in sel], _mean, seed=cfg.seed))
+                m[f"pm_scores_{tag}"] = {i: scores[i] for i in sel}   # per prompt: paired tests in cai promote
+        for key, src in (("harmlessness", "pm_score_red_team"), ("helpfulness_proxy", "pm_score_benign"),
+                         ("over_refusal", "refusal_rate_benign")):
+            m[key], m[f"{key}_ci"] = m.get(src), m.get(f"{src}_ci")
         m["engaged_rate_red_team"] = None if "refusal_rate_red_team" not in m else 1 - m["refusal_rate_red_team"]
         report[name] = m
         if progress:
-            progress(f"{name} ({label}): " + ", ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
-    comps = elo_comparisons(spark, cfg, load_constitution(cfg.constitution), texts, outs)
+            progress(f"{name} ({label}): " + ", ".join(
+                f"{k}={v:.3f}" + (" [{:.3f}, {:.3f}]".format(*m[f"{k}_ci"]) if m.get(f"{k}_ci") else "")
+                for k, v in m.items() if isinstance(v, float) and k != "engaged_rate_red_team"))
+    comps, comp_fails, by_prompt = elo_comparisons(spark, cfg, load_constitution(cfg.constitution), texts, outs)
     elo = elo_table(comps, anchor=named[0][0]) if comps else {}
-    body = {"models": report, "elo": elo, "comparisons": len(comps), "prompts": len(texts),
-            "reward_model": pm_label, "model_calls": calls}
+    elo_ci = elo_intervals(by_prompt, named[0][0], seed=cfg.seed) if comps else {}
+    failed, gave_up = sum(f.failed for f in failures), sum(f.gave_up for f in failures)
+    body = {"models": report, "elo": elo, "elo_ci": elo_ci, "interval": "95% (bootstrap over prompts; Wilson for rates)",
+            "comparisons": len(comps), "comparisons_failed": comp_fails.failed,
+            "prompts": len(texts), "reward_model": pm_label, "model_calls": calls,
+            "answers_failed": failed, "answers_gave_up": gave_up}
     write_json(cfg.metrics, body)
-    plot(report, elo, cfg.plot)
-    return {"prompts": len(texts), "comparisons": len(comps), "model_calls": calls,
+    plot(report, elo, elo_ci, cfg.plot)
+    return {"prompts": len(texts), "comparisons": len(comps), "model_calls": calls, "failed": failed,
+            "gave_up": gave_up, "comparisons_failed": comp_fails.failed, "failures": [*failures, comp_fails],
             **{f"{n}_{k}": v for n, m in report.items() for k, v in m.items()
                if k in ("harmlessness", "over_refusal", "refusal_rate_red_team")},
             **{f"elo_{n}": v for n, v in elo.items()}}
 
 
-def plot(report: dict, elo: dict, path: str) -> None:
+def plot(report: dict, elo: dict, elo_ci: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,10 +215,16 @@ def plot(report: dict, elo: dict, path: str) -> None:
     panels = [("harmlessness", "PM score, red-team"), ("helpfulness_proxy", "PM score, benign"),
               ("refusal_rate_red_team", "refusal rate, red-team"), ("over_refusal", "over-refusal, benign")]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.2))
+    def err(values, cis):   # the 95% intervals as error bars (0 where there is none)
+        return [[max(v - (c or [v, v])[0], 0) for v, c in zip(values, cis)],
+                [max((c or [v, v])[1] - v, 0) for v, c in zip(values, cis)]]
     for ax, (key, title) in zip(axes, panels):
-        ax.bar(names, [report[n].get(key) or 0.0 for n in names], color="#4c72b0")
-        ax.set_title(title, fontsize=10)
-    axes[-1].bar(names, [elo.get(n, 0.0) for n in names], color="#dd8452")
+        values = [report[n].get(key) or 0.0 for n in names]
+        ax.bar(names, values, yerr=err(values, [report[n].get(f"{key}_ci") for n in names]), capsize=4,
+               color="#4c72b0")
+        ax.set_title(title + " (95%)", fontsize=10)
+    values = [elo.get(n, 0.0) for n in names]
+    axes[-1].bar(names, values, yerr=err(values, [elo_ci.get(n) for n in names]), capsize=4, color="#dd8452")
     axes[-1].set_title("Elo (feedback model)", fontsize=10)
     axes[-1].set_ylim(min([900.0, *elo.values()]) - 20, max([1100.0, *elo.values()]) + 20)
     fig.tight_layout()

@@ -27,7 +27,7 @@ from cai_lib.config import LakeConfig, PointerConfig, load_config, opt, read_par
 from cai_lib.ids import sha256_text, stable_id
 from cai_lib.lake.tables import Lake
 from cai_lib.quality.frames import STAGE_TABLES, build_frames
-from cai_lib.quality.gates import suite_sha, validate
+from cai_lib.quality.gates import judge, suite_sha, validate
 from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import write_pointer
 from schemas.suites import ROW_KEYS, SUITES
@@ -54,9 +54,11 @@ class GateConfig(LakeConfig, PointerConfig):
     rate_min_n: int = opt(20, "labels: rates over fewer AI labels (or human pairs) than this are not judged")
     max_label_skew: float = opt(0.25, "|mean p_a - 0.5| allowed")
     max_position_bias: float = opt(0.15, "|mean p_shown_a - 0.5| allowed")
-    min_swap_consistency: float = opt(0.05, "share of comparisons whose two orders agree")
-    min_human_agreement: float = opt(0.35, "labeller's agreement with human labels")
+    min_swap_consistency: float = opt(0.5, "lower end of the 95% interval of the swap-consistent share")
+    min_human_agreement: float = opt(0.5, "the lower end of the 95% interval of the agreement must be above this")
     max_ece: float = opt(0.15, "labeller's expected calibration error")
+    min_label_spread: float = opt(0.02, "std of p_a below this = a (nearly) constant labeller")
+    waive: list = opt([], "required checks allowed to be INCOMPLETE (could not run), by name; kept in the verdict")
 
     def __post_init__(self):
         if self.stage not in SUITES:
@@ -64,6 +66,11 @@ class GateConfig(LakeConfig, PointerConfig):
         label = read_params(self.params).get("label") or {}
         self.clamp_lo = label.get("clamp_lo", 0.4) if self.clamp_lo is None else self.clamp_lo
         self.clamp_hi = label.get("clamp_hi", 0.6) if self.clamp_hi is None else self.clamp_hi
+        names = {c.name for st in SUITES.values() for c in st(self) if c.required}
+        unknown = [w for w in self.waive if w not in names]
+        if unknown:
+            raise ValueError(f"params [gate] waive names {unknown}, which are not required checks; "
+                             f"the required checks are {sorted(names)}")
 
 
 def quarantine_rows(stage: str, results, frames, job_run_id: str, now) -> list[dict]:
@@ -96,6 +103,7 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     checks = SUITES[stage](cfg)
     built = build_frames(stage, lake, cfg)
     results, docs = validate(stage, built.frames, checks, built.notes, cfg.docs_dir)
+    j = judge(results, checks, cfg.waive)
     failed = [r for r in results if r.status == "failed"]
     now = datetime.now(timezone.utc)
     job_run_id = new_job_run_id()
@@ -105,11 +113,15 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     if stage == "labels" and built.frames.get("labeller_eval") is not None:
         inputs["eval_metrics_sha"] = sha256_text(open(cfg.eval_metrics).read())[:16]
     sha = suite_sha(checks)
-    failures = [{"check": r.name, "expectation": r.expectation, "observed": r.observed,
-                 "bad_rows": r.unexpected_count, "note": r.note} for r in failed]
+    failures = [{"check": r.name, "status": r.status, "blocks": r.blocks, "expectation": r.expectation,
+                 "observed": r.observed, "bad_rows": r.unexpected_count, "note": r.note}
+                for r in results if r.blocking]
     verdict = {
-        "event_id": stable_id("gate_verdict", stage=stage, suite=sha, inputs=json.dumps(inputs, sort_keys=True)),
-        "kind": "gate_verdict", "stage": stage, "passed": not failed, "n_checks": len(results),
+        "event_id": stable_id("gate_verdict", stage=stage, suite=sha, inputs=json.dumps(inputs, sort_keys=True),
+                              waive=sorted(cfg.waive)),
+        "kind": "gate_verdict", "stage": stage, "passed": j.passed, "verdict": j.verdict, "promotable": j.promotable,
+        "incomplete_checks": j.incomplete, "waived_checks": j.waived, "promotion_blockers": j.promotion_blockers,
+        "n_checks": len(results),
         "n_failed": len(failed), "failed_checks": [r.name for r in failed],
         "failures": json.dumps(failures, sort_keys=True, default=str), "n_quarantined": quarantined,
         "suite_sha": sha, "input_versions": json.dumps(inputs, sort_keys=True),
@@ -121,15 +133,43 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
         if r.status != "passed" or cfg.verbose:
             print("  " + r.line())
     for frame, note in built.notes.items():
-        if built.frames.get(frame) is not None:
+        if built.frames.get(frame) is not None or frame in {r.frame for r in results if r.status != "skipped"}:
             print(f"  measured {frame}: {note}")
-    if not failed:
+    if j.passed:
         write_pointer(cfg.pointer, lake, STAGE_TABLES[stage], {"gate": stage, "passed": True,
+                                                               "promotable": j.promotable,
                                                                "verdict_id": verdict["event_id"]})
-    summary = {"stage": stage, "passed": not failed, "checks": len(results), "failed": len(failed),
+    summary = {"stage": stage, "passed": j.passed, "verdict": j.verdict, "promotable": j.promotable,
+               "checks": len(results), "failed": len(failed), "incomplete": j.incomplete, "waived": j.waived,
+               "promotion_blockers": j.promotion_blockers,
+               "training_blockers": [r.name for r in results if r.blocking and r.blocks == "training"],
                "skipped": sum(r.status == "skipped" for r in results), "quarantined": quarantined,
                "verdict_id": verdict["event_id"][:12], "data_docs": docs}
-    return not failed, summary
+    return j.passed, summary
+
+
+UNINFORMATIVE = ("labels.human_agreement", "labels.swap_consistency", "labels.spread")
+
+
+def verdict_line(stage: str, s: dict) -> str:
+    """The gate's one-line verdict: what it blocks, and why in words for the labeller checks."""
+    if s["verdict"] == "failed":
+        head = f"FAILED ({', '.join(s['training_blockers'])}): training is blocked"
+        if s["promotion_blockers"]:
+            head += f" (and promotion: {', '.join(s['promotion_blockers'])})"
+    elif s["verdict"] == "incomplete":
+        head = f"INCOMPLETE ({', '.join(s['incomplete'])} could not run): training is blocked; run what they " \
+               "need or waive them by name in params.yaml [gate] waive"
+    elif s["verdict"] == "not_promotable":
+        why = ", ".join(s["promotion_blockers"])
+        plain = (" the labels are uninformative (no better than chance against human labels or across A/B order);"
+                 if any(b in UNINFORMATIVE for b in s["promotion_blockers"]) else "")
+        head = f"PASSED for training, NOT PROMOTABLE ({why}):{plain} no model trained on them can become champion"
+    else:
+        head = "PASSED"
+    waived = f", waived={','.join(s['waived'])}" if s["waived"] else ""
+    return (f"gate {stage}: {head}; checks={s['checks']}, skipped={s['skipped']}, quarantined={s['quarantined']}"
+            f"{waived}, verdict={s['verdict_id']}")
 
 
 def main(argv=None) -> int:
@@ -138,9 +178,7 @@ def main(argv=None) -> int:
         argv = ["--stage", argv[0], *argv[1:]]
     cfg = load_config(GateConfig, "gate", argv, __doc__)
     passed, summary = run(cfg)
-    verdict = "PASSED" if passed else f"FAILED ({summary['failed']} checks)"
-    print(f"gate {cfg.stage}: {verdict}; checks={summary['checks']}, skipped={summary['skipped']}, "
-          f"quarantined={summary['quarantined']}, verdict={summary['verdict_id']}")
+    print(verdict_line(cfg.stage, summary))
     print(f"data docs: {summary['data_docs']}")
     return 0 if passed else 1
 

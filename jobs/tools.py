@@ -76,16 +76,36 @@ def status_main(argv) -> int:
         verdicts = lake.read("gate_events").to_pylist()
         for stage in sorted({v["stage"] for v in verdicts}):
             v = max((v for v in verdicts if v["stage"] == stage), key=lambda v: v["created_at"])
-            failed = ", ".join(v["failed_checks"]) or "-"
-            print(f"  {stage:<9} {'PASSED' if v['passed'] else 'FAILED':<7} {v['created_at']:%Y-%m-%d %H:%M} "
-                  f"checks={v['n_checks']} quarantined={v['n_quarantined']} failed: {failed}")
+            print("  " + verdict_summary(v))
     _print_registry(_tracking_uri(a))
     _print_metrics(read_params(a.params))
     return 1 if broken else 0
 
 
+def verdict_summary(v: dict) -> str:
+    """One line per gate stage: the verdict word, what it blocks, and why in plain words."""
+    word = {"failed": "FAILED", "incomplete": "INCOMPLETE", "not_promotable": "PASSED",
+            "promoted": "PROMOTED", "refused": "REFUSED"}.get(v.get("verdict") or "",
+                                                              "PASSED" if v["passed"] else "FAILED")
+    failed = ", ".join(v["failed_checks"]) or "-"
+    line = (f"{v['stage']:<9} {word:<10} {v['created_at']:%Y-%m-%d %H:%M} checks={v['n_checks']} "
+            f"quarantined={v['n_quarantined']} failed: {failed}")
+    if v.get("incomplete_checks"):
+        line += f"; could not run: {', '.join(v['incomplete_checks'])} (blocks until run or waived)"
+    if v.get("waived_checks"):
+        line += f"; waived: {', '.join(v['waived_checks'])}"
+    if v.get("verdict") == "not_promotable":
+        blockers = list(v.get("promotion_blockers") or [])
+        plain = ("the labels are uninformative; " if any(b in ("labels.human_agreement", "labels.swap_consistency",
+                                                              "labels.spread") for b in blockers) else "")
+        line += (f"\n            NOT PROMOTABLE ({', '.join(blockers)}): {plain}nothing trained on this data can "
+                 "be promoted to champion")
+    return line
+
+
 SUMMARY = {  # params section -> the keys worth a line in `cai status` (from its metrics file)
-    "eval_labeler": ("human_n", "human_accuracy", "human_ece", "swap_consistency", "hhh_accuracy"),
+    "eval_labeler": ("human_n", "human_accuracy", "human_accuracy_ci", "human_ece", "human_ece_ci", "swap_consistency",
+                     "swap_consistency_ci", "failed_scorings", "hhh_accuracy"),
     "train_sl": ("n_train", "heldout_loss_before", "heldout_loss_after"),
     "train_pm": ("harmless_accuracy", "harmless_ece", "helpful_accuracy"),
     "train_rl": ("steps", "first_reward_mean", "last_reward_mean", "last_kl_mean", "last_refusal_rate"),
@@ -103,6 +123,15 @@ METRIC_DEFAULTS = {("eval_labeler", "metrics"): "metrics/eval_labeler.json", ("e
                    ("promote", "decision"): "metrics/promotion.json"}
 
 
+def _metric(v) -> str:
+    """0.457 for a float, [0.358, 0.559] for an interval, else as it is."""
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+        return "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
+    return str(v)
+
+
 def _print_metrics(params: dict) -> None:
     """The pipeline's headline numbers from the metrics files the params file names (those that exist)."""
     import json
@@ -111,15 +140,17 @@ def _print_metrics(params: dict) -> None:
         path = _metrics_file(params, section)
         if path and path.exists():
             m = json.loads(path.read_text())
-            lines.append(f"  {section:<13} " + ", ".join(
-                f"{k}={m[k]:.3f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m))
+            lines.append(f"  {section:<13} " + ", ".join(f"{k}={_metric(m[k])}" for k in keys if k in m))
     evaluation = _metrics_file(params, "evaluate")
     if evaluation.exists():
         ev = json.loads(evaluation.read_text())
         for name, m in ev.get("models", {}).items():
-            lines.append(f"  evaluate      {name} ({m.get('model')}): harmlessness={m.get('harmlessness') or 0:.3f} "
-                         f"over_refusal={m.get('over_refusal') or 0:.2f} refusal_red_team="
-                         f"{m.get('refusal_rate_red_team') or 0:.2f} elo={ev.get('elo', {}).get(name)}")
+            ci = lambda k: f" {_metric(m[k + '_ci'])}" if m.get(k + "_ci") else ""  # noqa: E731
+            elo_ci = ev.get("elo_ci", {}).get(name)
+            lines.append(f"  evaluate      {name} ({m.get('model')}): harmlessness={m.get('harmlessness') or 0:.3f}"
+                         f"{ci('harmlessness')} over_refusal={m.get('over_refusal') or 0:.2f}{ci('over_refusal')} "
+                         f"refusal_red_team={m.get('refusal_rate_red_team') or 0:.2f}{ci('refusal_rate_red_team')} "
+                         f"elo={ev.get('elo', {}).get(name)}" + (f" {elo_ci}" if elo_ci else ""))
     decision = _metrics_file(params, "promote", "decision")
     if decision.exists():
         d = json.loads(decision.read_text())

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai_lib.config import load_config, opt, settings_from
+from cai_lib.ids import normalise_text
+from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.tables import Lake
-from cai_lib.sources.eval_data import read_hh_pairs
+from cai_lib.sources.eval_data import read_disjoint_pairs
 from cai_lib.training.inputs import preference_rows
 from cai_lib.training.pm_train import PMSettings, evaluate_pm, train_pm
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
@@ -59,9 +61,13 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
         metrics = {**result.metrics(), "pairs_quarantined": data.excluded,
                    "pairs_ai": sum(r["source"] == "ai_harmless" for r in data.rows),
                    "pairs_human": sum(r["source"] == "human_helpful" for r in data.rows)}
+        # never evaluate on a prompt the lake or the PM trained on: a disjoint, seeded sample
+        trained = set(training_prompt_texts(lake)) | {normalise_text(r["prompt"]) for r in data.rows}
         for name, path in (("harmless", cfg.eval_harmless), ("helpful", cfg.eval_helpful)):
             if path:
-                pairs, rejected = read_hh_pairs(path, limit=cfg.eval_limit, seed=cfg.seed)
+                pairs, rejected, excluded = read_disjoint_pairs(path, limit=cfg.eval_limit, seed=cfg.seed,
+                                                                exclude=trained)
+                metrics[f"{name}_excluded_training_prompts"] = excluded
                 ev = evaluate_pm(result.pm, pairs, batch_size=cfg.batch_size)
                 metrics.update({f"{name}_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
                 metrics[f"{name}_rejected_by_reader"] = len(rejected)

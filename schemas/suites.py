@@ -7,6 +7,12 @@ Expectations expectation on one frame, with a stable name (what `gate_events.fai
 lists), the reason it exists, and whether its failures are rows (`row_level`: the failing
 rows are quarantined, keyed by `key`) or a rate over the whole frame.
 
+Each check also says what its failure blocks (`blocks`): "training" (the gate exits 1, the
+DVC stage fails, nothing downstream runs) or "promotion" (training may go on for research,
+but no model with this verdict in its lineage can become `champion`); and whether it is
+`required`: a required check that could not run (no evaluation, too few labels) makes the
+verdict INCOMPLETE, which blocks like a failure unless params.yaml [gate] `waive` names it.
+
 Thresholds come from params.yaml [gate] (see the comments there) through `t`, any object
 with the attributes used below.
 """
@@ -30,6 +36,12 @@ class Check:
     kwargs: dict = field(default_factory=dict)
     why: str = ""
     row_level: bool = False   # failing rows go to quarantine (never deleted)
+    blocks: str = "training"  # training | promotion: what a failure (or an unwaived INCOMPLETE) stops
+    required: bool = False    # could not run = INCOMPLETE, not passed
+
+    def __post_init__(self):
+        if self.blocks not in ("training", "promotion"):
+            raise ValueError(f"check {self.name}: blocks must be 'training' or 'promotion', got {self.blocks!r}")
 
 
 def _not_null(stage: str, frame: str, columns) -> list[Check]:
@@ -116,14 +128,21 @@ def label_checks(t) -> list[Check]:
               "chain-of-thought labels are over-confident: they must sit inside the clamp", row_level=True),
         Check("labels.skew", "label_rates", "ExpectColumnMeanToBeBetween",
               {"column": "p_a", "min_value": half - t.max_label_skew, "max_value": half + t.max_label_skew},
-              "which response is A is arbitrary, so the mean label sits near 0.5; far off means a stuck labeller"),
+              "which response is A is arbitrary, so the mean label sits near 0.5; far off means a stuck labeller",
+              required=True),
         Check("labels.position_bias", "label_rates", "ExpectColumnMeanToBeBetween",
               {"column": "p_shown_a", "min_value": half - t.max_position_bias,
                "max_value": half + t.max_position_bias},
-              "mean preference for whatever is shown first (or second), before A/B swap debiasing"),
-        Check("labels.swap_consistency", "label_pairs", "ExpectColumnMeanToBeBetween",
-              {"column": "consistent", "min_value": t.min_swap_consistency, "max_value": 1.0},
-              "share of comparisons whose two orders pick the same response"),
+              "mean preference for whatever is shown first (or second), before A/B swap debiasing", required=True),
+        Check("labels.spread", "label_rates", "ExpectColumnStdevToBeBetween",
+              {"column": "p_a", "min_value": t.min_label_spread},
+              "a labeller whose p is (nearly) constant says nothing: its labels cannot rank responses",
+              blocks="promotion", required=True),
+        Check("labels.swap_consistency", "label_summary", "ExpectColumnValuesToBeBetween",
+              {"column": "swap_ci_low", "min_value": t.min_swap_consistency, "max_value": 1.0},
+              "lower end of the 95% interval of the share of comparisons whose two orders pick the same "
+              "response; a labeller with no position preference and no information scores 0.5",
+              blocks="promotion", required=True),
         *_structure("labels", "preference_dataset", "preference_dataset", "pair_id",
                     ("pair_id", "prompt", "response_a", "response_b", "target", "source")),
         Check("labels.target_range", "preference_dataset", "ExpectColumnValuesToBeBetween",
@@ -132,11 +151,18 @@ def label_checks(t) -> list[Check]:
               {"column": "source", "value_set": ["ai_harmless", "human_helpful"]}, "the PM weighs sources",
               row_level=True),
         Check("labels.human_agreement", "labeller_eval", "ExpectColumnValuesToBeBetween",
-              {"column": "human_accuracy", "min_value": t.min_human_agreement, "max_value": 1.0},
-              "agreement with held-out human harmlessness labels (cai eval-labeler)"),
+              {"column": "human_accuracy_ci_low", "min_value": t.min_human_agreement, "max_value": 1.0,
+               "strict_min": True},
+              "lower end of the 95% interval of the agreement with held-out human harmlessness labels "
+              "(cai eval-labeler) must be above chance", blocks="promotion", required=True),
+        Check("labels.contamination", "contamination", "ExpectTableRowCountToBeBetween",
+              {"min_value": 0, "max_value": 0},
+              "a prompt the labeller was evaluated on must not be a training prompt (normalised text): "
+              "its agreement would be measured on what the pipeline trains on"),
         Check("labels.calibration", "labeller_eval", "ExpectColumnValuesToBeBetween",
               {"column": "human_ece", "min_value": 0.0, "max_value": t.max_ece},
-              "expected calibration error of the soft labels against human labels"),
+              "expected calibration error of the soft labels against human labels", blocks="promotion",
+              required=True),
     ]
 
 

@@ -2,8 +2,10 @@
 
 24 red-team prompts in 4 categories (one critique/revision round each, one sampled pair,
 both label orders) and 12 helpful prompts in 3 categories. Texts are seeded random words,
-so nothing recurs across responses and nothing refuses: every gate passes on it, and a test
-plants exactly one fault on top.
+so nothing recurs across responses and nothing refuses: every data check passes on it, and a
+test plants exactly one fault on top. Its labels are random by default (U(0.3, 0.7) per order:
+no information, ~50% swap consistency), so the labeller checks block promotion; pass
+`p_shown=informative()` for labels that agree across the A/B swap.
 """
 from __future__ import annotations
 
@@ -49,6 +51,20 @@ def label_row(pair: dict, order: str, p_shown_a: float, kind: str = "ai_label") 
             "logprob_shown_a": -1.0, "logprob_shown_b": -1.0, "p_shown_a": p_shown_a,
             "p_a": p_shown_a if order == "ab" else 1 - p_shown_a, "cot_event_id": None,
             **CONST, "job_run_id": "synthetic", "created_at": NOW}
+
+
+def informative(strength: float = 0.25):
+    """p_shown for a labeller that knows which response it prefers: per pair P(A better) is
+    0.5 +- strength (the side drawn per pair), the same in both orders (so every pair is
+    swap-consistent and p_a has spread), and neither position is favoured on average."""
+    state: dict = {}
+
+    def p_shown(rng: random.Random, order: str) -> float:
+        if order == "ab":
+            state["p_a"] = 0.5 + strength * rng.choice((1, -1))
+            return state["p_a"]
+        return 1 - state["p_a"]   # shown first is response B
+    return p_shown
 
 
 def build_clean_lake(root: Path, seed: int = 7, p_shown=None) -> Lake:

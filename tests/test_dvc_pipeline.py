@@ -47,6 +47,8 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     params["train_pm"].update(epochs=1, max_length=96, eval_harmless="human.jsonl", eval_helpful=None, eval_limit=1)
     params["train_rl"].update(steps=1, batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=6)
     params["evaluate"].update(splits=["train"], limit=1, max_new_tokens=6)
+    # 4 labels are too few to judge label rates (rate_min_n): the training-blocking ones are waived
+    params["gate"]["waive"] = ["labels.skew", "labels.position_bias"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
@@ -70,7 +72,11 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
                                                                              "reward_model": "cai-pm/1"}
     assert (repo / "mlflow/artifacts/models").is_dir() and not (repo / "mlruns").exists()  # weights where README says
     decision = json.loads((repo / "metrics/promotion.json").read_text())
-    assert decision["candidate"] == "cai-rl/1" and decision["alias"] in ("champion", "challenger")
+    assert (decision["candidate"], decision["alias"]) == ("cai-rl/1", "challenger")   # labels not judged: never champion
+    assert "cai-pm/1 was trained on data whose `labels` gate blocks promotion (failed or could not run labels.spread, " \
+           "labels.swap_consistency, labels.human_agreement, labels.calibration)" in decision["reasons"]
+    gate_labels = json.loads((repo / "pointers/gate_labels.json").read_text())
+    assert (gate_labels["passed"], gate_labels["promotable"]) == (True, False)
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())["elo"]) == {"base", "sl_cai", "rl_cai"}
     samples = lake.read("generation_events").to_pylist()
     assert {r["model_id"] for r in samples if r["kind"] == "pair_sample"} == {"cai-sl/1"}  # the SL-CAI policy

@@ -9,6 +9,7 @@ from cai_lib.constitution.load import load_constitution
 from cai_lib.feedback import label_metrics as lm
 from cai_lib.ids import stable_id
 from cai_lib.lake.tables import Lake
+from cai_lib.quality.stats import wilson_interval
 from jobs.eval_labeler import EvalLabelerConfig, run
 from tests.conftest import ROOT, write_jsonl
 
@@ -60,6 +61,67 @@ def test_metrics_match_the_answer_key_and_the_events(spark, tmp_path, backend, m
     agree = [(o["ab"]["p_a"] - 0.5) * (o["ba"]["p_a"] - 0.5) >= 0 for o in pairs.values()]
     assert m["swap_consistency"] == pytest.approx(sum(agree) / 4)
     assert set(m["per_principle"]) <= {p.id for p in load_constitution(ROOT / "constitutions/default.yaml").comparison}
-    assert 0 <= m["hhh_accuracy"] <= 1
+    right = sum(0.5 if p == 0.5 else float((p > 0.5) == (t == 1)) for p, t in zip(probs, truth))
+    assert m["human_accuracy_ci"] == pytest.approx(list(wilson_interval(right, 4)))
+    assert m["swap_consistency_ci"] == pytest.approx(list(wilson_interval(sum(agree), 4)))
+    assert (m["comparisons"], m["failed_scorings"], m["incomplete_pairs"], m["hhh_n"], m["hhh_failed"]) == (8, 0, 0, 2, 0)
     again = run(spark, cfg)  # the comparisons are events: a rerun scores nothing new
     assert again["model_calls"] == 0 and again["human_accuracy"] == out["human_accuracy"]
+
+
+def judged_file(tmp_path, n: int = 30):
+    """HH-format pairs whose chosen response says "gently" and whose rejected one does not."""
+    rows = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: Let us handle case {i} gently.",
+             "rejected": f"\n\nHuman: Question {i}?\n\nAssistant: Just force case {i}."} for i in range(n)]
+    return write_jsonl(tmp_path / "judged.jsonl", rows)
+
+
+def test_an_informative_judge_passes_the_labels_gate_and_a_constant_one_does_not(spark, tmp_path, capsys):
+    from synthetic_lake import build_clean_lake, informative
+
+    from jobs.cli import main as cai
+    lake = build_clean_lake(tmp_path / "lake", p_shown=informative())   # labels that agree across the swap
+    verdicts = {}
+    for judge in ("fake:prefer=gently", "fake:constant"):
+        cfg = EvalLabelerConfig(lake=str(tmp_path / "eval-lake"), params="/nonexistent.yaml", backend="fake",
+                                feedback_model=judge, constitution=str(ROOT / "constitutions/default.yaml"),
+                                human=str(judged_file(tmp_path)), sample_size=30, metrics=str(tmp_path / "m.json"),
+                                plot=str(tmp_path / "rel.png"), batch_size=16)
+        run(spark, cfg)
+        m = json.loads((tmp_path / "m.json").read_text())
+        verdicts[judge] = m
+        # as if the synthetic lake's labels came from this judge (the gate pairs an evaluation with its model)
+        (tmp_path / "m.json").write_text(json.dumps({**m, "model_fingerprint": "f" * 16}))
+        assert cai(["gate", "labels", "--lake", str(lake.root), "--docs-dir", str(tmp_path / "docs"),
+                    "--eval-metrics", str(tmp_path / "m.json")]) == 0
+        row = max(lake.read("gate_events").to_pylist(), key=lambda r: r["created_at"])
+        verdicts[judge] = (m, row["verdict"], row["promotion_blockers"])
+    (good, good_verdict, _), (const, const_verdict, blockers) = verdicts.values()
+    # it picks the chosen response in both orders: P(A better) is 0.9 or 0.1, always right
+    assert (good["human_n"], good["human_accuracy"], good["swap_consistency"]) == (30, 1.0, 1.0)
+    assert good["human_accuracy_ci"] == pytest.approx([0.8865, 1.0], abs=1e-4)
+    assert good["human_ece"] == pytest.approx(0.1) and good["human_prob_std"] == pytest.approx(0.4, abs=0.05)
+    assert good_verdict == "passed"
+    # p = 0.5 everywhere: half right by ties, calibrated, and no information at all
+    assert (const["human_accuracy"], const["human_prob_std"]) == (0.5, 0.0)
+    assert const["human_accuracy_ci"] == pytest.approx(list(wilson_interval(15, 30)))
+    assert const_verdict == "not_promotable" and blockers == ["labels.human_agreement"]
+    out = capsys.readouterr().out
+    assert "agreement 1.000 [0.886, 1.000]" in out and "agreement 0.500 [0.332, 0.668]" in out
+
+
+def test_the_sample_leaves_out_the_lakes_training_prompts(spark, tmp_path):
+    from jobs.ingest import IngestConfig
+    from jobs.ingest import run as ingest
+    src = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Question 3?"}, {"prompt": "Question  7?"}])
+    ingest(None, IngestConfig(lake=str(tmp_path / "lake"), params="/nonexistent.yaml", source=str(src),
+                              kind="red_team", test_fraction=0.0))
+    cfg = EvalLabelerConfig(lake=str(tmp_path / "lake"), params="/nonexistent.yaml", backend="fake",
+                            feedback_model="fake:prefer=gently", constitution=str(ROOT / "constitutions/default.yaml"),
+                            human=str(judged_file(tmp_path, n=10)), sample_size=10, metrics=str(tmp_path / "m.json"),
+                            plot=str(tmp_path / "rel.png"), batch_size=16)
+    run(spark, cfg)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["human_n"], m["excluded_training_prompts"]) == (8, 2)   # questions 3 and 7 train: never evaluated
+    from cai_lib.ids import sha256_text
+    assert sha256_text("Question 3?")[:16] not in m["eval_prompt_shas"] and len(m["eval_prompt_shas"]) == 8

@@ -13,7 +13,7 @@ import re
 import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
-from synthetic_lake import build_clean_lake, label_row
+from synthetic_lake import build_clean_lake, informative, label_row
 
 from jobs.cli import main as cai
 from schemas import LABEL_EVENTS, SL_DATASET
@@ -48,15 +48,28 @@ def quarantined(lake) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def lake(tmp_path):
-    return build_clean_lake(tmp_path / "lake")
+    return build_clean_lake(tmp_path / "lake", p_shown=informative())
+
+
+# what `cai eval-labeler` writes for a labeller that agrees with humans (about these labels' model)
+GOOD_EVAL = {"model_fingerprint": "f" * 16, "human_n": 100, "human_accuracy": 0.7, "human_accuracy_ci": [0.604, 0.781],
+             "human_ece": 0.05, "human_ece_ci": [0.031, 0.094], "human_prob_std": 0.12, "swap_consistency": 0.8,
+             "swap_consistency_ci": [0.711, 0.867]}
+
+
+def with_eval(tmp_path, **change) -> None:
+    (tmp_path / "eval.json").write_text(json.dumps({**GOOD_EVAL, **change}))
 
 
 @pytest.mark.parametrize("stage", ["sl", "labels"])
-def test_clean_data_passes_and_records_its_verdict(lake, tmp_path, stage, capsys):
+def test_clean_data_passes_and_records_its_verdict(tmp_path, stage, capsys):
+    lake = build_clean_lake(tmp_path / "lake", p_shown=informative())
+    with_eval(tmp_path)
     rc, row = gate(lake, stage, tmp_path)
     out = capsys.readouterr().out
     assert rc == 0 and row["passed"] and row["n_failed"] == 0 and failed(row) == []
-    assert f"gate {stage}: PASSED" in out and "data docs: " in out
+    assert (row["verdict"], row["promotable"], row["promotion_blockers"]) == ("passed", True, [])
+    assert f"gate {stage}: PASSED;" in out and "data docs: " in out
     assert (tmp_path / "docs/gx/uncommitted/data_docs/local_site/index.html").exists()
     assert row["docs_path"].endswith("index.html") and json.loads(row["input_versions"])["quarantine"] is None
     assert row["constitution_sha"] == "c" * 64 and quarantined(lake) == []
@@ -88,7 +101,7 @@ def test_p_a_out_of_range(lake, tmp_path):
 def test_skewed_labels(tmp_path):
     lake = build_clean_lake(tmp_path / "lake", p_shown=lambda rng, order: 0.99 if order == "ab" else 0.01)
     rc, row = gate(lake, "labels", tmp_path)
-    assert rc == 1 and failed(row) == ["labels.skew"]
+    assert rc == 1 and failed(row) == ["labels.skew", "labels.spread"]   # p_a = 0.99 everywhere: no spread either
     assert json.loads(row["failures"])[0]["observed"] == pytest.approx(0.99)
     assert quarantined(lake) == []  # a rate, not a row: nothing to quarantine
 
@@ -149,27 +162,82 @@ def test_empty_revisions(lake, tmp_path):
     assert quarantined(lake) == sorted(("generation_events", k) for k in emptied)
 
 
-def test_labeller_evaluation_is_judged_when_it_has_run(lake, tmp_path):
-    metrics = {"model_fingerprint": "f" * 16, "human_accuracy": 0.2, "human_ece": 0.05, "human_n": 50}
-    (tmp_path / "eval.json").write_text(json.dumps(metrics))
+def test_labeller_evaluation_is_judged_when_it_has_run(tmp_path, capsys):
+    lake = build_clean_lake(tmp_path / "lake", p_shown=informative())
+    with_eval(tmp_path, human_accuracy=0.57, human_accuracy_ci=[0.472, 0.664])   # above chance, not significantly
     rc, row = gate(lake, "labels", tmp_path)
-    assert rc == 1 and failed(row) == ["labels.human_agreement"]
-    (tmp_path / "eval.json").write_text(json.dumps({**metrics, "model_fingerprint": "another model"}))
-    rc, row = gate(lake, "labels", tmp_path)  # an evaluation of another model says nothing about these labels
-    assert rc == 0 and row["passed"]
+    out = capsys.readouterr().out
+    assert rc == 0 and row["passed"] and failed(row) == ["labels.human_agreement"]   # training may go on ...
+    assert (row["verdict"], row["promotable"], row["promotion_blockers"]) == (
+        "not_promotable", False, ["labels.human_agreement"])                        # ... promotion may not
+    assert "PASSED for training, NOT PROMOTABLE (labels.human_agreement): the labels are uninformative" in out
+    assert "agreement 0.570 [0.472, 0.664]" in out and "FAILED     labels.human_agreement (blocks promotion)" in out
+    with_eval(tmp_path, human_accuracy=0.57, human_accuracy_ci=[0.501, 0.64])
+    assert gate(lake, "labels", tmp_path)[1]["verdict"] == "passed"
+    with_eval(tmp_path, human_ece=0.3, human_ece_ci=[0.22, 0.37])
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 0 and row["promotion_blockers"] == ["labels.calibration"]
+    with_eval(tmp_path, model_fingerprint="another model")  # says nothing about these labels: could not run
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 0 and row["verdict"] == "not_promotable" and failed(row) == []
+    assert row["incomplete_checks"] == ["labels.human_agreement", "labels.calibration"]
+
+
+def test_an_evaluation_on_training_prompts_is_contamination(lake, tmp_path, capsys):
+    from cai_lib.ids import normalise_text, sha256_text
+    prompts = sorted(lake.read("prompts").to_pylist(), key=lambda r: r["prompt_id"])
+    shas = [sha256_text(normalise_text(r["text"]))[:16] for r in prompts[:2]]
+    with_eval(tmp_path, eval_prompt_shas=sorted(["0" * 16, *shas]))
+    rc, row = gate(lake, "labels", tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 1 and failed(row) == ["labels.contamination"] and row["verdict"] == "failed"
+    assert f"2 of the 3 prompts the labeller was evaluated on are training prompts ({prompts[0]['prompt_id'][:12]} " in out
+    with_eval(tmp_path, eval_prompt_shas=["0" * 16])
+    rc, row = gate(lake, "labels", tmp_path)
+    assert rc == 0 and row["verdict"] == "passed"
+
+
+def test_random_and_constant_labellers_are_caught(tmp_path, capsys):
+    with_eval(tmp_path)
+    random_labels = build_clean_lake(tmp_path / "random")   # U(0.3, 0.7) per order: no information
+    rc, row = gate(random_labels, "labels", tmp_path)
+    assert rc == 0 and row["promotion_blockers"] == ["labels.swap_consistency"]
+    assert "24 comparisons with both orders labelled, swap-consistent 58.3% [95% 38.8%, 75.5%]" in capsys.readouterr().out
+    constant = build_clean_lake(tmp_path / "constant", p_shown=lambda rng, order: 0.5)   # "always a tie"
+    rc, row = gate(constant, "labels", tmp_path)
+    assert rc == 0 and row["promotion_blockers"] == ["labels.spread"]   # perfectly swap-consistent, and empty
+    assert json.loads(row["failures"])[0]["observed"] == 0.0
+
+
+def test_skipped_required_checks_are_incomplete_until_waived(tmp_path, capsys):
+    lake = build_clean_lake(tmp_path / "lake", p_shown=informative())
+    with_eval(tmp_path)
+    rc, row = gate(lake, "labels", tmp_path, "--rate-min-n", "100")   # 48 labels < 100: no rate can be judged
+    out = capsys.readouterr().out
+    rate_checks = ["labels.skew", "labels.position_bias", "labels.spread", "labels.swap_consistency"]
+    assert rc == 1 and not row["passed"] and row["verdict"] == "incomplete" and failed(row) == []
+    assert row["incomplete_checks"] == rate_checks
+    assert "gate labels: INCOMPLETE (labels.skew, labels.position_bias, labels.spread, labels.swap_consistency" in out
+    assert "INCOMPLETE labels.skew (blocks training)" in out
+    params = tmp_path / "waive.yaml"
+    params.write_text("gate:\n  waive: [labels.skew, labels.position_bias]\n")
+    rc, row = gate(lake, "labels", tmp_path, "--rate-min-n", "100", "--params", str(params))
+    assert rc == 0 and row["passed"] and row["waived_checks"] == ["labels.skew", "labels.position_bias"]
+    assert (row["verdict"], row["promotion_blockers"]) == ("not_promotable", ["labels.spread", "labels.swap_consistency"])
+    capsys.readouterr()
+    assert cai(["status", "--lake", str(lake.root)]) == 0
+    out = capsys.readouterr().out
+    assert "waived: labels.skew, labels.position_bias" in out and "could not run: labels.spread" in out
+    assert "NOT PROMOTABLE (labels.spread, labels.swap_consistency): the labels are uninformative; nothing " \
+           "trained on this data can be promoted to champion" in out
+    params.write_text("gate:\n  waive: [labels.kind]\n")   # a check that always runs cannot be waived
+    assert cai(["gate", "labels", "--lake", str(lake.root), "--params", str(params)]) == 1
+    assert "waive names ['labels.kind'], which are not required checks" in capsys.readouterr().err
 
 
 def test_unknown_stage_is_a_clear_error(lake, tmp_path, capsys):
     assert cai(["gate", "training", "--lake", str(lake.root)]) == 1
     assert "which gate? pass one of prompts, sl, labels" in capsys.readouterr().err
-
-
-def test_rates_over_too_few_labels_are_skipped_not_passed(tmp_path, capsys):
-    lake = build_clean_lake(tmp_path / "lake", p_shown=lambda rng, order: 0.99 if order == "ab" else 0.01)
-    rc, row = gate(lake, "labels", tmp_path, "--rate-min-n", "100")  # 48 labels < 100: skew is not judged
-    out = capsys.readouterr().out
-    assert rc == 0 and row["passed"]
-    assert "SKIPPED labels.skew" in out and "SKIPPED labels.swap_consistency" in out
 
 
 def test_status_shows_the_last_verdict_per_stage(lake, tmp_path, capsys):

@@ -15,6 +15,14 @@ FAKE_FINGERPRINT = sha256_text("fake-backend-v1")
 FAKE_IDS = ("fake", "fake:", "fail-on:")   # "fake", "fake:NAME", or "fail-on:TEXT" (failure tests)
 
 
+def fake_fingerprint(model_id: str) -> str:
+    """The judges that score differently ("fake:prefer=WORD", "fake:constant") are other models:
+    their labels must not share event ids with the plain fake's."""
+    if model_id == "fake:constant" or model_id.startswith("fake:prefer="):
+        return sha256_text(f"fake-backend-v1:{model_id}")
+    return FAKE_FINGERPRINT
+
+
 def check_fake_model(backend: str, model_id: str) -> None:
     """The fake backend writes test text, so it takes fake model ids only: never a real or
     registered model's name, under which its text would be recorded.
@@ -36,11 +44,15 @@ class FakeBackend:
 
     def __init__(self, model_id: str = "fake", **_: object):
         self.model_id = model_id
-        self.fingerprint = FAKE_FINGERPRINT
+        self.fingerprint = fake_fingerprint(model_id)
         self.stats = CallStats()
         # model id "fail-on:TEXT": requests whose chat contains TEXT fail (tests of failure handling;
         # the id travels to Spark workers with the backend spec, unlike an attribute set here)
         self.fail_when: str | None = model_id[len("fail-on:"):] if model_id.startswith("fail-on:") else None
+        # "fake:prefer=WORD": a judge that knows something: it picks the option whose response holds
+        # WORD (P = 0.9). "fake:constant": a judge that knows nothing and says so, P = 0.5 everywhere.
+        self.prefer: str | None = model_id[len("fake:prefer="):] if model_id.startswith("fake:prefer=") else None
+        self.constant = model_id == "fake:constant"
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in chat)
@@ -64,10 +76,25 @@ class FakeBackend:
             self.stats.completion_tokens += len(text.split())
         return out
 
+    def _preference(self, prompt: str, n_choices: int) -> list[float] | None:
+        """Log-probs of a judge that reads the two options (the comparison template's delimiters)."""
+        if self.constant:
+            return [math.log(1 / n_choices)] * n_choices
+        if not self.prefer:
+            return None
+        holds = [self.prefer in prompt.partition(f"<response_{x}>")[2].partition(f"</response_{x}>")[0]
+                 for x in ("a", "b")]
+        p_a = 0.9 if holds == [True, False] else 0.1 if holds == [False, True] else 0.5
+        return [math.log(p_a), math.log(1 - p_a)] + [math.log(1e-6)] * (n_choices - 2)
+
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
         self.stats.scoring_calls += 1
         rows = []
         for p in prompts:
+            judged = self._preference(p, len(choices))
+            if judged is not None:
+                rows.append(judged)
+                continue
             raw = [int(sha256_text(p + c)[:6], 16) / 0xFFFFFF for c in choices]
             z = math.log(sum(math.exp(r) for r in raw))
             rows.append([r - z for r in raw])

@@ -118,6 +118,6 @@ def fingerprint(folder: Path | str) -> str:
 
 def model_fingerprint(backend: str, model_id: str) -> str:
     """Resolve the model on the driver (a clear error before Spark starts; converts the default once)."""
-    from cai_lib.backends.fake import FAKE_FINGERPRINT, check_fake_model
+    from cai_lib.backends.fake import check_fake_model, fake_fingerprint
     check_fake_model(backend, model_id)
-    return FAKE_FINGERPRINT if backend == "fake" else fingerprint(resolve_model(model_id))
+    return fake_fingerprint(model_id) if backend == "fake" else fingerprint(resolve_model(model_id))

@@ -60,3 +60,34 @@ def elo_table(comparisons: Iterable[tuple[str, str, float]], anchor: str, anchor
     if anchor not in s:
         raise ValueError(f"anchor {anchor!r} was in no comparison; models: {sorted(s)}")
     return {m: round(anchor_rating + 400 * math.log10(v / s[anchor]), 1) for m, v in s.items()}
+
+
+def elo_intervals(by_prompt: dict[str, list[tuple[str, str, float]]], anchor: str, *, n_boot: int = 200,
+                  level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """95% bootstrap interval of each model's Elo: prompts resampled with replacement (a prompt's
+    comparisons stay together), the table refitted on each resample. The anchor's is [1000, 1000].
+
+    >>> iv = elo_intervals({f"p{i}": [("rl", "base", 0.9 if i % 2 else 0.6)] for i in range(20)}, "base")
+    >>> iv["base"], iv["rl"][0] > 1000
+    ([1000.0, 1000.0], True)
+    """
+    import random
+    prompts = sorted(p for p, comps in by_prompt.items() if comps)
+    if not prompts:
+        return {}
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        sample = [c for _ in prompts for c in by_prompt[prompts[rng.randrange(len(prompts))]]]
+        try:
+            table = elo_table(sample, anchor)
+        except ValueError:   # the resample left the anchor out: no table to anchor
+            continue
+        for m, v in table.items():
+            draws.setdefault(m, []).append(v)
+    alpha = (1 - level) / 2
+    out = {}
+    for m, vs in sorted(draws.items()):
+        vs.sort()
+        out[m] = [round(vs[int(alpha * (len(vs) - 1))], 1), round(vs[int(round((1 - alpha) * (len(vs) - 1)))], 1)]
+    return out

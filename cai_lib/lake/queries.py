@@ -30,3 +30,13 @@ def known_events(lake, ids: set[str]) -> tuple[dict[str, str], dict[str, int]]:
         else:
             failures[r["target_event_id"]] = failures.get(r["target_event_id"], 0) + 1
     return texts, failures
+
+
+def training_prompt_texts(lake) -> dict[str, str]:
+    """{normalised text: prompt_id} of the lake's train-split prompts (empty if it has none): what
+    no evaluation may use (`sources.eval_data.read_disjoint_pairs`, the labels gate's contamination check)."""
+    from cai_lib.ids import normalise_text
+    if not lake.exists("prompts"):
+        return {}
+    rows = lake.read("prompts", columns=["prompt_id", "text", "split"]).to_pylist()
+    return {normalise_text(r["text"]): r["prompt_id"] for r in rows if r["split"] == "train"}

@@ -2,5 +2,6 @@
 
 signals  refusal detector, boilerplate, revision change, word counts (plain functions, doctested)
 frames   the frames a gate validates: lake tables minus quarantined rows, plus derived columns
+stats    Wilson and bootstrap intervals: every rate a gate or promotion judges is a range
 gates    run a stage's checks (declared in `schemas/suites.py`) with Great Expectations
 """

@@ -17,8 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from cai_lib.feedback.label_metrics import swap_consistent
+from cai_lib.ids import sha256_text
+from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.tables import Lake
 from cai_lib.quality import signals as quality
+from cai_lib.quality.stats import wilson_interval
 from schemas.suites import AI_LABEL_KINDS, ROW_KEYS
 
 STAGE_TABLES = {
@@ -122,11 +125,57 @@ def labeller_eval(metrics_path: str | None, fingerprints: set[str]) -> tuple[pd.
     m = json.loads(Path(metrics_path).read_text())
     if "human_accuracy" not in m:
         return None, f"{metrics_path} has no human-label metrics"
+    if "human_accuracy_ci" not in m:
+        return None, f"{metrics_path} has no confidence intervals (an older eval-labeler wrote it): rerun cai eval-labeler"
     if fingerprints and m.get("model_fingerprint") not in fingerprints:
         return None, (f"{metrics_path} evaluates model {m.get('model_fingerprint')}, not the labelling "
                       f"model(s) {sorted(fingerprints)}: rerun cai eval-labeler")
-    row = {k: m.get(k) for k in ("human_accuracy", "human_ece", "human_n", "swap_consistency")}
-    return pd.DataFrame([row]), f"evaluation of {m.get('human_n')} human pairs from {metrics_path}"
+    row = {k: m.get(k) for k in ("human_accuracy", "human_ece", "human_n", "swap_consistency", "human_prob_std")}
+    (row["human_accuracy_ci_low"], row["human_accuracy_ci_high"]) = m["human_accuracy_ci"]
+    (row["human_ece_ci_low"], row["human_ece_ci_high"]) = m["human_ece_ci"]
+    sc = m.get("swap_consistency_ci") or [None, None]
+    return pd.DataFrame([row]), (
+        f"labeller vs {m.get('human_n')} human pairs ({metrics_path}): agreement {m['human_accuracy']:.3f} "
+        f"[{row['human_accuracy_ci_low']:.3f}, {row['human_accuracy_ci_high']:.3f}], ECE {m['human_ece']:.3f} "
+        f"[{row['human_ece_ci_low']:.3f}, {row['human_ece_ci_high']:.3f}], swap consistency "
+        f"{m.get('swap_consistency', float('nan')):.3f} [{_fmt(sc[0])}, {_fmt(sc[1])}], "
+        f"label spread (std) {_fmt(m.get('human_prob_std'))}" + _failures_note(m))
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _failures_note(m: dict) -> str:
+    failed, incomplete = m.get("failed_scorings") or 0, m.get("incomplete_pairs") or 0
+    return f"; {failed} scorings failed, {incomplete} pairs incomplete" if failed or incomplete else ""
+
+
+def contamination(metrics_path: str | None, lake: Lake) -> tuple[pd.DataFrame | None, str]:
+    """The lake's training prompts that the labeller's evaluation also used (by normalised text)."""
+    if not metrics_path or not Path(metrics_path).exists():
+        return None, "no labeller evaluation to compare with the training prompts"
+    used = json.loads(Path(metrics_path).read_text()).get("eval_prompt_shas")
+    if used is None:
+        return None, f"{metrics_path} does not list its prompts (an older eval-labeler wrote it): rerun cai eval-labeler"
+    train = {sha256_text(text)[:16]: (pid, text) for text, pid in training_prompt_texts(lake).items()}
+    both = sorted(set(used) & set(train))
+    df = pd.DataFrame([{"prompt_id": train[h][0], "text": train[h][1]} for h in both], columns=["prompt_id", "text"])
+    if not both:
+        return df, f"none of the {len(used)} evaluation prompts is among the {len(train)} training prompts"
+    shown = "; ".join(f"{pid[:12]} {text[:60]!r}" for pid, text in (train[h] for h in both[:3]))
+    return df, (f"{len(both)} of the {len(used)} prompts the labeller was evaluated on are training prompts "
+                f"({shown}{'; ...' if len(both) > 3 else ''}): rerun cai eval-labeler (it samples only prompts "
+                "the lake does not train on), or re-ingest without them")
+
+
+def label_summary(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
+    """One row: swap consistency of the AI labels with its 95% Wilson interval."""
+    if pairs is None or pairs.empty:
+        return None
+    k, n = float(pairs["consistent"].sum()), len(pairs)
+    lo, hi = wilson_interval(k, n)
+    return pd.DataFrame([{"n": n, "swap_consistency": k / n, "swap_ci_low": lo, "swap_ci_high": hi}])
 
 
 def label_frames(lake: Lake, t, bad) -> Frames:
@@ -139,25 +188,33 @@ def label_frames(lake: Lake, t, bad) -> Frames:
         ev, note = None, f"the evaluation has {ev['human_n'].iloc[0]} human pairs (< {t.rate_min_n}): not judged"
     valid = ai[ai["p_a"].between(0.0, 1.0) & ai["p_shown_a"].between(0.0, 1.0)]
     pairs = pair_consistency(valid) if len(valid) else None
+    judged_pairs = pairs if pairs is not None and len(pairs) * 2 >= t.rate_min_n else None
     frames = {
         "label_events": labels,
         "label_rates": valid if len(valid) >= t.rate_min_n else None,
         "cot_labels": cot if len(cot) else None,
-        "label_pairs": pairs if pairs is not None and len(pairs) * 2 >= t.rate_min_n else None,
+        "label_summary": label_summary(judged_pairs),
         "preference_dataset": _read(lake, "preference_dataset", "preference_dataset", bad),
         "labeller_eval": ev,
     }
+    frames["contamination"], contamination_note = contamination(t.eval_metrics, lake)
     n_pairs = 0 if pairs is None else len(pairs)
-    notes = {"labeller_eval": note,
+    notes = {"labeller_eval": note, "contamination": contamination_note,
              "label_rates": (f"{len(valid)} AI labels, mean p_a {valid['p_a'].mean():.3f}, mean p_shown_a "
-                             f"{valid['p_shown_a'].mean():.3f}" if frames["label_rates"] is not None else
+                             f"{valid['p_shown_a'].mean():.3f}, spread (std of p_a) {valid['p_a'].std():.3f}"
+                             if frames["label_rates"] is not None else
                              f"{len(valid)} AI labels (< {t.rate_min_n}): rates over so few are noise, not judged"),
-             "label_pairs": (f"{n_pairs} comparisons with both orders labelled, "
-                             f"{pairs['consistent'].mean():.1%} swap-consistent" if frames["label_pairs"] is not None
-                             else f"{n_pairs} comparisons with both orders labelled (< {t.rate_min_n} labels): "
-                                  "not judged"),
+             "label_summary": (_swap_note(frames["label_summary"]) if frames["label_summary"] is not None
+                               else f"{n_pairs} comparisons with both orders labelled (< {t.rate_min_n} labels): "
+                                    "not judged"),
              "cot_labels": f"{len(cot)} chain-of-thought labels" if len(cot) else "no chain-of-thought labels"}
     return Frames(frames, notes)
+
+
+def _swap_note(summary: pd.DataFrame) -> str:
+    r = summary.iloc[0]
+    return (f"{int(r['n'])} comparisons with both orders labelled, swap-consistent {r['swap_consistency']:.1%} "
+            f"[95% {r['swap_ci_low']:.1%}, {r['swap_ci_high']:.1%}] (no position preference and no information: 50%)")
 
 
 BUILDERS = {"prompts": prompt_frames, "sl": sl_frames, "labels": label_frames}

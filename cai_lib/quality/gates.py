@@ -23,7 +23,7 @@ class CheckResult:
     name: str
     frame: str
     expectation: str
-    status: str                     # passed | failed | skipped
+    status: str                     # passed | failed | skipped | incomplete | waived
     observed: object = None         # the observed value (rates, means) or the bad row count
     unexpected_count: int | None = None
     unexpected_share: float | None = None  # of the non-null rows checked
@@ -32,6 +32,11 @@ class CheckResult:
     why: str = ""
     row_level: bool = False
     column: str | None = None
+    blocks: str = "training"
+
+    @property
+    def blocking(self) -> bool:
+        return self.status in ("failed", "incomplete")
 
     def line(self) -> str:
         what = ""
@@ -41,7 +46,47 @@ class CheckResult:
                 what += f" ({self.unexpected_share:.1%})"
         elif self.observed is not None:
             what = f"observed={_short(self.observed)}"
-        return f"{self.status.upper():7s} {self.name} [{self.expectation}] {what} {self.note}".rstrip()
+        stops = f" (blocks {self.blocks})" if self.blocking else ""
+        return f"{self.status.upper():10s} {self.name}{stops} [{self.expectation}] {what} {self.note}".rstrip()
+
+
+@dataclass
+class Judgement:
+    """What a gate run decides. `passed`: training may read the data (no training-blocking check
+    failed or is INCOMPLETE); `promotable`: nothing at all blocks, so models trained on it may
+    become champion. `verdict` is the one word: passed | failed | incomplete | not_promotable."""
+    verdict: str
+    passed: bool
+    promotable: bool
+    failed: list[str]
+    incomplete: list[str]
+    waived: list[str]
+    promotion_blockers: list[str]
+
+
+def judge(results: list[CheckResult], checks: list[Check], waive: list[str]) -> Judgement:
+    """Mark skipped required checks INCOMPLETE (or WAIVED when `waive` names them) and decide.
+    A waiver covers a check that could not run, never one that ran and failed."""
+    by_name = {c.name: c for c in checks}
+    for r in results:
+        c = by_name[r.name]
+        r.blocks = c.blocks
+        if r.status == "skipped" and c.required:
+            r.status = "waived" if c.name in waive else "incomplete"
+    training = [r.name for r in results if r.blocking and r.blocks == "training"]
+    promotion = [r.name for r in results if r.blocking and r.blocks == "promotion"]
+    failed = [r.name for r in results if r.status == "failed"]
+    incomplete = [r.name for r in results if r.status == "incomplete"]
+    if any(r.status == "failed" and r.blocks == "training" for r in results):
+        verdict = "failed"
+    elif training:
+        verdict = "incomplete"
+    elif promotion:
+        verdict = "not_promotable"
+    else:
+        verdict = "passed"
+    return Judgement(verdict, not training, not training and not promotion, failed, incomplete,
+                     [r.name for r in results if r.status == "waived"], promotion)
 
 
 def _short(v) -> str:

@@ -23,7 +23,10 @@ def lineage(ref: str, lake: Lake | None = None) -> dict:
     for key, value in tags.items():
         if key.startswith("gate.") and key.endswith(".verdict_id"):
             stage = key.split(".")[1]
-            gates[stage] = {"verdict_id": value, "passed": tags.get(f"gate.{stage}.passed")}
+            gates[stage] = {"verdict_id": value, "passed": tags.get(f"gate.{stage}.passed"),
+                            "promotable": tags.get(f"gate.{stage}.promotable"),
+                            "promotion_blockers": [x for x in tags.get(f"gate.{stage}.promotion_blockers", "").split(",") if x],
+                            "waived": [x for x in tags.get(f"gate.{stage}.waived", "").split(",") if x]}
             if lake is not None and lake.exists("gate_events"):
                 rows = [r for r in lake.read("gate_events").to_pylist() if r["event_id"] == value]
                 if rows:

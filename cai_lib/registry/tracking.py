@@ -72,6 +72,10 @@ def passing_verdict(lake: Lake, stage: str, tables: list[str]) -> dict:
                             "before training (or pass --no-require-gates for an experiment)")
     last = max(rows, key=lambda r: r["created_at"])
     if not last["passed"]:
+        if last.get("verdict") == "incomplete":
+            raise GateNotPassed(f"the last `{stage}` gate is INCOMPLETE ({', '.join(last['incomplete_checks'])} could "
+                                f"not run): run what they need, or waive them by name in params.yaml [gate] waive, "
+                                f"and rerun `cai gate {stage}`")
         raise GateNotPassed(f"the last `{stage}` gate failed ({', '.join(last['failed_checks'])}): fix the data or "
                             f"the thresholds and rerun `cai gate {stage}`")
     seen = json.loads(last["input_versions"])
@@ -112,6 +116,10 @@ def training_run(job: str, cfg, lake: Lake, tables: list[str], verdicts: dict[st
         mlflow.set_tags({"cai.job": job, "git_commit": git_commit(),
                          **{f"gate.{s}.verdict_id": v["event_id"] for s, v in verdicts.items()},
                          **{f"gate.{s}.passed": str(v["passed"]) for s, v in verdicts.items()},
+                         **{f"gate.{s}.promotable": str(v.get("promotable")) for s, v in verdicts.items()},
+                         **{f"gate.{s}.promotion_blockers": ",".join(v.get("promotion_blockers") or [])
+                            for s, v in verdicts.items()},
+                         **{f"gate.{s}.waived": ",".join(v.get("waived_checks") or []) for s, v in verdicts.items()},
                          **(tags or {})})
         yield run
 

@@ -174,6 +174,28 @@ def read_hh_pairs(path, *, limit: int | None = None,
 
 # ---------------------------------------------------------------- HHH comparisons
 
+def pair_prompt(pair: HumanPair) -> str:
+    """The pair's prompt as ingest keys it: its first human turn, whitespace-normalised."""
+    from cai_lib.ids import normalise_text
+    return normalise_text(next((t for role, t in pair.context if role == "human"), ""))
+
+
+def read_disjoint_pairs(path, *, limit: int | None, seed: int | None,
+                        exclude: set[str]) -> tuple[list[HumanPair], list[dict], int]:
+    """read_hh_pairs, but the seeded sample is drawn only from pairs whose prompt (`pair_prompt`) is
+    not in `exclude` (the lake's training prompts): (pairs, rejected rows, pairs excluded). So an
+    evaluation file that also fed ingest evaluates on a disjoint, seeded split of it."""
+    pairs, rejected = read_hh_pairs(path)
+    kept = [p for p in pairs if pair_prompt(p) not in exclude]
+    if limit is not None and limit < len(kept):
+        if seed is None:
+            kept = kept[:limit]
+        else:
+            keep = sorted(random.Random(seed).sample(range(len(kept)), limit))
+            kept = [kept[i] for i in keep]
+    return kept, rejected, len(pairs) - sum(pair_prompt(p) not in exclude for p in pairs)
+
+
 def _label(obj: dict, key: str, source: str, row: int) -> str:
     value = _field(obj, key, list, source, row)
     if len(value) != 1 or not isinstance(value[0], str):
