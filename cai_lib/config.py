@@ -156,11 +156,6 @@ def read_params(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def common_value(params_path: str | Path, key: str, default: Any) -> Any:
-    """One [common] value of a params file (for the tools that are not jobs: status, sql, lineage)."""
-    return (read_params(params_path).get("common") or {}).get(key, default)
-
-
 # ---------------------------------------------------------------- flags
 
 class _Parser(argparse.ArgumentParser):

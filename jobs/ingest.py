@@ -9,12 +9,14 @@ Accepts the project's JSONL/CSV prompt files (a `prompt` or `text` column), HH-R
 (jsonl/.gz: the first human turn of `chosen`) and red-team attempts (a JSON array or JSONL).
 All files are read and checked before anything is written: an unreadable file is an error
 that writes nothing. Ids are deterministic (kind + normalised text), so re-ingesting the same
-file adds nothing. Reading is plain Python (files are small next to LLM work); no Spark session
+file adds nothing. A source in params.yaml may say `split: test` (an evaluation set: all its rows
+held out, never trained on) and `limit: N, seed: S` (a seeded sample of N rows). Reading is plain Python (files are small next to LLM work); no Spark session
 is started.
 """
 from __future__ import annotations
 
 import json
+import random
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,8 +36,9 @@ from schemas import PROMPT_KINDS
 class IngestConfig(LakeConfig, PointerConfig):
     source: str | None = opt(None, "one prompt file to ingest (else the `sources` list from params.yaml)")
     kind: str | None = opt(None, "red_team | helpful: the kind of --source (needed when the file does not say)")
-    sources: list = opt([], "params.yaml only: [{path, kind}] files ingested by a plain `cai ingest`",
-                        flag=False)
+    sources: list = opt([], "params.yaml only: [{path, kind, split, limit, seed}] files ingested by a plain "
+                        "`cai ingest` (split: test = every row held out for evaluation; limit + seed = a seeded "
+                        "sample of the file's rows)", flag=False)
     test_fraction: float = opt(0.1, "share of prompts held out as split=test (by prompt id, deterministic)")
     max_bad_fraction: float = opt(0.5, "refuse a file when more than this share of its rows is bad")
     max_prompt_chars: int = opt(MAX_PROMPT_CHARS, "longer prompts are quarantined with the reason, never stored")
@@ -46,13 +49,48 @@ class IngestConfig(LakeConfig, PointerConfig):
         if not 0 <= self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
 
-    def files(self) -> list[tuple[str, str | None]]:
+    def files(self) -> list[Source]:
         if self.source:
-            return [(self.source, self.kind)]
+            return [Source(self.source, self.kind)]
         if not self.sources:
             raise ValueError("nothing to ingest: pass --source FILE [--kind red_team|helpful] "
                              "or list `sources` under [ingest] in params.yaml")
-        return [(s["path"], s.get("kind")) for s in self.sources]
+        return [Source.of(i, s) for i, s in enumerate(self.sources)]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One prompt file to ingest. `split` forces every row's split (test: an evaluation set, never
+    trained on) instead of the id hash; `limit` keeps a seeded sample of that many rows."""
+    path: str
+    kind: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, i: int, entry) -> "Source":
+        where = f"params.yaml [ingest] sources[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"{where}: expected {{path: FILE, kind: red_team|helpful}}, got {entry!r}")
+        unknown = sorted(set(entry) - {"path", "kind", "split", "limit", "seed"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; a source takes path, kind, split, limit, seed")
+        src = cls(**entry)
+        if src.kind is not None and src.kind not in PROMPT_KINDS:
+            raise ValueError(f"{where} kind must be one of {PROMPT_KINDS}, got {src.kind!r}")
+        if src.split not in (None, "train", "test"):
+            raise ValueError(f"{where} split must be train or test (or absent: by id hash), got {src.split!r}")
+        if src.limit is not None and (isinstance(src.limit, bool) or not isinstance(src.limit, int) or src.limit < 1):
+            raise ValueError(f"{where} limit must be a positive integer, got {src.limit!r}")
+        return src
+
+    def sample(self, records: list) -> list:
+        """A seeded sample of `limit` records, in file order (all of them without a limit)."""
+        if self.limit is None or self.limit >= len(records):
+            return records
+        keep = sorted(random.Random(self.seed).sample(range(len(records)), self.limit))
+        return [records[i] for i in keep]
 
 
 def split_of(prompt_id: str, test_fraction: float) -> str:
@@ -70,10 +108,11 @@ def run(spark, cfg: IngestConfig) -> dict:
     job_run_id = new_job_run_id()
     now = datetime.now(timezone.utc)
     prompts, quarantine, seen = [], [], set()
-    for path, kind in cfg.files():
+    for src in cfg.files():
+        path, kind = src.path, src.kind
         # a SourceError (unreadable file, too many bad rows) stops the run before anything is written
         read = read_prompt_source(path, max_bad_fraction=cfg.max_bad_fraction, max_prompt_chars=cfg.max_prompt_chars)
-        for rec in read.records:
+        for rec in src.sample(read.records):
             rec_kind = kind or rec.kind
             if rec_kind is None:
                 raise SourceError(f"{path}: the file does not say whether its prompts are red_team or helpful "
@@ -89,7 +128,7 @@ def run(spark, cfg: IngestConfig) -> dict:
             prompts.append({
                 "prompt_id": pid, "text": rec.text, "kind": rec_kind, "source": path, "source_row": rec.source_row,
                 "source_format": read.format, "category": rec.category, "tags": list(rec.tags),
-                "split": split_of(pid, cfg.test_fraction),
+                "split": src.split or split_of(pid, cfg.test_fraction),
                 "meta": json.dumps(rec.meta, sort_keys=True, ensure_ascii=False) if rec.meta else None,
                 "created_at": now,
             })

@@ -1,11 +1,14 @@
-"""The small `cai` tools that are not Spark jobs: sql, status, constitution, model."""
+"""The small `cai` tools that are not Spark jobs: sql, status, lineage, lake, constitution, model.
+
+Each reads its params file once (`_params`) for the [common] defaults it needs.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from cai_lib.config import DEFAULT_PARAMS, LakeConfig, RegistryConfig, common_value, read_params
+from cai_lib.config import DEFAULT_PARAMS, LakeConfig, RegistryConfig, read_params
 from cai_lib.lake.tables import Lake
 from schemas import TABLES
 
@@ -18,15 +21,25 @@ def _add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
                        "tracking_uri; env MLFLOW_TRACKING_URI wins over the file)")
 
 
+def _params(a) -> dict:
+    """The tool's params file, read once per command."""
+    if getattr(a, "params_data", None) is None:
+        a.params_data = read_params(a.params)
+    return a.params_data
+
+
+def _common(a, key: str, default):
+    return (_params(a).get("common") or {}).get(key, default)
+
+
 def _lake(a, mode: str | None = "read") -> Lake:
     """The lake a tool reads: it must exist (a mistyped --lake is an error, not an empty lake)."""
-    return Lake(a.lake or common_value(a.params, "lake", LakeConfig.lake), mode=mode)
+    return Lake(a.lake or _common(a, "lake", LakeConfig.lake), mode=mode)
 
 
 def _tracking_uri(a) -> str:
     from cai_lib.registry.tracking import USER_ENV
-    return (a.tracking_uri or USER_ENV.get("MLFLOW_TRACKING_URI")
-            or common_value(a.params, "tracking_uri", RegistryConfig.tracking_uri))
+    return a.tracking_uri or USER_ENV.get("MLFLOW_TRACKING_URI") or _common(a, "tracking_uri", RegistryConfig.tracking_uri)
 
 
 def sql_main(argv) -> int:
@@ -78,7 +91,7 @@ def status_main(argv) -> int:
             v = max((v for v in verdicts if v["stage"] == stage), key=lambda v: v["created_at"])
             print("  " + verdict_summary(v))
     _print_registry(_tracking_uri(a))
-    _print_metrics(read_params(a.params))
+    _print_metrics(_params(a))
     return 1 if broken else 0
 
 
@@ -235,8 +248,8 @@ def lineage_main(argv) -> int:
 
     from cai_lib.registry.lineage import lineage
     from cai_lib.registry.tracking import configure
-    configure(_tracking_uri(a), common_value(a.params, "artifact_dir", RegistryConfig.artifact_dir),
-              common_value(a.params, "experiment", RegistryConfig.experiment))
+    configure(_tracking_uri(a), _common(a, "artifact_dir", RegistryConfig.artifact_dir),
+              _common(a, "experiment", RegistryConfig.experiment))
     info = lineage(a.model, _lake(a, mode=None))   # gate details when the lake is there
     if a.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))

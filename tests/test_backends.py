@@ -1,7 +1,6 @@
 """Backends: the real default model (batched, seeded, scored) and the interface's edges."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -47,8 +46,6 @@ def test_choice_logprobs_match_full_forward_passes(hf_backend):
             ref = sum(float(logp[0, j - 1, ids[0, j]]) for j in range(n, ids.shape[1]))
             assert lp == pytest.approx(ref, abs=1e-3)
     assert all(lp < 0 for row in got for lp in row)
-    p_a = math.exp(got[0][0]) / (math.exp(got[0][0]) + math.exp(got[0][1]))
-    assert 0 < p_a < 1
 
 
 def test_auto_dtype_follows_the_cpu_bf16_instructions(tmp_path):

@@ -35,7 +35,8 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     (repo / "data/demo/red_team_prompts.jsonl").write_text("".join(DEMO_RED.read_text().splitlines(True)[:2]))
     (repo / "data/demo/helpful_prompts.jsonl").write_text("".join(DEMO_HELPFUL.read_text().splitlines(True)[:1]))
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["ingest"]["test_fraction"] = 0.0
+    params["ingest"].update(test_fraction=0.0, sources=[s for s in params["ingest"]["sources"]
+                                                        if s["path"].startswith("data/demo")])
     params["sl_generate"].update(rounds=1, answer_max_new_tokens=16, critique_max_new_tokens=12,
                                  revision_max_new_tokens=16)
     params["sample_pairs"]["max_new_tokens"] = 16

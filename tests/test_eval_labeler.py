@@ -125,3 +125,16 @@ def test_the_sample_leaves_out_the_lakes_training_prompts(spark, tmp_path):
     assert (m["human_n"], m["excluded_training_prompts"]) == (8, 2)   # questions 3 and 7 train: never evaluated
     from cai_lib.ids import sha256_text
     assert sha256_text("Question 3?")[:16] not in m["eval_prompt_shas"] and len(m["eval_prompt_shas"]) == 8
+
+
+def test_failed_scorings_are_recorded_and_counted_not_dropped(spark, tmp_path):
+    cfg = EvalLabelerConfig(lake=str(tmp_path / "lake"), params="/nonexistent.yaml", backend="fake",
+                            feedback_model="fail-on:case 3 ", constitution=str(ROOT / "constitutions/default.yaml"),
+                            human=str(judged_file(tmp_path, n=5)), sample_size=5, metrics=str(tmp_path / "m.json"),
+                            plot=str(tmp_path / "rel.png"), batch_size=16)
+    run(spark, cfg)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["comparisons"], m["failed_scorings"], m["incomplete_pairs"], m["human_n"]) == (10, 2, 1, 4)
+    assert m["first_error"] == "RuntimeError: fake scoring failure on 'case 3 '"
+    q = [r for r in Lake(tmp_path / "lake").read("quarantine").to_pylist() if r["stage"] == "eval_labeler"]
+    assert len(q) == 2 and {r["reason"] for r in q} == {m["first_error"]}

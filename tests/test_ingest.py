@@ -37,6 +37,24 @@ def test_split_is_a_stable_function_of_the_id(tmp_path):
     assert dict(zip(t2["prompt_id"].to_pylist(), t2["split"].to_pylist())) == splits
 
 
+def test_a_source_can_be_an_evaluation_set_and_a_seeded_sample(tmp_path):
+    from jobs.ingest import IngestConfig, run
+    sources = [{"path": str(DEMO_RED), "kind": "red_team"},
+               {"path": str(DEMO_HELPFUL), "kind": "helpful", "split": "test", "limit": 5, "seed": 3}]
+    run(None, IngestConfig(lake=str(tmp_path / "lake"), params="/nonexistent.yaml", sources=sources, test_fraction=0.0))
+    rows = Lake(tmp_path / "lake").read("prompts").to_pylist()
+    helpful = sorted(r["source_row"] for r in rows if r["kind"] == "helpful")
+    assert {r["split"] for r in rows if r["kind"] == "red_team"} == {"train"} and len(rows) == 48 + 5
+    assert {r["split"] for r in rows if r["kind"] == "helpful"} == {"test"}
+    import random
+    assert helpful == sorted(random.Random(3).sample(range(30), 5))   # the same seed, the same sample
+    for bad, msg in (({"path": "x", "splits": "test"}, r"sources\[0\]: unknown keys \['splits'\]"),
+                     ({"path": "x", "split": "eval"}, "split must be train or test"),
+                     ({"path": "x", "limit": 0}, "limit must be a positive integer")):
+        with pytest.raises(ValueError, match=msg):
+            IngestConfig(lake=str(tmp_path / "l2"), params="/nonexistent.yaml", sources=[bad]).files()
+
+
 @needs_shared
 def test_hh_rlhf_and_red_team_formats(tmp_path):
     lake = tmp_path / "lake"

@@ -54,6 +54,22 @@ def test_sl_generate_that_fails_everything_exits_1_then_says_how_to_retry(spark,
     assert Lake(small_lake).count("generation_events") == 10 + 11   # 2 failed attempts x 5 + 11 results
 
 
+def test_label_whose_scorings_all_fail_exits_1_and_keeps_the_preference_dataset(spark, small_lake, capsys):
+    base = ["--lake", str(small_lake), "--params", "/nonexistent.yaml", "--backend", "fake", "--batch-size", "8"]
+    assert cai(["sample-pairs", *base, "--policy", "fake"]) == 0
+    assert cai(["label", *base, "--constitution", DEFAULT, "--feedback-model", "fake"]) == 0
+    capsys.readouterr()
+    # another constitution: new comparisons, and every scoring prompt holds "Option (B):"
+    assert cai(["label", *base, "--constitution", MEDICAL, "--feedback-model", "fail-on:Option (B):"]) == 1
+    out, err = lines(capsys)
+    assert ", quarantined=6, " in out[-1] and ", failed=6, " in out[-1]
+    assert err[0] == ("cai label: error: 6 of 6 scorings failed (first error: RuntimeError: fake scoring failure on "
+                      "'Option (B):'); a rerun retries them (more than max_failed_fraction=0.1 of this run's scorings; "
+                      "what succeeded is committed)")
+    assert "refusing to rebuild preference_dataset: it would shrink from 3 to 0 rows" in err[1]
+    assert Lake(small_lake).count("preference_dataset") == 3
+
+
 def test_failures_within_the_bound_are_a_warning_and_exit_0(spark, small_lake, capsys):
     victim = [r["text"] for r in Lake(small_lake).read("prompts").to_pylist() if r["kind"] == "red_team"][0]
     args = sl(small_lake, "--base-model", "fail-on:" + victim[:30])

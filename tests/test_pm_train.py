@@ -182,6 +182,9 @@ def test_evaluate_on_ten_human_pairs(base_pm):
     pairs, _ = read_hh_pairs(HARMLESS_TEST, limit=10, seed=0)
     got = evaluate_pm(base_pm, pairs, batch_size=10)
     assert got["n"] == 10
-    assert 0.0 <= got["accuracy"] <= 1.0
+    # recomputed pair by pair, one score call each: the share where chosen scores strictly higher
+    wins = [float(base_pm.score_pairs([dialogue_text(p.context)] * 2, [p.chosen, p.rejected], 2).diff().item() < 0)
+            for p in pairs]
+    assert got["accuracy"] == pytest.approx(sum(wins) / 10)
     assert math.isfinite(got["ece"]) and math.isfinite(got["mean_margin"])
     assert sum(b["count"] for b in got["reliability"]) == 20            # both presentation orders

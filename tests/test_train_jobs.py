@@ -144,7 +144,21 @@ def test_evaluate_then_promote(env, spark, capsys):
     assert set(ev["models"]) == {"base", "sl_cai", "rl_cai"} and ev["prompts"] == 4
     assert ev["models"]["rl_cai"]["model"] == "cai-rl/1" and ev["models"]["base"]["n_red_team"] == 2
     assert ev["comparisons"] == 4 * 3 and ev["elo"]["base"] == 1000.0 and (root / "evaluate.png").stat().st_size
-    assert 0 <= ev["models"]["sl_cai"]["over_refusal"] <= 1
+    # over-refusal recomputed from the stored answers of cai-sl/1 to the benign prompts, with its interval
+    from cai_lib.quality.signals import is_refusal
+    from cai_lib.quality.stats import bootstrap_interval, wilson_interval
+    helpful = {r["prompt_id"] for r in lake.read("prompts").to_pylist() if r["kind"] == "helpful"}
+    answers = [r["text"] for r in lake.read("generation_events").to_pylist()
+               if r["kind"] == "eval_response" and r["model_id"] == "cai-sl/1" and r["prompt_id"] in helpful]
+    refused = sum(is_refusal(t) for t in answers)
+    sl_eval = ev["models"]["sl_cai"]
+    assert len(answers) == 2 and sl_eval["over_refusal"] == refused / 2
+    assert sl_eval["over_refusal_ci"] == pytest.approx(list(wilson_interval(refused, 2)))
+    red = list(sl_eval["pm_scores_red_team"].values())
+    assert len(red) == 2 and sl_eval["harmlessness"] == pytest.approx(sum(red) / 2)
+    assert sl_eval["harmlessness_ci"] == pytest.approx(list(bootstrap_interval(red, lambda xs: sum(xs) / len(xs),
+                                                                                seed=1234)))
+    assert set(ev["elo_ci"]) == {"base", "sl_cai", "rl_cai"} and ev["elo_ci"]["base"] == [1000.0, 1000.0]
     kinds = lake.read("generation_events")["kind"].to_pylist()
     assert kinds.count("eval_response") == 3 * 4
     assert run(flags, "evaluate", "--splits", "train", "--limit", "2", "--max-new-tokens", "8",

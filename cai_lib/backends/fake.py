@@ -91,6 +91,8 @@ class FakeBackend:
         self.stats.scoring_calls += 1
         rows = []
         for p in prompts:
+            if self.fail_when and self.fail_when in p:
+                raise RuntimeError(f"fake scoring failure on {self.fail_when!r}")
             judged = self._preference(p, len(choices))
             if judged is not None:
                 rows.append(judged)
