@@ -39,6 +39,10 @@ class IngestConfig(LakeConfig, PointerConfig):
     sources: list = opt([], "params.yaml only: [{path, kind, split, limit, seed}] files ingested by a plain "
                         "`cai ingest` (split: test = every row held out for evaluation; limit + seed = a seeded "
                         "sample of the file's rows)", flag=False)
+    split: str = opt("hash", "split of --source's rows: hash (by prompt id and test_fraction) | train | test "
+                             "(test: an evaluation set, never trained on)")
+    limit: int = opt(0, "keep a seeded sample of this many of --source's rows (0 = all)")
+    sample_seed: int = opt(0, "seed of --limit's sample")
     test_fraction: float = opt(0.1, "share of prompts held out as split=test (by prompt id, deterministic)")
     max_bad_fraction: float = opt(0.5, "refuse a file when more than this share of its rows is bad")
     max_prompt_chars: int = opt(MAX_PROMPT_CHARS, "longer prompts are quarantined with the reason, never stored")
@@ -51,7 +55,9 @@ class IngestConfig(LakeConfig, PointerConfig):
 
     def files(self) -> list[Source]:
         if self.source:
-            return [Source(self.source, self.kind)]
+            return [Source.of(None, {"path": self.source, "kind": self.kind, "seed": self.sample_seed,
+                                     "split": None if self.split == "hash" else self.split,
+                                     "limit": self.limit or None})]
         if not self.sources:
             raise ValueError("nothing to ingest: pass --source FILE [--kind red_team|helpful] "
                              "or list `sources` under [ingest] in params.yaml")
@@ -69,8 +75,8 @@ class Source:
     seed: int = 0
 
     @classmethod
-    def of(cls, i: int, entry) -> "Source":
-        where = f"params.yaml [ingest] sources[{i}]"
+    def of(cls, i: int | None, entry) -> "Source":
+        where = "--source" if i is None else f"params.yaml [ingest] sources[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"{where}: expected {{path: FILE, kind: red_team|helpful}}, got {entry!r}")
         unknown = sorted(set(entry) - {"path", "kind", "split", "limit", "seed"})

@@ -262,8 +262,10 @@ def lineage_main(argv) -> int:
     for table, src in sorted(info["inputs"].items()):
         print(f"  read {table} v{src['version']}  ({src['path']})")
     for stage, g in sorted(info["gates"].items()):
-        print(f"  gate {stage}: passed={g['passed']} verdict {g['verdict_id'][:12]}"
-              + (f" ({g['checks']} checks, {g['created_at']}, on {g['input_versions']})" if "checks" in g else ""))
+        print(f"  gate {stage}: passed={g['passed']} promotable={g.get('promotable')} verdict {g['verdict_id'][:12]}"
+              + (f" ({g['checks']} checks, {g['created_at']}, on {g['input_versions']})" if "checks" in g else "")
+              + (f"; blocks promotion: {', '.join(g['promotion_blockers'])}" if g.get("promotion_blockers") else "")
+              + (f"; waived: {', '.join(g['waived'])}" if g.get("waived") else ""))
     shown = {k: v for k, v in info["metrics"].items() if "accuracy" in k or "loss_after" in k or k.endswith("_ece")}
     if shown:
         print("  metrics " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))

@@ -156,7 +156,9 @@ def test_every_task_runs_a_cai_job_with_flags_it_accepts(tasks):
         accepted = {s for action in parser._actions for s in action.option_strings}
         unknown = [f for f in flags if f.startswith("--") and f not in accepted]  # exact: no abbreviations
         assert not unknown, f"{key}: `cai {cmd}` has no flag(s) {unknown}"
-        parser.parse_args([re.sub(r"\$\{[^}]+\}|\{\{[^}]+\}\}", "X", f) for f in flags])  # values fit
+        numbers = ("{{input.limit}}", "{{input.seed}}")   # for_each inputs that feed int flags
+        parser.parse_args([re.sub(r"\$\{[^}]+\}|\{\{[^}]+\}\}", lambda m: "0" if m.group(0) in numbers else "X", f)
+                           for f in flags])  # values fit
         assert "--lake" in flags and "--params" in flags, f"{key}: every task names the lake and params.yaml"
 
 
@@ -214,10 +216,15 @@ def test_paths_point_into_the_synced_checkout_or_mirror_params(bundle, tasks):
                 assert Path(resolve(arg, variables)).exists(), f"{key}: {arg}"
             if arg.startswith("${var.eval_data}/"):
                 assert "shared/data/" + arg.removeprefix("${var.eval_data}/") in params_text, f"{key}: {arg}"
+    eval_data = resolve("${var.eval_data}", variables)
     sources = yaml.safe_load(resolve(variables["prompt_sources"]["default"], variables))
-    params_sources = yaml.safe_load(params_text)["ingest"]["sources"]
-    assert [(Path(s["path"]).relative_to(ROOT).as_posix(), s["kind"]) for s in sources] == \
-        [(s["path"], s["kind"]) for s in params_sources]
+
+    def as_params(s: dict) -> dict:   # the bundle's absolute paths and explicit defaults, as params.yaml says them
+        path = s["path"].replace(eval_data, "../shared/data") if s["path"].startswith(eval_data) else \
+            Path(s["path"]).relative_to(ROOT).as_posix()
+        extra = {} if s["split"] == "hash" else {"split": s["split"], "limit": s["limit"], "seed": s["seed"]}
+        return {"path": path, "kind": s["kind"], **extra}
+    assert [as_params(s) for s in sources] == yaml.safe_load(params_text)["ingest"]["sources"]
 
 
 def test_launcher_passes_the_exit_status(tmp_path):

@@ -107,7 +107,9 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     capsys.readouterr()
     assert cai(["lineage", "cai-pm:1", "--lake", str(lake.root), "--tracking-uri", f"sqlite:///{root}/mlflow.db"]) == 0
     out = capsys.readouterr().out
-    assert "cai-pm v1" in out and "read preference_dataset v" in out and "gate labels: passed=True" in out
+    assert "cai-pm v1" in out and "read preference_dataset v" in out
+    assert "gate labels: passed=True promotable=False verdict " in out
+    assert "; blocks promotion: labels.swap_consistency, labels.human_agreement, labels.calibration" in out
 
 
 def test_a_remote_store_version_is_downloaded_once(env, monkeypatch, tmp_path):
