@@ -11,7 +11,10 @@ verdict id). Failing rows of row-level checks (duplicate ids, p_a out of range, 
 responses, boilerplate, ...) are copied to `quarantine` with the check as the reason (events
 are never deleted; quarantined rows never train), so the next run judges what remains;
 rate checks (refusal rates, swap consistency, ...) fail until the data or the thresholds in
-params.yaml [gate] change. Exit status 1 on a failed verdict, so `dvc repro` stops there.
+params.yaml [gate] change. Each check blocks training or promotion (schemas/suites.py): a failed
+(or INCOMPLETE: required but could not run, and not waived in [gate] `waive`) training check exits
+1, so `dvc repro` stops there; a promotion check (the labeller's information: agreement, swap
+consistency, spread, calibration) only makes the verdict NOT PROMOTABLE, which `cai promote` obeys.
 Great Expectations data docs (HTML) are written under --docs-dir; the path is printed.
 """
 from __future__ import annotations
