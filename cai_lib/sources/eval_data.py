@@ -163,13 +163,17 @@ def read_hh_pairs(path, *, limit: int | None = None,
             pairs.append(got)
         else:
             rejected.append({"row": row, "reason": got})
-    if limit is not None and limit < len(pairs):
-        if seed is None:
-            pairs = pairs[:limit]
-        else:
-            keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
-            pairs = [pairs[i] for i in keep]
-    return pairs, rejected
+    return _sample(pairs, limit, seed), rejected
+
+
+def _sample(pairs: list, limit: int | None, seed: int | None) -> list:
+    """`limit` of them: the first ones without `seed`, a seeded sample (in file order) with it."""
+    if limit is None or limit >= len(pairs):
+        return pairs
+    if seed is None:
+        return pairs[:limit]
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
+    return [pairs[i] for i in keep]
 
 
 # ---------------------------------------------------------------- HHH comparisons
@@ -187,13 +191,7 @@ def read_disjoint_pairs(path, *, limit: int | None, seed: int | None,
     evaluation file that also fed ingest evaluates on a disjoint, seeded split of it."""
     pairs, rejected = read_hh_pairs(path)
     kept = [p for p in pairs if pair_prompt(p) not in exclude]
-    if limit is not None and limit < len(kept):
-        if seed is None:
-            kept = kept[:limit]
-        else:
-            keep = sorted(random.Random(seed).sample(range(len(kept)), limit))
-            kept = [kept[i] for i in keep]
-    return kept, rejected, len(pairs) - sum(pair_prompt(p) not in exclude for p in pairs)
+    return _sample(kept, limit, seed), rejected, len(pairs) - len(kept)
 
 
 def _label(obj: dict, key: str, source: str, row: int) -> str:
