@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from cai_lib.backends.weights import resolve_dtype, torch_dtype
 from cai_lib.feedback.labels import conversation_text
 from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.ids import split_heldout
@@ -133,7 +134,10 @@ def test_train_three_steps_then_save_load_round_trip(base_pm, tmp_path):
     loaded = PreferenceModel.load(folder)
     assert not torch.equal(loaded.head.weight, base_pm.head.weight)        # the head trained
     for p, q in zip(loaded.backbone.parameters(), base_pm.backbone.parameters()):
-        assert torch.equal(p, q)                                           # the backbone did not
+        assert torch.equal(p, q.to(p.dtype))                               # the backbone did not
+    computes = resolve_dtype("auto", "cpu")                                # float32 on a CPU without bf16
+    assert next(loaded.backbone.parameters()).dtype == torch_dtype(computes)
+    assert json.loads((folder / PM_CONFIG).read_text())["dtype"] == computes
     texts = ["Human: hi", "Human: how are you today?"]
     assert torch.equal(result.pm.score(texts), loaded.score(texts))        # identical after reload
 
@@ -149,6 +153,20 @@ def test_head_only_training_is_deterministic_and_lowers_the_loss(tmp_path):
     losses = result.train_losses
     assert len(losses) == 10 and losses[-1] < losses[0], losses
     assert result.metrics()["steps"] == 10.0
+
+
+def test_load_computes_in_float32_on_a_cpu_without_bf16_unless_told(base_pm, tmp_path):
+    assert next(base_pm.backbone.parameters()).dtype == torch.bfloat16     # the checkpoint's dtype
+    base_pm.save(tmp_path / "pm")
+    saved = json.loads((tmp_path / "pm" / PM_CONFIG).read_text())["dtype"]
+    assert saved == "bfloat16"
+    loaded = PreferenceModel.load(tmp_path / "pm", device="cpu")
+    widened = torch.float32 if resolve_dtype("auto", "cpu") == "float32" else torch.bfloat16
+    assert next(loaded.backbone.parameters()).dtype == widened
+    kept = PreferenceModel.load(tmp_path / "pm", device="cpu", dtype="bfloat16")
+    assert next(kept.backbone.parameters()).dtype == torch.bfloat16
+    texts = ["Human: hi"]
+    assert torch.allclose(loaded.score(texts), base_pm.score(texts), atol=0.1)   # same model, wider sums
 
 
 def test_backbone_training_updates_the_backbone_in_float32(base_pm, tmp_path):

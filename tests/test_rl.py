@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cai_lib.backends.models import resolve_model
+from cai_lib.quality.signals import boilerplate_rate, is_refusal
 from cai_lib.training.dpo import DPO_METRICS, train_dpo
 from cai_lib.training.policy import RLSettings, load_policy, render_chat
 from cai_lib.training.ppo import PPO_METRICS, _forward, _Rollout, _rollout, response_mask, train_ppo
@@ -108,19 +109,27 @@ def test_a_larger_beta_lowers_rewards_when_the_policy_is_above_the_reference():
 
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
-    seen = []
+    seen, sampled = [], []
+
+    def reward(prompts, responses):                 # letter_e, keeping each step's sampled texts
+        sampled.append(list(responses))
+        return letter_e(prompts, responses)
     out = tmp_path_factory.mktemp("ppo") / "policy"
-    result = train_ppo("default", PROMPTS, letter_e, tiny(), out, on_step=lambda i, m: seen.append((i, m)))
-    return result, seen
+    result = train_ppo("default", PROMPTS, reward, tiny(), out, on_step=lambda i, m: seen.append((i, m)))
+    return result, seen, sampled
 
 
 def test_ppo_logs_every_metric_finite_each_step(ppo_run):
-    result, seen = ppo_run
+    result, seen, sampled = ppo_run
     assert [i for i, _ in seen] == [0, 1] and [m for _, m in seen] == result.metrics
-    for m in result.metrics:
+    assert [len(texts) for texts in sampled] == [2, 2]
+    for m, texts in zip(result.metrics, sampled):
         assert set(PPO_METRICS) <= m.keys()
         assert all(math.isfinite(v) for v in m.values()), m
-        assert 0 <= m["refusal_rate"] <= 1 and 0 <= m["boilerplate_rate"] <= 1
+        # the Goodhart watch is computed on the very texts the reward saw
+        assert m["refusal_rate"] == sum(map(is_refusal, texts)) / 2
+        assert m["boilerplate_rate"] == boilerplate_rate(texts)[0]
+        assert m["reward_mean"] == pytest.approx(sum(letter_e([], texts)) / 2)
         assert 0 <= m["response_len_mean"] <= 8 and m["beta"] == tiny().kl_beta
     print("\nPPO seconds per iteration:", [round(m["seconds"], 1) for m in result.metrics],
           "total", round(result.seconds, 1))

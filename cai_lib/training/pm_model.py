@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, dtype_name, torch_dtype
+from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, dtype_name, resolve_dtype, torch_dtype
 from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.files import atomic_folder, write_json
 from cai_lib.sources.prompts import split_dialogue
@@ -197,7 +197,11 @@ class PreferenceModel(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, device: str | None = None) -> "PreferenceModel":
+    def load(cls, folder: str | Path, *, device: str | None = None,
+             dtype: str | None = None) -> "PreferenceModel":
+        """A saved PM, computing in `dtype`; None = the dtype it was saved in, or float32 where
+        `resolve_dtype("auto", device)` says so (a CPU without bf16 instructions: widening bf16
+        weights to float32 is exact and scores 5x faster there)."""
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
@@ -211,7 +215,10 @@ class PreferenceModel(nn.Module):
         if cfg.get("format") != PM_FORMAT or cfg.get("version") != PM_VERSION:
             raise ValueError(f"{folder / PM_CONFIG}: format {cfg.get('format')!r} version "
                              f"{cfg.get('version')!r}; this code reads {PM_FORMAT!r} version {PM_VERSION}")
-        backbone = AutoModel.from_pretrained(folder, dtype=torch_dtype(cfg["dtype"]), use_safetensors=True)
+        if dtype is None:
+            on = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = "float32" if resolve_dtype("auto", str(on)) == "float32" else cfg["dtype"]
+        backbone = AutoModel.from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True)
         weights = load_file(str(folder / cfg["head"]["file"]))
         head = nn.Linear(cfg["hidden_size"], 1)
         head.load_state_dict(weights)
