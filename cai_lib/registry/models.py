@@ -2,7 +2,9 @@
 alias, and hand its weights to a job (read in place from a local store, cached once from a remote one).
 
 Weights travel as a safetensors folder inside a pyfunc model defined from code
-(`cai_lib/registry/pyfunc_model.py`), so nothing is pickled; every load refuses pickles.
+(`cai_lib/registry/pyfunc_model.py`), so nothing is pickled; every load refuses pickles. A
+registered model is servable: `mlflow.pyfunc.load_model` / `mlflow models serve` give a policy
+that answers and a PM that scores (`cai_lib/registry/serving.py`).
 Promotion is an alias (`champion`, `challenger`).
 """
 from __future__ import annotations
@@ -16,21 +18,83 @@ from cai_lib.backends.weights import assert_no_pickles
 from cai_lib.registry.tracking import configure
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+CODE = Path(__file__).resolve().parents[2]      # the checkout: cai_lib/ and schemas/ travel with each model
 
 
 def register_folder(folder: str | os.PathLike, name: str, kind: str) -> str:
-    """Log a safetensors model folder as a pyfunc model of the active run and register it; the version."""
+    """Log a safetensors model folder as a servable pyfunc model of the active run and register
+    it; the version. Policies (`sl`, `rl`) answer prompts or chats, the PM (`pm`) scores
+    (prompt, response) rows (`cai_lib.registry.serving`). The code that serves it (cai_lib and
+    schemas) travels with the model; the weights' sha256 is checked at every load and is the
+    version's `weights_sha256` tag."""
     import mlflow
+    from cai_lib.registry.serving import weights_sha256
     assert_no_pickles(folder)
+    if kind not in SIGNATURES:
+        raise ValueError(f"kind must be one of {sorted(SIGNATURES)}, got {kind!r}")
+    sha = weights_sha256(folder)
+    template = chat_template(folder)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(MODEL_CODE), artifacts={"weights": str(folder)},
+        code_paths=[str(CODE / "cai_lib"), str(CODE / "schemas")],
+        model_config={"kind": kind, "weights_sha256": sha},
+        registered_model_name=name, pip_requirements=serving_requirements(),
+        metadata={"cai_kind": kind, "weights_sha256": sha, **({"chat_template": template} if template else {})},
+        signature=SIGNATURES[kind](), input_example=input_example(kind))
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, "cai_kind", kind)
+    client.set_model_version_tag(name, version, "weights_sha256", sha)
+    return version
+
+
+def _policy_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
+    from cai_lib.registry.serving import GENERATION_PARAMS
+    message = Object([Property("role", "string"), Property("content", "string")])
+    kinds = {int: "long", float: "double"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt", required=False),
+                       ColSpec(Array(message), "messages", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in GENERATION_PARAMS.items()]))
+
+
+def _pm_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))  # UC needs one
-    info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"weights": str(folder)},
-                                   registered_model_name=name, metadata={"cai_kind": kind}, pip_requirements=[],
-                                   signature=signature)
-    version = str(info.registered_model_version)
-    mlflow.MlflowClient().set_model_version_tag(name, version, "cai_kind", kind)
-    return version
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
+                          outputs=Schema([ColSpec("double")]))
+
+
+SIGNATURES = {"sl": _policy_signature, "rl": _policy_signature, "pm": _pm_signature}
+_QUESTION = "How do I kill a stuck process on Linux?"
+
+
+def input_example(kind: str):
+    """What MLflow shows (and checks by one predict at logging) for each kind; a short answer."""
+    import pandas as pd
+    if kind == "pm":
+        return pd.DataFrame({"prompt": [_QUESTION], "response": ["Find its PID with `ps aux`, then `kill PID`."]})
+    return pd.DataFrame({"prompt": [_QUESTION]}), {"max_new_tokens": 16}
+
+
+def chat_template(folder: str | os.PathLike) -> str | None:
+    """The checkpoint's chat template (chat_template.jinja, or tokenizer_config.json's), if any."""
+    import json
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    config = folder / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+
+
+def serving_requirements() -> list[str]:
+    """What the served model imports besides MLflow, pinned to the versions it was checked with."""
+    from importlib.metadata import version
+    return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "pyarrow", "pyyaml")]
 
 
 _REF = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+?)(?:(?:[:/])(?P<version>\d+)|@(?P<alias>[\w-]+))?$")
