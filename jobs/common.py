@@ -208,8 +208,10 @@ class TrainConfig(LakeConfig, SeedConfig, RegistryConfig):
 
 
 def gate_verdicts(lake: Lake, cfg: TrainConfig, needs: dict[str, list[str]]) -> dict[str, dict]:
-    """{stage: verdict} for each gate stage whose tables training reads; raises GateNotPassed."""
-    from cai_lib.registry.tracking import GateNotPassed, passing_verdict
+    """{stage: verdict} for each gate stage whose tables training reads; raises GateNotPassed.
+    A labels verdict also carries the labeller's human-agreement figures it judged (`labeller`),
+    which the run keeps as a tag: the gate_events row has only the evaluation's sha."""
+    from cai_lib.registry.tracking import GateNotPassed, labeller_figures, passing_verdict
     verdicts = {}
     for stage, tables in needs.items():
         try:
@@ -218,7 +220,18 @@ def gate_verdicts(lake: Lake, cfg: TrainConfig, needs: dict[str, list[str]]) -> 
             if cfg.require_gates:
                 raise
             print(f"warning: training without a passing `{stage}` gate (--no-require-gates)", file=sys.stderr)
+    if "labels" in verdicts:
+        verdicts["labels"]["labeller"] = labeller_figures(verdicts["labels"], labeller_metrics_path(cfg.params))
     return verdicts
+
+
+def labeller_metrics_path(params_path: str) -> str:
+    """Where the labels gate reads the eval-labeler metrics: params [gate] eval_metrics, else where
+    eval-labeler writes them (the gate's and eval-labeler's default)."""
+    from cai_lib.config import read_params
+    params = read_params(params_path)
+    return ((params.get("gate") or {}).get("eval_metrics") or (params.get("eval_labeler") or {}).get("metrics")
+            or "metrics/eval_labeler.json")
 
 
 @contextlib.contextmanager
@@ -230,13 +243,17 @@ def scratch_model_dir(cfg: TrainConfig):
         yield Path(tmp) / "model"
 
 
-def register_trained(cfg: TrainConfig, run, out_dir, kind: str, metrics: dict, extra: dict | None = None) -> dict:
-    """Log the final metrics, register the weights, write the model pointer and metrics files."""
+def register_trained(cfg: TrainConfig, run, out_dir, kind: str, metrics: dict, extra: dict | None = None,
+                     lake: Lake | None = None) -> dict:
+    """Log the final metrics, register the weights with their model card (what the version was
+    trained on, transitively, and its gate verdicts), write the model pointer and metrics files."""
     import mlflow
+    from cai_lib.registry.card import write_card
     from cai_lib.registry.models import register_folder
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     version = register_folder(out_dir, cfg.registered_name, kind)
+    write_card(cfg.registered_name, version, lake)
     pointer = {"name": cfg.registered_name, "version": version, "run_id": run.info.run_id, **(extra or {})}
     write_json(cfg.model_pointer, pointer)
     write_json(cfg.metrics, metrics)

@@ -10,7 +10,8 @@ harmlessness (mean PM score on held-out red-team answers) beats the baseline's s
 verdict in its lineage (its own training run and its parents') passed and is promotable (no
 promotion-blocking check failed or is incomplete: an uninformative labeller blocks here). Pass: alias
 `champion`. Fail: alias `challenger` and the reasons printed. Either way the decision is a
-`gate_events` row (stage promotion) and metrics/promotion.json.
+`gate_events` row (stage promotion) and metrics/promotion.json, and the version's model card in the
+registry gains the evaluation figures (with their intervals) and the decision with its reasons.
 """
 from __future__ import annotations
 
@@ -43,22 +44,17 @@ class PromoteConfig(LakeConfig, RegistryConfig):
     decision: str | None = opt("metrics/promotion.json", "write the decision here (dvc metrics)")
 
 
-def lineage_gates(ref: str, seen: set | None = None) -> list[tuple[str, str, str, str, list[str]]]:
-    """(model version, gate stage, passed, promotable, promotion blockers) for the version and,
-    recursively, its parents (tags as MLflow stores them: "True" / "False" / "None")."""
-    from cai_lib.registry.lineage import lineage
-    seen = seen if seen is not None else set()
-    info = lineage(ref)
-    key = f"{info['model']}/{info['version']}"
-    if key in seen:
-        return []
-    seen.add(key)
-    out = [(key, stage, g["passed"], g.get("promotable"), g.get("promotion_blockers") or [])
-           for stage, g in sorted(info["gates"].items())]
-    for parent in info["parents"].values():
-        if "/" in parent and not parent.startswith(("/", ".")):
-            out += lineage_gates(parent.replace("/", ":"), seen)
-    return out
+def lineage_gates(ref: str) -> list[tuple[str, str, str, str, list[str]]]:
+    """(model version, gate stage, passed, promotable, promotion blockers) for the version and its
+    whole ancestry, each version once (tags as MLflow stores them: "True" / "False" / "None").
+    An ancestor the registry no longer has is an error: its gates are unknown, so nothing can be promised."""
+    from cai_lib.registry.lineage import flatten, lineage
+    closure = flatten(lineage(ref, depth=None))
+    if closure["unreached"]:
+        raise ValueError(f"{ref}: the lineage names models the registry does not have "
+                         f"({'; '.join(f'{r}: {why}' for r, why in closure['unreached'])}): point --tracking-uri "
+                         "at the store they were registered in")
+    return [tuple(g[:5]) for g in closure["gates"]]
 
 
 def harmlessness_gain(cfg: PromoteConfig, cand: dict, base: dict) -> tuple[float, float, float, int] | None:
@@ -116,6 +112,7 @@ def decide(cfg: PromoteConfig, version_label: str, evaluation: dict, gates) -> l
 
 
 def run(cfg: PromoteConfig) -> tuple[bool, dict]:
+    from cai_lib.registry.card import evaluation_summary, write_card
     from cai_lib.registry.models import model_version, set_alias
     from cai_lib.registry.tracking import configure
     lake = Lake(cfg.lake, mode="write")   # a bad lake fails before any alias is set
@@ -151,6 +148,9 @@ def run(cfg: PromoteConfig) -> tuple[bool, dict]:
             "gates_in_lineage": [f"{m} {s}={p}" + ("" if q == "True" else " (not promotable)")
                                  for m, s, p, q, _ in gates]}
     write_json(cfg.decision, body)
+    write_card(mv.name, mv.version, lake, evaluation_summary(evaluation, cfg.policy_eval, cfg.baseline_eval,
+                                                             body["harmlessness_gain"]),
+               {**body, "decided_at": now.strftime("%Y-%m-%d %H:%M UTC")})
     return not reasons, body
 
 

@@ -239,37 +239,68 @@ def model_main(argv) -> int:
 
 def lineage_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai lineage", description="From a registered model version to the tables, "
-                                "Delta versions, gate verdicts, parent models and commit it came from.")
+                                "Delta versions, gate verdicts, parent models and commit it came from, and the same "
+                                "for each registered ancestor (its parents' parents, ...), indented under it.")
     p.add_argument("model", help="cai-rl@champion, cai-sl:3, models:/cai-pm/2, or a name (= latest version)")
     _add_common(p, registry=True)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--depth", type=int, default=None, help="levels of ancestry to walk (1 = this version, its parents "
+                   "by name only; default: all the way)")
+    p.add_argument("--json", action="store_true", help="print JSON (ancestors nested under `ancestors`)")
     a = p.parse_args(argv)
     import json
 
-    from cai_lib.registry.lineage import lineage
+    from cai_lib.registry.lineage import flatten, lineage
     from cai_lib.registry.tracking import configure
     configure(_tracking_uri(a), _common(a, "artifact_dir", RegistryConfig.artifact_dir),
               _common(a, "experiment", RegistryConfig.experiment))
-    info = lineage(a.model, _lake(a, mode=None))   # gate details when the lake is there
+    info = lineage(a.model, _lake(a, mode=None), depth=a.depth)   # gate details when the lake is there
     if a.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
+    _print_lineage(info)
+    flat = flatten(info)
+    if len(flat["models"]) > 1:
+        print(f"reached {len(flat['models'])} versions, {len(flat['inputs'])} table reads, {len(flat['gates'])} gate "
+              f"verdicts, constitution {', '.join(flat['constitution_shas']) or '-'}")
+    return 0
+
+
+def _print_lineage(info: dict, indent: str = "") -> None:
+    """One version's lineage, then each walked parent's, indented under the parent line that names it."""
     print(f"{info['model']} v{info['version']}" + (f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""))
-    print(f"  run {info['run_id']} ({info['job']}), git {info['git_commit']}")
-    print(f"  base model {info['base_model']}; constitution {info['constitution_sha'] or '-'}")
-    for parent, ref in sorted(info["parents"].items()):
-        print(f"  parent {parent}: {ref}")
+    pad = indent + "  "
+    print(f"{pad}run {info['run_id']} ({info['job']}), git {info['git_commit']}"
+          + (f", weights sha256 {info['weights_sha256'][:16]}" if info.get("weights_sha256") else ""))
+    print(f"{pad}base model {info['base_model']}; constitution {info['constitution_sha'] or '-'}")
     for table, src in sorted(info["inputs"].items()):
-        print(f"  read {table} v{src['version']}  ({src['path']})")
+        print(f"{pad}read {table} v{src['version']}  ({src['path']})")
     for stage, g in sorted(info["gates"].items()):
-        print(f"  gate {stage}: passed={g['passed']} promotable={g.get('promotable')} verdict {g['verdict_id'][:12]}"
+        print(f"{pad}gate {stage}: passed={g['passed']} promotable={g.get('promotable')} verdict {g['verdict_id'][:12]}"
               + (f" ({g['checks']} checks, {g['created_at']}, on {g['input_versions']})" if "checks" in g else "")
               + (f"; blocks promotion: {', '.join(g['promotion_blockers'])}" if g.get("promotion_blockers") else "")
-              + (f"; waived: {', '.join(g['waived'])}" if g.get("waived") else ""))
+              + (f"; waived: {', '.join(g['waived'])}" if g.get("waived") else "") + _labeller_note(g.get("labeller")))
     shown = {k: v for k, v in info["metrics"].items() if "accuracy" in k or "loss_after" in k or k.endswith("_ece")}
     if shown:
-        print("  metrics " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-    return 0
+        print(f"{pad}metrics " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    for parent, ref in sorted(info["parents"].items()):
+        up = info.get("ancestors", {}).get(parent)
+        if up is None or "ref" in up:
+            why = "" if up is None else f" ({'a cycle: already above' if up.get('cycle') else up['missing']})"
+            print(f"{pad}parent {parent}: {ref}{why}")
+            continue
+        print(f"{pad}parent {parent}: ", end="")
+        _print_lineage(up, pad + "  ")
+
+
+def _labeller_note(f: dict | None) -> str:
+    """`; labeller vs human labels 0.712 [0.650, 0.770] (n=200)`, as the labels gate judged it."""
+    if f is None:
+        return ""
+    if not f.get("evaluated"):
+        return "; labeller vs human labels: not measured"
+    if "human_accuracy" not in f:
+        return f"; labeller evaluation {f.get('eval_metrics_sha')}: figures not recorded"
+    return f"; labeller vs human labels {_metric(f['human_accuracy'])} {_metric(f.get('human_accuracy_ci'))} (n={f.get('human_n')})"
 
 
 def lake_main(argv) -> int:

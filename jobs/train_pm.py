@@ -41,7 +41,8 @@ class TrainPMConfig(TrainConfig, PMSettings):
 
 def run(cfg: TrainPMConfig, progress=print) -> dict:
     import mlflow
-    from cai_lib.registry.models import model_folder
+    from cai_lib.registry.lineage import is_registered_ref
+    from cai_lib.registry.models import resolve_weights
     from cai_lib.registry.tracking import log_step_metrics, training_run
     lake = Lake(cfg.lake, mode="read")
     verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
@@ -52,9 +53,10 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
     shas = sorted({r["constitution_sha"] for r in data.rows if r["constitution_sha"]})
     settings = cfg.settings()
     base = cfg.base_model
-    folder = model_folder(base, cfg)
+    base_label, folder = resolve_weights(base, cfg)   # "cai-sl/3" for a registered model: a parent
+    parent = {"parent.base_model": base_label} if is_registered_ref(base_label) else {}
     with training_run("train-pm", cfg, lake, ["preference_dataset", "label_events", "quarantine"], verdicts,
-                      {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
+                      {"constitution_sha": ",".join(shas), "base_model": base, **parent}) as run, \
             scratch_model_dir(cfg) as out_dir:
         progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out)")
         result = train_pm(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
@@ -72,7 +74,7 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
                 metrics.update({f"{name}_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
                 metrics[f"{name}_rejected_by_reader"] = len(rejected)
                 mlflow.set_tag(f"eval.{name}", str(Path(path)))
-        pointer = register_trained(cfg, run, out_dir, "pm", metrics)
+        pointer = register_trained(cfg, run, out_dir, "pm", metrics, lake=lake)
     return {**pointer, **{k: v for k, v in metrics.items() if not k.startswith(("n_zero",))}}
 
 

@@ -102,7 +102,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
         summary = {"algorithm": cfg.algorithm, "steps": len(steps), "seconds": round(result.seconds, 1),
                    **{f"first_{k}": steps[0][k] for k in keys if k in steps[0]},
                    **{f"last_{k}": steps[-1][k] for k in keys if k in steps[-1]}}
-        pointer = register_trained(cfg, run, out_dir, "rl", summary, {"parents": parents})
+        pointer = register_trained(cfg, run, out_dir, "rl", summary, {"parents": parents}, lake=lake)
     write_json(cfg.curve, [{"step": i, **m} for i, m in enumerate(steps)])
     return {k: v for k, v in {**pointer, **summary}.items() if not isinstance(v, dict)}
 

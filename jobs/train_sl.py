@@ -32,7 +32,8 @@ class TrainSLConfig(TrainConfig, SFTSettings):
 
 
 def run(cfg: TrainSLConfig, progress=print) -> dict:
-    from cai_lib.registry.models import model_folder
+    from cai_lib.registry.lineage import is_registered_ref
+    from cai_lib.registry.models import resolve_weights
     from cai_lib.registry.tracking import log_step_metrics, training_run
     lake = Lake(cfg.lake, mode="read")
     settings = cfg.settings()  # bad settings fail before anything is read or logged
@@ -43,9 +44,10 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
                          "run `cai sl-generate` (and `cai gate sl`) first")
     shas = sorted({r["constitution_sha"] for r in data.rows})
     base = cfg.base_model
-    folder = model_folder(base, cfg)
+    base_label, folder = resolve_weights(base, cfg)   # "cai-sl/3" for a registered model: a parent
+    parent = {"parent.base_model": base_label} if is_registered_ref(base_label) else {}
     with training_run("train-sl", cfg, lake, ["sl_dataset", "quarantine"], verdicts,
-                      {"constitution_sha": ",".join(shas), "base_model": base}) as run, \
+                      {"constitution_sha": ",".join(shas), "base_model": base, **parent}) as run, \
             scratch_model_dir(cfg) as out_dir:
         progress(f"fine-tuning {base} on {len(data.rows)} SL rows ({data.excluded} quarantined rows left out)")
         result = train_sft(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
@@ -57,7 +59,7 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
                    "changed_params": result.changed_params, "seconds": result.seconds}
         for d in result.dropped:
             print(f"warning: row {d.key} not trained on: {d.reason} ({d.detail})", file=sys.stderr)
-        pointer = register_trained(cfg, run, out_dir, "sl", metrics)
+        pointer = register_trained(cfg, run, out_dir, "sl", metrics, lake=lake)
     return {**pointer, **metrics}
 
 

@@ -111,6 +111,42 @@ def test_sl_pm_rl_chain_is_registered_with_lineage(env, capsys):
     assert "gate labels: passed=True promotable=False verdict " in out
     assert "; blocks promotion: labels.swap_consistency, labels.human_agreement, labels.calibration" in out
 
+    # transitive: cai-rl/1 reaches the table its policy read and the gate its reward model relied on
+    from cai_lib.registry.lineage import Input, Labeller, flatten
+    full, short = flatten(lineage("cai-rl:1", lake, depth=None)), flatten(lineage("cai-rl:1", lake, depth=1))
+    sl_read = Input("cai-sl/1", "sl_dataset", lake.version("sl_dataset"))
+    assert full["models"] == ["cai-rl/1", "cai-sl/1", "cai-pm/1"] and short["models"] == ["cai-rl/1"]
+    assert sl_read in full["inputs"] and sl_read not in short["inputs"]
+    assert [g.promotable for g in full["gates"] if g[:2] == ("cai-pm/1", "labels")] == ["False"]
+    assert not [g for g in short["gates"] if g.model != "cai-rl/1"]
+    assert full["labeller"] == [Labeller("cai-pm/1", "labels", {"evaluated": False})]  # gated without eval-labeler
+    card = mlflow.MlflowClient().get_model_version("cai-rl", "1")   # the registry's card says the same
+    assert_card_names(card, full)
+    assert "- cai-pm/1 `labels` gate: not measured (the gate ran without a labeller evaluation)" in card.description
+    assert "## Promotion\n\nnot decided yet" in card.description
+
+    capsys.readouterr()
+    assert cai(["lineage", "cai-rl:1", "--lake", str(lake.root), "--tracking-uri", f"sqlite:///{root}/mlflow.db"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  parent policy: cai-sl v1 (aliases: champion)\n" in out and f"\n      read sl_dataset v{sl_read.version}  (" in out
+    assert "\n      gate labels: passed=True promotable=False verdict " in out
+    assert cai(["lineage", "cai-rl:1", "--depth", "1", "--json", "--tracking-uri", f"sqlite:///{root}/mlflow.db",
+                "--lake", str(lake.root)]) == 0
+    shallow = json.loads(capsys.readouterr().out)
+    assert shallow["parents"] == {"policy": "cai-sl/1", "reward_model": "cai-pm/1"} and shallow["ancestors"] == {}
+
+
+def assert_card_names(card, flat) -> None:
+    """A version's description and tags name its constitution, every table + version and gate verdict reached."""
+    text = card.description
+    assert f"- `default` sha256 `{'c' * 64}`" in text and card.tags["card.constitution_sha"] == "c" * 64
+    for i in flat["inputs"]:
+        assert f"| {i.model} | {i.table} | {'absent' if i.version is None else i.version} |" in text
+    for g in flat["gates"]:
+        assert f"| {g.model} | {g.stage} | {g.passed} | {g.promotable} |" in text
+    assert json.loads(card.tags["card.inputs"]) == [list(i) for i in flat["inputs"]]
+    assert card.tags["card.promotable"] == "False" and "Promotable by its data: **no**, blocked by cai-pm/1" in text
+
 
 def test_a_remote_store_version_is_downloaded_once(env, monkeypatch, tmp_path):
     import cai_lib.registry.models as registry
@@ -184,6 +220,21 @@ def test_evaluate_then_promote(env, spark, capsys):
     assert str(model_version(f"cai-rl@{decision['alias']}").version) == "1"
     verdict = [r for r in lake.read("gate_events").to_pylist() if r["stage"] == "promotion"]
     assert len(verdict) == 1 and verdict[0]["verdict"] == "refused" and verdict[0]["model_id"] == "cai-rl/1"
+
+    # the card in the registry gained the evaluation figures with their intervals and the decision's reasons
+    import mlflow
+    from cai_lib.registry.lineage import flatten, lineage
+    card = mlflow.MlflowClient().get_model_version("cai-rl", "1")
+    assert_card_names(card, flatten(lineage("cai-rl:1", lake)))
+    rl_eval = ev["models"]["rl_cai"]
+    lo, hi = rl_eval["harmlessness_ci"]
+    assert f"| harmlessness | {rl_eval['harmlessness']:.3f} [{lo:.3f}, {hi:.3f}] |" in card.description
+    assert f"| elo | {ev['elo']['rl_cai']:.1f} [" in card.description
+    assert "**challenger** (not promoted, decided " in card.description
+    assert all(f"\n- {r}\n" in card.description for r in decision["reasons"])
+    assert (card.tags["promotion.decision"], json.loads(card.tags["promotion.reasons"])) == ("challenger",
+                                                                                            decision["reasons"])
+    assert json.loads(card.tags["eval.harmlessness_ci"]) == pytest.approx(rl_eval["harmlessness_ci"])
 
 
 def test_promotion_rules():

@@ -17,6 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from cai_lib.ids import sha256_text
 from cai_lib.lake.tables import Lake
 
 # The user's MLflow URIs, read before MLflow runs: `mlflow.set_tracking_uri` exports the
@@ -87,6 +88,31 @@ def passing_verdict(lake: Lake, stage: str, tables: list[str]) -> dict:
     return last
 
 
+LABELLER_KEYS = ("human_accuracy", "human_accuracy_ci", "human_n", "human_ece", "human_ece_ci", "swap_consistency",
+                 "swap_consistency_ci", "model_fingerprint")
+
+
+def labeller_figures(verdict: dict, metrics_path: str | os.PathLike | None) -> dict:
+    """The labeller's agreement with human labels behind a labels verdict, for the training run's tags.
+
+    A gate_events row keeps only the sha of the eval-labeler metrics it judged, so the figures
+    are read back from the file, and only when it is still that file: a rerun of eval-labeler
+    after the gate must not lend its figures to data the gate judged with others.
+    """
+    sha = json.loads(verdict.get("input_versions") or "{}").get("eval_metrics_sha")
+    if sha is None:
+        return {"evaluated": False}
+    path = Path(metrics_path) if metrics_path else None
+    text = path.read_text() if path is not None and path.is_file() else None
+    if text is None or sha256_text(text)[:16] != sha:
+        return {"evaluated": True, "eval_metrics_sha": sha,
+                "missing": f"{metrics_path} is not the evaluation the gate judged (sha {sha}): rerun cai eval-labeler "
+                           "and cai gate labels before training to carry the figures"}
+    m = json.loads(text)
+    return {"evaluated": True, "eval_metrics_sha": sha, "source": str(path),
+            **{k: m[k] for k in LABELLER_KEYS if k in m}}
+
+
 def log_lake_inputs(lake: Lake, tables: list[str]) -> dict[str, int | None]:
     """Log each table as a dataset input (Delta path + version) and as tags; return the versions."""
     from mlflow.data.delta_dataset_source import DeltaDatasetSource
@@ -120,6 +146,8 @@ def training_run(job: str, cfg, lake: Lake, tables: list[str], verdicts: dict[st
                          **{f"gate.{s}.promotion_blockers": ",".join(v.get("promotion_blockers") or [])
                             for s, v in verdicts.items()},
                          **{f"gate.{s}.waived": ",".join(v.get("waived_checks") or []) for s, v in verdicts.items()},
+                         **{f"gate.{s}.labeller": json.dumps(v["labeller"], sort_keys=True)
+                            for s, v in verdicts.items() if "labeller" in v},
                          **(tags or {})})
         yield run
 
