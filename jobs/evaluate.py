@@ -57,6 +57,8 @@ class EvaluateConfig(GenerationConfig, RegistryConfig):
     policies: list = opt(["base=default", "sl_cai=cai-sl", "rl_cai=cai-rl"],
                          "NAME=MODEL policies to evaluate (first = Elo anchor)")
     reward_model: str = opt("cai-pm", "the preference model scoring harmlessness / helpfulness")
+    device: str | None = opt(None, "where the reward model (PM) scores the answers: cpu | cuda | cuda:N | auto; "
+                                   "None/auto = cuda when available, else cpu (as the train-* jobs' --device)")
     feedback_model: str = opt("default", "the model comparing answers for Elo")
     constitution: str = opt("constitutions/default.yaml", "its comparison principles judge the Elo comparisons")
     splits: list = opt(["test"], "held-out prompts (ingest's split)")
@@ -64,6 +66,11 @@ class EvaluateConfig(GenerationConfig, RegistryConfig):
     temperature: float = opt(0.0, "0 = greedy: the same model gives the same answers")
     metrics: str = opt("metrics/evaluate.json", "metrics JSON (dvc metrics)")
     plot: str = opt("metrics/evaluate.png", "bar charts of the per-model metrics")
+
+    def __post_init__(self):
+        from cai_lib.training.policy import resolve_device   # lazy: the module loads no torch until run
+        super().__post_init__()
+        resolve_device(self.device)   # before Spark starts: `--device cuda` without a GPU fails at once
 
     def backend_models(self) -> list[str]:
         return [self.feedback_model] + [ref for _, ref in self.named_policies()]
@@ -151,6 +158,8 @@ def debiased_comparisons(keys: list[tuple[str, str]], scores: list[dict]) -> tup
 def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
     from cai_lib.registry.models import resolve_weights
     from cai_lib.training.pm_model import PreferenceModel
+    from cai_lib.training.policy import resolve_device
+    device = resolve_device(cfg.device)   # `--device cuda` without a GPU fails before any answer is generated
     lake = open_lake(cfg.lake, spark)
     named = cfg.named_policies()
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
@@ -160,7 +169,7 @@ def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
     texts = {r["prompt_id"]: r["text"] for r in rows}
     kind = {r["prompt_id"]: r["kind"] for r in rows}
     pm_label, pm_dir = resolve_weights(cfg.reward_model, cfg)
-    pm = PreferenceModel.load(pm_dir)
+    pm = PreferenceModel.load(pm_dir, device=str(device))
     job_run_id = new_job_run_id()
     outs, report, calls, failures = {}, {}, 0, []
     for name, ref in named:

@@ -8,7 +8,8 @@ sigmoid(r_A - r_B) against the soft AI harmlessness label p_A (hard 0/1 for huma
 Trains only on what the last passing `labels` gate verdict covers (minus quarantined pairs),
 then reports accuracy and calibration on held-out human HH-RLHF harmless and helpful pairs.
 The MLflow run logs params, per-step loss, the Delta versions read, the gate verdict,
-the constitution and git commit; the model (safetensors) is registered as `cai-pm`.
+the constitution and git commit; the model (safetensors) is registered as `cai-pm`. The run
+is tagged with `device` (--device) and `pm_dtype` (what the trained PM's backbone computes in).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from cai_lib.lake.tables import Lake
 from cai_lib.sources.eval_data import read_disjoint_pairs
 from cai_lib.training.inputs import preference_rows
 from cai_lib.training.pm_train import PMSettings, evaluate_pm, train_pm
+from cai_lib.training.policy import module_dtype, resolve_device
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
@@ -44,6 +46,8 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
     from cai_lib.registry.lineage import is_registered_ref
     from cai_lib.registry.models import resolve_weights
     from cai_lib.registry.tracking import log_step_metrics, training_run
+    settings = cfg.settings()  # bad settings fail before anything is read or logged
+    device = resolve_device(settings.device)   # ... and so does `--device cuda` without a GPU
     lake = Lake(cfg.lake, mode="read")
     verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
     data = preference_rows(lake)
@@ -51,15 +55,16 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
         raise ValueError(f"{lake.root}/preference_dataset has no trainable pairs ({data.excluded} quarantined): "
                          "run `cai label` (and `cai gate labels`) first")
     shas = sorted({r["constitution_sha"] for r in data.rows if r["constitution_sha"]})
-    settings = cfg.settings()
     base = cfg.base_model
     base_label, folder = resolve_weights(base, cfg)   # "cai-sl/3" for a registered model: a parent
     parent = {"parent.base_model": base_label} if is_registered_ref(base_label) else {}
     with training_run("train-pm", cfg, lake, ["preference_dataset", "label_events", "quarantine"], verdicts,
-                      {"constitution_sha": ",".join(shas), "base_model": base, **parent}) as run, \
+                      {"constitution_sha": ",".join(shas), "base_model": base, **parent,
+                       "device": str(device)}) as run, \
             scratch_model_dir(cfg) as out_dir:
-        progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out)")
+        progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out) on {device}")
         result = train_pm(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
+        mlflow.set_tag("pm_dtype", module_dtype(result.pm.backbone))   # the dtype train_pm chose for the device
         metrics = {**result.metrics(), "pairs_quarantined": data.excluded,
                    "pairs_ai": sum(r["source"] == "ai_harmless" for r in data.rows),
                    "pairs_human": sum(r["source"] == "human_helpful" for r in data.rows)}

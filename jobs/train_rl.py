@@ -9,19 +9,22 @@ reward = score - beta * KL(policy || frozen SL-CAI reference) per token, value h
 clipped objective. Each step logs reward, KL, beta, losses and the Goodhart watch (refusal
 and boilerplate rate of the samples) to MLflow. DPO: chosen/rejected from each AI pair's soft
 target (weight = its confidence |2p - 1|; exact ties are skipped and counted) and human pairs.
-The run is tagged with its parents (the SL and PM versions) and the gates it relied on.
+The run is tagged with its parents (the SL and PM versions) and the gates it relied on, and
+with where it ran: `device` (--device: the policy, its reference, the value head and the PM all
+run there), `policy_dtype` (float32) and, for PPO, `pm_dtype` (what the reward PM computes in).
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 
+from cai_lib.backends.weights import dtype_name
 from cai_lib.config import load_config, opt, settings_from
 from cai_lib.files import write_json
 from cai_lib.lake.tables import Lake
 from cai_lib.training.dpo import train_dpo
 from cai_lib.training.inputs import preference_rows, rl_prompts
-from cai_lib.training.policy import RLSettings
+from cai_lib.training.policy import POLICY_DTYPE, RLSettings, module_dtype, resolve_device
 from cai_lib.training.ppo import train_ppo
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
@@ -53,16 +56,29 @@ def dpo_pairs(rows: list[dict]) -> tuple[list[dict], int]:
     return pairs, ties
 
 
+def reward_model(pm_dir, device):
+    """(reward_fn, pm): the PM loaded onto the policy's device, in eval mode, scoring
+    (prompts, responses) -> one float each, as train_ppo wants."""
+    from cai_lib.training.pm_train import PreferenceModel
+    pm = PreferenceModel.load(pm_dir, device=str(device))
+    pm.eval()
+
+    def reward_fn(ps, responses):
+        return pm.score_pairs(ps, responses).tolist()
+    return reward_fn, pm
+
+
 def run(cfg: TrainRLConfig, progress=print) -> dict:
     from cai_lib.registry.models import model_version, resolve_weights, run_tag
     from cai_lib.registry.tracking import training_run
     settings = cfg.settings()
+    device = resolve_device(settings.device)   # `--device cuda` without a GPU fails before anything is read
     lake = Lake(cfg.lake, mode="read")
     needs = {"sl": ["prompts"]} if cfg.algorithm == "ppo" else {"labels": ["preference_dataset"]}
     verdicts = gate_verdicts(lake, cfg, needs)
     policy_label, policy_dir = resolve_weights(cfg.policy, cfg)  # "cai-sl/3" for a registered model
     parents = {"policy": policy_label}
-    tags = {"base_model": cfg.policy}
+    tags = {"base_model": cfg.policy, "device": str(device), "policy_dtype": dtype_name(POLICY_DTYPE)}
     if cfg.algorithm == "ppo":
         parents["reward_model"], pm_dir = resolve_weights(cfg.reward_model, cfg)
         if parents["reward_model"] != cfg.reward_model:  # registered: its constitution is the PM run's
@@ -71,16 +87,12 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
                 tags["constitution_sha"] = sha
     tags.update({f"parent.{k}": v for k, v in parents.items()})
     if cfg.algorithm == "ppo":
-        from cai_lib.training.pm_train import PreferenceModel
         data = rl_prompts(lake)
         prompts = [r["text"] for r in data.rows]
         if not prompts:
             raise ValueError(f"{lake.root}/prompts has no training prompts: run `cai ingest` first")
-        pm = PreferenceModel.load(pm_dir)
-        pm.eval()
-
-        def reward_fn(ps, responses):
-            return pm.score_pairs(ps, responses).tolist()
+        reward_fn, pm = reward_model(pm_dir, device)
+        tags["pm_dtype"] = module_dtype(pm.backbone)
         tables = ["prompts", "quarantine"]
     else:
         data = preference_rows(lake)
@@ -92,10 +104,11 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
     with training_run("train-rl", cfg, lake, tables, verdicts, tags) as run, scratch_model_dir(cfg) as out_dir:
         if cfg.algorithm == "ppo":
             progress(f"PPO: {settings.steps} iterations x {settings.batch_size} of {len(prompts)} prompts "
-                     f"({data.excluded} quarantined), policy {parents['policy']}, reward {parents.get('reward_model')}")
+                     f"({data.excluded} quarantined), policy {parents['policy']}, reward {parents.get('reward_model')}"
+                     f" (on {device}: policy {tags['policy_dtype']}, PM {tags['pm_dtype']})")
             result = train_ppo(policy_dir, prompts, reward_fn, settings, out_dir, on_step=_logged(progress))
         else:
-            progress(f"DPO on {len(pairs)} pairs ({ties} ties skipped, {data.excluded} quarantined)")
+            progress(f"DPO on {len(pairs)} pairs ({ties} ties skipped, {data.excluded} quarantined) on {device}")
             result = train_dpo(policy_dir, pairs, settings, out_dir, on_step=_logged(progress))
         steps = result.metrics
         keys = ("reward_mean", "kl_mean", "beta", "refusal_rate", "boilerplate_rate", "loss", "margin", "accuracy")

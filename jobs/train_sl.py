@@ -7,7 +7,8 @@ Loss on the response tokens only; a deterministic share of prompts is held out a
 is reported before and after. Trains only on what the last passing `sl` gate verdict covers,
 minus chains a gate quarantined. The MLflow run logs params, per-step loss, the Delta
 versions read, the gate verdict, the constitution and git commit; the model (safetensors,
-LoRA merged) is registered as `cai-sl`.
+LoRA merged) is registered as `cai-sl`. The run is tagged with `device` (--device) and
+`policy_dtype` (--train-dtype, what the weights train in).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from cai_lib.config import load_config, opt, settings_from
 from cai_lib.lake.tables import Lake
 from cai_lib.training.inputs import sl_rows
+from cai_lib.training.policy import resolve_device
 from cai_lib.training.sft import SFTSettings, train_sft
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
@@ -35,8 +37,9 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
     from cai_lib.registry.lineage import is_registered_ref
     from cai_lib.registry.models import resolve_weights
     from cai_lib.registry.tracking import log_step_metrics, training_run
-    lake = Lake(cfg.lake, mode="read")
     settings = cfg.settings()  # bad settings fail before anything is read or logged
+    device = resolve_device(settings.device)   # ... and so does `--device cuda` without a GPU
+    lake = Lake(cfg.lake, mode="read")
     verdicts = gate_verdicts(lake, cfg, {"sl": ["sl_dataset"]})
     data = sl_rows(lake)
     if not data.rows:
@@ -47,9 +50,11 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
     base_label, folder = resolve_weights(base, cfg)   # "cai-sl/3" for a registered model: a parent
     parent = {"parent.base_model": base_label} if is_registered_ref(base_label) else {}
     with training_run("train-sl", cfg, lake, ["sl_dataset", "quarantine"], verdicts,
-                      {"constitution_sha": ",".join(shas), "base_model": base, **parent}) as run, \
+                      {"constitution_sha": ",".join(shas), "base_model": base, **parent,
+                       "device": str(device), "policy_dtype": settings.train_dtype}) as run, \
             scratch_model_dir(cfg) as out_dir:
-        progress(f"fine-tuning {base} on {len(data.rows)} SL rows ({data.excluded} quarantined rows left out)")
+        progress(f"fine-tuning {base} on {len(data.rows)} SL rows ({data.excluded} quarantined rows left out) "
+                 f"on {device} in {settings.train_dtype}")
         result = train_sft(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
         metrics = {"n_train": result.n_train, "n_heldout": result.n_heldout, "n_truncated": result.n_truncated,
                    "n_dropped": len(result.dropped), "rows_quarantined": data.excluded, "steps": result.steps,

@@ -139,6 +139,20 @@ def test_training_defaults_have_one_source():
     assert settings_from(cfg, RLSettings, steps=5).steps == 5
 
 
+def test_every_model_running_job_takes_one_device_flag(tmp_path):
+    """SFT, PM, PPO/DPO and evaluate's PM: one `--device`, copied into the library settings."""
+    from jobs.train_pm import TrainPMConfig
+    from jobs.train_rl import TrainRLConfig
+    from jobs.train_sl import TrainSLConfig
+    assert {"train-sl", "train-pm", "train-rl", "evaluate"} <= {c for c in JOB_COMMANDS if "--device" in flags_of(c)}
+    for job, section in ((TrainSLConfig, "train_sl"), (TrainPMConfig, "train_pm"), (TrainRLConfig, "train_rl")):
+        cfg = load_config(job, section, ["--params", str(tmp_path / "none.yaml"), "--device", "cpu"])
+        assert (cfg.device, cfg.settings().device, job().settings().device) == ("cpu", "cpu", None), job.__name__
+    with pytest.raises(ValueError, match=r"train_rl config: RLSettings.device 'gpu' is not a device this project "
+                                         r"runs on. Fix: pass cpu, cuda, cuda:N or auto"):
+        load_config(TrainRLConfig, "train_rl", ["--params", str(tmp_path / "none.yaml"), "--device", "gpu"])
+
+
 def test_job_files_refuse_to_run_as_scripts():
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/promote.py"), "--help"], capture_output=True, text=True,
                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -9,7 +9,9 @@ on_step), with no `datasets`/Trainer layer to configure.
     loss = sum_i w_i * -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))_i) / sum_i w_i
 
 where pi_c is the summed log-prob of the chosen response tokens (EOS included) given the
-prompt. The policy is saved as a float32 safetensors folder with the tokenizer, all or nothing.
+prompt. The policy runs on `settings.device` (`policy.resolve_device`): its batches, the
+reference log-probs and the pair weights are put there too. It is saved as a float32
+safetensors folder with the tokenizer, all or nothing.
 
     python -m pytest -q tests/test_rl.py cai_lib/training/dpo.py
 """
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cai_lib.training.policy import (OnStep, RLResult, RLSettings, check_settings, load_policy, make_optimizer,
-                                     finish, record_step, render_chat)
+                                     finish, module_device, record_step, render_chat)
 from cai_lib.training.ppo_math import logprobs_from_logits
 
 __all__ = ["dpo_loss", "train_dpo", "DPO_METRICS"]
@@ -81,11 +83,13 @@ def _encode(tokenizer, prompt: str, response: str, max_length: int) -> tuple[lis
 
 
 def _sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int) -> Tensor:
-    """Summed log-probs of each sequence's response tokens (after its prompt), right-padded batch."""
-    T = max(len(ids) for ids, _ in seqs)
-    ids = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in seqs])
-    attention = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in seqs])
-    labels_mask = torch.tensor([[0] * n + [1] * (len(i) - n) + [0] * (T - len(i)) for i, n in seqs])[:, 1:]
+    """Summed log-probs of each sequence's response tokens (after its prompt), right-padded batch
+    built on the model's device."""
+    T, device = max(len(ids) for ids, _ in seqs), module_device(model)
+    ids = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in seqs], device=device)
+    attention = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in seqs], device=device)
+    labels_mask = torch.tensor([[0] * n + [1] * (len(i) - n) + [0] * (T - len(i)) for i, n in seqs],
+                               device=device)[:, 1:]
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
     return (logprobs_from_logits(logits, ids[:, 1:]) * labels_mask).sum(1)
 
@@ -104,6 +108,8 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
     rows, weights = _pairs(pairs)
     start = time.perf_counter()
     tokenizer, policy = load_policy(policy_dir, s, "dpo")
+    device = module_device(policy)
+    weights = weights.to(device)   # multiplies the per-pair losses, which are on the policy's device
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, s)
 
@@ -136,7 +142,7 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
             for i, c, r in zip(chunk, *logps(policy, chunk)):
                 ref[i] = (c, r)
 
-    result = RLResult("dpo", Path(out_dir), pairs_truncated=truncated)
+    result = RLResult("dpo", Path(out_dir), pairs_truncated=truncated, device=str(device))
     for step, batch in enumerate(schedule):
         t0 = time.perf_counter()
         total_w = weights[batch].sum()

@@ -38,6 +38,7 @@ from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.ids import split_heldout
 from cai_lib.training.pm_loss import pm_accuracy, pm_loss
 from cai_lib.training.pm_model import HEAD_FILE, PM_CONFIG, PreferenceModel, check_out_dir, prompt_turns, render
+from cai_lib.training.policy import DEVICE_HELP, check_device_name, resolve_device
 
 __all__ = ["PMSettings", "PMResult", "PreferenceModel", "prompt_turns", "render",
            "train_pm", "evaluate_pm", "PM_CONFIG", "HEAD_FILE"]
@@ -60,7 +61,7 @@ class PMSettings:
     seed: int = opt(1234, "seeds the head init and the batch order")
     torch_threads: int | None = opt(None, "torch.set_num_threads (process-wide); None leaves it alone. On "
                                     "busy shared cores 1 thread ran 10-15x faster than 2")
-    device: str | None = opt(None, "cpu | cuda | cuda:N; None = cuda when available, else cpu")
+    device: str | None = opt(None, "where the PM trains: " + DEVICE_HELP)
     train_backbone: bool = opt(False, "False = train the head only on cached features (fast)")
     backbone_dtype: str | None = opt(None, "None = float32 when training the backbone (bf16 AdamW "
                                            "updates round away), else what `auto` gives on the device "
@@ -90,6 +91,7 @@ class PMSettings:
             raise ValueError(f"backbone_dtype must be one of {sorted(DTYPE_NAMES)} or None, got {self.backbone_dtype!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        check_device_name(self.device, "PMSettings.device")
 
 
 @dataclass
@@ -172,7 +174,7 @@ def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSetting
         torch.set_num_threads(int(settings.torch_threads))
     torch.manual_seed(settings.seed)
 
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(settings.device)   # `device cuda` without a GPU fails here, before any load
     dtype = settings.backbone_dtype or ("float32" if settings.train_backbone else resolve_dtype("auto", str(device)))
     pm = PreferenceModel.from_backbone(model_dir, dtype=dtype, seed=settings.seed,
                                        max_length=settings.max_length).to(device)

@@ -4,6 +4,10 @@ step, chat rendering and the all-or-nothing save. The trainers are `cai_lib.trai
 
 Both trainers save the policy alone (no value head) as a float32 safetensors folder with the
 tokenizer (bf16 would round away most updates of size ~lr), all or nothing.
+
+`resolve_device` is here too: the one reading of a `device` option for every model-running
+step (SFT, PM training, PPO, DPO, the RL reward PM, evaluate's PM), so `--device` means the
+same everywhere and `--device cuda` without a GPU fails at once, saying so.
 """
 from __future__ import annotations
 
@@ -15,12 +19,72 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from cai_lib.backends.weights import assert_no_pickles
+from cai_lib.backends.weights import assert_no_pickles, dtype_name
 from cai_lib.config import opt
 from cai_lib.files import atomic_folder
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 OnStep = Callable[[int, dict], None]
+
+POLICY_DTYPE = torch.float32   # the RL policy, its reference and the value head compute (and save) in this
+DEVICE_HELP = "cpu | cuda | cuda:N | auto; None/auto = cuda when torch.cuda.is_available(), else cpu"
+_DEVICE_FIX = "Fix: pass cpu, cuda, cuda:N or auto"
+
+
+# ---------------------------------------------------------------- devices
+
+def check_device_name(asked, where: str = "device") -> None:
+    """Refuse a device string torch cannot parse or this project does not run on. Settings call
+    it in __post_init__, so a typo fails when the config is read, not after the data load.
+
+    >>> check_device_name("cuda:1"); check_device_name(None); check_device_name("auto")
+    >>> check_device_name("gpu")
+    Traceback (most recent call last):
+    ValueError: device 'gpu' is not a device this project runs on. Fix: pass cpu, cuda, cuda:N or auto
+    """
+    if asked is None or asked == "auto":
+        return
+    if not isinstance(asked, str):
+        raise ValueError(f"{where} must be a str or None, got {type(asked).__name__}. {_DEVICE_FIX}")
+    try:
+        kind = torch.device(asked).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"{where} {asked!r} is not a device this project runs on. {_DEVICE_FIX}")
+
+
+def resolve_device(asked: str | None) -> torch.device:
+    """The torch.device of a `device` option: None/"auto" = cuda if available, else cpu. An
+    explicit cuda device must exist: a ValueError naming the fix, not hours of silent CPU training.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    check_device_name(asked)
+    if asked is None or asked == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(asked)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {asked} was asked for but torch.cuda.is_available() is False; Fix: run on "
+                             "a machine with a CUDA GPU and a CUDA build of torch (docs/clusters.md), or pass "
+                             "--device cpu (or leave device unset: auto picks the CPU here)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {asked} was asked for but torch sees {count} CUDA device(s); Fix: pass "
+                             f"cuda:0..cuda:{count - 1} or check CUDA_VISIBLE_DEVICES")
+    return device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter's device): for tags and checks."""
+    return next(module.parameters()).device
+
+
+def module_dtype(module: torch.nn.Module) -> str:
+    """The dtype name ('float32', 'bfloat16') a module's weights compute in: for MLflow tags."""
+    return dtype_name(next(module.parameters()).dtype)
 
 
 @dataclass
@@ -53,6 +117,7 @@ class RLSettings:
     dpo_epochs: int = opt(1, "DPO passes over the pairs")
     dpo_max_steps: int | None = opt(None, "DPO: stop after this many optimizer steps; None = all epochs")
     max_length: int = opt(1024, "DPO: prompt + response tokens; longer pairs lose response tokens first")
+    device: str | None = opt(None, "where the policy, the reference and the value head run: " + DEVICE_HELP)
 
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str):
@@ -78,6 +143,7 @@ class RLSettings:
         need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         need(self.vf_coef >= 0, "vf_coef", "must be >= 0")
         need(self.kl_beta >= 0, "kl_beta", "must be >= 0")
+        check_device_name(self.device, "RLSettings.device")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -91,6 +157,7 @@ class RLResult:
     seconds: float = 0.0
     prompts_dropped: int = 0                             # PPO: over max_prompt_tokens
     pairs_truncated: int = 0                             # DPO: cut to max_length
+    device: str = ""                                     # where the policy (and reference, value head) ran
 
 
 
@@ -104,12 +171,15 @@ def check_settings(settings, algorithm: str) -> RLSettings:
 
 
 def load_policy(policy_dir, settings: RLSettings, algorithm: str):
-    """Tokenizer and float32 policy (eval mode) from a model folder or 'default'; seeds torch."""
+    """Tokenizer and float32 policy (eval mode, on settings.device) from a model folder or
+    'default'; seeds torch. The device is resolved first: `device cuda` without a GPU fails
+    before the weights are read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai_lib.backends.models import resolve_model
 
     check_settings(settings, algorithm)
+    device = resolve_device(settings.device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     torch.manual_seed(settings.seed)
@@ -120,7 +190,7 @@ def load_policy(policy_dir, settings: RLSettings, algorithm: str):
         raise ValueError(f"the tokenizer in {folder} has no eos_token: RL needs one to end responses")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=POLICY_DTYPE, use_safetensors=True).to(device)
     policy.eval()  # no dropout: old, new and reference log-probs come from the same function
     return tokenizer, policy
 

@@ -12,7 +12,9 @@ PPO (Bai et al. 2022b, after Ziegler et al. 2019), one iteration:
 
 The formulas live in `cai_lib.training.ppo_math` (tested by hand); this file is the loop around the HF
 model. The policy is the SL-CAI folder in float32 with a `ValueHead` on its last hidden
-states; the reference is a frozen copy of the same starting weights. A response's tokens
+states; the reference is a frozen copy of the same starting weights. All three live on
+`settings.device` (`policy.resolve_device`), and so does every tensor of a step: the
+rollout, the rewards (reward_fn's floats are moved there) and the advantages. A response's tokens
 run up to and including its EOS, so a response that ends at once still has one token (the
 EOS) to carry the score, and the mask is never empty. Log-probs use logits / temperature,
 the distribution the tokens were sampled from (top_p < 1 makes the rollout slightly
@@ -44,7 +46,8 @@ from torch import Tensor
 from cai_lib.ids import derive_seed
 from cai_lib.quality.signals import boilerplate_rate, is_refusal
 from cai_lib.training.policy import (OnStep, RewardFn, RLResult, RLSettings, check_settings, load_policy,
-                                     finish, make_optimizer, record_step, render_chat, step_update, text_list)
+                                     finish, make_optimizer, module_device, record_step, render_chat,
+                                     step_update, text_list)
 from cai_lib.training.ppo_math import (AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalised_rewards,
                                        logprobs_from_logits, ppo_losses, whiten)
 
@@ -106,7 +109,8 @@ class _Rollout:
 def _rollout(policy, tokenizer, rendered: list[str], settings: RLSettings, seed: int) -> _Rollout:
     from transformers import GenerationConfig
 
-    enc = tokenizer(rendered, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = tokenizer(rendered, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False).to(module_device(policy))
     eos = tokenizer.eos_token_id
     config = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
                               max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -135,7 +139,7 @@ def _forward(model, roll: _Rollout, temperature: float, value_head: ValueHead | 
     return logprobs, values
 
 
-def _scores(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> Tensor:
+def _scores(reward_fn: RewardFn, prompts: list[str], responses: list[str], device: torch.device) -> Tensor:
     raw = reward_fn(list(prompts), list(responses))
     try:
         vals = [float(x) for x in raw]
@@ -147,7 +151,7 @@ def _scores(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> Te
     bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
     if bad:
         raise ValueError(f"reward_fn returned non-finite scores at rows {bad}: {[vals[i] for i in bad]}")
-    return torch.tensor(vals, dtype=torch.float32)
+    return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
 def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings: RLSettings | None = None,
@@ -170,7 +174,9 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
     # requires_grad_(False) would send its matmuls down another CPU kernel path, and the
     # step-0 KL would read ~1e-5 instead of exactly 0.
     ref = copy.deepcopy(policy)
-    value_head = ValueHead(policy.config.hidden_size)   # seeded by load_policy's manual_seed
+    device = module_device(policy)
+    # drawn on the CPU (seeded by load_policy's manual_seed), then moved: the same head on every device
+    value_head = ValueHead(policy.config.hidden_size).to(device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = make_optimizer(params, s)
     kl_ctl = (FixedKLController(s.kl_beta) if s.kl_mode == "fixed"
@@ -183,7 +189,7 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
         raise ValueError(f"all {len(prompts)} prompts are longer than max_prompt_tokens={s.max_prompt_tokens} "
                          "once rendered with the chat template; raise max_prompt_tokens")
     shuffle = torch.Generator().manual_seed(s.seed)
-    result = RLResult("ppo", Path(out_dir), prompts_dropped=len(prompts) - len(keep))
+    result = RLResult("ppo", Path(out_dir), prompts_dropped=len(prompts) - len(keep), device=str(device))
 
     for step, batch in enumerate(prompt_batches(len(keep), s.batch_size, s.steps, s.seed)):
         t0 = time.perf_counter()
@@ -193,7 +199,7 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
         with torch.no_grad():
             old_logprobs, old_values = _forward(policy, roll, s.temperature, value_head)
             ref_logprobs, _ = _forward(ref, roll, s.temperature)
-        score = _scores(reward_fn, [prompts[i] for i in idx], roll.texts)
+        score = _scores(reward_fn, [prompts[i] for i in idx], roll.texts, device)
         beta = kl_ctl.value
         rewards = kl_penalised_rewards(score, old_logprobs, ref_logprobs, mask, beta)
         advantages, returns = gae(rewards, old_values, mask, gamma=s.gamma, lam=s.lam)
@@ -202,7 +208,8 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
 
         logs = []
         for _ in range(s.ppo_epochs):
-            for rows in torch.randperm(len(idx), generator=shuffle).split(s.mini_batch_size):
+            # the order is drawn on the CPU (the same on every device), the rows indexed where the tensors are
+            for rows in torch.randperm(len(idx), generator=shuffle).to(device).split(s.mini_batch_size):
                 logprobs, values = _forward(policy, roll.rows(rows), s.temperature, value_head)
                 out = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows],
                                  returns[rows], mask[rows], clip_range=s.clip_range,

@@ -92,7 +92,8 @@ def kl_penalised_rewards(score: Tensor, logprobs: Tensor, ref_logprobs: Tensor, 
     m = _mask(mask, logprobs)
     rewards = torch.where(m.bool(), -beta * per_token_kl(logprobs, ref_logprobs), 0.0)
     last = m.shape[1] - 1 - m.flip(1).argmax(1)            # argmax finds the first max
-    rewards[torch.arange(len(score)), last] += score.to(rewards.dtype)
+    rows = torch.arange(len(score), device=rewards.device)   # on the rewards' device: CUDA rollouts too
+    rewards[rows, last] += score.to(device=rewards.device, dtype=rewards.dtype)
     return rewards
 
 

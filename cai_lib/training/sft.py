@@ -43,6 +43,7 @@ import torch
 from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, torch_dtype
 from cai_lib.files import atomic_folder, write_json
 from cai_lib.ids import split_heldout
+from cai_lib.training.policy import DEVICE_HELP, check_device_name, resolve_device
 from cai_lib.training.sft_examples import IGNORE, Dropped, Example, build_examples, end_of_turn_ids
 
 __all__ = ["SFTSettings", "SFTResult", "train_sft", "load_safetensors_folder", "SFT_SALT"]
@@ -71,7 +72,7 @@ class SFTSettings:
     train_dtype: str = field(default="float32", metadata={"help": "training dtype; float32 on CPU"})
     save_dtype: str = field(default="auto", metadata={"help": "auto = the base folder's dtype"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = torch's default"})
-    device: str | None = field(default=None, metadata={"help": "cpu | cuda[:N]; None = cuda if available"})
+    device: str | None = field(default=None, metadata={"help": "where the model trains: " + DEVICE_HELP})
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -108,6 +109,7 @@ class SFTSettings:
         if self.save_dtype != "auto" and self.save_dtype not in DTYPE_NAMES:
             raise ValueError(f"SFTSettings.save_dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, "
                              f"got {self.save_dtype!r}")
+        check_device_name(self.device, "SFTSettings.device")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("SFTSettings.target_modules is empty: name the modules LoRA adapts "
                              "(e.g. q_proj, k_proj, v_proj, o_proj)")
@@ -241,7 +243,7 @@ def train_sft(model_dir: Path | str, rows: Iterable[Mapping], settings: SFTSetti
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} exists and is not empty: choose a new folder or delete it")
     assert_no_pickles(model_dir)
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(settings.device)   # `device cuda` without a GPU fails here, before any load
     if device.type == "cpu" and settings.train_dtype == "float16":
         raise ValueError("SFTSettings.dtype float16 is not supported on CPU: use float32")
     save_dtype = _base_dtype(model_dir) if settings.save_dtype == "auto" else torch_dtype(settings.save_dtype)
