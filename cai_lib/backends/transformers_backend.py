@@ -5,6 +5,9 @@ row's sample would depend on its batch mates. `_PerRowSampler` samples each row 
 `torch.Generator` and hands generate() a one-hot score, so generate runs greedy over our
 choice. The same request and seed then give the same text whatever batch it lands in
 (up to float differences from padding).
+
+Chat rendering, tokenisation, the length guard, the choice span and the token counts are
+base.py's shared rules (the vLLM backend applies the same ones; tests/test_vllm_contract.py).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from cai_lib.backends.base import CallStats, Chat, Generation, Sampling, check_lengths, cut_at_stop
+from cai_lib.backends.base import (CallStats, Chat, Generation, Sampling, choice_span, guard_lengths, make_generation,
+                                   prompt_ids, record_generations, render_chat, request_seeds)
 from cai_lib.backends.models import fingerprint, resolve_model
 from cai_lib.backends.weights import resolve_dtype, torch_dtype
 
@@ -65,11 +69,11 @@ class TransformersBackend:
         self.stats = CallStats()
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render_chat(self.tokenizer, chat, add_generation_prompt)
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, chats: Sequence[Chat], sampling: Sampling, seeds: Sequence[int]) -> list[Generation]:
-        check_lengths(chats, seeds)
+        seeds = request_seeds(chats, seeds)
         out: list[Generation] = []
         for i in range(0, len(chats), self.batch_size):
             out.extend(self._generate_batch(chats[i:i + self.batch_size], sampling, seeds[i:i + self.batch_size]))
@@ -78,15 +82,8 @@ class TransformersBackend:
     @torch.inference_mode()
     def _generate_batch(self, chats, sampling: Sampling, seeds) -> list[Generation]:
         texts = [self.render_chat(c) for c in chats]
-        lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-        results: list[Generation | None] = [None] * len(chats)
-        keep = []
-        for i, n in enumerate(lengths):
-            if n > self.max_prompt_tokens:
-                results[i] = Generation(None, n, 0, "error",
-                                        f"prompt has {n} tokens, over max_prompt_tokens={self.max_prompt_tokens}")
-            else:
-                keep.append(i)
+        lengths = [len(prompt_ids(self.tokenizer, t)) for t in texts]
+        results, keep = guard_lengths(lengths, self.max_prompt_tokens)
         if keep:
             enc = self.tokenizer([texts[i] for i in keep], return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
@@ -101,14 +98,10 @@ class TransformersBackend:
             eos = self.tokenizer.eos_token_id
             for row, i in enumerate(keep):
                 ids = new[row].tolist()
-                stopped = eos in ids
-                ids = ids[: ids.index(eos)] if stopped else ids
-                text, cut = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
-                results[i] = Generation(text.strip(), lengths[i], len(ids), "stop" if (stopped or cut) else "length")
-        self.stats.generate_calls += 1
-        self.stats.generated_sequences += len(keep)
-        self.stats.prompt_tokens += sum(lengths[i] for i in keep)
-        self.stats.completion_tokens += sum(r.completion_tokens for r in results if r is not None)
+                ended = eos in ids   # what follows EOS is padding
+                results[i] = make_generation(self.tokenizer, lengths[i], ids[: ids.index(eos)] if ended else ids,
+                                             sampling.stop, ended)
+        record_generations(self.stats, results)
         return results  # type: ignore[return-value]
 
     # -- scoring ----------------------------------------------------------------------------
@@ -116,9 +109,9 @@ class TransformersBackend:
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
         """log P(choice | prompt) for each choice, one pass over each prompt's shared prefix.
 
-        Each prompt+choice text is tokenised whole (BPE merges across the boundary are then
-        exact); the longest token prefix common to all choices runs once with a KV cache, and
-        only the few differing tokens run again, batched, on copies of that cache.
+        Each prompt+choice text is tokenised whole and split where base.choice_span says (the
+        rule the vLLM backend shares); the prefix runs once with a KV cache, and only the few
+        differing tokens run again, batched, on copies of that cache.
         """
         if not choices:
             raise ValueError("choice_logprobs needs at least one choice")
@@ -136,16 +129,9 @@ class TransformersBackend:
         tok, dev, C = self.tokenizer, self.device, len(choices)
         prefixes, tails = [], []
         for p in prompts:
-            full = [tok(p + c, add_special_tokens=False).input_ids for c in choices]
-            n_prompt = len(tok(p, add_special_tokens=False).input_ids)
-            common = 0
-            while all(len(f) > common for f in full) and len({f[common] for f in full}) == 1:
-                common += 1
-            common = min(common, n_prompt)  # the choice must contribute at least one token
-            if common == 0:
-                raise ValueError("choice_logprobs needs a non-empty prompt")
-            prefixes.append(full[0][:common])
-            tails.append([f[common:] for f in full])
+            full, start = choice_span(tok, p, choices)
+            prefixes.append(full[0][:start])
+            tails.append([f[start:] for f in full])
         # pass 1: the shared prefixes, left-padded; keep the cache and the last logits
         width = max(len(p) for p in prefixes)
         pad = tok.pad_token_id

