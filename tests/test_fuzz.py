@@ -9,6 +9,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -106,9 +107,14 @@ def test_output_parsers_return_a_stripped_string_for_any_text(kind, text):
 @FAST
 @given(st.floats(allow_nan=True, allow_infinity=True), st.floats(allow_nan=True, allow_infinity=True))
 def test_choice_normalisation_gives_a_probability_or_says_why(a, b):
-    try:
-        p = normalise_choice(a, b)
-    except ValueError as exc:
-        assert "logprob" in str(exc)
+    invalid = any(math.isnan(x) or x == math.inf for x in (a, b)) or a == b == -math.inf
+    if invalid:
+        with pytest.raises(ValueError, match="logprob"):
+            normalise_choice(a, b)
         return
-    assert 0.0 <= p <= 1.0 and not math.isnan(p)
+    p = normalise_choice(a, b)
+    top = max(a, b)                                   # finite here: at most one of them is -inf
+    want = math.exp(a - top) / (math.exp(a - top) + math.exp(b - top))   # the two-way softmax, written out
+    assert p == pytest.approx(want, rel=1e-12, abs=1e-300)
+    assert p + normalise_choice(b, a) == pytest.approx(1.0)          # swapping the choices mirrors it
+    assert (p > 0.5) == (a > b) or abs(a - b) < 1e-15 * max(1.0, abs(a))   # the likelier choice wins
