@@ -90,12 +90,22 @@ def resolve_model(model_id: str) -> Path | str:
     return cached
 
 
+FINGERPRINT_CACHE = ".cai_fingerprint.json"   # written beside the weights; not part of what is hashed
+
+
+def hash_file_into(h, path: Path) -> None:
+    """Feed a file's bytes to a running hash in 4 MiB chunks (weights are hundreds of MB)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+
+
 def fingerprint(folder: Path | str) -> str:
     """sha256 of config.json and the weight files, cached beside them (by size and mtime)."""
     folder = Path(folder)
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    cache = folder / ".cai_fingerprint.json"
+    cache = folder / FINGERPRINT_CACHE
     try:
         cached = json.loads(cache.read_text())
         if cached["stamp"] == [list(s) for s in stamp]:
@@ -105,9 +115,7 @@ def fingerprint(folder: Path | str) -> str:
     h = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
     for p in weights:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        hash_file_into(h, p)
     digest = h.hexdigest()
     try:
         cache.write_text(json.dumps({"stamp": stamp, "sha256": digest}))

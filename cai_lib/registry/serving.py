@@ -21,9 +21,12 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-GENERATION_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "seed": 0}
+from cai_lib.backends.base import Sampling
+from cai_lib.backends.models import FINGERPRINT_CACHE, hash_file_into
+
+# a request's generation params: the jobs' Sampling defaults, and the first row's seed
+GENERATION_PARAMS = {**{k: getattr(Sampling(), k) for k in ("max_new_tokens", "temperature", "top_p")}, "seed": 0}
 POLICY_KINDS, PM_KINDS = ("sl", "rl"), ("pm",)
-SKIP_FILES = {".cai_fingerprint.json"}     # a cache the backends write beside the weights
 
 
 def weights_sha256(folder: str | Path) -> str:
@@ -31,11 +34,9 @@ def weights_sha256(folder: str | Path) -> str:
     cache file of `fingerprint` aside. Never cached: this is what a load checks."""
     folder = Path(folder)
     h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name not in SKIP_FILES):
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name != FINGERPRINT_CACHE):
         h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        hash_file_into(h, p)
     return h.hexdigest()
 
 
@@ -106,7 +107,6 @@ def generation_params(params: dict | None):
     >>> generation_params({"temperature": 0, "max_new_tokens": 8})
     (Sampling(temperature=0.0, top_p=0.9, max_new_tokens=8, stop=()), 0)
     """
-    from cai_lib.backends.base import Sampling
     unknown = set(params or {}) - set(GENERATION_PARAMS)
     if unknown:
         raise ValueError(f"unknown params {sorted(unknown)}; a policy takes {sorted(GENERATION_PARAMS)}")
