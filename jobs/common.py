@@ -148,20 +148,43 @@ def guarded_replace(lake: Lake, name: str, rows, selected: set, allow_shrink: bo
     from cai_lib.lake.tables import spec_of
     key = spec_of(name).key
     old = set(lake.read(name, columns=[key])[key].to_pylist()) if lake.exists(name) else set()
-    new = rows.num_rows
-    if new >= len(old):
+    if rows.num_rows >= len(old):
         return lake.replace(name, rows), [], []
     lost = old - set(rows[key].to_pylist())
     unexplained = lost & selected
+    return shrink_verdict(name, len(old), rows.num_rows, len(lost), len(unexplained), allow_shrink,
+                          lambda: why(unexplained), lambda: lake.replace(name, rows))
+
+
+def guarded_replace_df(lake, name: str, rows, selected, allow_shrink: bool, why) -> tuple[bool, list, list]:
+    """`guarded_replace` in Spark (the Spark-native data plane): `rows` and `selected` (the selected
+    keys) are DataFrames, `why(unexplained)` gets the unexplained keys as a DataFrame; nothing is collected."""
+    from cai_lib.lake.tables import spec_of
+    key = spec_of(name).key
+    rows = rows.persist()
+    new = rows.count()
+    old = lake.df(name).select(key) if lake.exists(name) else None
+    n_old = old.count() if old is not None else 0
+    if new >= n_old:
+        return lake.replace_df(name, rows), [], []
+    lost = old.join(rows.select(key), key, "left_anti").persist()
+    unexplained = lost.join(selected.select(key), key, "left_semi")
+    return shrink_verdict(name, n_old, new, lost.count(), unexplained.count(), allow_shrink,
+                          lambda: why(unexplained), lambda: lake.replace_df(name, rows))
+
+
+def shrink_verdict(name: str, old: int, new: int, lost: int, unexplained: int, allow_shrink: bool, why,
+                   replace) -> tuple[bool, list, list]:
+    """The shrink rule of guarded_replace on counts: `why()` explains the unexplained rows, `replace()` writes."""
     if unexplained and not allow_shrink:
-        return False, [f"refusing to rebuild {name}: it would shrink from {len(old)} to {new} rows, and "
-                       f"{len(unexplained)} of the dropped rows are for inputs these settings still select: "
-                       f"{why(unexplained)}. The old table is kept. Fix: rerun until that work succeeds, or pass "
+        return False, [f"refusing to rebuild {name}: it would shrink from {old} to {new} rows, and "
+                       f"{unexplained} of the dropped rows are for inputs these settings still select: "
+                       f"{why()}. The old table is kept. Fix: rerun until that work succeeds, or pass "
                        f"--allow-shrink to replace it anyway"], []
-    note = (f"{name} shrank from {len(old)} to {new} rows: {len(lost) - len(unexplained)} dropped rows are for "
+    note = (f"{name} shrank from {old} to {new} rows: {lost - unexplained} dropped rows are for "
             f"inputs these settings no longer select"
-            + (f", {len(unexplained)} dropped anyway (--allow-shrink): {why(unexplained)}" if unexplained else ""))
-    return lake.replace(name, rows), [], [note]
+            + (f", {unexplained} dropped anyway (--allow-shrink): {why()}" if unexplained else ""))
+    return replace(), [], [note]
 
 
 def report(title: str, summary: dict) -> None:
@@ -187,7 +210,8 @@ def spark_job_main(config_cls, section: str, argv, doc: str, run) -> int:
     from cai_lib.runtime.session import get_spark
     cfg = load_config(config_cls, section, argv, doc)
     title = section.replace("_", "-")
-    summary = run(get_spark(cfg.spark_master, f"cai-{title}"), cfg, progress=lambda msg: print(msg, flush=True))
+    spark = get_spark(cfg.spark_master, f"cai-{title}", delta=getattr(cfg, "lake_engine", None) == "spark")
+    summary = run(spark, cfg, progress=lambda msg: print(msg, flush=True))
     report(title, summary)
     errors, warnings = judge(summary, getattr(cfg, "max_failed_fraction", 1.0))
     for w in warnings:

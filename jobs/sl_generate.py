@@ -17,6 +17,11 @@ given-up ones again. `sl_dataset` is never rebuilt smaller because chains of pro
 selected are incomplete under these settings (failed, given up, or outside --limit after a
 constitution or model change): the old table is kept and the run exits 1, unless --allow-shrink.
 Rows of prompts no longer selected (--splits) may go, with a warning.
+
+`--lake-engine spark` runs the same job on the Spark-native data plane (same event ids, texts and
+sl_dataset): the plan, the pending anti-join and the next round's inputs are Spark DataFrames, the
+executors generate and append to generation_events with delta-spark, one blind append per chunk of
+`batches_per_commit` batches, as many chunks at once as executor slots. One run per lake at a time.
 """
 from __future__ import annotations
 
@@ -28,11 +33,14 @@ from cai_lib.backends.models import model_fingerprint
 from cai_lib.config import PointerConfig, opt, settings_from
 from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import parse_output
+from cai_lib.lake.locks import job_lock
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
+from cai_lib.runtime.spark_plane import failure_counts, pending, run_wave, successful
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
 from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
-from jobs.common import Failures, GenerationConfig, guarded_replace, spark_job_main, write_pointer
+from cai_lib.sl.spark_chain import plan_steps, sl_dataset_df, step_chat_of, wave_inputs
+from jobs.common import Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
 
 
 @dataclass
@@ -47,6 +55,9 @@ class SLGenerateConfig(GenerationConfig, PointerConfig):
     critique_max_new_tokens: int = opt(96, "token budget of critiques")
     revision_max_new_tokens: int = opt(128, "token budget of revisions")
     allow_shrink: bool = opt(False, "replace sl_dataset even when incomplete chains would make it smaller")
+    lake_engine: str = opt("delta-rs", "delta-rs: plan on the driver, commit with delta-rs | spark: the Spark-native "
+                                       "data plane (plan, anti-join and generate in the executors, append with "
+                                       "delta-spark; needs Delta's jars: Maven Central, or spark-submit --packages)")
 
     def settings(self) -> SLSettings:
         s = lambda n: Sampling(self.temperature, self.top_p, n)  # noqa: E731
@@ -56,7 +67,9 @@ class SLGenerateConfig(GenerationConfig, PointerConfig):
 
 
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
-    lake = open_lake(cfg.lake, spark)  # native Delta where the session has it, else delta-rs
+    if cfg.lake_engine == "spark":
+        return run_on_spark(spark, cfg, progress)
+    lake = open_lake(cfg.lake, spark, engine=cfg.lake_engine)
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.base_model)
     ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
@@ -101,6 +114,80 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
             "ok": total.ok, "failed": total.failed, "gave_up": exhausted, "inserted": total.inserted,
             "completion_tokens": total.completion_tokens, "sl_dataset_rows": lake.count("sl_dataset"),
             "sl_dataset_rewritten": dataset_changed, "failures": [fails], "errors": errors, "warnings": warnings}
+
+
+# The Spark-native data plane (`--lake-engine spark`): the same events and sl_dataset as run()'s delta-rs
+# path, with nothing per event on the driver (see cai_lib/runtime/spark_plane.py).
+
+def selected_prompts(lake, splits: list[str], limit: int | None):
+    """The prompts of the splits (red-team and helpful) with `chosen`: the first `limit` of each kind."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    if lake.count("prompts") == 0:
+        raise ValueError(f"no prompts in lake {lake.root}: run `cai ingest --lake {lake.root}` first")
+    prompts = lake.df("prompts").where(F.col("split").isin(splits) & F.col("kind").isin("red_team", "helpful"))
+    if limit is None:
+        return prompts.withColumn("chosen", F.lit(True))
+    rank = F.row_number().over(Window.partitionBy("kind").orderBy("prompt_id"))
+    return prompts.withColumn("chosen", rank <= limit)
+
+
+def run_on_spark(spark, cfg, progress=None) -> dict:
+    from pyspark.sql import functions as F
+    lake = open_lake(cfg.lake, spark, engine="spark")
+    constitution = load_constitution(cfg.constitution)
+    fp = model_fingerprint(cfg.backend, cfg.base_model)
+    ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
+    # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it
+    prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
+    steps = plan_steps(spark, ctx, prompts).localCheckpoint(eager=True)
+    chosen = steps.where("chosen")
+    job_run_id = new_job_run_id()
+    total, exhausted = RunStats(), 0
+    with job_lock(cfg.lake, "sl-generate", job_run_id):
+        for wave in range(0, 2 * cfg.rounds + 1):
+            # a wave reads its own round and the one before (its parents): Delta skips the other files by
+            # their min/max stats (each commit holds one wave), so a small increment scans little
+            r = (wave + 1) // 2
+            events = lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))
+            ok = successful(events)
+            todo, gave_up, chunks = pending(wave_inputs(chosen, ok, prompts, wave), ok, failure_counts(events),
+                                            max_attempts=cfg.max_attempts, batch_size=cfg.batch_size,
+                                            batches_per_commit=cfg.batches_per_commit)
+            exhausted += gave_up
+            n = sum(size for _, size, _ in chunks)
+            if n:
+                if progress:
+                    progress(f"wave {wave}/{2 * cfg.rounds}: {n} generations in {len(chunks)} commits")
+                total.add(run_wave(spark, lake, todo, chunks, make_chat=step_chat_of(ctx),
+                                   backend_spec=cfg.backend_spec(cfg.base_model), constants=ctx.constants(),
+                                   job_run_id=job_run_id, parse=parse_output,
+                                   progress=progress))
+            todo.unpersist(blocking=False)
+        events = lake.df("generation_events")
+        ok = successful(events)
+        undone = chosen.select("event_id").join(ok, "event_id", "left_anti").join(failure_counts(events), "event_id")
+        tries = undone.agg(F.max("tries")).first()[0] or 0
+        fails = Failures.of("generations", total, exhausted, cfg.max_attempts, tries)
+
+        def why(unexplained) -> str:
+            n = unexplained.count()
+            mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()
+            return (f"their chains are incomplete under these settings (constitution, model, rounds): {mine} of those "
+                    f"prompts were in this run ({fails.failed} generations failed, {fails.gave_up} gave up), "
+                    f"{n - mine} were not (outside --limit)")
+        changed, errors, warnings = guarded_replace_df(lake, "sl_dataset", sl_dataset_df(ctx, steps, ok, prompts),
+                                                       prompts, cfg.allow_shrink, why)
+    write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
+                  {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
+    summary = {"prompts": prompts.where("chosen").count(), "generations": total.tasks,
+               "model_calls": total.model_calls, "ok": total.ok, "failed": total.failed, "gave_up": exhausted,
+               "inserted": total.inserted, "completion_tokens": total.completion_tokens,
+               "sl_dataset_rows": lake.count("sl_dataset"), "sl_dataset_rewritten": changed,
+               "failures": [fails], "errors": errors, "warnings": warnings}
+    steps.unpersist()
+    prompts.unpersist()
+    return summary
 
 
 def main(argv=None) -> int:

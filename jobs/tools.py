@@ -51,9 +51,21 @@ def sql_main(argv) -> int:
     p.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
     p.add_argument("--allow-files", action="store_true", help="let the query use DuckDB's file functions (read_csv, "
                    "COPY ... TO, ATTACH, glob); by default it sees the lake's tables only")
+    p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
+                   help="duckdb (no JVM, starts at once) | spark: Spark SQL with delta-spark (Delta's jars from Maven)")
+    p.add_argument("--spark-master", default="local[1]", help="with --engine spark")
     a = p.parse_args(argv)
-    from cai_lib.lake.sql import query
-    rel = query(_lake(a), a.query, allow_files=a.allow_files)
+    if a.engine == "spark":
+        import duckdb
+        from cai_lib.lake import spark_sql
+        from cai_lib.runtime.session import get_spark
+        if a.allow_files:
+            raise ValueError("--allow-files is DuckDB's: the spark engine reads the lake's tables only")
+        lake = _lake(a)
+        rel = duckdb.from_arrow(spark_sql.query(get_spark(a.spark_master, "cai-sql", delta=True), lake.root, a.query))
+    else:
+        from cai_lib.lake.sql import query
+        rel = query(_lake(a), a.query, allow_files=a.allow_files)
     if a.format == "table":
         rel.show(max_rows=a.max_rows, max_width=200)
     else:

@@ -23,7 +23,7 @@ set_offline_env()
 @pytest.fixture(scope="session")
 def spark():
     from cai_lib.runtime.session import get_spark
-    session = get_spark("local[1]", "cai-tests")
+    session = get_spark("local[1]", "cai-tests", delta=True)   # delta-spark: Maven via Ivy
     yield session
     session.stop()
 

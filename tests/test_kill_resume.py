@@ -32,11 +32,14 @@ def commits(lake) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(spark, small_lake, tmp_path):
+@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(spark, small_lake, tmp_path, engine):
+    """The real model. On the Spark plane the driver dies while its executors append chunk by chunk."""
     killed = copy_lake(small_lake, tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sl-generate", *flags(killed)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sl-generate", *flags(killed), "--lake-engine", engine],
+                            cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     while commits(killed) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # version 0 creates the table, version 1 is the first committed batch
     os.killpg(proc.pid, signal.SIGKILL)  # the job and its Spark JVM and Python workers
@@ -45,7 +48,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(spark, small_lake, tmp_
     partial = Lake(killed).read("generation_events").num_rows
     assert 0 < partial < 11 and not Lake(killed).exists("sl_dataset")  # it really died mid-run
 
-    cfg = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), **SETTINGS)
+    cfg = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), lake_engine=engine,
+               **SETTINGS)
     resumed = run(spark, SLGenerateConfig(lake=str(killed), **cfg))
     assert resumed["generations"] == 11 - partial  # only the missing ids went to the model
     run(spark, SLGenerateConfig(lake=str(small_lake), **cfg))  # the uninterrupted reference

@@ -62,11 +62,16 @@ def test_replace_writes_only_on_change_and_refuses_event_tables(tmp_path):
         lake.read("nope")
 
 
-def test_open_lake_uses_delta_rs_when_the_session_has_no_delta(spark, tmp_path):
-    """Locally (no Delta jars offline) every job writes through delta-rs; on Databricks, natively."""
-    from cai_lib.lake.spark_delta import open_lake, spark_has_delta
-    assert not spark_has_delta(spark)
+def test_open_lake_picks_the_engine_asked_for(spark, tmp_path):
+    """delta-rs unless --lake-engine spark (or Databricks); spark on a session without Delta is refused."""
+    from cai_lib.lake.spark_delta import SparkDeltaLake, open_lake, spark_has_delta
+    assert spark_has_delta(spark)   # the test session carries delta-spark
     assert type(open_lake(tmp_path, spark)) is Lake and type(open_lake(tmp_path)) is Lake
+    assert type(open_lake(tmp_path, spark, engine="spark")) is SparkDeltaLake
+    with pytest.raises(RuntimeError, match="no Delta .* --packages io.delta:delta-spark_4.2_2.13:4.4.0"):
+        open_lake(tmp_path, None, engine="spark")
+    with pytest.raises(ValueError, match="lake engine must be one of"):
+        open_lake(tmp_path, spark, engine="duckdb")
 
 
 def test_a_table_from_an_older_release_gains_new_nullable_columns(tmp_path):

@@ -15,6 +15,11 @@ FAKE_FINGERPRINT = sha256_text("fake-backend-v1")
 FAKE_IDS = ("fake", "fake:", "fail-on:")   # "fake", "fake:NAME", or "fail-on:TEXT" (failure tests)
 
 
+class FakeTaskFault(BaseException):
+    """A Spark task dying after its model call ("fake:fault=raise-once@MARKER"): a BaseException, so
+    no per-request isolation catches it and the task itself fails (and Spark retries it)."""
+
+
 def fake_fingerprint(model_id: str) -> str:
     """The judges that score differently ("fake:prefer=WORD", "fake:constant") are other models:
     their labels must not share event ids with the plain fake's."""
@@ -53,6 +58,11 @@ class FakeBackend:
         # WORD (P = 0.9). "fake:constant": a judge that knows nothing and says so, P = 0.5 everywhere.
         self.prefer: str | None = model_id[len("fake:prefer="):] if model_id.startswith("fake:prefer=") else None
         self.constant = model_id == "fake:constant"
+        # "fake:fault=raise-once@PATH" / "fake:fault=exit-once@PATH": the first generate call (the one that
+        # creates PATH) makes its text, then fails its Spark task, or kills its Python worker. Same
+        # text and ids as "fake": what a retried task writes can be compared with an undisturbed run.
+        fault = model_id[len("fake:fault="):] if model_id.startswith("fake:fault=") else ""
+        self.fault, _, self.fault_marker = fault.partition("@")
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in chat)
@@ -74,7 +84,20 @@ class FakeBackend:
             self.stats.generated_sequences += 1
             self.stats.prompt_tokens += n_prompt
             self.stats.completion_tokens += len(text.split())
+        self._fault_once()
         return out
+
+    def _fault_once(self) -> None:
+        import os
+        if not self.fault:
+            return
+        try:
+            os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return   # the fault happened already: this is the retry
+        if self.fault == "exit-once":
+            os._exit(17)
+        raise FakeTaskFault(f"fake fault after the model call ({self.fault})")
 
     def _preference(self, prompt: str, n_choices: int) -> list[float] | None:
         """Log-probs of a judge that reads the two options (the comparison template's delimiters)."""

@@ -2,11 +2,9 @@
 
 Same methods as `cai_lib.lake.tables.Lake`, written with Spark's native Delta support: insert-only
 MERGE through `delta.tables.DeltaTable`, reads through `format("delta")` (never plain parquet,
-which would include removed files). `open_lake` picks this class only when the session has
-Delta; locally (no Delta jars offline) every job uses delta-rs.
-
-Not exercised by the local test suite: the Delta jars live on Maven, which these machines
-cannot reach. The interface is the one the delta-rs adapter's tests pin down.
+which would include removed files), and `df()` for the Spark-native data plane, which reads and
+appends DataFrames without bringing rows to the driver. `open_lake` picks it with
+`engine="spark"` (`--lake-engine spark`), and on Databricks.
 """
 from __future__ import annotations
 
@@ -15,7 +13,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cai_lib.lake.tables import Lake, LakeBase, check_lake_root, spec_of
+from cai_lib.lake.tables import Lake, LakeBase, LakeError, check_lake_root, spec_of
+
+ENGINES = ("delta-rs", "spark")
+# delta-spark 4.4.1's own `configure_spark_with_delta_pip` asks for 4.4.1's jar, which Maven Central
+# does not serve (Ivy: unresolved dependency); the 4.4.0 jar is the newest for Spark 4.2 / Scala 2.13.
+DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
 
 
 def spark_has_delta(spark) -> bool:
@@ -24,12 +27,36 @@ def spark_has_delta(spark) -> bool:
     return "DeltaSparkSessionExtension" in (spark.conf.get("spark.sql.extensions", "") or "")
 
 
-def open_lake(root, spark=None, mode: str | None = "write"):
-    """The lake adapter for this session: native Spark Delta where available, else delta-rs. The
-    folder is checked first (`mode`, see check_lake_root): a job fails before any model call."""
+def open_lake(root, spark=None, mode: str | None = "write", engine: str | None = None):
+    """The lake adapter: delta-spark for `engine="spark"` (the default on Databricks), else delta-rs.
+    The folder is checked first (`mode`, see check_lake_root): a job fails before any model call."""
+    if engine is None:
+        engine = "spark" if os.environ.get("DATABRICKS_RUNTIME_VERSION") and spark is not None else "delta-rs"
+    if engine not in ENGINES:
+        raise ValueError(f"lake engine must be one of {ENGINES}, got {engine!r}")
     if "://" not in str(root):   # a local folder (a cloud URI is the cluster's to check)
         check_lake_root(Path(root), mode)
-    return SparkDeltaLake(spark, root) if spark is not None and spark_has_delta(spark) else Lake(root)
+    if engine == "delta-rs":
+        return Lake(root)
+    require_delta(spark)
+    return SparkDeltaLake(spark, root)
+
+
+def content_checksum(df) -> tuple:
+    """(rows, xor of each row's 64-bit hash over all columns): equal for equal row sets in any order."""
+    from pyspark.sql import functions as F
+    row = df.agg(F.count(F.lit(1)), F.bit_xor(F.xxhash64(*df.columns))).first()
+    return int(row[0]), int(row[1] or 0)
+
+
+def require_delta(spark) -> None:
+    """Raise, naming the fix, when a session asked to write with delta-spark has no Delta."""
+    if spark is None or not spark_has_delta(spark):
+        raise RuntimeError(
+            "this Spark session has no Delta (spark.sql.extensions lacks DeltaSparkSessionExtension), so it cannot "
+            f"write the lake with delta-spark. Fix: pass spark-submit --packages {DELTA_PACKAGE} --conf "
+            "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension --conf "
+            "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog, or --lake-engine delta-rs")
 
 
 class SparkDeltaLake(LakeBase):
@@ -70,6 +97,29 @@ class SparkDeltaLake(LakeBase):
             reader = reader.option("versionAsOf", version)
         df = reader.load(self.path(name))
         return df.select(*(columns or spec.schema.names)).toArrow().cast(schema)
+
+    def df(self, name: str, version: int | None = None):
+        """The table as a Spark DataFrame (an empty one with its schema if it does not exist yet)."""
+        from pyspark.sql.pandas.types import from_arrow_schema
+        if not self.exists(name):
+            return self.spark.createDataFrame([], from_arrow_schema(spec_of(name).schema))
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(self.path(name))
+
+    def replace_df(self, name: str, rows) -> bool:
+        """`replace` for a DataFrame: overwrite a derived table unless it already holds exactly these
+        rows (same count and the same order-free checksum of every column); True when it wrote."""
+        spec = spec_of(name)
+        if spec.append_only:
+            raise LakeError(f"{name} is an append-only event table: it is never replaced")
+        rows = rows.select(*spec.schema.names)
+        if self.exists(name) and content_checksum(self.df(name)) == content_checksum(rows):
+            return False
+        self.table(name)
+        rows.write.format("delta").mode("overwrite").save(self.path(name))
+        return True
 
     def count(self, name: str) -> int:
         return self.spark.read.format("delta").load(self.path(name)).count() if self.exists(name) else 0

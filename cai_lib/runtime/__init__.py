@@ -4,4 +4,5 @@ session  the local Spark session the jobs share (one model per reused Python wor
 worker   runs inside Spark's Python workers: one loaded backend per process, generate or score a partition
 tasks    `Task`s -> deterministic batches -> Spark -> `generation_events` rows, committed group by group
 scoring  (chat, choice) items -> Spark -> log-probs of each answer choice (AI feedback)
+spark_plane  the Spark-native data plane: anti-join pending work, generate in the executors, append with delta-spark
 """

@@ -34,13 +34,12 @@ def backend_for(spec_json: str):
     return _BACKENDS[spec_json]
 
 
-def _generate_one_batch(backend, items: list[dict]):
-    sampling = Sampling(**json.loads(items[0]["sampling"]))
-    chats = [json.loads(it["chat"]) for it in items]
-    seeds = [it["seed"] for it in items]
+def generate_batch(backend, chats: list, sampling: Sampling, seeds: list[int]):
+    """One backend.generate call; when it raises, each request alone, so one bad request fails alone
+    (recorded as a failed event, never dropped) and the rest still count."""
     try:
         return backend.generate(chats, sampling, seeds)
-    except Exception:  # noqa: BLE001 - isolate the failing request(s); the rest still count
+    except Exception:  # noqa: BLE001 - isolate the failing request(s)
         from cai_lib.backends import Generation
         out = []
         for chat, seed in zip(chats, seeds):
@@ -53,8 +52,9 @@ def _generate_one_batch(backend, items: list[dict]):
 
 def generate_partition(batches: Iterator[pa.RecordBatch], spec_json: str, calls) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: rows carry batch_no; each batch is one backend.generate call."""
-    table = pa.Table.from_batches(list(batches))
-    if table.num_rows == 0:
+    batches = list(batches)
+    table = pa.Table.from_batches(batches) if batches else None
+    if table is None or table.num_rows == 0:   # an empty partition may bring no batch at all
         return
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in table.to_pylist():
@@ -63,7 +63,8 @@ def generate_partition(batches: Iterator[pa.RecordBatch], spec_json: str, calls)
     for key in sorted(groups):
         items = sorted(groups[key], key=lambda r: r["task_idx"])
         t0 = time.perf_counter()
-        gens = _generate_one_batch(backend, items)
+        gens = generate_batch(backend, [json.loads(it["chat"]) for it in items],
+                              Sampling(**json.loads(items[0]["sampling"])), [it["seed"] for it in items])
         per_row_ms = (time.perf_counter() - t0) * 1000 / len(items)
         calls.add(1)
         yield pa.RecordBatch.from_pylist([
@@ -80,8 +81,9 @@ SCORE_SCHEMA = pa.schema([("task_idx", pa.int64()), ("logprob_a", pa.float64()),
 
 def score_partition(batches: Iterator[pa.RecordBatch], spec_json: str, choices_json: str, calls) -> Iterator[pa.RecordBatch]:
     """mapInArrow body for labelling: render each chat, append its suffix, score the choices."""
-    table = pa.Table.from_batches(list(batches))
-    if table.num_rows == 0:
+    batches = list(batches)
+    table = pa.Table.from_batches(batches) if batches else None
+    if table is None or table.num_rows == 0:   # an empty partition may bring no batch at all
         return
     backend = backend_for(spec_json)
     choices = json.loads(choices_json)

@@ -10,6 +10,7 @@ Waves: 0 = first answers (red-team and helpful); 2r-1 = critique of round r; 2r 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import pyarrow as pa
@@ -44,8 +45,8 @@ class SLContext:
     backend: str
     settings: SLSettings
 
-    @property
-    def template_sha(self) -> str:
+    @cached_property
+    def template_sha(self) -> str:   # hashed once per context, not once per planned step
         return template_sha(effective_templates(self.constitution), few_shot=self.settings.few_shot,
                             examples=[vars(e) for e in self.constitution.few_shot_critique[:self.settings.few_shot]])
 
@@ -100,13 +101,20 @@ def plan_chain(ctx: SLContext, prompt_id: str, prompt_kind: str) -> list[Step]:
 def step_chat(ctx: SLContext, chain: list[Step], i: int, prompt: str, texts: Mapping[str, str]) -> list:
     """format_input for step i of a chain, given the texts of the steps before it."""
     step = chain[i]
-    if step.kind in ("initial_response", "helpful_response"):
+    response = texts[chain[i - 1 if step.kind == "critique" else i - 2].event_id] if i else None
+    critique = texts[chain[i - 1].event_id] if step.kind == "revision" else None
+    return chat_for(ctx, step.kind, step.principle_id, prompt, response, critique)
+
+
+def chat_for(ctx: SLContext, kind: str, principle_id: str | None, prompt: str, response: str | None,
+             critique: str | None) -> list:
+    """The chat of one step from its inputs: the prompt, the answer it critiques or revises, the critique."""
+    if kind in ("initial_response", "helpful_response"):
         return initial_chat(prompt, effective_templates(ctx.constitution))
-    principle = ctx.constitution.critique_principle(step.principle_id)
-    if step.kind == "critique":
-        return critique_chat(prompt, texts[chain[i - 1].event_id], principle, ctx.constitution, ctx.settings.few_shot)
-    return revision_chat(prompt, texts[chain[i - 2].event_id], texts[chain[i - 1].event_id], principle,
-                         ctx.constitution, ctx.settings.few_shot)
+    principle = ctx.constitution.critique_principle(principle_id)
+    if kind == "critique":
+        return critique_chat(prompt, response, principle, ctx.constitution, ctx.settings.few_shot)
+    return revision_chat(prompt, response, critique, principle, ctx.constitution, ctx.settings.few_shot)
 
 
 def pending_tasks(ctx: SLContext, plans: Mapping[str, list[Step]], prompts: Mapping[str, str], wave: int,

@@ -1,0 +1,129 @@
+"""The data plane at scale: sl-generate on the fake backend with real Spark + delta-spark (`--lake-engine spark`).
+
+    python bench/bench_scale.py                       # 10,000 / 100,000 / 182,831 red-team prompts x 4 rounds
+    python bench/bench_scale.py --sizes 10000 --increment
+
+Each size runs in its own process (its own Spark session, so peak memory is per size) on a synthetic
+prompts table, and prints: wall time, events/s, peak RSS of the Python driver and of the JVM (driver +
+executors in local mode), Delta files and versions of generation_events; the floor (the same rows
+appended to a fresh Delta table in one Spark write, measured in the same process); with --increment,
+a no-op rerun (its model calls) and +1% prompts. Not a timed test: it prints figures and ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def jvm_peak_kib() -> int:
+    """VmHWM of this process's java children (the local Spark JVM)."""
+    peak = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            if f"PPid:\t{os.getpid()}\n" in text and "Name:\tjava" in text:
+                peak = max(peak, int(text.split("VmHWM:")[1].split()[0]))
+        except (OSError, IndexError):
+            continue
+    return peak
+
+
+def make_prompts(lake: Path, n: int, start: int = 0) -> None:
+    import pyarrow as pa
+    from cai_lib.ids import stable_id
+    from cai_lib.lake.tables import Lake
+    from schemas import PROMPTS
+    now = datetime.now(timezone.utc)
+    rows = [{"prompt_id": stable_id("bench_prompt", i=i), "text": f"bench red-team prompt number {i}?",
+             "kind": "red_team", "source": "bench", "source_row": i, "source_format": "jsonl",
+             "category": None, "tags": [], "split": "train", "created_at": now} for i in range(start, start + n)]
+    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in PROMPTS} for r in rows], schema=PROMPTS)
+    Lake(lake).insert_new("prompts", table)
+
+
+def one(a) -> dict:
+    """One size in this process."""
+    from jobs.sl_generate import SLGenerateConfig, run
+    from cai_lib.runtime.session import get_spark
+    from deltalake import DeltaTable
+    spark = get_spark(a.master, "cai-bench-scale", delta=True)
+    lake = Path(tempfile.mkdtemp(prefix="cai-scale-", dir=a.tmp)) / "lake"
+    make_prompts(lake, a.one)
+    cfg = lambda: SLGenerateConfig(lake=str(lake), params="/nonexistent.yaml", backend="fake", base_model="fake",  # noqa: E731
+                                   rounds=4, batch_size=a.batch_size, batches_per_commit=a.batches_per_commit,
+                                   lake_engine="spark", spark_master=a.master,
+                                   constitution=str(ROOT / "constitutions/default.yaml"))
+    t0 = time.perf_counter()
+    out = run(spark, cfg())
+    wall = time.perf_counter() - t0
+    table = DeltaTable(str(lake / "generation_events"))
+    result = {"prompts": a.one, "events": out["inserted"], "wall_s": wall, "events_per_s": out["inserted"] / wall,
+              "driver_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "jvm_rss_mib": jvm_peak_kib() / 1024, "files": len(table.file_uris()), "versions": table.version() + 1}
+    rows = spark.read.format("delta").load(str(lake / "generation_events"))
+    t0 = time.perf_counter()
+    rows.write.format("delta").mode("append").save(str(lake.parent / "floor"))
+    result["floor_s"] = time.perf_counter() - t0
+    if a.increment:
+        t0 = time.perf_counter()
+        again = run(spark, cfg())
+        result.update(noop_s=time.perf_counter() - t0, noop_model_calls=again["model_calls"])
+        make_prompts(lake, max(1, a.one // 100), start=a.one)
+        t0 = time.perf_counter()
+        more = run(spark, cfg())
+        result.update(plus1_s=time.perf_counter() - t0, plus1_events=more["inserted"])
+    spark.stop()
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 182_831])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches-per-commit", type=int, default=64)
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--increment", action="store_true", help="also a no-op rerun and +1%% prompts")
+    ap.add_argument("--tmp", default=None, help="where the lakes go (default: system temp)")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        print("RESULT " + json.dumps(one(a)), flush=True)
+        return 0
+    results = []
+    for n in a.sizes:
+        cmd = [sys.executable, __file__, "--one", str(n), "--batch-size", str(a.batch_size),
+               "--batches-per-commit", str(a.batches_per_commit), "--master", a.master]
+        cmd += ["--increment"] * a.increment + (["--tmp", a.tmp] if a.tmp else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(line[7:]))
+        r = results[-1]
+        print(f"{n:>8} prompts {r['events']:>9} events {r['wall_s']:>8.1f} s {r['events_per_s']:>8.0f} ev/s  "
+              f"driver {r['driver_rss_mib']:>6.0f} MiB  jvm {r['jvm_rss_mib']:>6.0f} MiB  {r['files']} files  "
+              f"{r['versions']} versions  floor {r['floor_s']:.1f} s (x{r['wall_s'] / r['floor_s']:.1f})"
+              + (f"  no-op {r['noop_s']:.1f} s ({r['noop_model_calls']} model calls)  +1% {r['plus1_s']:.1f} s "
+                 f"= {100 * r['plus1_s'] / r['wall_s']:.1f}% of the run" if a.increment else ""), flush=True)
+    base = results[0]
+    for r in results[1:]:
+        per = (r["wall_s"] / r["events"]) / (base["wall_s"] / base["events"])
+        print(f"per-event cost at {r['prompts']} vs {base['prompts']}: x{per:.2f} (goal <= 1.3); driver RSS "
+              f"x{r['driver_rss_mib'] / base['driver_rss_mib']:.2f} (goal <= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""SL-CAI on the Spark-native data plane: the chain planned, its pending steps found and `sl_dataset`
+projected as Spark DataFrames, so the driver holds no per-event state.
+
+The plan is the one `chain.plan_chain` makes (same ids, seeds, principles), computed in the executors
+(`mapInArrow` over the prompts); each step row also names the events its chat is built from (the
+answer it critiques or revises, the critique it follows), so a wave's inputs are joins in Spark.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import pyarrow as pa
+
+from cai_lib.sl.chain import SLContext, chat_for, plan_chain
+
+STEP_SCHEMA = pa.schema([
+    ("event_id", pa.string()), ("kind", pa.string()), ("prompt_id", pa.string()), ("parent_id", pa.string()),
+    ("round", pa.int32()), ("principle_id", pa.string()), ("seed", pa.int64()), ("sampling", pa.string()),
+    ("wave", pa.int32()), ("chain_pos", pa.int32()), ("is_final", pa.bool_()),
+    ("response_id", pa.string()),   # the answer a critique or revision works on
+    ("critique_id", pa.string()),   # the critique a revision follows
+])
+
+
+def plan_partition(batches: Iterator[pa.RecordBatch], ctx: SLContext) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: (prompt_id, kind) rows -> one row per planned step of each prompt's chain."""
+    for batch in batches:
+        rows = []
+        for pid, kind in zip(batch.column("prompt_id").to_pylist(), batch.column("kind").to_pylist()):
+            chain = plan_chain(ctx, pid, kind)
+            for i, st in enumerate(chain):
+                response = chain[i - 1 if st.kind == "critique" else i - 2].event_id if i else None
+                rows.append({
+                    "event_id": st.event_id, "kind": st.kind, "prompt_id": pid, "parent_id": st.parent_id,
+                    "round": st.round, "principle_id": st.principle_id, "seed": st.seed, "sampling": st.sampling,
+                    "wave": st.wave, "chain_pos": i, "is_final": i == len(chain) - 1, "response_id": response,
+                    "critique_id": chain[i - 1].event_id if st.kind == "revision" else None})
+        if rows:
+            yield pa.RecordBatch.from_pylist(rows, schema=STEP_SCHEMA)
+
+
+def plan_steps(spark, ctx: SLContext, prompts):
+    """Every planned step of every prompt in `prompts` (a DataFrame with prompt_id, kind, chosen)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+    ctx.template_sha   # noqa: B018 - hash the templates once here, not in every task
+    steps = prompts.select("prompt_id", "kind").mapInArrow(functools.partial(plan_partition, ctx=ctx),
+                                                           from_arrow_schema(STEP_SCHEMA))
+    return steps.join(prompts.select("prompt_id", "chosen"), "prompt_id")
+
+
+def wave_inputs(steps, ok, prompts, wave: int):
+    """The steps of `wave` whose parent succeeded, with the texts their chats are built from and the
+    length their batches are sorted by. `ok` is (event_id, text) of the successful events."""
+    from pyspark.sql import functions as F
+    mine = steps.where(F.col("wave") == wave)
+    if wave > 0:
+        mine = mine.join(ok.select(F.col("event_id").alias("parent_id")), "parent_id", "left_semi")
+    texts = lambda name, col: ok.select(F.col("event_id").alias(col), F.col("text").alias(name))  # noqa: E731
+    out = (mine.join(prompts.select("prompt_id", F.col("text").alias("prompt_text")), "prompt_id")
+           .join(texts("response_text", "response_id"), "response_id", "left")
+           .join(texts("critique_text", "critique_id"), "critique_id", "left"))
+    return out.withColumn("input_len", F.length("prompt_text") + F.coalesce(F.length("response_text"), F.lit(0))
+                          + F.coalesce(F.length("critique_text"), F.lit(0)))
+
+
+def step_chat_of(ctx: SLContext):
+    """A picklable row -> chat function for the executors."""
+    return functools.partial(_chat_of_row, ctx)
+
+
+def _chat_of_row(ctx: SLContext, row: dict) -> list:
+    return chat_for(ctx, row["kind"], row["principle_id"], row["prompt_text"], row["response_text"],
+                    row["critique_text"])
+
+
+def sl_dataset_df(ctx: SLContext, steps, ok, prompts):
+    """sl_dataset as a DataFrame: the final step of each complete chain (a step runs only after its
+    parent succeeded, so a successful final step means a complete chain) with its chain's ids."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+    from schemas import SL_DATASET
+    chains = steps.groupBy("prompt_id").agg(
+        F.sort_array(F.collect_list(F.struct("chain_pos", "event_id"))).alias("chain"),
+        F.sort_array(F.collect_list(F.when(F.col("kind") == "revision", F.struct("chain_pos", "principle_id"))))
+        .alias("principles"),
+        F.max("round").alias("rounds"))
+    final = (steps.where("is_final").select("prompt_id", F.col("event_id").alias("final_event_id"), "kind")
+             .join(ok.select(F.col("event_id").alias("final_event_id"), F.col("text").alias("response")),
+                   "final_event_id"))
+    rows = (final.join(chains, "prompt_id")
+            .join(prompts.select("prompt_id", F.col("text").alias("prompt"), "category", "split"), "prompt_id")
+            .select("prompt_id", "prompt", "response",
+                    F.when(F.col("kind") == "revision", "revision").otherwise(F.col("kind")).alias("source_kind"),
+                    "category", "split", "rounds", "final_event_id",
+                    F.transform("chain", lambda x: x["event_id"]).alias("chain_event_ids"),
+                    F.transform("principles", lambda x: x["principle_id"]).alias("principle_ids"),
+                    F.lit(ctx.constitution.sha256).alias("constitution_sha"), F.lit(ctx.model_id).alias("model_id"),
+                    F.lit(ctx.model_fingerprint).alias("model_fingerprint")))
+    schema = from_arrow_schema(SL_DATASET)
+    return rows.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields])

@@ -1,0 +1,106 @@
+"""The Spark-native data plane (`--lake-engine spark`): the same events and sl_dataset as the delta-rs
+path, appended by the executors with delta-spark; exactly once when Spark retries a task; one run
+per job and lake; delta-rs and delta-spark reading each other's tables, time travel included."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from deltalake import DeltaTable
+
+from cai_lib.lake.locks import JobLockedError, job_lock
+from cai_lib.lake.tables import Lake
+from jobs.sl_generate import SLGenerateConfig, run
+from tests.conftest import ROOT, copy_lake
+
+SETTINGS = dict(backend="fake", base_model="fake", rounds=1, batch_size=2, batches_per_commit=1,
+                params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"))
+EVENT_COLUMNS = ["event_id", "target_event_id", "status", "kind", "prompt_id", "parent_id", "round",
+                 "principle_id", "seed", "sampling", "text", "template_sha", "constitution_sha"]
+
+
+def events(lake) -> list[dict]:
+    return sorted(Lake(lake).read("generation_events").select(EVENT_COLUMNS).to_pylist(), key=lambda r: r["event_id"])
+
+
+def sl_rows(lake) -> list[dict]:
+    return sorted(Lake(lake).read("sl_dataset").to_pylist(), key=lambda r: r["prompt_id"])
+
+
+@pytest.fixture
+def reference(spark, small_lake, tmp_path):
+    """sl-generate on the delta-rs path: what the Spark plane must write too."""
+    ref = copy_lake(small_lake, tmp_path / "reference")
+    return ref, run(spark, SLGenerateConfig(lake=str(ref), **SETTINGS))
+
+
+def test_the_spark_plane_writes_what_the_delta_rs_path_writes_in_appends_and_reruns_for_free(
+        spark, small_lake, reference, tmp_path):
+    ref, ref_summary = reference
+    lake = copy_lake(small_lake, tmp_path / "spark")
+    summary = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    # 3 red-team + 2 helpful prompts, 1 round: 5 answers, 3 critiques, 3 revisions
+    keys = ("generations", "model_calls", "ok", "failed", "inserted", "completion_tokens", "sl_dataset_rows")
+    assert {k: summary[k] for k in keys} == {k: ref_summary[k] for k in keys} == {
+        "generations": 11, "model_calls": 7, "ok": 11, "failed": 0, "inserted": 11, "completion_tokens": 33,
+        "sl_dataset_rows": 5}
+    assert events(lake) == events(ref) and sl_rows(lake) == sl_rows(ref)
+
+    table = DeltaTable(str(lake / "generation_events"))
+    ops = [(h["operation"], h.get("operationParameters", {}).get("mode")) for h in table.history()]
+    # version 0 creates the table; then one blind append per chunk (batches of 2): 3 + 2 + 2, no MERGE
+    assert sorted(ops, key=str) == sorted([("CREATE TABLE", None)] + [("WRITE", "Append")] * 7, key=str), ops
+    assert table.version() == 7 and table.protocol().min_reader_version == 1
+
+    again = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    assert (again["model_calls"], again["inserted"], again["sl_dataset_rewritten"]) == (0, 0, False)
+    assert DeltaTable(str(lake / "generation_events")).version() == 7
+
+    # each engine reads the other's versions: delta-rs the Spark-written ones, Spark the delta-rs ones
+    for path in (lake / "generation_events", ref / "generation_events"):
+        for v in range(DeltaTable(str(path)).version() + 1):
+            spark_rows = spark.read.format("delta").option("versionAsOf", v).load(str(path)).count()
+            assert DeltaTable(str(path), version=v).to_pyarrow_dataset().count_rows() == spark_rows, (path, v)
+    assert spark.read.format("delta").option("versionAsOf", 3).load(str(lake / "generation_events")).count() == 5
+
+
+@pytest.mark.parametrize("fault", ["raise-once", "exit-once"])
+def test_a_task_that_dies_after_its_model_call_is_retried_and_its_rows_land_once(
+        spark, small_lake, reference, tmp_path, fault):
+    """raise-once: the task fails after generating; exit-once: its Python worker dies mid-stage. Spark
+    runs the task again; only the winning attempt's files are committed."""
+    ref, _ = reference
+    lake = copy_lake(small_lake, tmp_path / "faulty")
+    marker = tmp_path / "fault-happened"
+    cfg = {**SETTINGS, "base_model": f"fake:fault={fault}@{marker}"}
+    summary = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **cfg))
+    assert marker.exists()   # the fault did fire, in the first model call
+    assert (summary["ok"], summary["failed"]) == (11, 0)
+    got = events(lake)
+    assert len({r["event_id"] for r in got}) == len(got) == 11
+    assert got == events(ref)   # same ids and texts as an undisturbed run (the fake's text ignores the id)
+    table = DeltaTable(str(lake / "generation_events"))
+    assert table.to_pyarrow_dataset().count_rows() == 11
+    assert len(table.file_uris()) == 7   # one file per committed chunk: the failed attempt's file is not in the table
+
+
+def test_a_second_run_of_a_job_refuses_while_one_runs_and_a_dead_runs_lock_is_taken_over(spark, small_lake):
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(JobLockedError, match=r"another `cai sl-generate` is writing lake .*job run run-1 "
+                                                 rf"\(pid {holder.pid} on"):
+            with job_lock(small_lake, "sl-generate", "run-1"):
+                lock = small_lake / ".cai-locks" / "sl-generate.json"
+                lock.write_text(lock.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {holder.pid}'))
+                with job_lock(small_lake, "sl-generate", "run-2"):
+                    pass
+        assert lock.exists()   # not ours to remove: the live holder keeps it
+        with pytest.raises(JobLockedError, match="wait for it to finish, then rerun"):
+            run(spark, SLGenerateConfig(lake=str(small_lake), lake_engine="spark", **SETTINGS))
+        assert not Lake(small_lake).exists("generation_events")   # refused before any model call
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = run(spark, SLGenerateConfig(lake=str(small_lake), lake_engine="spark", **SETTINGS))
+    assert summary["ok"] == 11 and not (small_lake / ".cai-locks" / "sl-generate.json").exists()
