@@ -323,9 +323,17 @@ def lake_main(argv) -> int:
     r = sub.add_parser("restore", help="set a broken table's bad commits aside so it opens at its last good version")
     r.add_argument("table", choices=sorted(TABLES))
     _add_common(r)
+    o = sub.add_parser("optimize", help="compact small files, checkpoint, and vacuum files no version needs, "
+                       "keeping every version a gate verdict or a registered model pins")
+    o.add_argument("--retention-hours", type=int, default=168, help="unpinned versions older than this lose "
+                   "their removed files (Delta's default: 7 days)")
+    o.add_argument("--dry-run", action="store_true", help="say what vacuum would delete; change nothing")
+    _add_common(o, registry=True)
     a = p.parse_args(argv)
     from cai_lib.lake.health import check_table, restore
     lake = _lake(a)
+    if a.action == "optimize":
+        return _optimize(lake, a)
     if a.action == "restore":
         h = restore(lake.root, a.table)
         print(f"{h.name}: ok at version {h.version}, {h.rows} rows")
@@ -337,3 +345,18 @@ def lake_main(argv) -> int:
         print(f"{name:<22}" + {"ok": f"ok      version {h.version}, {h.rows} rows", "absent": "absent"}.get(
             h.state, f"BROKEN  {h.message(lake.root)}"))
     return 1 if broken else 0
+
+
+def _optimize(lake, a) -> int:
+    import os
+    from cai_lib.lake.upkeep import gate_pins, optimize, registry_pins
+    pins = gate_pins(lake)
+    uri = _tracking_uri(a)
+    if not (uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))):
+        import mlflow
+        mlflow.set_tracking_uri(uri)
+        for table, versions in registry_pins(lake).items():   # an unreadable registry raises: vacuum nothing
+            pins.setdefault(table, set()).update(versions)
+    for t in optimize(lake, pins, a.retention_hours, a.dry_run):
+        print(t.line())
+    return 0

@@ -6,5 +6,6 @@ locks        one running job of a kind per lake (the Spark plane appends without
 queries      what a generation job reads before it plans: prompts by split, events already there
 sql          DuckDB over every table, by name (`cai sql`)
 spark_sql    Spark SQL over the same tables (`cai sql --engine spark`)
+upkeep       `cai lake optimize`: compact, checkpoint, vacuum all but the pinned versions' files
 health       which tables open; a broken one's bad commit, last good version and restore (`cai lake`)
 """

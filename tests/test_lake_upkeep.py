@@ -1,0 +1,69 @@
+"""`cai lake optimize`: small files compacted, unpinned removed files vacuumed, and every version a gate
+verdict or a registered model pins still readable by time travel."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from cai_lib.lake.tables import Lake
+from cai_lib.lake.upkeep import gate_pins, optimize, registry_pins
+from jobs.cli import main as cai
+from schemas import GATE_EVENTS
+from tests.test_lake import qrows
+
+
+def small_commits(lake: Lake, n: int) -> None:
+    for i in range(n):
+        lake.insert_new("quarantine", qrows([f"q{i}"]))
+
+
+def verdict(pins: dict) -> pa.Table:
+    """A gate_events row judging `pins` (table -> version); the other fields are filler."""
+    row = {f.name: None for f in GATE_EVENTS}
+    row.update(event_id="g1", kind="gate_verdict", stage="prompts", passed=True, n_checks=1, n_failed=0,
+               failed_checks=[], failures="[]", n_quarantined=0, suite_sha="s", input_versions=json.dumps(pins),
+               job_run_id="j", created_at=datetime.now(timezone.utc))
+    return pa.Table.from_pylist([{k: row.get(k) for k in GATE_EVENTS.names}], schema=GATE_EVENTS)
+
+
+def test_optimize_compacts_vacuums_and_keeps_the_pinned_version(tmp_path):
+    lake = Lake(tmp_path)
+    small_commits(lake, 6)                       # versions 1..6, one file each
+    at3 = sorted(DeltaTable(str(lake.path("quarantine")), version=3).to_pyarrow_table()["event_id"].to_pylist())
+    lake.insert_new("gate_events", verdict({"quarantine": 3}))
+    assert gate_pins(lake) == {"quarantine": {3}}
+
+    report = {t.name: t for t in optimize(lake, gate_pins(lake), retention_hours=0)}
+    q = report["quarantine"]
+    assert (q.files_before, q.files_after, q.kept_versions) == (6, 1, [3])
+    assert q.vacuumed == 3                       # q3..q5's small files: only the unpinned versions 4-6 read them
+    assert sorted(lake.read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(6)]
+    assert sorted(DeltaTable(str(lake.path("quarantine")), version=3).to_pyarrow_table()["event_id"].to_pylist()) == at3
+    with pytest.raises(Exception):               # an unpinned old version lost its files, as vacuum should
+        DeltaTable(str(lake.path("quarantine")), version=5).to_pyarrow_table()
+
+
+def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(tmp_path, capsys):
+    import mlflow
+    from cai_lib.registry.tracking import log_lake_inputs
+    lake = Lake(tmp_path / "lake")
+    small_commits(lake, 4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        log_lake_inputs(lake, ["quarantine"])     # trained on quarantine version 4
+    client = mlflow.MlflowClient()
+    client.create_registered_model("cai-test")
+    client.create_model_version("cai-test", source=str(tmp_path), run_id=run.info.run_id)
+    for i in range(4, 7):
+        lake.insert_new("quarantine", qrows([f"q{i}"]))
+    assert registry_pins(lake) == {"quarantine": {4}}
+
+    assert cai(["lake", "optimize", "--lake", str(lake.root), "--tracking-uri", uri, "--retention-hours", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "quarantine             files 7 -> 1, vacuumed 3, version 7 -> " in out and "pinned versions kept: 4" in out
+    assert DeltaTable(str(lake.path("quarantine")), version=4).to_pyarrow_table().num_rows == 4
