@@ -66,6 +66,13 @@ class SLGenerateConfig(GenerationConfig, PointerConfig):
 
 
 
+def incomplete_chains(mine: int, total: int, fails: Failures) -> str:
+    """Why sl_dataset would lose `total` rows of selected prompts, `mine` of them in this run."""
+    return (f"their chains are incomplete under these settings (constitution, model, rounds): {mine} of those "
+            f"prompts were in this run ({fails.failed} generations failed, {fails.gave_up} gave up), "
+            f"{total - mine} were not (outside --limit)")
+
+
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     if cfg.lake_engine == "spark":
         return run_on_spark(spark, cfg, progress)
@@ -102,10 +109,7 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     fails = Failures.of("generations", total, exhausted, cfg.max_attempts, most_tries(planned, texts, failures))
 
     def why(pids) -> str:
-        mine = sum(1 for p in pids if p in todo)
-        return (f"their chains are incomplete under these settings (constitution, model, rounds): {mine} of those "
-                f"prompts were in this run ({fails.failed} generations failed, {fails.gave_up} gave up), "
-                f"{len(pids) - mine} were not (outside --limit)")
+        return incomplete_chains(sum(1 for p in pids if p in todo), len(pids), fails)
     dataset = derive_sl_dataset(ctx, plans, prompts, texts)
     dataset_changed, errors, warnings = guarded_replace(lake, "sl_dataset", dataset, set(plans), cfg.allow_shrink, why)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
@@ -171,11 +175,8 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
         fails = Failures.of("generations", total, exhausted, cfg.max_attempts, tries)
 
         def why(unexplained) -> str:
-            n = unexplained.count()
             mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()
-            return (f"their chains are incomplete under these settings (constitution, model, rounds): {mine} of those "
-                    f"prompts were in this run ({fails.failed} generations failed, {fails.gave_up} gave up), "
-                    f"{n - mine} were not (outside --limit)")
+            return incomplete_chains(mine, unexplained.count(), fails)
         changed, errors, warnings = guarded_replace_df(lake, "sl_dataset", sl_dataset_df(ctx, steps, ok, prompts),
                                                        prompts, cfg.allow_shrink, why)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],

@@ -92,11 +92,7 @@ class SparkDeltaLake(LakeBase):
         schema = spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns])
         if not self.exists(name):
             return schema.empty_table()
-        reader = self.spark.read.format("delta")
-        if version is not None:
-            reader = reader.option("versionAsOf", version)
-        df = reader.load(self.path(name))
-        return df.select(*(columns or spec.schema.names)).toArrow().cast(schema)
+        return self.df(name, version).select(*(columns or spec.schema.names)).toArrow().cast(schema)
 
     def df(self, name: str, version: int | None = None):
         """The table as a Spark DataFrame (an empty one with its schema if it does not exist yet)."""
