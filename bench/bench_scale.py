@@ -82,7 +82,8 @@ def one(a) -> dict:
         make_prompts(lake, max(1, a.one // 100), start=a.one)
         t0 = time.perf_counter()
         more = run(spark, cfg())
-        result.update(plus1_s=time.perf_counter() - t0, plus1_events=more["inserted"])
+        result.update(plus1_s=time.perf_counter() - t0, plus1_events=more["inserted"],
+                      plus1_model_calls=more["model_calls"])
     spark.stop()
     return result
 
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
               f"driver {r['driver_rss_mib']:>6.0f} MiB  jvm {r['jvm_rss_mib']:>6.0f} MiB  {r['files']} files  "
               f"{r['versions']} versions  floor {r['floor_s']:.1f} s (x{r['wall_s'] / r['floor_s']:.1f})"
               + (f"  no-op {r['noop_s']:.1f} s ({r['noop_model_calls']} model calls)  +1% {r['plus1_s']:.1f} s "
-                 f"= {100 * r['plus1_s'] / r['wall_s']:.1f}% of the run" if a.increment else ""), flush=True)
+                 f"= {100 * r['plus1_s'] / r['wall_s']:.1f}% of the run ({r['plus1_events']} events in "
+                 f"{r['plus1_model_calls']} model calls)" if a.increment else ""), flush=True)
     base = results[0]
     for r in results[1:]:
         per = (r["wall_s"] / r["events"]) / (base["wall_s"] / base["events"])

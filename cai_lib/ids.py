@@ -17,9 +17,16 @@ from typing import Any, Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no spaces: one text per value, so hashes are stable."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """JSON with sorted keys and no spaces: one text per value, so hashes are stable.
+
+    >>> canonical_json({"b": [1, "é"], "a": None})
+    '{"a":null,"b":[1,"é"]}'
+    """
+    return _CANONICAL.encode(obj)   # one encoder, not one per call: ids are hashed millions of times
 
 
 def sha256_text(text: str) -> str:

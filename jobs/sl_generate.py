@@ -148,18 +148,33 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
     chosen = steps.where("chosen")
     job_run_id = new_job_run_id()
     total, exhausted = RunStats(), 0
+    n_chosen = prompts.where("chosen").count()
     with job_lock(cfg.lake, "sl-generate", job_run_id):
-        for wave in range(0, 2 * cfg.rounds + 1):
-            # a wave reads its own round and the one before (its parents): Delta skips the other files by
-            # their min/max stats (each commit holds one wave), so a small increment scans little
+        # One pass over the events first: the waves with a step still to do, and the prompts they belong to.
+        # A rerun with nothing left does no wave; an increment's waves join only its own prompts' steps.
+        left = chosen.select("event_id", "wave", "prompt_id").join(
+            successful(lake.df("generation_events")), "event_id", "left_anti").localCheckpoint(eager=True)
+        waves = {r["wave"] for r in left.select("wave").distinct().collect()}
+        live = left.select("prompt_id").distinct().localCheckpoint(eager=True)
+        n_live = live.count()
+        only = (lambda df: df) if n_live == n_chosen else (   # noqa: E731
+            lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
+        work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, prompts))
+        for wave in sorted(waves):
+            # a wave reads its own round and the one before (its parents) once: Delta skips the other files
+            # by their min/max stats (each commit holds one wave), so a small increment scans little
             r = (wave + 1) // 2
-            events = lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))
+            events = only(lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))).select(
+                "target_event_id", "status", "text").localCheckpoint(eager=True)
             ok = successful(events)
-            todo, gave_up, chunks = pending(wave_inputs(chosen, ok, prompts, wave), ok, failure_counts(events),
+            todo, gave_up, chunks = pending(lake, wave_inputs(work, ok, work_prompts, wave), ok, failure_counts(events),
+                                            table="generation_events", plan_id=f"{job_run_id}/{wave}",
                                             max_attempts=cfg.max_attempts, batch_size=cfg.batch_size,
-                                            batches_per_commit=cfg.batches_per_commit)
+                                            batches_per_commit=cfg.batches_per_commit,
+                                            slots=spark.sparkContext.defaultParallelism,
+                                            plan_filter=F.col("round") == r)
             exhausted += gave_up
-            n = sum(size for _, size, _ in chunks)
+            n = sum(c[2] for c in chunks)
             if n:
                 if progress:
                     progress(f"wave {wave}/{2 * cfg.rounds}: {n} generations in {len(chunks)} commits")
@@ -168,6 +183,9 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
                                    job_run_id=job_run_id, parse=parse_output,
                                    progress=progress))
             todo.unpersist(blocking=False)
+            events.unpersist(blocking=False)
+        for df in (left, live, work, work_prompts):
+            df.unpersist(blocking=False)
         events = lake.df("generation_events")
         ok = successful(events)
         undone = chosen.select("event_id").join(ok, "event_id", "left_anti").join(failure_counts(events), "event_id")
@@ -181,7 +199,7 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
                                                        prompts, cfg.allow_shrink, why)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
                   {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
-    summary = {"prompts": prompts.where("chosen").count(), "generations": total.tasks,
+    summary = {"prompts": n_chosen, "generations": total.tasks,
                "model_calls": total.model_calls, "ok": total.ok, "failed": total.failed, "gave_up": exhausted,
                "inserted": total.inserted, "completion_tokens": total.completion_tokens,
                "sl_dataset_rows": lake.count("sl_dataset"), "sl_dataset_rewritten": changed,

@@ -14,4 +14,5 @@ from schemas.tables import (  # noqa: F401
     SL_DATASET,
     TABLES,
     TableSpec,
+    WORK_BATCHES,
 )

@@ -170,6 +170,20 @@ PREFERENCE_DATASET = pa.schema([
 ])
 
 
+WORK_BATCHES = pa.schema([
+    _f("work_id", pa.string(), False, "event_id#attempt: one planned attempt of one event"),
+    _f("target_table", pa.string(), False, "the event table the attempt's row goes to"),
+    _f("event_id", pa.string(), False),
+    _f("attempt", pa.int32(), False),
+    _f("round", pa.int32(), False, "the event's round (lets a wave's read skip the other rounds' files)"),
+    _f("plan_id", pa.string(), False, "job_run_id/wave: the run and wave that cut the batch"),
+    _f("pos", pa.int64(), False, "position in the plan (its order inside a batch)"),
+    _f("batch_no", pa.int64(), False, "rows of one plan and batch_no are one model call"),
+    _f("chunk", pa.int64(), False, "rows of one plan and chunk are one commit"),
+    _f("created_at", UTC_TS, False),
+])
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -188,5 +202,7 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("label_events", LABEL_EVENTS, "event_id", True),
         TableSpec("preference_dataset", PREFERENCE_DATASET, "pair_id", False),
         TableSpec("gate_events", GATE_EVENTS, "event_id", True),
+        # the Spark plane's batch plan: a resumed run re-cuts an interrupted attempt into the same batch
+        TableSpec("work_batches", WORK_BATCHES, "work_id", True),
     )
 }

@@ -104,3 +104,39 @@ def test_a_second_run_of_a_job_refuses_while_one_runs_and_a_dead_runs_lock_is_ta
         holder.wait()
     summary = run(spark, SLGenerateConfig(lake=str(small_lake), lake_engine="spark", **SETTINGS))
     assert summary["ok"] == 11 and not (small_lake / ".cai-locks" / "sl-generate.json").exists()
+
+
+def test_an_increment_fills_batches_of_its_own_and_a_stopped_runs_batches_are_kept(
+        spark, small_lake, reference, tmp_path):
+    """Batches are cut from the pending attempts only, so two new prompts make one model call per wave;
+    an attempt a stopped run planned (work_batches) runs in the batch it was planned in."""
+    import json
+
+    from pyspark.sql import functions as F
+
+    from cai_lib.lake.spark_delta import SparkDeltaLake
+    from tests.conftest import DEMO_RED, ingest, write_jsonl
+    lake = copy_lake(small_lake, tmp_path / "planned")
+    # a run that planned wave 0 as one batch of all five answers, then stopped before generating
+    wave0 = [r for r in events(reference[0]) if r["round"] == 0]
+    plan = [{"work_id": f"{r['event_id']}#1", "target_table": "generation_events", "event_id": r["event_id"],
+             "attempt": 1, "round": 0, "plan_id": "stopped-run/0", "pos": i, "batch_no": 0, "chunk": 0}
+            for i, r in enumerate(sorted(wave0, key=lambda r: r["event_id"]))]
+    spark_lake = SparkDeltaLake(spark, lake)
+    spark_lake.table("work_batches")
+    fields = spark_lake.df("work_batches").schema.fields
+    (spark.createDataFrame(plan).selectExpr("*", "current_timestamp() AS created_at")
+     .select(*[F.col(f.name).cast(f.dataType) for f in fields]).write.format("delta").mode("append")
+     .save(spark_lake.path("work_batches")))
+    summary = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    # wave 0 in the kept batch (1 call, 1 commit); waves 1 and 2 cut anew: 3 rows in batches of 2
+    assert (summary["model_calls"], summary["ok"]) == (1 + 2 + 2, 11)
+    assert DeltaTable(str(lake / "generation_events")).version() == 1 + 2 + 2
+
+    red = [json.loads(x) for x in DEMO_RED.read_text().splitlines()[1:9:4]]   # two prompts not yet in the lake
+    ingest(lake, write_jsonl(tmp_path / "more.jsonl", red), "red_team")
+    more = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    # 2 answers, 2 critiques, 2 revisions: one full batch per wave, whatever the old prompts' lengths
+    assert (more["generations"], more["model_calls"], more["ok"], more["sl_dataset_rows"]) == (6, 3, 6, 7)
+    assert DeltaTable(str(lake / "generation_events")).version() == 5 + 3
+

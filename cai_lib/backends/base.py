@@ -38,7 +38,12 @@ class Sampling:
         object.__setattr__(self, "stop", tuple(self.stop))
 
     def to_json(self) -> str:
-        return canonical_json(asdict(self))
+        """The canonical JSON of these settings (part of every generation id), computed once."""
+        text = self.__dict__.get("_json")
+        if text is None:
+            text = canonical_json(asdict(self))
+            object.__setattr__(self, "_json", text)
+        return text
 
 
 @dataclass

@@ -2,9 +2,10 @@
 executors' rows go straight into `generation_events` with delta-spark, one commit per chunk of batches.
 
 Per wave:
-1. `pending` numbers the wave's eligible steps in a fixed order (input length, then id) over all of
-   them, done or not, so a batch is the same batch in every run; it anti-joins the successful
-   events away, drops what gave up, and cuts the rest into batches and chunks of whole batches.
+1. `pending` anti-joins the successful events away from the wave's steps and drops what gave up. An
+   attempt a stopped run had already planned keeps its batch (`work_batches`), so a resumed run makes
+   the model calls an uninterrupted run makes; the rest, and only the rest, is cut into new batches
+   (input length, then id) and chunks of whole batches, so an increment fills batches of its own.
 2. `run_wave` runs each chunk as its own Spark job: a `mapInArrow` task generates the chunk's
    batches and Delta's writer appends them (files from a failed or speculative task attempt are
    never committed: Spark's commit protocol adds only the winning attempt's files). As many chunk
@@ -46,28 +47,73 @@ def failure_counts(events):
             .agg(F.count(F.lit(1)).cast("int").alias("tries")))
 
 
-def pending(inputs, ok, failures, *, max_attempts: int, batch_size: int, batches_per_commit: int):
-    """(todo, gave_up, chunks): the steps of `inputs` still to run with attempt, batch_no and chunk; how
-    many are left failed after max_attempts; and [(chunk, rows, batches)] in order (numbers per chunk)."""
+def chunk_batches(batches: int, batches_per_commit: int, slots: int) -> int:
+    """Batches per chunk: at most batches_per_commit, and chunks in a multiple of `slots` when there are
+    enough batches, so the wave's last round of chunk jobs keeps every slot busy.
+
+    >>> chunk_batches(157, 64, 2), chunk_batches(3, 64, 2), chunk_batches(200, 64, 2), chunk_batches(1, 64, 2)
+    (40, 2, 50, 1)
+    """
+    chunks = -(-batches // batches_per_commit)
+    if batches >= slots:
+        chunks = -(-chunks // slots) * slots
+    return -(-batches // chunks)
+
+
+def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempts: int, batch_size: int,
+            batches_per_commit: int, slots: int, plan_filter=None):
+    """(todo, gave_up, chunks): the rows of `inputs` (event_id, round, input_len, ...) without a
+    successful event in `ok`, with attempt, plan_id, pos, batch_no and chunk; how many are left failed
+    after max_attempts; and [(plan_id, chunk, rows, batches)] in order.
+
+    An attempt planned before (by a run that was stopped before committing it) keeps its batch: a
+    resumed run makes the same model calls as an uninterrupted one. Attempts never planned are cut into
+    new batches in (input_len, event_id) order, so an increment's rows fill whole batches of their
+    own; that plan is appended to `work_batches` before any of its chunks runs."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-    order = (inputs.select("event_id", "input_len")
-             .withColumn("idx", F.row_number().over(Window.orderBy("input_len", "event_id")) - 1)
-             .select("event_id", "idx"))
-    marked = (inputs.join(ok.select("event_id"), "event_id", "left_anti").join(order, "event_id")
+    plans = lake.df("work_batches").where(F.col("target_table") == table)
+    if plan_filter is not None:
+        plans = plans.where(plan_filter)   # lets the read skip files of other rounds
+    marked = (inputs.join(ok.select("event_id"), "event_id", "left_anti")
               .join(failures, "event_id", "left").withColumn("tries", F.coalesce("tries", F.lit(0)))
               .withColumn("gave_up", F.col("tries") >= max_attempts)
-              .withColumn("attempt", F.col("tries") + 1)
-              .withColumn("batch_no", (F.col("idx") / batch_size).cast("long"))
-              .withColumn("chunk", (F.col("idx") / (batch_size * batches_per_commit)).cast("long")))
-    # Materialized apart from the table it was read from: each chunk's append makes Spark re-run every
+              .withColumn("attempt", (F.col("tries") + 1).cast("int"))
+              .join(plans.select("event_id", "attempt", "plan_id", "pos", "batch_no", "chunk"),
+                    ["event_id", "attempt"], "left")
+              .withColumn("fresh", F.col("plan_id").isNull() & ~F.col("gave_up")))
+    # the new attempts' order: numbered apart from the planned ones (which keep their pos)
+    order = F.row_number().over(Window.partitionBy("fresh").orderBy("input_len", "event_id")) - 1
+    marked = marked.withColumn("pos", F.when(F.col("fresh"), order.cast("long")).otherwise(F.col("pos")))
+    # Materialized apart from the tables it was read from: each chunk's append makes Spark re-run every
     # cached plan that reads generation_events (recacheByPath), which would redo the anti-join per chunk.
-    marked = marked.repartition("chunk").localCheckpoint(eager=True)
-    counts = marked.groupBy("chunk", "gave_up").agg(F.count(F.lit(1)).alias("n"),
-                                                    F.countDistinct("batch_no").alias("batches")).collect()
-    gave_up = sum(r["n"] for r in counts if r["gave_up"])
-    chunks = sorted((r["chunk"], r["n"], r["batches"]) for r in counts if not r["gave_up"])
-    return marked.where(~F.col("gave_up")), gave_up, chunks
+    marked = marked.localCheckpoint(eager=True)
+    counts = {(r["gave_up"], r["fresh"]): r["n"] for r in marked.groupBy("gave_up", "fresh").count()
+              .withColumnRenamed("count", "n").collect()}
+    gave_up = sum(n for (g, _), n in counts.items() if g)
+    n_fresh = counts.get((False, True), 0)
+    per_chunk = chunk_batches(max(1, -(-n_fresh // batch_size)), batches_per_commit, slots)
+    batch_no = F.floor(F.col("pos") / batch_size)
+    todo = (marked.where(~F.col("gave_up"))
+            .withColumn("plan_id", F.coalesce("plan_id", F.lit(plan_id)))
+            .withColumn("batch_no", F.coalesce("batch_no", batch_no))
+            .withColumn("chunk", F.coalesce("chunk", F.floor(batch_no / per_chunk))))
+    if n_fresh:
+        record_plan(lake, todo.where("fresh"), table)
+    sizes = todo.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
+                                                  F.countDistinct("batch_no").alias("batches")).collect()
+    return todo, gave_up, sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
+
+
+def record_plan(lake, planned, table: str) -> None:
+    """Append the batches just cut to work_batches (one commit), before any of them runs."""
+    from pyspark.sql import functions as F
+    lake.table("work_batches")
+    rows = planned.select(F.concat_ws("#", "event_id", F.col("attempt").cast("string")).alias("work_id"),
+                          F.lit(table).alias("target_table"), "event_id", "attempt",
+                          F.col("round").cast("int").alias("round"), "plan_id", "pos", "batch_no", "chunk",
+                          F.current_timestamp().alias("created_at"))
+    rows.write.format("delta").mode("append").save(lake.path("work_batches"))
 
 
 def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat: Callable[[dict], list],
@@ -80,13 +126,13 @@ def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat
     backend = backend_for(spec_json)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["batch_no"], r["sampling"])].append(r)
+        groups[(r["plan_id"], r["batch_no"], r["sampling"])].append(r)
     for key in sorted(groups):
-        items = sorted(groups[key], key=lambda r: r["idx"])
+        items = sorted(groups[key], key=lambda r: r["pos"])
         tasks = [Task(r["event_id"], r["kind"], r["prompt_id"], r["parent_id"], r["round"], r["principle_id"],
                       r["seed"], r["sampling"], make_chat(r), r["attempt"]) for r in items]
         t0 = time.perf_counter()
-        gens = generate_batch(backend, [t.chat for t in tasks], Sampling(**json.loads(key[1])), [t.seed for t in tasks])
+        gens = generate_batch(backend, [t.chat for t in tasks], Sampling(**json.loads(key[2])), [t.seed for t in tasks])
         per_row_ms = (time.perf_counter() - t0) * 1000 / len(items)
         counters["calls"].add(1)
         results = {i: {"text": parse(t.kind, g.text) if g.text is not None else None, "error": g.error,
@@ -101,7 +147,7 @@ def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat
         yield from rows.to_batches()
 
 
-def run_wave(spark, lake, todo, chunks: list[tuple[int, int, int]], *, make_chat: Callable[[dict], list],
+def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make_chat: Callable[[dict], list],
              backend_spec: dict, constants: dict[str, Any], job_run_id: str,
              parse: Callable[[str, str], str] = lambda kind, text: text, slots: int | None = None,
              progress: Callable[[str], None] | None = None) -> RunStats:
@@ -115,16 +161,16 @@ def run_wave(spark, lake, todo, chunks: list[tuple[int, int, int]], *, make_chat
     out_schema = from_arrow_schema(GENERATION_EVENTS)
     path = lake.path("generation_events")
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
-    stats = RunStats(tasks=sum(n for _, n, _ in chunks), batches=sum(b for _, _, b in chunks))
+    stats = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks))
     done = {"rows": 0, "commits": 0}
 
-    def write(chunk: int) -> None:
-        part = todo.where(F.col("chunk") == chunk).coalesce(1)
+    def write(plan_id: str, chunk: int) -> None:
+        part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
         part.mapInArrow(fn, out_schema).write.format("delta").mode("append").save(path)
 
-    sizes = {c: n for c, n, _ in chunks}
+    sizes = {(p, c): n for p, c, n, _ in chunks}
     with ThreadPoolExecutor(max(1, slots or sc.defaultParallelism)) as pool:
-        futures = {pool.submit(write, c): c for c, _, _ in chunks}
+        futures = {pool.submit(write, p, c): (p, c) for p, c, _, _ in chunks}
         remaining = set(futures)
         while remaining:
             finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
