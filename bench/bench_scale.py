@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,16 +39,27 @@ def jvm_peak_kib() -> int:
 
 
 def make_prompts(lake: Path, n: int, start: int = 0) -> None:
+    """n synthetic red-team prompts, built column by column (no per-row dicts: the driver's peak is the job's)."""
     import pyarrow as pa
     from cai_lib.ids import stable_id
     from cai_lib.lake.tables import Lake
     from schemas import PROMPTS
-    now = datetime.now(timezone.utc)
-    rows = [{"prompt_id": stable_id("bench_prompt", i=i), "text": f"bench red-team prompt number {i}?",
-             "kind": "red_team", "source": "bench", "source_row": i, "source_format": "jsonl",
-             "category": None, "tags": [], "split": "train", "created_at": now} for i in range(start, start + n)]
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in PROMPTS} for r in rows], schema=PROMPTS)
-    Lake(lake).insert_new("prompts", table)
+    idx = range(start, start + n)
+    cols = {"prompt_id": [stable_id("bench_prompt", i=i) for i in idx],
+            "text": [f"bench red-team prompt number {i}?" for i in idx],
+            "kind": ["red_team"] * n, "source": ["bench"] * n, "source_row": list(idx), "source_format": ["jsonl"] * n,
+            "category": [None] * n, "tags": [[]] * n, "split": ["train"] * n, "meta": [None] * n,
+            "created_at": [datetime.now(timezone.utc)] * n}
+    Lake(lake).insert_new("prompts", pa.table({f.name: pa.array(cols[f.name], f.type) for f in PROMPTS}, schema=PROMPTS))
+
+
+def reset_peak_rss() -> None:
+    """Start this process's VmHWM afresh (Linux clear_refs), so the peak read after a run is that run's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
 
 
 def one(a) -> dict:
@@ -60,6 +70,7 @@ def one(a) -> dict:
     spark = get_spark(a.master, "cai-bench-scale", delta=True)
     lake = Path(tempfile.mkdtemp(prefix="cai-scale-", dir=a.tmp)) / "lake"
     make_prompts(lake, a.one)
+    reset_peak_rss()
     cfg = lambda: SLGenerateConfig(lake=str(lake), params="/nonexistent.yaml", backend="fake", base_model="fake",  # noqa: E731
                                    rounds=4, batch_size=a.batch_size, batches_per_commit=a.batches_per_commit,
                                    lake_engine="spark", spark_master=a.master,
@@ -69,7 +80,7 @@ def one(a) -> dict:
     wall = time.perf_counter() - t0
     table = DeltaTable(str(lake / "generation_events"))
     result = {"prompts": a.one, "events": out["inserted"], "wall_s": wall, "events_per_s": out["inserted"] / wall,
-              "driver_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "driver_rss_mib": peak_rss_mib(),
               "jvm_rss_mib": jvm_peak_kib() / 1024, "files": len(table.file_uris()), "versions": table.version() + 1}
     rows = spark.read.format("delta").load(str(lake / "generation_events"))
     t0 = time.perf_counter()
