@@ -142,7 +142,8 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.base_model)
     ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
-    # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it
+    # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it. (unpersist
+    # does not free a local checkpoint; Spark's ContextCleaner drops its blocks once the DataFrame is unreferenced)
     prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
     steps = plan_steps(spark, ctx, prompts).localCheckpoint(eager=True)
     chosen = steps.where("chosen")
@@ -182,10 +183,6 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
                                    backend_spec=cfg.backend_spec(cfg.base_model), constants=ctx.constants(),
                                    job_run_id=job_run_id, parse=parse_output,
                                    progress=progress))
-            todo.unpersist(blocking=False)
-            events.unpersist(blocking=False)
-        for df in (left, live, work, work_prompts):
-            df.unpersist(blocking=False)
         events = lake.df("generation_events")
         ok = successful(events)
         undone = chosen.select("event_id").join(ok, "event_id", "left_anti").join(failure_counts(events), "event_id")
@@ -199,14 +196,11 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
                                                        prompts, cfg.allow_shrink, why)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
                   {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
-    summary = {"prompts": n_chosen, "generations": total.tasks,
-               "model_calls": total.model_calls, "ok": total.ok, "failed": total.failed, "gave_up": exhausted,
-               "inserted": total.inserted, "completion_tokens": total.completion_tokens,
-               "sl_dataset_rows": lake.count("sl_dataset"), "sl_dataset_rewritten": changed,
-               "failures": [fails], "errors": errors, "warnings": warnings}
-    steps.unpersist()
-    prompts.unpersist()
-    return summary
+    return {"prompts": n_chosen, "generations": total.tasks,
+            "model_calls": total.model_calls, "ok": total.ok, "failed": total.failed, "gave_up": exhausted,
+            "inserted": total.inserted, "completion_tokens": total.completion_tokens,
+            "sl_dataset_rows": lake.count("sl_dataset"), "sl_dataset_rewritten": changed,
+            "failures": [fails], "errors": errors, "warnings": warnings}
 
 
 def main(argv=None) -> int:
