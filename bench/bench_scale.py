@@ -2,12 +2,15 @@
 
     python bench/bench_scale.py                       # 10,000 / 100,000 / 182,831 red-team prompts x 4 rounds
     python bench/bench_scale.py --sizes 10000 --increment
+    python bench/bench_scale.py --sizes 10000 182831 --label    # + pairs and labels of every prompt
 
 Each size runs in its own process (its own Spark session, so peak memory is per size) on a synthetic
 prompts table, and prints: wall time, events/s, peak RSS of the Python driver and of the JVM (driver +
 executors in local mode), Delta files and versions of generation_events; the floor (the same rows
 appended to a fresh Delta table in one Spark write, measured in the same process); with --increment,
-a no-op rerun (its model calls) and +1% prompts. Not a timed test: it prints figures and ratios.
+a no-op rerun (its model calls) and +1% prompts; with --label, sample-pairs and label on the same plane
+(two samples per prompt, then each pair scored in both orders) with their own floor (the label rows
+appended to a fresh table). Not a timed test: it prints figures and ratios.
 """
 from __future__ import annotations
 
@@ -66,7 +69,6 @@ def one(a) -> dict:
     """One size in this process."""
     from jobs.sl_generate import SLGenerateConfig, run
     from cai_lib.runtime.session import get_spark
-    from deltalake import DeltaTable
     spark = get_spark(a.master, "cai-bench-scale", delta=True)
     lake = Path(tempfile.mkdtemp(prefix="cai-scale-", dir=a.tmp)) / "lake"
     make_prompts(lake, a.one)
@@ -75,18 +77,12 @@ def one(a) -> dict:
                                    rounds=4, batch_size=a.batch_size, batches_per_commit=a.batches_per_commit,
                                    lake_engine="spark", spark_master=a.master,
                                    constitution=str(ROOT / "constitutions/default.yaml"))
-    t0 = time.perf_counter()
-    out = run(spark, cfg())
-    wall = time.perf_counter() - t0
-    table = DeltaTable(str(lake / "generation_events"))
-    result = {"prompts": a.one, "events": out["inserted"], "wall_s": wall, "events_per_s": out["inserted"] / wall,
-              "driver_rss_mib": peak_rss_mib(),
-              "jvm_rss_mib": jvm_peak_kib() / 1024, "files": len(table.file_uris()), "versions": table.version() + 1}
-    rows = spark.read.format("delta").load(str(lake / "generation_events"))
-    t0 = time.perf_counter()
-    rows.write.format("delta").mode("append").save(str(lake.parent / "floor"))
-    result["floor_s"] = time.perf_counter() - t0
-    if a.increment:
+    result = {"prompts": a.one}
+    if not a.label_only:
+        result.update(sl_run(spark, lake, cfg))
+    if a.label:
+        result.update(label_run(spark, lake, a))
+    if a.increment and not a.label_only:
         t0 = time.perf_counter()
         again = run(spark, cfg())
         result.update(noop_s=time.perf_counter() - t0, noop_model_calls=again["model_calls"])
@@ -99,6 +95,48 @@ def one(a) -> dict:
     return result
 
 
+def sl_run(spark, lake: Path, cfg) -> dict:
+    """sl-generate of every prompt, then its floor: the same rows appended to a fresh table in one write."""
+    from deltalake import DeltaTable
+    from jobs.sl_generate import run
+    t0 = time.perf_counter()
+    out = run(spark, cfg())
+    wall = time.perf_counter() - t0
+    table = DeltaTable(str(lake / "generation_events"))
+    result = {"events": out["inserted"], "wall_s": wall, "events_per_s": out["inserted"] / wall,
+              "driver_rss_mib": peak_rss_mib(),
+              "jvm_rss_mib": jvm_peak_kib() / 1024, "files": len(table.file_uris()), "versions": table.version() + 1}
+    rows = spark.read.format("delta").load(str(lake / "generation_events"))
+    t0 = time.perf_counter()
+    rows.write.format("delta").mode("append").save(str(lake.parent / "floor"))
+    result["floor_s"] = time.perf_counter() - t0
+    return result
+
+
+def label_run(spark, lake: Path, a) -> dict:
+    """sample-pairs, then label (one principle, both orders) of every prompt, on the Spark plane."""
+    from jobs.label import LabelConfig
+    from jobs.label import run as label
+    from jobs.sample_pairs import SamplePairsConfig
+    from jobs.sample_pairs import run as sample_pairs
+    common = dict(lake=str(lake), params="/nonexistent.yaml", backend="fake", batch_size=a.batch_size,
+                  batches_per_commit=a.batches_per_commit, lake_engine="spark", spark_master=a.master,
+                  constitution=str(ROOT / "constitutions/default.yaml"))
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    pairs = sample_pairs(spark, SamplePairsConfig(policy="fake", **common))
+    out = {"pairs_s": time.perf_counter() - t0, "pair_samples": pairs["inserted"]}
+    t0 = time.perf_counter()
+    labels = label(spark, LabelConfig(feedback_model="fake", **common))
+    out.update(label_s=time.perf_counter() - t0, labels=labels["inserted"], label_calls=labels["model_calls"],
+               ai_pairs=labels["ai_pairs"], label_driver_rss_mib=peak_rss_mib())
+    rows = spark.read.format("delta").load(str(lake / "label_events"))
+    t0 = time.perf_counter()
+    rows.write.format("delta").mode("append").save(str(lake.parent / "label_floor"))
+    out["label_floor_s"] = time.perf_counter() - t0
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 182_831])
@@ -106,9 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batches-per-commit", type=int, default=64)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--increment", action="store_true", help="also a no-op rerun and +1%% prompts")
+    ap.add_argument("--label", action="store_true", help="also sample-pairs and label of every prompt")
+    ap.add_argument("--label-only", action="store_true", help="pairs and labels only (no sl-generate)")
     ap.add_argument("--tmp", default=None, help="where the lakes go (default: system temp)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.label = a.label or a.label_only
     if a.one:
         print("RESULT " + json.dumps(one(a)), flush=True)
         return 0
@@ -116,7 +157,8 @@ def main(argv=None) -> int:
     for n in a.sizes:
         cmd = [sys.executable, __file__, "--one", str(n), "--batch-size", str(a.batch_size),
                "--batches-per-commit", str(a.batches_per_commit), "--master", a.master]
-        cmd += ["--increment"] * a.increment + (["--tmp", a.tmp] if a.tmp else [])
+        cmd += ["--increment"] * a.increment + ["--label"] * a.label + ["--label-only"] * a.label_only
+        cmd += ["--tmp", a.tmp] if a.tmp else []
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -124,17 +166,30 @@ def main(argv=None) -> int:
             return 1
         results.append(json.loads(line[7:]))
         r = results[-1]
-        print(f"{n:>8} prompts {r['events']:>9} events {r['wall_s']:>8.1f} s {r['events_per_s']:>8.0f} ev/s  "
-              f"driver {r['driver_rss_mib']:>6.0f} MiB  jvm {r['jvm_rss_mib']:>6.0f} MiB  {r['files']} files  "
-              f"{r['versions']} versions  floor {r['floor_s']:.1f} s (x{r['wall_s'] / r['floor_s']:.1f})"
-              + (f"  no-op {r['noop_s']:.1f} s ({r['noop_model_calls']} model calls)  +1% {r['plus1_s']:.1f} s "
-                 f"= {100 * r['plus1_s'] / r['wall_s']:.1f}% of the run ({r['plus1_events']} events in "
-                 f"{r['plus1_model_calls']} model calls)" if a.increment else ""), flush=True)
+        if a.label_only:
+            print(f"{n:>8} prompts", end="", flush=True)
+        else:
+            print(f"{n:>8} prompts {r['events']:>9} events {r['wall_s']:>8.1f} s {r['events_per_s']:>8.0f} ev/s  "
+                  f"driver {r['driver_rss_mib']:>6.0f} MiB  jvm {r['jvm_rss_mib']:>6.0f} MiB  {r['files']} files  "
+                  f"{r['versions']} versions  floor {r['floor_s']:.1f} s (x{r['wall_s'] / r['floor_s']:.1f})"
+                  + (f"  no-op {r['noop_s']:.1f} s ({r['noop_model_calls']} model calls)  +1% {r['plus1_s']:.1f} s "
+                     f"= {100 * r['plus1_s'] / r['wall_s']:.1f}% of the run ({r['plus1_events']} events in "
+                     f"{r['plus1_model_calls']} model calls)" if a.increment else ""), flush=True)
+        if a.label:
+            print(f"{'':>8} pairs: {r['pair_samples']} samples in {r['pairs_s']:.1f} s; labels: {r['labels']} "
+                  f"({r['ai_pairs']} pairs x 2 orders) in {r['label_s']:.1f} s, {r['labels'] / r['label_s']:.0f}/s, "
+                  f"{r['label_calls']} model calls, floor {r['label_floor_s']:.1f} s "
+                  f"(x{r['label_s'] / r['label_floor_s']:.1f}), driver {r['label_driver_rss_mib']:.0f} MiB", flush=True)
     base = results[0]
     for r in results[1:]:
-        per = (r["wall_s"] / r["events"]) / (base["wall_s"] / base["events"])
-        print(f"per-event cost at {r['prompts']} vs {base['prompts']}: x{per:.2f} (goal <= 1.3); driver RSS "
-              f"x{r['driver_rss_mib'] / base['driver_rss_mib']:.2f} (goal <= 1.5)")
+        if not a.label_only:
+            per = (r["wall_s"] / r["events"]) / (base["wall_s"] / base["events"])
+            print(f"per-event cost at {r['prompts']} vs {base['prompts']}: x{per:.2f} (goal <= 1.3); driver RSS "
+                  f"x{r['driver_rss_mib'] / base['driver_rss_mib']:.2f} (goal <= 1.5)")
+        if a.label:
+            per = (r["label_s"] / r["labels"]) / (base["label_s"] / base["labels"])
+            print(f"per-label cost at {r['prompts']} vs {base['prompts']}: x{per:.2f}; driver RSS while labelling "
+                  f"x{r['label_driver_rss_mib'] / base['label_driver_rss_mib']:.2f}")
     return 0
 
 

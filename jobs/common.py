@@ -63,6 +63,14 @@ class GenerationConfig(ModelJobConfig):
 
 
 @dataclass
+class PlaneFields:
+    """Which data plane a generating job runs on (sl-generate, sample-pairs, label)."""
+    lake_engine: str = opt("delta-rs", "delta-rs: plan on the driver, commit with delta-rs | spark: the Spark-native "
+                                       "data plane (plan, anti-join and model work in the executors, append with "
+                                       "delta-spark; needs Delta's jars: Maven Central, or spark-submit --packages)")
+
+
+@dataclass
 class FeedbackFields:
     """The feedback model and what it judges by (label, eval-labeler)."""
     constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")

@@ -43,12 +43,12 @@ from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, FeedbackFields, GenerationConfig, guarded_replace, spark_job_main, write_pointer
+from jobs.common import Failures, FeedbackFields, GenerationConfig, PlaneFields, guarded_replace, spark_job_main, write_pointer
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfig):
+class LabelConfig(GenerationConfig, FeedbackFields, PlaneFields, RegistryConfig, PointerConfig):
     MODEL_FIELDS = ("feedback_model", "policy")
     policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
                                    "default: every sampled pair)")
@@ -91,7 +91,16 @@ def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str | None) -> tuple[list[t
     return pairs, texts, dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
 
 
+def lacking_labels(score_fails: Failures, cot_fails: Failures) -> str:
+    """Why preference_dataset would lose rows of pairs still selected."""
+    return (f"those pairs lack labels under these settings (constitution, feedback model, ensemble, cot): "
+            f"{score_fails.failed} scorings failed and {cot_fails.failed + cot_fails.gave_up} chains of thought "
+            f"failed or gave up in this run")
+
+
 def run(spark, cfg: LabelConfig, progress=None) -> dict:
+    if cfg.lake_engine == "spark":
+        return run_on_spark(spark, cfg, progress)
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     fb_model = cfg.feedback_model
@@ -163,11 +172,8 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     selected = {p[0] for p in pairs} | set(pc.filter(dataset["pair_id"], pc.equal(dataset["source"], "human_helpful"))
                                            .to_pylist())
 
-    def why(ids) -> str:
-        return (f"those pairs lack labels under these settings (constitution, feedback model, ensemble, cot): "
-                f"{score_fails.failed} scorings failed and {cot_fails.failed + cot_fails.gave_up} chains of thought "
-                f"failed or gave up in this run")
-    changed, errors, warnings = guarded_replace(lake, "preference_dataset", dataset, selected, cfg.allow_shrink, why)
+    changed, errors, warnings = guarded_replace(lake, "preference_dataset", dataset, selected, cfg.allow_shrink,
+                                                lambda ids: lacking_labels(score_fails, cot_fails))
     write_pointer(cfg.pointer, lake, ["label_events", "preference_dataset"],
                   {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
     n_ai = int(pc.sum(pc.equal(dataset["source"], "ai_harmless")).as_py() or 0)
@@ -177,6 +183,117 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
             "ai_pairs": n_ai, "human_pairs": dataset.num_rows - n_ai, **left_out,
             "preference_dataset_rewritten": changed,
             "labels_sha": sha256_text(",".join(sorted(mine)))[:12],
+            "failures": [cot_fails, score_fails], "errors": errors, "warnings": warnings}
+
+
+def policy_fingerprint(cfg: LabelConfig) -> str | None:
+    if not cfg.policy:
+        return None
+    from cai_lib.registry.models import backend_model
+    return model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy)[1])
+
+
+def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
+    """The same labels and preference_dataset on the Spark-native data plane (cai_lib/feedback/spark_labels.py):
+    pairs, plan and pending in Spark, chains of thought a generation wave, the executors score and append."""
+    import functools
+    import threading
+
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from cai_lib.feedback import spark_labels as sl
+    from cai_lib.feedback.preferences import human_rows
+    from cai_lib.lake.locks import job_lock
+    from cai_lib.runtime import spark_plane as plane
+    from jobs.common import guarded_replace_df
+    lake = open_lake(cfg.lake, spark, engine="spark")
+    constitution = load_constitution(cfg.constitution)
+    fb_fp = model_fingerprint(cfg.backend, cfg.feedback_model)
+    chosen = plane.selected_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",)).where("chosen")
+    events = lake.df("generation_events")
+    pairs = sl.sampled_pairs(events, chosen, policy_fingerprint(cfg)).localCheckpoint(eager=True)
+    n_pairs = pairs.count()
+    if not n_pairs:
+        raise ValueError(f"no sampled pairs in lake {lake.root} for the policy model: run `cai sample-pairs` first")
+    s = cfg.settings()
+    cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens).to_json()
+    jobs = sl.plan_jobs(pairs, constitution, fb_fp, s, cot_sampling).localCheckpoint(eager=True)
+    template = effective_templates(constitution)["cot" if s.cot else "comparison"]
+    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256,
+                 "model_id": cfg.feedback_model, "model_fingerprint": fb_fp, "backend": cfg.backend,
+                 "template_sha": s.template_sha(constitution)}
+    make_chat = functools.partial(sl.label_chat, template=template, constitution=constitution)
+    spec, slots, job_run_id = cfg.backend_spec(cfg.feedback_model), spark.sparkContext.defaultParallelism, new_job_run_id()
+    cuts = dict(batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit, slots=slots)
+    samples = plane.successful(events.where(F.col("kind") == "pair_sample"))
+    cot_fails, cot_gave_up, cot_calls = Failures("chains of thought", max_attempts=cfg.max_attempts), 0, 0
+    with job_lock(cfg.lake, "label", job_run_id):
+        todo = jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
+        todo = sl.with_texts(todo, chosen, samples).localCheckpoint(eager=True)
+        if s.cot and not todo.isEmpty():
+            cots = events.where(F.col("kind") == "cot").join(todo.select(F.col("cot_id").alias("target_event_id")),
+                                                             "target_event_id", "left_semi")
+            cots = cots.select("target_event_id", "status", "text").localCheckpoint(eager=True)
+            gen, cot_gave_up, chunks = plane.pending(lake, sl.cot_inputs(todo, cot_sampling), plane.successful(cots),
+                                                     plane.failure_counts(cots), table="generation_events",
+                                                     plan_id=f"{job_run_id}/cot", max_attempts=cfg.max_attempts, **cuts)
+            stats = None
+            if chunks:
+                if progress:
+                    progress(f"chain of thought for {sum(c[2] for c in chunks)} comparisons")
+                stats = plane.run_wave(spark, lake, gen, chunks, make_chat=make_chat, backend_spec=spec,
+                                       constants=constants, job_run_id=job_run_id, progress=progress)
+            cot_calls = stats.model_calls if stats else 0
+            cots = lake.df("generation_events").where(F.col("kind") == "cot")
+            cot_fails = Failures.of("chains of thought", stats, cot_gave_up, cfg.max_attempts,
+                                    plane.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots))
+            todo = sl.with_cot(todo, plane.successful(cots))   # a failed CoT is an event; its label waits
+        todo, chunks = plane.cut(todo, f"{job_run_id}/labels", **cuts)
+        score_fails = Failures("scorings", attempted=sum(c[2] for c in chunks))
+        counters = {k: spark.sparkContext.accumulator(0) for k in ("calls", "ms")}
+        score = sl.scorer(spec, make_chat, s, constants, job_run_id, counters)
+        out_schema, quarantined, lock = from_arrow_schema(sl.SCORED_SCHEMA), [0], threading.Lock()
+        lake.table("label_events")
+        lake.table("quarantine")
+
+        def write(plan_id: str, chunk: int) -> None:
+            part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
+            scored = part.mapInArrow(score, out_schema).localCheckpoint(eager=True)   # one model pass, two tables
+            (scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names)
+             .write.format("delta").mode("append").save(lake.path("label_events")))
+            bad = sl.quarantine_rows(scored).localCheckpoint(eager=True)
+            failed = bad.count()
+            if failed:
+                new = bad.join(lake.df("quarantine").select("event_id"), "event_id", "left_anti")
+                n_new = new.count()
+                new.write.format("delta").mode("append").save(lake.path("quarantine"))
+                with lock:
+                    score_fails.failed += failed
+                    score_fails.first_error = score_fails.first_error or bad.agg(F.min("reason")).first()[0]
+                    quarantined[0] += n_new
+        if chunks and progress:
+            progress(f"scoring {score_fails.attempted} comparisons in {len(chunks)} commits")
+        plane.run_chunks(chunks, write, slots, progress, "scorings")
+        labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
+        human, rejected = human_rows(cfg.human_pairs)
+        dataset, incomplete = sl.preference_rows(labels, samples, chosen, sl.human_table(human))
+        dataset = dataset.localCheckpoint(eager=True)
+        selected = jobs.select("pair_id").unionByName(
+            spark.createDataFrame([(r["pair_id"],) for r in human], "pair_id string")).distinct()
+        changed, errors, warnings = guarded_replace_df(lake, "preference_dataset", dataset, selected,
+                                                       cfg.allow_shrink, lambda ids: lacking_labels(score_fails, cot_fails))
+        mine_sha = sl.labels_sha(jobs)
+        n_jobs = jobs.count()
+    write_pointer(cfg.pointer, lake, ["label_events", "preference_dataset"],
+                  {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
+    n_ai = dataset.where(F.col("source") == "ai_harmless").count()
+    return {"pairs": n_pairs, "comparisons": n_jobs, "scored": score_fails.attempted,
+            "inserted": score_fails.attempted - score_fails.failed, "quarantined": quarantined[0],
+            "model_calls": counters["calls"].value + cot_calls, "failed": score_fails.failed + cot_fails.failed,
+            "cot_failed": cot_fails.failed, "cot_gave_up": cot_gave_up, "ai_pairs": n_ai,
+            "human_pairs": len(human), "incomplete_pairs": incomplete, "human_rows_rejected": rejected,
+            "preference_dataset_rewritten": changed, "labels_sha": mine_sha,
             "failures": [cot_fails, score_fails], "errors": errors, "warnings": warnings}
 
 

@@ -26,11 +26,11 @@ from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, GenerationConfig, spark_job_main, write_pointer
+from jobs.common import Failures, GenerationConfig, PlaneFields, spark_job_main, write_pointer
 
 
 @dataclass
-class SamplePairsConfig(GenerationConfig, RegistryConfig, PointerConfig):
+class SamplePairsConfig(GenerationConfig, PlaneFields, RegistryConfig, PointerConfig):
     MODEL_FIELDS = ("policy",)
     policy: str = opt("cai-sl", "the policy under study: a registered model (cai-sl = latest), a folder or 'default'")
     n_samples: int = opt(2, "responses per prompt (2 = one pair)")
@@ -52,6 +52,8 @@ def pair_rounds(lake) -> dict[str, set[int]]:
 
 
 def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
+    if cfg.lake_engine == "spark":
+        return run_on_spark(spark, cfg, progress)
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     from cai_lib.registry.models import backend_model  # a registered policy (cai-sl) is fetched once into the cache
@@ -79,6 +81,58 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     fails = Failures.of("responses", stats, gave_up, cfg.max_attempts,
                         most_tries([t.event_id for t in planned], done, failures))
     return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls, "ok": stats.ok,
+            "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted, "failures": [fails]}
+
+
+def run_on_spark(spark, cfg: SamplePairsConfig, progress=None) -> dict:
+    """The same samples on the Spark-native data plane (cai_lib/runtime/spark_plane.py): planned in the
+    executors, pending by anti-join, generated and appended by the executors with delta-spark."""
+    import functools
+
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from cai_lib.feedback.pairs import SAMPLE_SCHEMA, sample_chat, sample_partition
+    from cai_lib.lake.locks import job_lock
+    from cai_lib.runtime import spark_plane as plane
+    from cai_lib.registry.models import backend_model
+    lake = open_lake(cfg.lake, spark, engine="spark")
+    constitution = load_constitution(cfg.constitution)
+    model_label, load_as = backend_model(cfg, cfg.policy)
+    fp = model_fingerprint(cfg.backend, load_as)
+    prompts = plane.selected_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",)).where("chosen")
+    n_prompts = prompts.count()
+    plan = functools.partial(sample_partition, fingerprint=fp, sampling=Sampling(cfg.temperature, cfg.top_p,
+                             cfg.max_new_tokens), seed=cfg.seed, n_samples=cfg.n_samples)
+    events = lake.df("generation_events").where(F.col("kind") == "pair_sample")
+    if not cfg.resample:  # pairs are data: a prompt that has a complete pair (from any policy) keeps it
+        paired = (events.where(F.col("status") == "ok").groupBy("prompt_id")
+                  .agg(F.countDistinct("round").alias("n")).where(F.col("n") >= cfg.n_samples))
+        prompts = prompts.join(paired.select("prompt_id"), "prompt_id", "left_anti")
+    planned = prompts.select("prompt_id", "text").mapInArrow(plan, from_arrow_schema(SAMPLE_SCHEMA))
+    planned = planned.localCheckpoint(eager=True)   # not re-planned after each append (see spark_plane.pending)
+    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": model_label,
+                 "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
+    job_run_id = new_job_run_id()
+    stats = RunStats()
+    with job_lock(cfg.lake, "sample-pairs", job_run_id):
+        mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
+                           "left_semi").select("target_event_id", "status", "text").localCheckpoint(eager=True)
+        todo, gave_up, chunks = plane.pending(
+            lake, planned, plane.successful(mine), plane.failure_counts(mine), table="generation_events",
+            plan_id=f"{job_run_id}/pairs", max_attempts=cfg.max_attempts, batch_size=cfg.batch_size,
+            batches_per_commit=cfg.batches_per_commit, slots=spark.sparkContext.defaultParallelism)
+        n = sum(c[2] for c in chunks)
+        if n:
+            if progress:
+                progress(f"sampling {n} responses in {len(chunks)} commits")
+            stats = plane.run_wave(spark, lake, todo, chunks, make_chat=sample_chat,
+                                   backend_spec=cfg.backend_spec(load_as), constants=constants,
+                                   job_run_id=job_run_id, progress=progress)
+        tries = plane.most_tries(planned, lake.df("generation_events").where(F.col("kind") == "pair_sample"))
+    write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
+    fails = Failures.of("responses", stats, gave_up, cfg.max_attempts, tries)
+    return {"prompts": n_prompts, "samples": stats.tasks, "model_calls": stats.model_calls, "ok": stats.ok,
             "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted, "failures": [fails]}
 
 

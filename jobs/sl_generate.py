@@ -36,15 +36,16 @@ from cai_lib.constitution.templates import parse_output
 from cai_lib.lake.locks import job_lock
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.spark_plane import failure_counts, pending, run_wave, successful
+from cai_lib.runtime.spark_plane import failure_counts, pending, run_wave, selected_prompts, successful
+from cai_lib.runtime.spark_plane import most_tries as spark_most_tries
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
 from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.sl.spark_chain import plan_steps, sl_dataset_df, step_chat_of, wave_inputs
-from jobs.common import Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
+from jobs.common import Failures, GenerationConfig, PlaneFields, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
 
 
 @dataclass
-class SLGenerateConfig(GenerationConfig, PointerConfig):
+class SLGenerateConfig(GenerationConfig, PlaneFields, PointerConfig):
     MODEL_FIELDS = ("base_model",)
     base_model: str = opt("default", "the helpful model that answers, critiques and revises: 'default' "
                                      "(embedded SmolLM2-135M-Instruct), a model folder or a cached hub id")
@@ -55,9 +56,6 @@ class SLGenerateConfig(GenerationConfig, PointerConfig):
     critique_max_new_tokens: int = opt(96, "token budget of critiques")
     revision_max_new_tokens: int = opt(128, "token budget of revisions")
     allow_shrink: bool = opt(False, "replace sl_dataset even when incomplete chains would make it smaller")
-    lake_engine: str = opt("delta-rs", "delta-rs: plan on the driver, commit with delta-rs | spark: the Spark-native "
-                                       "data plane (plan, anti-join and generate in the executors, append with "
-                                       "delta-spark; needs Delta's jars: Maven Central, or spark-submit --packages)")
 
     def settings(self) -> SLSettings:
         s = lambda n: Sampling(self.temperature, self.top_p, n)  # noqa: E731
@@ -123,19 +121,6 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
 # The Spark-native data plane (`--lake-engine spark`): the same events and sl_dataset as run()'s delta-rs
 # path, with nothing per event on the driver (see cai_lib/runtime/spark_plane.py).
 
-def selected_prompts(lake, splits: list[str], limit: int | None):
-    """The prompts of the splits (red-team and helpful) with `chosen`: the first `limit` of each kind."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-    if lake.count("prompts") == 0:
-        raise ValueError(f"no prompts in lake {lake.root}: run `cai ingest --lake {lake.root}` first")
-    prompts = lake.df("prompts").where(F.col("split").isin(splits) & F.col("kind").isin("red_team", "helpful"))
-    if limit is None:
-        return prompts.withColumn("chosen", F.lit(True))
-    rank = F.row_number().over(Window.partitionBy("kind").orderBy("prompt_id"))
-    return prompts.withColumn("chosen", rank <= limit)
-
-
 def run_on_spark(spark, cfg, progress=None) -> dict:
     from pyspark.sql import functions as F
     lake = open_lake(cfg.lake, spark, engine="spark")
@@ -185,9 +170,7 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
                                    progress=progress))
         events = lake.df("generation_events")
         ok = successful(events)
-        undone = chosen.select("event_id").join(ok, "event_id", "left_anti").join(failure_counts(events), "event_id")
-        tries = undone.agg(F.max("tries")).first()[0] or 0
-        fails = Failures.of("generations", total, exhausted, cfg.max_attempts, tries)
+        fails = Failures.of("generations", total, exhausted, cfg.max_attempts, spark_most_tries(chosen, events))
 
         def why(unexplained) -> str:
             mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()

@@ -49,6 +49,10 @@ def ingest(lake: Path, source: Path, kind: str, **kw) -> dict:
 @pytest.fixture
 def small_lake(tmp_path) -> Path:
     """A lake with 3 red-team and 2 helpful demo prompts (all split=train)."""
+    return make_small_lake(tmp_path)
+
+
+def make_small_lake(tmp_path: Path) -> Path:
     import json
     red = [json.loads(x) for x in DEMO_RED.read_text().splitlines()[:12:4]]
     helpful = [json.loads(x) for x in DEMO_HELPFUL.read_text().splitlines()[:2]]

@@ -6,7 +6,9 @@ The constitution plays no part in sampling (it judges the pairs later), so it is
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterator, Mapping
+
+import pyarrow as pa
 
 from cai_lib.backends import Sampling
 from cai_lib.constitution.templates import DEFAULT_TEMPLATES, initial_chat, template_sha
@@ -32,3 +34,31 @@ def pair_sample_tasks(prompts: Mapping[str, str], *, fingerprint: str, sampling:
 
 def pair_id_of(prompt_id: str, a_id: str, b_id: str) -> str:
     return stable_id("pair", prompt=prompt_id, a=a_id, b=b_id)
+
+
+# The Spark-native data plane (`cai sample-pairs --lake-engine spark`): the same tasks, planned in the executors.
+
+SAMPLE_SCHEMA = pa.schema([
+    ("event_id", pa.string()), ("kind", pa.string()), ("prompt_id", pa.string()), ("parent_id", pa.string()),
+    ("round", pa.int32()), ("principle_id", pa.string()), ("seed", pa.int64()), ("sampling", pa.string()),
+    ("prompt_text", pa.string()), ("input_len", pa.int64()),
+])
+
+
+def sample_partition(batches: Iterator[pa.RecordBatch], *, fingerprint: str, sampling: Sampling, seed: int,
+                     n_samples: int) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: (prompt_id, text) rows -> one row per pair sample task (`pair_sample_tasks`)."""
+    for batch in batches:
+        texts = dict(zip(batch.column("prompt_id").to_pylist(), batch.column("text").to_pylist()))
+        tasks = pair_sample_tasks(texts, fingerprint=fingerprint, sampling=sampling, seed=seed, n_samples=n_samples)
+        if tasks:
+            yield pa.RecordBatch.from_pylist([
+                {"event_id": t.event_id, "kind": t.kind, "prompt_id": t.prompt_id, "parent_id": None,
+                 "round": t.round, "principle_id": None, "seed": t.seed, "sampling": t.sampling,
+                 "prompt_text": texts[t.prompt_id], "input_len": len(texts[t.prompt_id])} for t in tasks],
+                schema=SAMPLE_SCHEMA)
+
+
+def sample_chat(row: dict) -> list:
+    """A pair sample's chat from its plan row (picklable, for the executors)."""
+    return initial_chat(row["prompt_text"], DEFAULT_TEMPLATES)

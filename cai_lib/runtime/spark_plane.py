@@ -47,6 +47,28 @@ def failure_counts(events):
             .agg(F.count(F.lit(1)).cast("int").alias("tries")))
 
 
+def most_tries(planned, events) -> int:
+    """The most failed attempts any `planned` id (event_id column) without a success has had: what
+    --max-attempts must exceed to retry the given-up ones (`tasks.most_tries` on the driver)."""
+    from pyspark.sql import functions as F
+    undone = planned.select("event_id").join(successful(events), "event_id", "left_anti")
+    return undone.join(failure_counts(events), "event_id").agg(F.max("tries")).first()[0] or 0
+
+
+def selected_prompts(lake, splits: list[str], limit: int | None, kinds: tuple[str, ...] = ("red_team", "helpful")):
+    """The prompts of `kinds` in the splits with `chosen`: the first `limit` of each kind by id
+    (`queries.select_prompts` on the driver)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    if lake.count("prompts") == 0:
+        raise ValueError(f"no prompts in lake {lake.root}: run `cai ingest --lake {lake.root}` first")
+    prompts = lake.df("prompts").where(F.col("split").isin(splits) & F.col("kind").isin(*kinds))
+    if limit is None:
+        return prompts.withColumn("chosen", F.lit(True))
+    rank = F.row_number().over(Window.partitionBy("kind").orderBy("prompt_id"))
+    return prompts.withColumn("chosen", rank <= limit)
+
+
 def chunk_batches(batches: int, batches_per_commit: int, slots: int) -> int:
     """Batches per chunk: at most batches_per_commit, and chunks in a multiple of `slots` when there are
     enough batches, so the wave's last round of chunk jobs keeps every slot busy.
@@ -103,6 +125,23 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
     sizes = todo.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
                                                   F.countDistinct("batch_no").alias("batches")).collect()
     return todo, gave_up, sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
+
+
+def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: int):
+    """(rows with plan_id, pos, batch_no and chunk; [(plan_id, chunk, rows, batches)]): batches in
+    (input_len, event_id) order and chunks of whole batches, for work whose batching does not change
+    its results (scoring: no sampling, so no plan is kept for a resume)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    n = rows.count()
+    per_chunk = chunk_batches(max(1, -(-n // batch_size)), batches_per_commit, slots)
+    batch_no = F.floor(F.col("pos") / batch_size)
+    out = (rows.withColumn("pos", (F.row_number().over(Window.orderBy("input_len", "event_id")) - 1).cast("long"))
+           .withColumn("batch_no", batch_no).withColumn("chunk", F.floor(batch_no / per_chunk))
+           .withColumn("plan_id", F.lit(plan_id)).localCheckpoint(eager=True))
+    sizes = out.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
+                                                 F.countDistinct("batch_no").alias("batches")).collect()
+    return out, sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
 
 
 def record_plan(lake, planned, table: str) -> None:
@@ -162,38 +201,45 @@ def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make
     path = lake.path("generation_events")
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
     stats = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks))
-    done = {"rows": 0, "commits": 0}
 
     def write(plan_id: str, chunk: int) -> None:
         part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
         part.mapInArrow(fn, out_schema).write.format("delta").mode("append").save(path)
 
-    sizes = {(p, c): n for p, c, n, _ in chunks}
-    with ThreadPoolExecutor(max(1, slots or sc.defaultParallelism)) as pool:
-        futures = {pool.submit(write, p, c): (p, c) for p, c, _, _ in chunks}
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
-            failed = [f for f in finished if f.exception() is not None]
-            if failed:   # let the chunks in flight finish (they are committed), start no more
-                for f in remaining:
-                    f.cancel()
-                wait(remaining)
-                raise failed[0].exception()
-            for f in finished:
-                done["rows"] += sizes[futures[f]]
-                done["commits"] += 1
-            if progress:
-                total = stats.tasks
-                progress(f"  [{'#' * round(20 * done['rows'] / max(total, 1)):.<20}] {done['rows']}/{total} "
-                         f"generations committed in {done['commits']} of {len(chunks)} commits")
+    done = run_chunks(chunks, write, slots or sc.defaultParallelism, progress, "generations")
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
-    stats.model_calls, stats.commits = counters["calls"].value, done["commits"]
+    stats.model_calls, stats.commits = counters["calls"].value, done
     stats.ok, stats.failed, stats.completion_tokens = (counters[k].value for k in ("ok", "failed", "tokens"))
     stats.inserted = stats.ok + stats.failed
     if stats.failed:
         stats.first_error = first_error(lake, todo, job_run_id)
     return stats
+
+
+def run_chunks(chunks: list[tuple[str, int, int, int]], write: Callable[[str, int], None], slots: int,
+               progress: Callable[[str], None] | None, what: str) -> int:
+    """Run `write(plan_id, chunk)` for every chunk, `slots` at a time, each starting when one ends; the
+    number committed. After a failure the chunks in flight finish (they are committed) and no more start."""
+    sizes = {(p, c): n for p, c, n, _ in chunks}
+    total, rows, commits = sum(sizes.values()), 0, 0
+    with ThreadPoolExecutor(max(1, slots)) as pool:
+        futures = {pool.submit(write, p, c): (p, c) for p, c, _, _ in chunks}
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+            failed = [f for f in finished if f.exception() is not None]
+            if failed:
+                for f in remaining:
+                    f.cancel()
+                wait(remaining)
+                raise failed[0].exception()
+            for f in finished:
+                rows += sizes[futures[f]]
+                commits += 1
+            if progress:
+                progress(f"  [{'#' * round(20 * rows / max(total, 1)):.<20}] {rows}/{total} "
+                         f"{what} committed in {commits} of {len(chunks)} commits")
+    return commits
 
 
 def first_error(lake, todo, job_run_id: str) -> str:

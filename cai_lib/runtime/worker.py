@@ -79,6 +79,21 @@ SCORE_SCHEMA = pa.schema([("task_idx", pa.int64()), ("logprob_a", pa.float64()),
                           ("error", pa.string())])
 
 
+def score_batch(backend, prompts: list[str], choices) -> list[tuple[list, str | None]]:
+    """(log-probs of each choice, error) per prompt: one backend call; when it raises, each prompt alone,
+    so a failing prompt fails alone (quarantined, never dropped)."""
+    try:
+        return [(lp, None) for lp in backend.choice_logprobs(prompts, choices)]
+    except Exception:  # noqa: BLE001 - isolate the failing prompt(s)
+        scored = []
+        for p in prompts:
+            try:
+                scored.append((backend.choice_logprobs([p], choices)[0], None))
+            except Exception as exc:  # noqa: BLE001
+                scored.append(([None, None], f"{type(exc).__name__}: {exc}"[:2000]))
+        return scored
+
+
 def score_partition(batches: Iterator[pa.RecordBatch], spec_json: str, choices_json: str, calls) -> Iterator[pa.RecordBatch]:
     """mapInArrow body for labelling: render each chat, append its suffix, score the choices."""
     batches = list(batches)
@@ -88,16 +103,7 @@ def score_partition(batches: Iterator[pa.RecordBatch], spec_json: str, choices_j
     backend = backend_for(spec_json)
     choices = json.loads(choices_json)
     rows = sorted(table.to_pylist(), key=lambda r: r["task_idx"])
-    prompts = [backend.render_chat(json.loads(r["chat"])) + r["suffix"] for r in rows]
-    try:
-        scored = [(lp, None) for lp in backend.choice_logprobs(prompts, choices)]
-    except Exception:  # noqa: BLE001 - isolate the failing prompt(s): they are quarantined, not dropped
-        scored = []
-        for p in prompts:
-            try:
-                scored.append((backend.choice_logprobs([p], choices)[0], None))
-            except Exception as exc:  # noqa: BLE001
-                scored.append(([None, None], f"{type(exc).__name__}: {exc}"[:2000]))
+    scored = score_batch(backend, [backend.render_chat(json.loads(r["chat"])) + r["suffix"] for r in rows], choices)
     calls.add(1)
     yield pa.RecordBatch.from_pylist([
         {"task_idx": r["task_idx"], "logprob_a": lp[0], "logprob_b": lp[1], "error": err}
