@@ -5,6 +5,7 @@
     cai label --cot                               # reason first, then score; p clamped to [0.4, 0.6]
     cai label --feedback-model path/to/model
     cai label --policy cai-sl:2                   # only the pairs that policy sampled
+    cai label --lake-engine spark                 # the Spark-native data plane (same labels and dataset)
     spark-submit launch/cai_task.py label --lake lake
 
 Every scoring is a `label_events` row (raw log-probs, p_shown_a, p_a, order, principle,
@@ -19,6 +20,9 @@ did nothing because every CoT gave up exits 1 too. `preference_dataset` is never
 because pairs still selected lack labels (failed scorings or CoTs): the old table is kept and the
 run exits 1, unless --allow-shrink. Rows of pairs no longer selected (--limit, --splits,
 --policy, human_pairs) may go, with a warning.
+
+`--lake-engine spark`: pairs, plan and pending are Spark DataFrames, the executors score and append
+label_events with delta-spark (cai_lib/feedback/spark_labels.py); one run per lake at a time.
 """
 from __future__ import annotations
 
@@ -197,10 +201,8 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
     """The same labels and preference_dataset on the Spark-native data plane (cai_lib/feedback/spark_labels.py):
     pairs, plan and pending in Spark, chains of thought a generation wave, the executors score and append."""
     import functools
-    import threading
 
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
     from cai_lib.feedback import spark_labels as sl
     from cai_lib.feedback.preferences import human_rows
@@ -250,31 +252,11 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
                                     plane.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots))
             todo = sl.with_cot(todo, plane.successful(cots))   # a failed CoT is an event; its label waits
         todo, chunks = plane.cut(todo, f"{job_run_id}/labels", **cuts)
-        score_fails = Failures("scorings", attempted=sum(c[2] for c in chunks))
-        counters = {k: spark.sparkContext.accumulator(0) for k in ("calls", "ms")}
-        score = sl.scorer(spec, make_chat, s, constants, job_run_id, counters)
-        out_schema, quarantined, lock = from_arrow_schema(sl.SCORED_SCHEMA), [0], threading.Lock()
-        lake.table("label_events")
-        lake.table("quarantine")
-
-        def write(plan_id: str, chunk: int) -> None:
-            part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
-            scored = part.mapInArrow(score, out_schema).localCheckpoint(eager=True)   # one model pass, two tables
-            (scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names)
-             .write.format("delta").mode("append").save(lake.path("label_events")))
-            bad = sl.quarantine_rows(scored).localCheckpoint(eager=True)
-            failed = bad.count()
-            if failed:
-                new = bad.join(lake.df("quarantine").select("event_id"), "event_id", "left_anti")
-                n_new = new.count()
-                new.write.format("delta").mode("append").save(lake.path("quarantine"))
-                with lock:
-                    score_fails.failed += failed
-                    score_fails.first_error = score_fails.first_error or bad.agg(F.min("reason")).first()[0]
-                    quarantined[0] += n_new
         if chunks and progress:
-            progress(f"scoring {score_fails.attempted} comparisons in {len(chunks)} commits")
-        plane.run_chunks(chunks, write, slots, progress, "scorings")
+            progress(f"scoring {sum(c[2] for c in chunks)} comparisons in {len(chunks)} commits")
+        scoring = sl.run_scoring(spark, lake, todo, chunks, spec=spec, make_chat=make_chat, settings=s,
+                                 constants=constants, job_run_id=job_run_id, slots=slots, progress=progress)
+        score_fails = Failures("scorings", scoring.attempted, scoring.failed, first_error=scoring.first_error)
         labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
         human, rejected = human_rows(cfg.human_pairs)
         dataset, incomplete = sl.preference_rows(labels, samples, chosen, sl.human_table(human))
@@ -289,8 +271,8 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
                   {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
     n_ai = dataset.where(F.col("source") == "ai_harmless").count()
     return {"pairs": n_pairs, "comparisons": n_jobs, "scored": score_fails.attempted,
-            "inserted": score_fails.attempted - score_fails.failed, "quarantined": quarantined[0],
-            "model_calls": counters["calls"].value + cot_calls, "failed": score_fails.failed + cot_fails.failed,
+            "inserted": score_fails.attempted - score_fails.failed, "quarantined": scoring.quarantined,
+            "model_calls": scoring.model_calls + cot_calls, "failed": score_fails.failed + cot_fails.failed,
             "cot_failed": cot_fails.failed, "cot_gave_up": cot_gave_up, "ai_pairs": n_ai,
             "human_pairs": len(human), "incomplete_pairs": incomplete, "human_rows_rejected": rejected,
             "preference_dataset_rewritten": changed, "labels_sha": mine_sha,

@@ -2,6 +2,7 @@
 
     cai sample-pairs --lake lake --policy default --limit 20
     cai sample-pairs --policy cai-sl                   # the registered SL-CAI model (latest; or cai-sl:3)
+    cai sample-pairs --lake-engine spark               # the Spark-native data plane (same ids and texts)
     spark-submit launch/cai_task.py sample-pairs --lake lake
 
 Rows land in `generation_events` (kind pair_sample, `round` = sample index) with deterministic

@@ -63,6 +63,9 @@ class FakeBackend:
         # text and ids as "fake": what a retried task writes can be compared with an undisturbed run.
         fault = model_id[len("fake:fault="):] if model_id.startswith("fake:fault=") else ""
         self.fault, _, self.fault_marker = fault.partition("@")
+        # "fake:slow=SECONDS": a Spark task's first attempt sleeps that long in each generate call, a copy
+        # (a speculative attempt) does not: the copy wins (speculation tests). Same text and ids as "fake".
+        self.slow = float(model_id[len("fake:slow="):]) if model_id.startswith("fake:slow=") else 0.0
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in chat)
@@ -85,7 +88,17 @@ class FakeBackend:
             self.stats.prompt_tokens += n_prompt
             self.stats.completion_tokens += len(text.split())
         self._fault_once()
+        self._slow_first_attempt()
         return out
+
+    def _slow_first_attempt(self) -> None:
+        if not self.slow:
+            return
+        from pyspark import TaskContext
+        task = TaskContext.get()
+        if task is not None and task.attemptNumber() == 0:
+            import time
+            time.sleep(self.slow)
 
     def _fault_once(self) -> None:
         import os

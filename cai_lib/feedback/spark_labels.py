@@ -10,8 +10,9 @@ with delta-spark; a scoring that fails is a `quarantine` row instead (retried by
 from __future__ import annotations
 
 import functools
-import time
+import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -129,7 +130,6 @@ def score_partition(batches: Iterator[pa.RecordBatch], *, spec_json: str, make_c
     for batch_no in sorted(by_batch):
         items = sorted(by_batch[batch_no], key=lambda r: r["pos"])
         suffix = lambda r: r["cot_text"] + COT_ANSWER_PREFIX if settings.cot else ANSWER_PREFIX  # noqa: E731
-        t0 = time.perf_counter()
         scored = score_batch(backend, [backend.render_chat(make_chat(r)) + suffix(r) for r in items], CHOICES)
         counters["calls"].add(1)
         now = datetime.now(timezone.utc)
@@ -146,13 +146,56 @@ def score_partition(batches: Iterator[pa.RecordBatch], *, spec_json: str, make_c
                     error = f"ValueError: {exc}"
             out.append({"event_id": job.event_id, "job_run_id": job_run_id, "created_at": now, "error": error,
                         "quarantine_id": stable_id("quarantine", stage="label", label=job.event_id)})
-        counters["ms"].add((time.perf_counter() - t0) * 1000)
         yield pa.RecordBatch.from_pylist(out, schema=SCORED_SCHEMA)
 
 
-def scorer(spec: dict, make_chat, settings: LabelSettings, constants: dict, job_run_id: str, counters: dict):
-    return functools.partial(score_partition, spec_json=canonical_json(spec), make_chat=make_chat,
-                             settings=settings, constants=constants, job_run_id=job_run_id, counters=counters)
+@dataclass
+class Scoring:
+    """What run_scoring did: scorings tried, failed (quarantined), new quarantine rows, model calls."""
+    attempted: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    model_calls: int = 0
+    first_error: str | None = None
+
+
+def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, spec: dict,
+                make_chat: Callable[[dict], list], settings: LabelSettings, constants: dict[str, Any],
+                job_run_id: str, slots: int, progress: Callable[[str], None] | None = None) -> Scoring:
+    """Score every chunk of `todo` (spark_plane.cut), `slots` chunk jobs at a time: a chunk's labels are
+    appended to label_events, its failed scorings to quarantine (those not there yet: a rerun retries
+    them without logging them twice). The chunk is checkpointed once, so both come from one model pass."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from cai_lib.runtime.spark_plane import run_chunks
+    sc = spark.sparkContext
+    counters = {"calls": sc.accumulator(0)}
+    score = functools.partial(score_partition, spec_json=canonical_json(spec), make_chat=make_chat,
+                              settings=settings, constants=constants, job_run_id=job_run_id, counters=counters)
+    out_schema, done, lock = from_arrow_schema(SCORED_SCHEMA), Scoring(sum(c[2] for c in chunks)), threading.Lock()
+    lake.table("label_events")
+    lake.table("quarantine")
+
+    def write(plan_id: str, chunk: int) -> None:
+        part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
+        scored = part.mapInArrow(score, out_schema).localCheckpoint(eager=True)
+        (scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names)
+         .write.format("delta").mode("append").save(lake.path("label_events")))
+        bad = quarantine_rows(scored).localCheckpoint(eager=True)
+        failed = bad.count()
+        if failed:
+            new = bad.join(lake.df("quarantine").select("event_id"), "event_id", "left_anti").localCheckpoint(eager=True)
+            n_new = new.count()
+            new.write.format("delta").mode("append").save(lake.path("quarantine"))
+            first = bad.agg(F.min("reason")).first()[0]
+            with lock:
+                done.failed, done.quarantined = done.failed + failed, done.quarantined + n_new
+                done.first_error = done.first_error or first
+
+    run_chunks(chunks, write, slots, progress, "scorings")
+    done.model_calls = counters["calls"].value
+    return done
 
 
 def quarantine_rows(scored):
