@@ -109,11 +109,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     constitution = load_constitution(cfg.constitution)
     fb_model = cfg.feedback_model
     fb_fp = model_fingerprint(cfg.backend, fb_model)
-    policy_fp = None
-    if cfg.policy:
-        from cai_lib.registry.models import backend_model
-        policy_fp = model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy)[1])
-    pairs, texts, prompt_text = sampled_pairs(lake, cfg, policy_fp)
+    pairs, texts, prompt_text = sampled_pairs(lake, cfg, policy_fingerprint(cfg))
     s = cfg.settings()
     cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens)
     jobs = plan_labels(pairs, constitution, fb_fp, s, cot_sampling.to_json())
@@ -121,9 +117,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     pending = [j for j in jobs if j.event_id not in have]
     templates = effective_templates(constitution)
     template = templates["cot" if s.cot else "comparison"]
-    tsha = s.template_sha(constitution)
-    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": fb_model,
-                 "model_fingerprint": fb_fp, "backend": cfg.backend, "template_sha": tsha}
+    constants = lineage(cfg, constitution, fb_fp)
     job_run_id = new_job_run_id()
     chat_of = lambda j: feedback_chat(template, conversation_text(prompt_text[j.prompt_id]),  # noqa: E731
                                       constitution.comparison_principle(j.principle_id).text, *shown(j, texts))
@@ -190,7 +184,15 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
             "failures": [cot_fails, score_fails], "errors": errors, "warnings": warnings}
 
 
+def lineage(cfg: LabelConfig, constitution, fb_fp: str) -> dict:
+    """The lineage columns every label (and chain of thought) of this run carries."""
+    return {"constitution_id": constitution.id, "constitution_sha": constitution.sha256,
+            "model_id": cfg.feedback_model, "model_fingerprint": fb_fp, "backend": cfg.backend,
+            "template_sha": cfg.settings().template_sha(constitution)}
+
+
 def policy_fingerprint(cfg: LabelConfig) -> str | None:
+    """The fingerprint of --policy (whose pairs to label), or None: every policy's pairs."""
     if not cfg.policy:
         return None
     from cai_lib.registry.models import backend_model
@@ -222,9 +224,7 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
     cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens).to_json()
     jobs = sl.plan_jobs(pairs, constitution, fb_fp, s, cot_sampling).localCheckpoint(eager=True)
     template = effective_templates(constitution)["cot" if s.cot else "comparison"]
-    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256,
-                 "model_id": cfg.feedback_model, "model_fingerprint": fb_fp, "backend": cfg.backend,
-                 "template_sha": s.template_sha(constitution)}
+    constants = lineage(cfg, constitution, fb_fp)
     make_chat = functools.partial(sl.label_chat, template=template, constitution=constitution)
     spec, slots, job_run_id = cfg.backend_spec(cfg.feedback_model), spark.sparkContext.defaultParallelism, new_job_run_id()
     cuts = dict(batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit, slots=slots)
@@ -254,9 +254,10 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
         todo, chunks = plane.cut(todo, f"{job_run_id}/labels", **cuts)
         if chunks and progress:
             progress(f"scoring {sum(c[2] for c in chunks)} comparisons in {len(chunks)} commits")
-        scoring = sl.run_scoring(spark, lake, todo, chunks, spec=spec, make_chat=make_chat, settings=s,
-                                 constants=constants, job_run_id=job_run_id, slots=slots, progress=progress)
-        score_fails = Failures("scorings", scoring.attempted, scoring.failed, first_error=scoring.first_error)
+        scoring, quarantined = sl.run_scoring(spark, lake, todo, chunks, spec=spec, make_chat=make_chat, settings=s,
+                                              constants=constants, job_run_id=job_run_id, slots=slots,
+                                              progress=progress)
+        score_fails = Failures.of("scorings", scoring)
         labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
         human, rejected = human_rows(cfg.human_pairs)
         dataset, incomplete = sl.preference_rows(labels, samples, chosen, sl.human_table(human))
@@ -271,7 +272,7 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
                   {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
     n_ai = dataset.where(F.col("source") == "ai_harmless").count()
     return {"pairs": n_pairs, "comparisons": n_jobs, "scored": score_fails.attempted,
-            "inserted": score_fails.attempted - score_fails.failed, "quarantined": scoring.quarantined,
+            "inserted": scoring.inserted, "quarantined": quarantined,
             "model_calls": scoring.model_calls + cot_calls, "failed": score_fails.failed + cot_fails.failed,
             "cot_failed": cot_fails.failed, "cot_gave_up": cot_gave_up, "ai_pairs": n_ai,
             "human_pairs": len(human), "incomplete_pairs": incomplete, "human_rows_rejected": rejected,

@@ -52,6 +52,12 @@ def pair_rounds(lake) -> dict[str, set[int]]:
     return out
 
 
+def lineage(cfg: SamplePairsConfig, constitution, model_label: str, fp: str) -> dict:
+    """The lineage columns every sample of this run carries."""
+    return {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": model_label,
+            "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
+
+
 def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     if cfg.lake_engine == "spark":
         return run_on_spark(spark, cfg, progress)
@@ -69,8 +75,7 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
         planned = [t for t in planned if len(have.get(t.prompt_id, ())) < cfg.n_samples]
     done, failures = known_events(lake, {t.event_id for t in planned})
     tasks, gave_up = retry_plan(planned, done, failures, cfg.max_attempts)
-    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": model_label,
-                 "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
+    constants = lineage(cfg, constitution, model_label, fp)
     stats = RunStats()
     if tasks:
         if progress:
@@ -112,8 +117,7 @@ def run_on_spark(spark, cfg: SamplePairsConfig, progress=None) -> dict:
         prompts = prompts.join(paired.select("prompt_id"), "prompt_id", "left_anti")
     planned = prompts.select("prompt_id", "text").mapInArrow(plan, from_arrow_schema(SAMPLE_SCHEMA))
     planned = planned.localCheckpoint(eager=True)   # not re-planned after each append (see spark_plane.pending)
-    constants = {"constitution_id": constitution.id, "constitution_sha": constitution.sha256, "model_id": model_label,
-                 "model_fingerprint": fp, "backend": cfg.backend, "template_sha": PAIR_TEMPLATE_SHA}
+    constants = lineage(cfg, constitution, model_label, fp)
     job_run_id = new_job_run_id()
     stats = RunStats()
     with job_lock(cfg.lake, "sample-pairs", job_run_id):

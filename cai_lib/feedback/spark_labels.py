@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -24,6 +23,7 @@ from cai_lib.feedback.labels import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, 
 from cai_lib.feedback.pairs import pair_id_of
 from cai_lib.feedback.preferences import ai_rows
 from cai_lib.ids import canonical_json, derive_seed, stable_id
+from cai_lib.runtime.tasks import RunStats
 from cai_lib.runtime.worker import backend_for, score_batch
 from schemas import LABEL_EVENTS, PREFERENCE_DATASET
 
@@ -149,37 +149,28 @@ def score_partition(batches: Iterator[pa.RecordBatch], *, spec_json: str, make_c
         yield pa.RecordBatch.from_pylist(out, schema=SCORED_SCHEMA)
 
 
-@dataclass
-class Scoring:
-    """What run_scoring did: scorings tried, failed (quarantined), new quarantine rows, model calls."""
-    attempted: int = 0
-    failed: int = 0
-    quarantined: int = 0
-    model_calls: int = 0
-    first_error: str | None = None
-
-
 def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, spec: dict,
                 make_chat: Callable[[dict], list], settings: LabelSettings, constants: dict[str, Any],
-                job_run_id: str, slots: int, progress: Callable[[str], None] | None = None) -> Scoring:
+                job_run_id: str, slots: int, progress: Callable[[str], None] | None = None) -> tuple[RunStats, int]:
     """Score every chunk of `todo` (spark_plane.cut), `slots` chunk jobs at a time: a chunk's labels are
     appended to label_events, its failed scorings to quarantine (those not there yet: a rerun retries
-    them without logging them twice). The chunk is checkpointed once, so both come from one model pass."""
+    them without logging them twice). The chunk is checkpointed once, so both come from one model pass.
+    Returns the run's stats (tasks = scorings tried, inserted = labels appended) and the new quarantine rows."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from cai_lib.runtime.spark_plane import run_chunks
+    from cai_lib.runtime.spark_plane import chunk_rows, run_chunks
     sc = spark.sparkContext
     counters = {"calls": sc.accumulator(0)}
     score = functools.partial(score_partition, spec_json=canonical_json(spec), make_chat=make_chat,
                               settings=settings, constants=constants, job_run_id=job_run_id, counters=counters)
-    out_schema, done, lock = from_arrow_schema(SCORED_SCHEMA), Scoring(sum(c[2] for c in chunks)), threading.Lock()
+    out_schema, lock = from_arrow_schema(SCORED_SCHEMA), threading.Lock()
+    stats, quarantined = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks)), [0]
     lake.table("label_events")
     lake.table("quarantine")
 
     def write(plan_id: str, chunk: int) -> None:
-        part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
-        scored = part.mapInArrow(score, out_schema).localCheckpoint(eager=True)
+        scored = chunk_rows(todo, plan_id, chunk).mapInArrow(score, out_schema).localCheckpoint(eager=True)
         (scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names)
          .write.format("delta").mode("append").save(lake.path("label_events")))
         bad = quarantine_rows(scored).localCheckpoint(eager=True)
@@ -190,12 +181,13 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
             new.write.format("delta").mode("append").save(lake.path("quarantine"))
             first = bad.agg(F.min("reason")).first()[0]
             with lock:
-                done.failed, done.quarantined = done.failed + failed, done.quarantined + n_new
-                done.first_error = done.first_error or first
+                stats.failed, quarantined[0] = stats.failed + failed, quarantined[0] + n_new
+                stats.first_error = stats.first_error or first
 
-    run_chunks(chunks, write, slots, progress, "scorings")
-    done.model_calls = counters["calls"].value
-    return done
+    stats.commits = run_chunks(chunks, write, slots, progress, "scorings")
+    stats.model_calls = counters["calls"].value
+    stats.ok = stats.inserted = stats.tasks - stats.failed
+    return stats, quarantined[0]
 
 
 def quarantine_rows(scored):

@@ -122,9 +122,7 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
             .withColumn("chunk", F.coalesce("chunk", F.floor(batch_no / per_chunk))))
     if n_fresh:
         record_plan(lake, todo.where("fresh"), table)
-    sizes = todo.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
-                                                  F.countDistinct("batch_no").alias("batches")).collect()
-    return todo, gave_up, sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
+    return todo, gave_up, chunk_sizes(todo)
 
 
 def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: int):
@@ -139,9 +137,21 @@ def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: 
     out = (rows.withColumn("pos", (F.row_number().over(Window.orderBy("input_len", "event_id")) - 1).cast("long"))
            .withColumn("batch_no", batch_no).withColumn("chunk", F.floor(batch_no / per_chunk))
            .withColumn("plan_id", F.lit(plan_id)).localCheckpoint(eager=True))
-    sizes = out.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
-                                                 F.countDistinct("batch_no").alias("batches")).collect()
-    return out, sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
+    return out, chunk_sizes(out)
+
+
+def chunk_sizes(todo) -> list[tuple[str, int, int, int]]:
+    """[(plan_id, chunk, rows, batches)] of a cut, in order."""
+    from pyspark.sql import functions as F
+    sizes = todo.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
+                                                  F.countDistinct("batch_no").alias("batches")).collect()
+    return sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
+
+
+def chunk_rows(todo, plan_id: str, chunk: int):
+    """One chunk of a cut, in one partition: the rows of one Spark task."""
+    from pyspark.sql import functions as F
+    return todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
 
 
 def record_plan(lake, planned, table: str) -> None:
@@ -191,7 +201,6 @@ def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make
              parse: Callable[[str, str], str] = lambda kind, text: text, slots: int | None = None,
              progress: Callable[[str], None] | None = None) -> RunStats:
     """Generate and append every chunk of `todo`, `slots` chunk jobs at a time; the wave's stats."""
-    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
     sc = spark.sparkContext
     counters = {k: sc.accumulator(0) for k in ("calls", "ok", "failed", "tokens")}
@@ -203,8 +212,7 @@ def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make
     stats = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks))
 
     def write(plan_id: str, chunk: int) -> None:
-        part = todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
-        part.mapInArrow(fn, out_schema).write.format("delta").mode("append").save(path)
+        chunk_rows(todo, plan_id, chunk).mapInArrow(fn, out_schema).write.format("delta").mode("append").save(path)
 
     done = run_chunks(chunks, write, slots or sc.defaultParallelism, progress, "generations")
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
