@@ -64,7 +64,8 @@ class GenerationConfig(ModelJobConfig):
 
 @dataclass
 class PlaneFields:
-    """Which data plane a generating job runs on (sl-generate, sample-pairs, label)."""
+    """Which data plane a model job runs on (sl-generate, sample-pairs, label, eval-labeler,
+    evaluate)."""
     lake_engine: str = opt("delta-rs", "delta-rs: plan on the driver, commit with delta-rs | spark: the Spark-native "
                                        "data plane (plan, anti-join and model work in the executors, append with "
                                        "delta-spark; needs Delta's jars: Maven Central, or spark-submit --packages)")

@@ -10,6 +10,11 @@ their correct vs incorrect option. Metrics go to a JSON file (for `dvc metrics`)
 reliability curve to a PNG. The sample is drawn (seeded) only from pairs whose prompt is not one
 of the lake's training prompts (`excluded_training_prompts` says how many were set aside), and
 the prompts it used are recorded (`eval_prompt_shas`) for the labels gate's contamination check.
+
+With `--lake-engine spark` the comparisons run on the Spark-native data plane: the plan is computed
+in the executors, what is pending is an anti-join on `label_events`, and the executors score and
+append the labels (and any failed scoring's `quarantine` row) with delta-spark; the same ids and
+rows as the default path. The HHH items are scored on Spark either way and are not stored.
 """
 from __future__ import annotations
 
@@ -38,43 +43,79 @@ from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.eval_data import pair_prompt, read_disjoint_pairs, read_hhh
-from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, spark_job_main
+from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, PlaneFields, spark_job_main
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class EvalLabelerConfig(ModelJobConfig, FeedbackFields):
+class EvalLabelerConfig(ModelJobConfig, FeedbackFields, PlaneFields):
     MODEL_FIELDS = ("feedback_model",)
     human: str | None = opt(None, "HH-RLHF harmlessness pairs (jsonl/.gz) with human labels")
     sample_size: int = opt(200, "pairs drawn (seeded) from --human")
     hhh: str | None = opt(None, "the HHH evaluation (438HHHEvaluations.jsonl format)")
     metrics: str = opt("metrics/eval_labeler.json", "metrics JSON written here")
     plot: str = opt("metrics/labeler_reliability.png", "reliability curve PNG written here")
+    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit on the Spark plane")
 
 
-def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) -> dict:
+@dataclass
+class HumanSample:
+    """The HH-RLHF pairs drawn for one evaluation, as its label jobs see them."""
+    pairs: list                                # read_disjoint_pairs' pairs
+    rejected: list                             # rows the reader refused
+    excluded: int                              # pairs set aside: their prompt is one the lake trains on
+    plan: list[tuple[str, str, str, str]]      # (pair_id, prompt_id, a_id, b_id)
+    texts: dict[str, str]                      # response id -> text
+    contexts: dict[str, str]                   # prompt id -> the dialogue before the responses
+    outcome: dict[str, int]                    # pair id -> 1 when response A is the one humans chose
+
+
+def human_sample(lake, cfg) -> HumanSample:
+    """A seeded sample of --human pairs whose prompt the lake does not train on; which response is
+    shown as A is a hash of the pair."""
     train = training_prompt_texts(lake)   # never evaluate on a prompt the lake trains on
     pairs, rejected, excluded = read_disjoint_pairs(cfg.human, limit=cfg.sample_size, seed=cfg.seed, exclude=set(train))
-    texts, contexts, outcome, plan_pairs = {}, {}, {}, []
+    out = HumanSample(pairs, rejected, excluded, [], {}, {}, {})
     for p in pairs:
         pid = stable_id("human_context", text=dialogue_text(p.context))
         c_id, r_id = stable_id("response", text=p.chosen), stable_id("response", text=p.rejected)
         pair_id = stable_id("eval_pair", source=Path(cfg.human).name, row=p.row, c=c_id, r=r_id)
         a_is_chosen = int(pair_id[:2], 16) % 2 == 0
         a_id, b_id = (c_id, r_id) if a_is_chosen else (r_id, c_id)
-        texts.update({c_id: p.chosen, r_id: p.rejected})
-        contexts[pid] = dialogue_text(p.context)
-        outcome[pair_id] = 1 if a_is_chosen else 0
-        plan_pairs.append((pair_id, pid, a_id, b_id))
-    s = settings_from(cfg, LabelSettings)   # no CoT: eval-labeler has no cot field, so the default (False)
-    jobs = plan_labels(plan_pairs, constitution, fp, s)
+        out.texts.update({c_id: p.chosen, r_id: p.rejected})
+        out.contexts[pid] = dialogue_text(p.context)
+        out.outcome[pair_id] = 1 if a_is_chosen else 0
+        out.plan.append((pair_id, pid, a_id, b_id))
+    return out
+
+
+@dataclass
+class Scored:
+    """An evaluation's comparisons once scored: the label rows it has, and what failed this run."""
+    labels: list[dict]
+    comparisons: int
+    failed: int
+    first_error: str | None
+    model_calls: int
+
+
+def quarantine_id(label_event_id: str) -> str:
+    """A failed comparison's quarantine row id: one per comparison, however often a rerun fails it."""
+    return stable_id("quarantine", stage="eval_labeler", label=label_event_id)
+
+
+def score_on_driver(spark, lake, cfg, sample: HumanSample, constitution, fp, s, constants, job_run_id,
+                    progress=None) -> Scored:
+    """Plan on the driver, score on Spark (one pass, no progress lines), commit with delta-rs."""
+    jobs = plan_labels(sample.plan, constitution, fp, s)
     template = effective_templates(constitution)["comparison"]
     stored = lake.read("label_events")
     stored = stored.filter(pc.is_in(stored["event_id"], pa.array([j.event_id for j in jobs], pa.string())))
     have = {r["event_id"]: r for r in stored.to_pylist()}  # only this evaluation's comparisons
     todo = [j for j in jobs if j.event_id not in have]
-    items = [(feedback_chat(template, contexts[j.prompt_id], constitution.comparison_principle(j.principle_id).text,
-                            *shown(j, texts)), ANSWER_PREFIX) for j in todo]
+    items = [(feedback_chat(template, sample.contexts[j.prompt_id],
+                            constitution.comparison_principle(j.principle_id).text, *shown(j, sample.texts)),
+              ANSWER_PREFIX) for j in todo]
     scores, calls = score_on_spark(spark, items, cfg.backend_spec(cfg.feedback_model), CHOICES, batch_size=cfg.batch_size)
     now = datetime.now(timezone.utc)
     new = [label_row(j, sc["logprob_a"], sc["logprob_b"], s, "eval_label", constants, job_run_id, now)
@@ -84,12 +125,62 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
         lake.insert_new("label_events", pa.Table.from_pylist(new, schema=LABEL_EVENTS))
     if failed:   # recorded like `cai label`'s failed scorings; a rerun scores them again
         lake.insert_new("quarantine", pa.Table.from_pylist([
-            {"event_id": stable_id("quarantine", stage="eval_labeler", label=j.event_id, run=job_run_id),
-             "stage": "eval_labeler", "source": "label_events", "source_row": None, "field": "logprobs",
-             "reason": err, "payload": j.event_id, "job_run_id": job_run_id, "created_at": now, "row_key": None}
-            for j, err in failed]))
+            {"event_id": quarantine_id(j.event_id), "stage": "eval_labeler", "source": "label_events",
+             "source_row": None, "field": "logprobs", "reason": err, "payload": j.event_id, "job_run_id": job_run_id,
+             "created_at": now, "row_key": None} for j, err in failed]))
     rows = {**have, **{r["event_id"]: r for r in new}}
-    labels = [rows[j.event_id] for j in jobs if j.event_id in rows]
+    return Scored([rows[j.event_id] for j in jobs if j.event_id in rows], len(jobs), len(failed),
+                  failed[0][1] if failed else None, calls)
+
+
+def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, constants, job_run_id,
+                   progress=None) -> Scored:
+    """The same label rows on the Spark-native data plane: the plan in the executors, what is pending an
+    anti-join on label_events, the executors score and append (spark_labels.run_scoring)."""
+    import functools
+
+    from pyspark.sql import functions as F
+
+    from cai_lib.feedback import spark_labels as sl
+    from cai_lib.lake.locks import job_lock
+    from cai_lib.runtime import spark_plane as plane
+    rows = pa.Table.from_pylist([
+        {"pair_id": pair_id, "prompt_id": pid, "a_id": a, "b_id": b, "prompt_text": sample.contexts[pid],
+         "a_text": sample.texts[a], "b_text": sample.texts[b]} for pair_id, pid, a, b in sample.plan],
+        schema=pa.schema([(c, pa.string()) for c in ("pair_id", "prompt_id", "a_id", "b_id", "prompt_text", "a_text",
+                                                     "b_text")]))
+    pairs = spark.createDataFrame(rows).localCheckpoint(eager=True)
+    jobs = sl.plan_jobs(pairs.select("pair_id", "prompt_id", "a_id", "b_id"), constitution, fp, s, "")
+    jobs = jobs.localCheckpoint(eager=True)
+    make_chat = functools.partial(sl.label_chat, template=effective_templates(constitution)["comparison"],
+                                  constitution=constitution, dialogue=True)
+    slots = spark.sparkContext.defaultParallelism
+    with job_lock(cfg.lake, "eval-labeler", job_run_id):
+        todo = (jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
+                .join(pairs.select("pair_id", "prompt_text", "a_text", "b_text"), "pair_id")
+                .withColumn("input_len", (F.length("prompt_text") + F.length("a_text") + F.length("b_text")).cast("long")))
+        todo, chunks = plane.cut(todo, f"{job_run_id}/eval-labels", batch_size=cfg.batch_size,
+                                 batches_per_commit=cfg.batches_per_commit, slots=slots)
+        stats, _ = sl.run_scoring(spark, lake, todo, chunks, spec=cfg.backend_spec(cfg.feedback_model),
+                                  make_chat=make_chat, settings=s, constants=constants, job_run_id=job_run_id,
+                                  slots=slots, progress=progress, kind="eval_label", stage="eval_labeler")
+    labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
+    return Scored(labels.toArrow().to_pylist(), jobs.count(), stats.failed, stats.first_error, stats.model_calls)
+
+
+def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id, progress=None) -> dict:
+    sample = human_sample(lake, cfg)
+    s = settings_from(cfg, LabelSettings)   # no CoT: eval-labeler has no cot field, so the default (False)
+    score = score_on_plane if cfg.lake_engine == "spark" else score_on_driver
+    scored = score(spark, lake, cfg, sample, constitution, fp, s, constants, job_run_id, progress)
+    return human_metrics(cfg, sample, scored)
+
+
+def human_metrics(cfg, sample: HumanSample, scored: Scored) -> dict:
+    """The --human figures from the label rows (in plan order: pair, principle, order, whichever
+    engine stored them)."""
+    rank = {pair_id: n for n, (pair_id, *_) in enumerate(sample.plan)}
+    labels = sorted(scored.labels, key=lambda r: (rank[r["pair_id"]], r["ensemble_index"], r["order"]))
     by_pair: dict[str, dict] = {}
     for r in labels:
         by_pair.setdefault(r["pair_id"], {}).setdefault(r["ensemble_index"], {})[r["order"]] = r
@@ -99,27 +190,26 @@ def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id) 
         if len(per_k) != len(ks):
             continue
         probs.append(sum(per_k) / len(per_k))
-        outs.append(outcome[pair_id])
+        outs.append(sample.outcome[pair_id])
         consistent.append(all(lm.swap_consistent(o["ab"]["p_a"], o["ba"]["p_a"]) for o in ks.values()))
         for o in ks.values():
             principle_keys.append(o["ab"]["principle_id"])
             principle_probs.append(lm.debias(o["ab"]["p_a"], o["ba"]["p_shown_a"]))
-            principle_outs.append(outcome[pair_id])
+            principle_outs.append(sample.outcome[pair_id])
     if not probs:
-        first = failed[0][1] if failed else "no comparison was scored"
-        raise JobFailed(f"eval-labeler: no human pair has every comparison scored ({len(failed)} of {len(jobs)} "
-                           f"scorings failed; first error: {first})")
+        first = scored.first_error or "no comparison was scored"
+        raise JobFailed(f"eval-labeler: no human pair has every comparison scored ({scored.failed} of "
+                        f"{scored.comparisons} scorings failed; first error: {first})")
     curve = lm.reliability_curve(probs, outs)
     lm.plot_reliability(curve, cfg.plot, title=f"AI labeller vs human labels (n={len(probs)})")
-    return {"human_file": cfg.human, "pairs_rejected_by_reader": len(rejected), "model_calls": calls,
-            "excluded_training_prompts": excluded,
-            "eval_prompt_shas": sorted({sha256_text(pair_prompt(p))[:16] for p in pairs}),
+    return {"human_file": cfg.human, "pairs_rejected_by_reader": len(sample.rejected), "model_calls": scored.model_calls,
+            "excluded_training_prompts": sample.excluded,
+            "eval_prompt_shas": sorted({sha256_text(pair_prompt(p))[:16] for p in sample.pairs}),
             **{f"human_{k}": v for k, v in lm.summarise(probs, outs).items()},
             **label_intervals(probs, outs, consistent, cfg.seed),
             "swap_consistency": sum(consistent) / len(consistent),
-            "comparisons": len(jobs), "failed_scorings": len(failed),
-            "first_error": failed[0][1] if failed else None,
-            "incomplete_pairs": len(pairs) - len(probs),
+            "comparisons": scored.comparisons, "failed_scorings": scored.failed, "first_error": scored.first_error,
+            "incomplete_pairs": len(sample.pairs) - len(probs),
             "position_bias": lm.position_bias([r["p_shown_a"] for r in labels]),
             "per_principle": lm.per_group(principle_keys, principle_probs, principle_outs),
             "reliability_curve": curve, "reliability_png": cfg.plot}
@@ -165,7 +255,7 @@ def eval_hhh(spark, cfg) -> dict:
 def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
     if not (cfg.human or cfg.hhh):
         raise ValueError("nothing to evaluate: pass --human HH-RLHF-FILE and/or --hhh HHH-FILE")
-    lake = open_lake(cfg.lake, spark, mode="create")   # its own comparisons only: a new lake will do
+    lake = open_lake(cfg.lake, spark, mode="create", engine=cfg.lake_engine)   # its own comparisons: a new lake will do
     constitution = load_constitution(cfg.constitution)
     fb_model = cfg.feedback_model
     fp = model_fingerprint(cfg.backend, fb_model)
@@ -174,7 +264,7 @@ def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
                  "template_sha": settings_from(cfg, LabelSettings).template_sha(constitution)}
     out: dict = {"feedback_model": fb_model, "model_fingerprint": fp, "constitution_sha": constitution.sha256}
     if cfg.human:
-        out.update(eval_human_pairs(spark, lake, cfg, constitution, fp, constants, new_job_run_id()))
+        out.update(eval_human_pairs(spark, lake, cfg, constitution, fp, constants, new_job_run_id(), progress))
     if cfg.hhh:
         out.update(eval_hhh(spark, cfg))
     write_json(cfg.metrics, out)

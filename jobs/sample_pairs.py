@@ -119,22 +119,12 @@ def run_on_spark(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     planned = planned.localCheckpoint(eager=True)   # not re-planned after each append (see spark_plane.pending)
     constants = lineage(cfg, constitution, model_label, fp)
     job_run_id = new_job_run_id()
-    stats = RunStats()
     with job_lock(cfg.lake, "sample-pairs", job_run_id):
-        mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
-                           "left_semi").select("target_event_id", "status", "text").localCheckpoint(eager=True)
-        todo, gave_up, chunks = plane.pending(
-            lake, planned, plane.successful(mine), plane.failure_counts(mine), table="generation_events",
-            plan_id=f"{job_run_id}/pairs", max_attempts=cfg.max_attempts, batch_size=cfg.batch_size,
-            batches_per_commit=cfg.batches_per_commit, slots=spark.sparkContext.defaultParallelism)
-        n = sum(c[2] for c in chunks)
-        if n:
-            if progress:
-                progress(f"sampling {n} responses in {len(chunks)} commits")
-            stats = plane.run_wave(spark, lake, todo, chunks, make_chat=sample_chat,
-                                   backend_spec=cfg.backend_spec(load_as), constants=constants,
-                                   job_run_id=job_run_id, progress=progress)
-        tries = plane.most_tries(planned, lake.df("generation_events").where(F.col("kind") == "pair_sample"))
+        stats, gave_up, tries = plane.run_step(
+            spark, lake, planned, kind="pair_sample", plan_id=f"{job_run_id}/pairs", make_chat=sample_chat,
+            backend_spec=cfg.backend_spec(load_as), constants=constants, job_run_id=job_run_id,
+            max_attempts=cfg.max_attempts, batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit,
+            what="pair samples", progress=progress)
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
     fails = Failures.of("responses", stats, gave_up, cfg.max_attempts, tries)
     return {"prompts": n_prompts, "samples": stats.tasks, "model_calls": stats.model_calls, "ok": stats.ok,

@@ -55,10 +55,13 @@ def sampled_pairs(events, prompts, policy_fp: str | None):
 
 def plan_partition(batches: Iterator[pa.RecordBatch], *, constitution: Constitution, fingerprint: str,
                    settings: LabelSettings, cot_sampling: str) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: (prompt_id, a_id, b_id) rows -> one row per label job of each pair."""
+    """mapInArrow body: (prompt_id, a_id, b_id) rows -> one row per label job of each pair (a pair_id
+    column, where there is one, names the pairs; else it is `pairs.pair_id_of` of the three)."""
     for batch in batches:
-        cols = (batch.column(c).to_pylist() for c in ("prompt_id", "a_id", "b_id"))
-        pairs = [(pair_id_of(p, a, b), p, a, b) for p, a, b in zip(*cols)]
+        cols = [batch.column(c).to_pylist() for c in ("prompt_id", "a_id", "b_id")]
+        ids = (batch.column("pair_id").to_pylist() if "pair_id" in batch.schema.names   # eval-labeler's pairs
+               else [pair_id_of(p, a, b) for p, a, b in zip(*cols)])
+        pairs = list(zip(ids, *cols))
         jobs = plan_labels(pairs, constitution, fingerprint, settings, cot_sampling)
         if jobs:
             yield pa.RecordBatch.from_pylist([
@@ -97,12 +100,13 @@ def _texts(ok, key: str, name: str):
     return ok.select(F.col("event_id").alias(key), F.col("text").alias(name))
 
 
-def label_chat(row: dict, *, template: str, constitution: Constitution) -> list:
-    """The comparison (or CoT) chat of one job row, as `jobs/label.py` builds it on the driver."""
+def label_chat(row: dict, *, template: str, constitution: Constitution, dialogue: bool = False) -> list:
+    """The comparison (or CoT) chat of one job row, as `jobs/label.py` builds it on the driver
+    (`dialogue`: prompt_text is already a whole conversation, as eval-labeler's HH-RLHF contexts are)."""
     a, b = row["a_text"], row["b_text"]
     shown = (a, b) if row["order"] == "ab" else (b, a)
-    return feedback_chat(template, conversation_text(row["prompt_text"]),
-                         constitution.comparison_principle(row["principle_id"]).text, *shown)
+    conversation = row["prompt_text"] if dialogue else conversation_text(row["prompt_text"])
+    return feedback_chat(template, conversation, constitution.comparison_principle(row["principle_id"]).text, *shown)
 
 
 def cot_inputs(todo, sampling: str):
@@ -115,15 +119,14 @@ def cot_inputs(todo, sampling: str):
 
 
 def score_partition(batches: Iterator[pa.RecordBatch], *, spec_json: str, make_chat: Callable[[dict], list],
-                    settings: LabelSettings, constants: dict[str, Any], job_run_id: str,
+                    settings: LabelSettings, constants: dict[str, Any], job_run_id: str, kind: str, stage: str,
                     counters: dict) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: one chunk's job rows -> their label_events rows (or quarantine ids), a model call
-    per batch."""
+    """mapInArrow body: one chunk's job rows -> their label_events rows of `kind` (or the ids of their
+    `stage` quarantine rows), a model call per batch."""
     rows = [r for b in batches for r in b.to_pylist()]
     if not rows:
         return
     backend = backend_for(spec_json)
-    kind = "ai_label_cot" if settings.cot else "ai_label"
     by_batch: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         by_batch[r["batch_no"]].append(r)
@@ -145,17 +148,19 @@ def score_partition(batches: Iterator[pa.RecordBatch], *, spec_json: str, make_c
                 except ValueError as exc:   # no probability on either choice: quarantined, never guessed
                     error = f"ValueError: {exc}"
             out.append({"event_id": job.event_id, "job_run_id": job_run_id, "created_at": now, "error": error,
-                        "quarantine_id": stable_id("quarantine", stage="label", label=job.event_id)})
+                        "quarantine_id": stable_id("quarantine", stage=stage, label=job.event_id)})
         yield pa.RecordBatch.from_pylist(out, schema=SCORED_SCHEMA)
 
 
 def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, spec: dict,
                 make_chat: Callable[[dict], list], settings: LabelSettings, constants: dict[str, Any],
-                job_run_id: str, slots: int, progress: Callable[[str], None] | None = None) -> tuple[RunStats, int]:
-    """Score every chunk of `todo` (spark_plane.cut), `slots` chunk jobs at a time: a chunk's labels are
-    appended to label_events, its failed scorings to quarantine (those not there yet: a rerun retries
-    them without logging them twice). The chunk is checkpointed once, so both come from one model pass.
-    Returns the run's stats (tasks = scorings tried, inserted = labels appended) and the new quarantine rows."""
+                job_run_id: str, slots: int, progress: Callable[[str], None] | None = None,
+                kind: str | None = None, stage: str = "label") -> tuple[RunStats, int]:
+    """Score every chunk of `todo` (spark_plane.cut), `slots` chunk jobs at a time: a chunk's labels (of
+    `kind`: ai_label or ai_label_cot by default) are appended to label_events, its failed scorings to
+    quarantine as `stage` rows (those not there yet: a rerun retries them without logging them twice).
+    The chunk is checkpointed once, so both come from one model pass. Returns the run's stats (tasks =
+    scorings tried, inserted = labels appended) and the new quarantine rows."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
@@ -163,7 +168,8 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
     sc = spark.sparkContext
     counters = {"calls": sc.accumulator(0)}
     score = functools.partial(score_partition, spec_json=canonical_json(spec), make_chat=make_chat,
-                              settings=settings, constants=constants, job_run_id=job_run_id, counters=counters)
+                              settings=settings, constants=constants, job_run_id=job_run_id, counters=counters,
+                              kind=kind or ("ai_label_cot" if settings.cot else "ai_label"), stage=stage)
     out_schema, lock = from_arrow_schema(SCORED_SCHEMA), threading.Lock()
     stats, quarantined = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks)), [0]
     lake.table("label_events")
@@ -173,7 +179,7 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
         scored = chunk_rows(todo, plan_id, chunk).mapInArrow(score, out_schema).localCheckpoint(eager=True)
         (scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names)
          .write.format("delta").mode("append").save(lake.path("label_events")))
-        bad = quarantine_rows(scored).localCheckpoint(eager=True)
+        bad = quarantine_rows(scored, stage).localCheckpoint(eager=True)
         failed = bad.count()
         if failed:
             new = bad.join(lake.df("quarantine").select("event_id"), "event_id", "left_anti").localCheckpoint(eager=True)
@@ -190,11 +196,11 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
     return stats, quarantined[0]
 
 
-def quarantine_rows(scored):
-    """The failed scorings of a chunk as `quarantine` rows."""
+def quarantine_rows(scored, stage: str):
+    """The failed scorings of a chunk as `quarantine` rows of `stage`."""
     from pyspark.sql import functions as F
     return scored.where(F.col("error").isNotNull()).select(
-        F.col("quarantine_id").alias("event_id"), F.lit("label").alias("stage"), F.lit("label_events").alias("source"),
+        F.col("quarantine_id").alias("event_id"), F.lit(stage).alias("stage"), F.lit("label_events").alias("source"),
         F.lit(None).cast("long").alias("source_row"), F.lit("logprobs").alias("field"), F.col("error").alias("reason"),
         F.col("event_id").alias("payload"), "job_run_id", "created_at", F.lit(None).cast("string").alias("row_key"))
 

@@ -224,6 +224,27 @@ def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make
     return stats
 
 
+def run_step(spark, lake, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], backend_spec: dict,
+             constants: dict[str, Any], job_run_id: str, max_attempts: int, batch_size: int, batches_per_commit: int,
+             what: str, progress: Callable[[str], None] | None = None) -> tuple[RunStats, int, int]:
+    """One wave of `planned` generation rows of one `kind` (pair samples, eval answers): pending against
+    their own events, generated and appended; (stats, gave up, the most tries of one id) for Failures.of."""
+    from pyspark.sql import functions as F
+    events = lake.df("generation_events").where(F.col("kind") == kind)
+    mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
+                       "left_semi").select("target_event_id", "status", "text").localCheckpoint(eager=True)
+    todo, gave_up, chunks = pending(lake, planned, successful(mine), failure_counts(mine), table="generation_events",
+                                    plan_id=plan_id, max_attempts=max_attempts, batch_size=batch_size,
+                                    batches_per_commit=batches_per_commit, slots=spark.sparkContext.defaultParallelism)
+    stats, n = RunStats(), sum(c[2] for c in chunks)
+    if n:
+        if progress:
+            progress(f"{n} {what} in {len(chunks)} commits")
+        stats = run_wave(spark, lake, todo, chunks, make_chat=make_chat, backend_spec=backend_spec, constants=constants,
+                         job_run_id=job_run_id, progress=progress)
+    return stats, gave_up, most_tries(planned, lake.df("generation_events").where(F.col("kind") == kind))
+
+
 def run_chunks(chunks: list[tuple[str, int, int, int]], write: Callable[[str, int], None], slots: int,
                progress: Callable[[str], None] | None, what: str) -> int:
     """Run `write(plan_id, chunk)` for every chunk, `slots` at a time, each starting when one ends; the
