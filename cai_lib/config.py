@@ -57,6 +57,15 @@ class SparkModelConfig:
 
 
 @dataclasses.dataclass
+class LakeEngineConfig:
+    """Jobs that write the lake: which engine writes it (one for the whole lake: set it in [common])."""
+    lake_engine: str = opt("delta-rs", "delta-rs | spark: delta-spark writes the lake (the model jobs then run on "
+                                       "the Spark-native data plane: plan, anti-join and model work in the "
+                                       "executors; ingest, gate and promote write through a local Spark session); "
+                                       "needs Delta's jars: Maven Central, or spark-submit --packages")
+
+
+@dataclasses.dataclass
 class RegistryConfig:
     """Jobs that read or write registered models (MLflow)."""
     tracking_uri: str = opt("sqlite:///mlflow/mlflow.db", "MLflow tracking + registry store (env MLFLOW_TRACKING_URI wins)")
@@ -75,7 +84,7 @@ class _ModelNames:
     feedback_model: str = "default"
 
 
-GROUPS = (LakeConfig, SeedConfig, SparkModelConfig, RegistryConfig, PointerConfig)
+GROUPS = (LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig, RegistryConfig, PointerConfig)
 # [common] may set any group's key and the model names several jobs share; a job takes those it has.
 _COMMON_OWNER = {f.name: g for g in (*GROUPS, _ModelNames) for f in dataclasses.fields(g)}
 COMMON_KEYS = frozenset(_COMMON_OWNER)

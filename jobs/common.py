@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from cai_lib.backends.fake import check_fake_model
-from cai_lib.config import LakeConfig, RegistryConfig, SeedConfig, SparkModelConfig, opt
+from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, SeedConfig, SparkModelConfig, opt
 from cai_lib.files import write_json
 from cai_lib.lake.tables import Lake
 
 
 @dataclass
-class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig):
-    """Jobs that run a model on Spark (sl-generate, sample-pairs, label, eval-labeler, evaluate)."""
+class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig):
+    """Jobs that run a model on Spark (sl-generate, sample-pairs, label, eval-labeler, evaluate); with
+    --lake-engine spark they run on the Spark-native data plane (cai_lib/runtime/spark_plane.py)."""
     batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()   # the fields naming models this job runs on the backend
 
@@ -63,20 +64,23 @@ class GenerationConfig(ModelJobConfig):
 
 
 @dataclass
-class PlaneFields:
-    """Which data plane a model job runs on (sl-generate, sample-pairs, label, eval-labeler,
-    evaluate)."""
-    lake_engine: str = opt("delta-rs", "delta-rs: plan on the driver, commit with delta-rs | spark: the Spark-native "
-                                       "data plane (plan, anti-join and model work in the executors, append with "
-                                       "delta-spark; needs Delta's jars: Maven Central, or spark-submit --packages)")
-
-
-@dataclass
 class FeedbackFields:
     """The feedback model and what it judges by (label, eval-labeler)."""
     constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
     feedback_model: str = opt("default", "the labelling model: 'default', a model folder or a cached hub id")
     ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
+
+
+def writer_lake(cfg, job: str, mode: str = "write"):
+    """The lake a Spark-free job (ingest, gate, promote) writes, with the engine the Spark jobs use:
+    delta-rs, or for --lake-engine spark delta-spark through a local Spark session (under spark-submit
+    or on Databricks, the running one), so no table of the lake is written by two engines."""
+    from cai_lib.lake.spark_delta import open_lake
+    spark = None
+    if cfg.lake_engine == "spark":
+        from cai_lib.runtime.session import get_spark
+        spark = get_spark("local[1]", f"cai-{job}", delta=True)
+    return open_lake(cfg.lake, spark, mode=mode, engine=cfg.lake_engine)
 
 
 def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict | None = None) -> None:

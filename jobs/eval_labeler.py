@@ -43,12 +43,12 @@ from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.eval_data import pair_prompt, read_disjoint_pairs, read_hhh
-from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, PlaneFields, spark_job_main
+from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, spark_job_main
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class EvalLabelerConfig(ModelJobConfig, FeedbackFields, PlaneFields):
+class EvalLabelerConfig(ModelJobConfig, FeedbackFields):
     MODEL_FIELDS = ("feedback_model",)
     human: str | None = opt(None, "HH-RLHF harmlessness pairs (jsonl/.gz) with human labels")
     sample_size: int = opt(200, "pairs drawn (seeded) from --human")

@@ -45,7 +45,7 @@ from cai_lib.quality import signals as quality
 from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, GenerationConfig, PlaneFields, spark_job_main
+from jobs.common import Failures, GenerationConfig, spark_job_main
 
 EVAL_TEMPLATE_SHA = template_sha(DEFAULT_TEMPLATES, names=("initial",))
 
@@ -55,7 +55,7 @@ def _mean(xs: list[float]) -> float:
 
 
 @dataclass
-class EvaluateConfig(GenerationConfig, RegistryConfig, PlaneFields):
+class EvaluateConfig(GenerationConfig, RegistryConfig):
     policies: list = opt(["base=default", "sl_cai=cai-sl", "rl_cai=cai-rl"],
                          "NAME=MODEL policies to evaluate (first = Elo anchor)")
     reward_model: str = opt("cai-pm", "the preference model scoring harmlessness / helpfulness")

@@ -26,18 +26,17 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, PointerConfig, load_config, opt, read_params
+from cai_lib.config import LakeConfig, LakeEngineConfig, PointerConfig, load_config, opt, read_params
 from cai_lib.ids import sha256_text, stable_id
-from cai_lib.lake.tables import Lake
 from cai_lib.quality.frames import STAGE_TABLES, build_frames
 from cai_lib.quality.gates import judge, suite_sha, validate
 from cai_lib.runtime.tasks import new_job_run_id
-from jobs.common import write_pointer
+from jobs.common import write_pointer, writer_lake
 from schemas.suites import ROW_KEYS, SUITES
 
 
 @dataclass
-class GateConfig(LakeConfig, PointerConfig):
+class GateConfig(LakeConfig, LakeEngineConfig, PointerConfig):
     stage: str | None = opt(None, "prompts | sl | labels (also the first positional argument)")
     verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
     docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")
@@ -99,7 +98,7 @@ def _lineage(frames, column: str) -> str | None:
 
 
 def run(cfg: GateConfig) -> tuple[bool, dict]:
-    lake = Lake(cfg.lake, mode="write")
+    lake = writer_lake(cfg, f"gate-{cfg.stage}")
     stage = cfg.stage
     tables = STAGE_TABLES[stage] + ["quarantine"]
     versions = {t: lake.version(t) for t in tables}

@@ -23,17 +23,16 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, PointerConfig, load_config, opt
+from cai_lib.config import LakeConfig, LakeEngineConfig, PointerConfig, load_config, opt
 from cai_lib.ids import is_heldout, normalise_text, sha256_text, stable_id
-from cai_lib.lake.tables import Lake
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.prompts import MAX_PROMPT_CHARS, SourceError, read_prompt_source
-from jobs.common import report, write_pointer
+from jobs.common import report, write_pointer, writer_lake
 from schemas import PROMPT_KINDS
 
 
 @dataclass
-class IngestConfig(LakeConfig, PointerConfig):
+class IngestConfig(LakeConfig, LakeEngineConfig, PointerConfig):
     source: str | None = opt(None, "one prompt file to ingest (else the `sources` list from params.yaml)")
     kind: str | None = opt(None, "red_team | helpful: the kind of --source (needed when the file does not say)")
     sources: list = opt([], "params.yaml only: [{path, kind, split, limit, seed}] files ingested by a plain "
@@ -110,7 +109,7 @@ def prompt_id_of(kind: str, text: str) -> str:
 
 
 def run(spark, cfg: IngestConfig) -> dict:
-    lake = Lake(cfg.lake, mode="create")   # ingest may start a lake; a bad target fails before reading
+    lake = writer_lake(cfg, "ingest", mode="create")   # ingest may start a lake; a bad target fails before reading
     job_run_id = new_job_run_id()
     now = datetime.now(timezone.utc)
     prompts, quarantine, seen = [], [], set()

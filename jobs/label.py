@@ -47,12 +47,12 @@ from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, FeedbackFields, GenerationConfig, PlaneFields, guarded_replace, spark_job_main, write_pointer
+from jobs.common import Failures, FeedbackFields, GenerationConfig, guarded_replace, spark_job_main, write_pointer
 from schemas import LABEL_EVENTS
 
 
 @dataclass
-class LabelConfig(GenerationConfig, FeedbackFields, PlaneFields, RegistryConfig, PointerConfig):
+class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfig):
     MODEL_FIELDS = ("feedback_model", "policy")
     policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
                                    "default: every sampled pair)")

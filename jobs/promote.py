@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, RegistryConfig, load_config, opt
+from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, load_config, opt
 from cai_lib.files import write_json
 from cai_lib.ids import sha256_text, stable_id
-from cai_lib.lake.tables import Lake
 from cai_lib.quality.stats import bootstrap_difference
 from cai_lib.runtime.tasks import new_job_run_id
+from jobs.common import writer_lake
 
 
 @dataclass
-class PromoteConfig(LakeConfig, RegistryConfig):
+class PromoteConfig(LakeConfig, LakeEngineConfig, RegistryConfig):
     policy: str = opt("cai-rl", "the registered policy to promote (NAME = latest version)")
     policy_eval: str = opt("rl_cai", "its name in the evaluation (cai evaluate --policies NAME=...)")
     baseline_eval: str = opt("base", "harmlessness must not be worse than this evaluated model's")
@@ -115,7 +115,7 @@ def run(cfg: PromoteConfig) -> tuple[bool, dict]:
     from cai_lib.registry.card import evaluation_summary, write_card
     from cai_lib.registry.models import model_version, set_alias
     from cai_lib.registry.tracking import configure
-    lake = Lake(cfg.lake, mode="write")   # a bad lake fails before any alias is set
+    lake = writer_lake(cfg, "promote")   # a bad lake fails before any alias is set
     configure(cfg.tracking_uri, cfg.artifact_dir, cfg.experiment)
     if not Path(cfg.evaluation).exists():
         raise FileNotFoundError(f"{cfg.evaluation} not found: run `cai evaluate` first")

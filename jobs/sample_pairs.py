@@ -27,11 +27,11 @@ from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, GenerationConfig, PlaneFields, spark_job_main, write_pointer
+from jobs.common import Failures, GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
-class SamplePairsConfig(GenerationConfig, PlaneFields, RegistryConfig, PointerConfig):
+class SamplePairsConfig(GenerationConfig, RegistryConfig, PointerConfig):
     MODEL_FIELDS = ("policy",)
     policy: str = opt("cai-sl", "the policy under study: a registered model (cai-sl = latest), a folder or 'default'")
     n_samples: int = opt(2, "responses per prompt (2 = one pair)")

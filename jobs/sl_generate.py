@@ -41,11 +41,11 @@ from cai_lib.runtime.spark_plane import most_tries as spark_most_tries
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
 from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.sl.spark_chain import plan_steps, sl_dataset_df, step_chat_of, wave_inputs
-from jobs.common import Failures, GenerationConfig, PlaneFields, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
+from jobs.common import Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
 
 
 @dataclass
-class SLGenerateConfig(GenerationConfig, PlaneFields, PointerConfig):
+class SLGenerateConfig(GenerationConfig, PointerConfig):
     MODEL_FIELDS = ("base_model",)
     base_model: str = opt("default", "the helpful model that answers, critiques and revises: 'default' "
                                      "(embedded SmolLM2-135M-Instruct), a model folder or a cached hub id")
