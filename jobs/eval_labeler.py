@@ -139,8 +139,6 @@ def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, c
     anti-join on label_events, the executors score and append (spark_labels.run_scoring)."""
     import functools
 
-    from pyspark.sql import functions as F
-
     from cai_lib.feedback import spark_labels as sl
     from cai_lib.lake.locks import job_lock
     from cai_lib.runtime import spark_plane as plane
@@ -156,9 +154,8 @@ def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, c
                                   constitution=constitution, dialogue=True)
     slots = spark.sparkContext.defaultParallelism
     with job_lock(cfg.lake, "eval-labeler", job_run_id):
-        todo = (jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
-                .join(pairs.select("pair_id", "prompt_text", "a_text", "b_text"), "pair_id")
-                .withColumn("input_len", (F.length("prompt_text") + F.length("a_text") + F.length("b_text")).cast("long")))
+        todo = sl.with_input_len(jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
+                                 .join(pairs.select("pair_id", "prompt_text", "a_text", "b_text"), "pair_id"))
         todo, chunks = plane.cut(todo, f"{job_run_id}/eval-labels", batch_size=cfg.batch_size,
                                  batches_per_commit=cfg.batches_per_commit, slots=slots)
         stats, _ = sl.run_scoring(spark, lake, todo, chunks, spec=cfg.backend_spec(cfg.feedback_model),

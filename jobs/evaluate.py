@@ -92,11 +92,6 @@ def answer_id(prompt_id: str, fingerprint: str, sampling_json: str, seed: int) -
                      sampling=sampling_json, seed=seed)
 
 
-def answer_chat(row: dict) -> list:
-    """The eval answer's chat of one plane row (its prompt through the default `initial` template)."""
-    return initial_chat(row["prompt_text"], DEFAULT_TEMPLATES)
-
-
 def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str, prompts_df=None,
             progress=None) -> tuple[str, dict[str, str], int, Failures]:
     """(lineage label, {prompt_id: answer}, model calls, failures) for one model, generating only what is missing."""

@@ -83,9 +83,14 @@ def with_texts(jobs, prompts, ok):
     """The jobs with the texts their prompts are built from (the prompt, both responses) and their
     length (the batch order). `ok` is (event_id, text) of the successful events."""
     from pyspark.sql import functions as F
-    out = (jobs.join(prompts.select("prompt_id", F.col("text").alias("prompt_text")), "prompt_id")
-           .join(_texts(ok, "a_id", "a_text"), "a_id").join(_texts(ok, "b_id", "b_text"), "b_id"))
-    return out.withColumn("input_len", (F.length("prompt_text") + F.length("a_text") + F.length("b_text")).cast("long"))
+    return with_input_len(jobs.join(prompts.select("prompt_id", F.col("text").alias("prompt_text")), "prompt_id")
+                          .join(_texts(ok, "a_id", "a_text"), "a_id").join(_texts(ok, "b_id", "b_text"), "b_id"))
+
+
+def with_input_len(jobs):
+    """Jobs with their texts (prompt_text, a_text, b_text) and input_len, their sum of lengths (the batch order)."""
+    from pyspark.sql import functions as F
+    return jobs.withColumn("input_len", (F.length("prompt_text") + F.length("a_text") + F.length("b_text")).cast("long"))
 
 
 def with_cot(jobs, cot_ok):
