@@ -357,6 +357,11 @@ def _optimize(lake, a) -> int:
         mlflow.set_tracking_uri(uri)
         for table, versions in registry_pins(lake).items():   # an unreadable registry raises: vacuum nothing
             pins.setdefault(table, set()).update(versions)
-    for t in optimize(lake, pins, a.retention_hours, a.dry_run):
+
+    def spark_session():   # for the tables delta-spark writes; started only if there is one
+        from cai_lib.runtime.session import get_spark
+        return get_spark("local[1]", "cai-lake-optimize", delta=True)
+
+    for t in optimize(lake, pins, a.retention_hours, a.dry_run, spark_session):
         print(t.line())
     return 0

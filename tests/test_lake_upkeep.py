@@ -67,3 +67,50 @@ def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(tmp_path
     out = capsys.readouterr().out
     assert "quarantine             files 7 -> 1, vacuumed 3, version 7 -> " in out and "pinned versions kept: 4" in out
     assert DeltaTable(str(lake.path("quarantine")), version=4).to_pyarrow_table().num_rows == 4
+
+
+def NO_REGISTRY(tmp_path) -> list[str]:   # noqa: N802 - a registry that does not exist: gate pins only
+    return ["--tracking-uri", f"sqlite:///{tmp_path}/absent.db"]
+
+
+def spark_written(spark, root, n: int):
+    """A lake whose quarantine table delta-spark created (version 0) and appended to n times, one file each."""
+    from cai_lib.lake.spark_delta import SparkDeltaLake
+    lake = SparkDeltaLake(spark, root)
+    lake.table("quarantine")
+    for i in range(n):
+        lake.insert_new("quarantine", qrows([f"q{i}"]))
+    return lake
+
+
+def test_a_delta_spark_lake_is_kept_through_spark_and_its_pinned_version_stays_readable(spark, tmp_path, capsys):
+    root = tmp_path / "lake"
+    spark_written(spark, root, 5).insert_new("gate_events", verdict({"quarantine": 3}))
+    assert gate_pins(Lake(root)) == {"quarantine": {3}}
+
+    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *NO_REGISTRY(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # compacted by delta-spark; vacuum's retention reaches back past version 3 (seconds old, plus an hour), so its files stay
+    assert "quarantine             files 5 -> 1, vacuumed 0, version 5 -> " in out, out
+    assert "pinned versions kept: 3 (delta-spark, retention 2 h)" in out, out
+    assert engines_of(root / "quarantine") == {"Apache-Spark"}   # no commit by delta-rs
+    assert sorted(DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()["event_id"].to_pylist()) == [
+        "q0", "q1", "q2"]
+    assert sorted(Lake(root).read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(5)]
+
+
+def test_an_unpinned_delta_spark_table_loses_the_files_compaction_removed(spark, tmp_path, capsys):
+    root = tmp_path / "lake"
+    spark_written(spark, root, 5)
+    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *NO_REGISTRY(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "quarantine             files 5 -> 1, vacuumed 5, " in out, out
+    assert "kept: none (delta-spark, retention 0 h)" in out, out
+    assert engines_of(root / "quarantine") == {"Apache-Spark"}
+    assert sorted(Lake(root).read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(5)]
+    with pytest.raises(Exception):               # version 3's small files are gone, as vacuum should
+        DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()
+
+
+def engines_of(table) -> set[str]:
+    return {h["engineInfo"].split("/")[0].split(":")[0] for h in DeltaTable(str(table)).history()}

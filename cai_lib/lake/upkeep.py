@@ -6,10 +6,17 @@ registered model was trained on (its run's Delta dataset inputs in MLflow). Vacu
 those versions read (delta-rs `keep_versions`), whatever the retention, so time travel to them
 keeps working; older unpinned versions lose their removed files after `retention_hours`. The log
 itself is never cleaned here, so every version stays listed.
+
+Each table is kept by the engine that writes it (its last commit's engineInfo), so a lake written by
+delta-spark (`lake_engine: spark`) is never committed to by delta-rs: OPTIMIZE and VACUUM run through
+Spark (`optimize_spark`). delta-spark's VACUUM has a retention and nothing else, so there the retention
+is stretched back to the oldest pinned version's commit: the pinned versions keep their files, and so
+does every version after the oldest pin (delta-spark checkpoints its log itself, every 10 commits).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +33,15 @@ class TableUpkeep:
     files_after: int
     vacuumed: int
     kept_versions: list[int] = field(default_factory=list)
+    engine: str = "delta-rs"
+    retention_hours: int | None = None   # delta-spark: the retention VACUUM ran with
 
     def line(self) -> str:
         """`generation_events  files 41 -> 3, vacuumed 38, version 12 -> 13, pinned versions kept: 4, 9`"""
         kept = ", ".join(map(str, self.kept_versions)) or "none"
+        spark = "" if self.engine == "delta-rs" else f" (delta-spark, retention {self.retention_hours} h)"
         return (f"{self.name:<22} files {self.files_before} -> {self.files_after}, vacuumed {self.vacuumed}, "
-                f"version {self.version_before} -> {self.version_after}, pinned versions kept: {kept}")
+                f"version {self.version_before} -> {self.version_after}, pinned versions kept: {kept}{spark}")
 
 
 def gate_pins(lake: Lake) -> dict[str, set[int]]:
@@ -63,12 +73,25 @@ def registry_pins(lake: Lake) -> dict[str, set[int]]:
     return pins
 
 
+def writer_engine(lake: Lake, name: str) -> str:
+    """"spark" when the table's last commit was written by delta-spark (engineInfo Apache-Spark/...)."""
+    info = (lake.delta_table(name).history(1) or [{}])[0].get("engineInfo") or ""
+    return "spark" if str(info).startswith("Apache-Spark") else "delta-rs"
+
+
 def optimize(lake: Lake, pins: dict[str, set[int]], retention_hours: int = 168,
-             dry_run: bool = False) -> list[TableUpkeep]:
-    """Compact, checkpoint and vacuum each existing table; `pins` versions keep their files."""
+             dry_run: bool = False, spark_session=None) -> list[TableUpkeep]:
+    """Compact, checkpoint and vacuum each existing table; `pins` versions keep their files.
+    `spark_session()` gives the Spark session for the tables delta-spark writes (started only if one is)."""
     out = []
     for name in TABLES:
         if not lake.exists(name):
+            continue
+        if writer_engine(lake, name) == "spark":
+            if spark_session is None:
+                raise RuntimeError(f"{lake.path(name)} is written by delta-spark: it is kept through Spark, "
+                                   "never committed to by delta-rs (pass a Spark session)")
+            out.append(optimize_spark(spark_session(), lake, name, pins.get(name, set()), retention_hours, dry_run))
             continue
         dt = lake.delta_table(name)
         before, files_before = dt.version(), len(dt.file_uris())
@@ -82,3 +105,53 @@ def optimize(lake: Lake, pins: dict[str, set[int]], retention_hours: int = 168,
         after = lake.delta_table(name)
         out.append(TableUpkeep(name, before, after.version(), files_before, len(after.file_uris()), len(removed), kept))
     return out
+
+
+def spark_retention_hours(commit_times_ms: dict[int, int], kept: list[int], retention_hours: int,
+                          now_ms: int) -> int:
+    """The VACUUM retention that keeps `kept` versions' files: Delta deletes a removed file once its
+    remove commit is older than the retention, and a version's files are removed by later commits, so a
+    retention reaching back past the oldest pinned version's commit (plus an hour) keeps them all.
+
+    >>> spark_retention_hours({3: 0, 5: 7_200_000}, [3, 5], 0, 10_800_000), spark_retention_hours({}, [], 168, 0)
+    (4, 168)
+    """
+    if not kept:
+        return retention_hours
+    oldest = min(commit_times_ms[v] for v in kept)
+    return max(retention_hours, math.ceil((now_ms - oldest) / 3_600_000) + 1)
+
+
+def optimize_spark(spark, lake: Lake, name: str, pinned: set[int], retention_hours: int,
+                   dry_run: bool) -> TableUpkeep:
+    """OPTIMIZE and VACUUM one delta-spark table through Spark, with the retention that keeps `pinned`."""
+    import time
+
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+    path = str(lake.path(name))
+    dt = DeltaTable.forPath(spark, path)
+    files = lambda: int(dt.detail().select("numFiles").first()[0])  # noqa: E731
+    history = {int(r["version"]): int(r["ts"]) for r in
+               dt.history().select("version", F.unix_millis("timestamp").alias("ts")).collect()}
+    before, files_before = max(history), files()
+    if not dry_run:
+        dt.optimize().executeCompaction()
+    kept = sorted(v for v in pinned if v in history)
+    hours = spark_retention_hours(history, kept, retention_hours, int(time.time() * 1000))
+    confs = {"spark.databricks.delta.retentionDurationCheck.enabled": "false",   # --retention-hours decides
+             # VACUUM lists the table's folders in this many tasks (default 10,000: 83 s for a 5-file table
+             # on local[1], 3.6 s with the session's own parallelism)
+             "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(spark.sparkContext.defaultParallelism)}
+    saved = {k: spark.conf.get(k, None) for k in confs}
+    for k, v in confs.items():
+        spark.conf.set(k, v)
+    try:
+        doomed = spark.sql(f"VACUUM delta.`{path}` RETAIN {hours} HOURS DRY RUN").count()
+        if not dry_run:
+            spark.sql(f"VACUUM delta.`{path}` RETAIN {hours} HOURS").collect()
+    finally:
+        for k, v in saved.items():
+            spark.conf.unset(k) if v is None else spark.conf.set(k, v)
+    after = int(dt.history(1).select("version").first()[0])
+    return TableUpkeep(name, before, after, files_before, files(), doomed, kept, "spark", hours)
