@@ -18,14 +18,15 @@ def engines(table) -> set[str]:
     return {h["engineInfo"].split("/")[0].split(":")[0] for h in DeltaTable(str(table)).history()}
 
 
-def test_lake_engine_spark_in_common_makes_delta_spark_write_every_table(spark, tmp_path, capsys):
+def test_lake_engine_spark_in_common_makes_delta_spark_write_every_table(spark, tmp_path, capsys, monkeypatch):
     lake, docs = tmp_path / "lake", str(tmp_path / "docs")
+    monkeypatch.chdir(tmp_path)   # `--lake lake`, relative, as params.yaml says it
     params = tmp_path / "params.yaml"
     params.write_text("common:\n  lake_engine: spark\n")
     red = write_jsonl(tmp_path / "red.jsonl", [json.loads(x) for x in DEMO_RED.read_text().splitlines()[:12:4]])
     helpful = write_jsonl(tmp_path / "helpful.jsonl", [json.loads(x) for x in DEMO_HELPFUL.read_text().splitlines()[:2]]
                           + [{"prompt": ""}])   # an empty prompt: a quarantine row
-    common = ["--lake", str(lake), "--params", str(params)]
+    common = ["--lake", "lake", "--params", str(params)]
     model = [*common, "--backend", "fake", "--constitution", DEFAULT, "--batch-size", "2", "--batches-per-commit", "1"]
     for src, kind in ((red, "red_team"), (helpful, "helpful")):
         assert cai(["ingest", *common, "--source", str(src), "--kind", kind, "--test-fraction", "0"]) == 0

@@ -62,7 +62,9 @@ def require_delta(spark) -> None:
 class SparkDeltaLake(LakeBase):
     def __init__(self, spark, root):
         from delta.tables import DeltaTable  # delta-spark's Python side; the jars come with the session
-        self.spark, self.root, self._DeltaTable = spark, str(root).rstrip("/"), DeltaTable
+        # a local folder as an absolute path: delta-spark reads a relative one ("lake/prompts") as a table name
+        root = str(root).rstrip("/") if "://" in str(root) else str(Path(root).resolve())
+        self.spark, self.root, self._DeltaTable = spark, root, DeltaTable
 
     def path(self, name: str) -> str:
         spec_of(name)
