@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,13 @@ import yaml
 
 T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
+PARAMS_ENV = "CAI_PARAMS"
+
+
+def default_params() -> str:
+    """The params file a command reads when --params is not given: $CAI_PARAMS, else params.yaml in the
+    working directory (where dvc repro runs)."""
+    return os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS
 
 
 class ConfigError(ValueError):
@@ -39,7 +47,8 @@ def opt(default: Any, help: str, **kw) -> Any:
 class LakeConfig:
     """Every command: where the lake is and which params file fills the rest."""
     lake: str = opt("lake", "lake root folder (one Delta table per subfolder)")
-    params: str = opt(DEFAULT_PARAMS, "params file to read (missing file = defaults)")
+    params: str = dataclasses.field(default_factory=default_params, metadata={
+        "help": f"params file to read (missing file = defaults; default ${PARAMS_ENV}, else {DEFAULT_PARAMS})"})
 
 
 @dataclasses.dataclass
@@ -202,7 +211,7 @@ def load_config(cls: type[T], section: str, argv: Sequence[str] | None, descript
     """Defaults <- params.yaml[common] (keys the job has) <- params.yaml[section] <- flags."""
     parser = build_parser(cls, f"cai {section.replace('_', '-')}", description)
     flags = {k: v for k, v in vars(parser.parse_strict(argv)).items() if v is not None}
-    params_path = flags.get("params", DEFAULT_PARAMS)
+    params_path = flags.get("params") or default_params()
     params = read_params(params_path)
     fields = _fields(cls)
     common = params.get("common") or {}

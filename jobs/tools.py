@@ -8,13 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from cai_lib.config import DEFAULT_PARAMS, LakeConfig, RegistryConfig, read_params
+from cai_lib.config import DEFAULT_PARAMS, PARAMS_ENV, LakeConfig, RegistryConfig, default_params, read_params
 from cai_lib.lake.tables import Lake
 from schemas import TABLES
 
 
 def _add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
-    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file whose [common] gives the defaults")
+    p.add_argument("--params", default=default_params(), help="params file whose [common] gives the defaults "
+                   f"(default ${PARAMS_ENV}, else {DEFAULT_PARAMS})")
     p.add_argument("--lake", default=None, help="lake root (default: the params file's [common] lake)")
     if registry:
         p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the params file's [common] "

@@ -14,6 +14,25 @@ DEMO_RED = ROOT / "data/demo/red_team_prompts.jsonl"
 DEMO_HELPFUL = ROOT / "data/demo/helpful_prompts.jsonl"
 
 os.environ.setdefault("CAI_MODEL_CACHE", str(ROOT / ".cache/models"))
+
+
+def _delta_rs_params() -> str:
+    """The project's params.yaml with `lake_engine: delta-rs`, for the commands a test runs without
+    --params ($CAI_PARAMS): each of those tests a job's logic, which both engines share, on the engine
+    that starts no Spark session for ingest and the gates and commits in milliseconds. The Spark plane
+    is tested by the tests that ask for it (`--lake-engine spark`, test_one_engine, the plane equality
+    tests) and by test_dvc_pipeline, which runs params.yaml itself (spark)."""
+    import tempfile
+
+    import yaml
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["common"]["lake_engine"] = "delta-rs"
+    path = Path(tempfile.mkdtemp(prefix="cai-tests-")) / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return str(path)
+
+
+os.environ["CAI_PARAMS"] = _delta_rs_params()
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 from cai_lib.env import set_offline_env  # noqa: E402
 

@@ -14,10 +14,12 @@ import yaml
 
 from cai_lib.lake.tables import Lake
 from tests.conftest import DEMO_HELPFUL, DEMO_RED, ROOT
+from tests.test_one_engine import engines
 
 
 def sh(cmd: list[str], cwd: Path) -> str:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") or k == "MLFLOW_DISABLE_TELEMETRY"}
+    inherited = {k: v for k, v in os.environ.items() if (not k.startswith("MLFLOW_") or k == "MLFLOW_DISABLE_TELEMETRY")
+                 and k != "CAI_PARAMS"}   # the stages read the copy's own params.yaml, as `dvc repro` does
     env = {**inherited, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -81,6 +83,9 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())["elo"]) == {"base", "sl_cai", "rl_cai"}
     samples = lake.read("generation_events").to_pylist()
     assert {r["model_id"] for r in samples if r["kind"] == "pair_sample"} == {"cai-sl/1"}  # the SL-CAI policy
+    # params.yaml's lake_engine is spark: delta-spark wrote every table (delta-rs reads them above)
+    tables = sorted(t.name for t in (repo / "lake").iterdir() if (t / "_delta_log").is_dir())
+    assert {t: engines(repo / "lake" / t) for t in tables} == {t: {"Apache-Spark"} for t in tables}
     snap = lake.snapshot()
 
     out = sh(["dvc", "repro"], repo)
