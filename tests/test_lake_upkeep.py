@@ -14,6 +14,7 @@ from cai_lib.lake.upkeep import gate_pins, optimize, registry_pins
 from jobs.cli import main as cai
 from schemas import GATE_EVENTS
 from tests.test_lake import qrows
+from tests.test_one_engine import engines
 
 
 def small_commits(lake: Lake, n: int) -> None:
@@ -69,7 +70,7 @@ def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(tmp_path
     assert DeltaTable(str(lake.path("quarantine")), version=4).to_pyarrow_table().num_rows == 4
 
 
-def NO_REGISTRY(tmp_path) -> list[str]:   # noqa: N802 - a registry that does not exist: gate pins only
+def no_registry(tmp_path) -> list[str]:   # a registry that does not exist: gate pins only
     return ["--tracking-uri", f"sqlite:///{tmp_path}/absent.db"]
 
 
@@ -88,12 +89,12 @@ def test_a_delta_spark_lake_is_kept_through_spark_and_its_pinned_version_stays_r
     spark_written(spark, root, 5).insert_new("gate_events", verdict({"quarantine": 3}))
     assert gate_pins(Lake(root)) == {"quarantine": {3}}
 
-    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *NO_REGISTRY(tmp_path)]) == 0
+    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *no_registry(tmp_path)]) == 0
     out = capsys.readouterr().out
     # compacted by delta-spark; vacuum's retention reaches back past version 3 (seconds old, plus an hour), so its files stay
     assert "quarantine             files 5 -> 1, vacuumed 0, version 5 -> " in out, out
     assert "pinned versions kept: 3 (delta-spark, retention 2 h)" in out, out
-    assert engines_of(root / "quarantine") == {"Apache-Spark"}   # no commit by delta-rs
+    assert engines(root / "quarantine") == {"Apache-Spark"}   # no commit by delta-rs
     assert sorted(DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()["event_id"].to_pylist()) == [
         "q0", "q1", "q2"]
     assert sorted(Lake(root).read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(5)]
@@ -102,15 +103,11 @@ def test_a_delta_spark_lake_is_kept_through_spark_and_its_pinned_version_stays_r
 def test_an_unpinned_delta_spark_table_loses_the_files_compaction_removed(spark, tmp_path, capsys):
     root = tmp_path / "lake"
     spark_written(spark, root, 5)
-    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *NO_REGISTRY(tmp_path)]) == 0
+    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *no_registry(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "quarantine             files 5 -> 1, vacuumed 5, " in out, out
     assert "kept: none (delta-spark, retention 0 h)" in out, out
-    assert engines_of(root / "quarantine") == {"Apache-Spark"}
+    assert engines(root / "quarantine") == {"Apache-Spark"}
     assert sorted(Lake(root).read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(5)]
     with pytest.raises(Exception):               # version 3's small files are gone, as vacuum should
         DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()
-
-
-def engines_of(table) -> set[str]:
-    return {h["engineInfo"].split("/")[0].split(":")[0] for h in DeltaTable(str(table)).history()}
