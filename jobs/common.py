@@ -169,9 +169,11 @@ def guarded_replace(lake: Lake, name: str, rows, selected: set, allow_shrink: bo
                           lambda: why(unexplained), lambda: lake.replace(name, rows))
 
 
-def guarded_replace_df(lake, name: str, rows, selected, allow_shrink: bool, why) -> tuple[bool, list, list]:
+def guarded_replace_df(lake, name: str, rows, selected, allow_shrink: bool, why,
+                       built_from: str | None = None) -> tuple[bool, list, list]:
     """`guarded_replace` in Spark (the Spark-native data plane): `rows` and `selected` (the selected
-    keys) are DataFrames, `why(unexplained)` gets the unexplained keys as a DataFrame; nothing is collected."""
+    keys) are DataFrames, `why(unexplained)` gets the unexplained keys as a DataFrame; nothing is collected.
+    `built_from` goes to the commit (SparkDeltaLake.replace_df)."""
     from cai_lib.lake.tables import spec_of
     key = spec_of(name).key
     rows = rows.persist()
@@ -179,11 +181,11 @@ def guarded_replace_df(lake, name: str, rows, selected, allow_shrink: bool, why)
     old = lake.df(name).select(key) if lake.exists(name) else None
     n_old = old.count() if old is not None else 0
     if new >= n_old:
-        return lake.replace_df(name, rows), [], []
+        return lake.replace_df(name, rows, built_from), [], []
     lost = old.join(rows.select(key), key, "left_anti").persist()
     unexplained = lost.join(selected.select(key), key, "left_semi")
     return shrink_verdict(name, n_old, new, lost.count(), unexplained.count(), allow_shrink,
-                          lambda: why(unexplained), lambda: lake.replace_df(name, rows))
+                          lambda: why(unexplained), lambda: lake.replace_df(name, rows, built_from))
 
 
 def shrink_verdict(name: str, old: int, new: int, lost: int, unexplained: int, allow_shrink: bool, why,

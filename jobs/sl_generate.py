@@ -22,6 +22,8 @@ Rows of prompts no longer selected (--splits) may go, with a warning.
 sl_dataset): the plan, the pending anti-join and the next round's inputs are Spark DataFrames, the
 executors generate and append to generation_events with delta-spark, one blind append per chunk of
 `batches_per_commit` batches, as many chunks at once as executor slots. One run per lake at a time.
+There, a prompt with a sl_dataset row built from the same plan is done: a rerun plans and appends only
+the others (`planned_prompts=` in the summary), and a no-op plans nothing.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from cai_lib.runtime.spark_plane import failure_counts, pending, run_wave, selec
 from cai_lib.runtime.spark_plane import most_tries as spark_most_tries
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
 from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
-from cai_lib.sl.spark_chain import plan_steps, sl_dataset_df, step_chat_of, wave_inputs
+from cai_lib.sl.spark_chain import built_from, open_prompts, plan_steps, sl_dataset_df, step_chat_of, wave_inputs
 from jobs.common import Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
 
 
@@ -115,7 +117,8 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     return {"prompts": len(todo), "generations": total.tasks, "model_calls": total.model_calls,
             "ok": total.ok, "failed": total.failed, "gave_up": exhausted, "inserted": total.inserted,
             "completion_tokens": total.completion_tokens, "sl_dataset_rows": lake.count("sl_dataset"),
-            "sl_dataset_rewritten": dataset_changed, "failures": [fails], "errors": errors, "warnings": warnings}
+            "sl_dataset_rewritten": dataset_changed, "planned_prompts": len(plans), "failures": [fails], "errors": errors,
+            "warnings": warnings}
 
 
 # The Spark-native data plane (`--lake-engine spark`): the same events and sl_dataset as run()'s delta-rs
@@ -127,15 +130,22 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.base_model)
     ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
-    # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it. (unpersist
-    # does not free a local checkpoint; Spark's ContextCleaner drops its blocks once the DataFrame is unreferenced)
-    prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
-    steps = plan_steps(spark, ctx, prompts).localCheckpoint(eager=True)
-    chosen = steps.where("chosen")
     job_run_id = new_job_run_id()
-    total, exhausted = RunStats(), 0
-    n_chosen = prompts.where("chosen").count()
+    # held from the first read: sl_dataset decides what is planned, and another run could change it
     with job_lock(cfg.lake, "sl-generate", job_run_id):
+        # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it. (unpersist
+        # does not free a local checkpoint; Spark's ContextCleaner drops its blocks once the DataFrame is unreferenced)
+        prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
+        built = built_from(ctx, cfg.splits)
+        # sl_dataset's rows stand when it was built from this plan: only the prompts without one are planned
+        opened, stands = open_prompts(lake, prompts, built)
+        opened = opened.localCheckpoint(eager=True) if stands else prompts
+        steps = plan_steps(spark, ctx, opened).localCheckpoint(eager=True)
+        n_planned = opened.count()
+        chosen = steps.where("chosen")
+        total, exhausted = RunStats(), 0
+        n_chosen = prompts.where("chosen").count()
+        n_open = opened.where("chosen").count() if stands else n_chosen
         # One pass over the events first: the waves with a step still to do, and the prompts they belong to.
         # A rerun with nothing left does no wave; an increment's waves join only its own prompts' steps.
         left = chosen.select("event_id", "wave", "prompt_id").join(
@@ -143,7 +153,7 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
         waves = {r["wave"] for r in left.select("wave").distinct().collect()}
         live = left.select("prompt_id").distinct().localCheckpoint(eager=True)
         n_live = live.count()
-        only = (lambda df: df) if n_live == n_chosen else (   # noqa: E731
+        only = (lambda df: df) if n_live == n_open == n_chosen else (   # noqa: E731
             lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
         work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, prompts))
         for wave in sorted(waves):
@@ -170,19 +180,26 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
                                    progress=progress))
         events = lake.df("generation_events")
         ok = successful(events)
-        fails = Failures.of("generations", total, exhausted, cfg.max_attempts, spark_most_tries(chosen, events))
-
-        def why(unexplained) -> str:
-            mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()
-            return incomplete_chains(mine, unexplained.count(), fails)
-        changed, errors, warnings = guarded_replace_df(lake, "sl_dataset", sl_dataset_df(ctx, steps, ok, prompts),
-                                                       prompts, cfg.allow_shrink, why)
+        # every chosen step without a success was in `left`, and there is none when no wave had work
+        fails = Failures.of("generations", total, exhausted, cfg.max_attempts,
+                            spark_most_tries(left, events) if waves else 0)
+        if stands:   # the rows of the open prompts whose chains are complete now, appended
+            new = sl_dataset_df(ctx, steps, ok, opened).localCheckpoint(eager=True)
+            changed, errors, warnings = new.count() > 0, [], []
+            if changed:
+                lake.append_df("sl_dataset", new, built)
+        else:
+            def why(unexplained) -> str:
+                mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()
+                return incomplete_chains(mine, unexplained.count(), fails)
+            changed, errors, warnings = guarded_replace_df(lake, "sl_dataset", sl_dataset_df(ctx, steps, ok, prompts),
+                                                           prompts, cfg.allow_shrink, why, built)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
                   {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
     return {"prompts": n_chosen, "generations": total.tasks,
             "model_calls": total.model_calls, "ok": total.ok, "failed": total.failed, "gave_up": exhausted,
             "inserted": total.inserted, "completion_tokens": total.completion_tokens,
-            "sl_dataset_rows": lake.count("sl_dataset"), "sl_dataset_rewritten": changed,
+            "sl_dataset_rows": lake.count("sl_dataset"), "sl_dataset_rewritten": changed, "planned_prompts": n_planned,
             "failures": [fails], "errors": errors, "warnings": warnings}
 
 

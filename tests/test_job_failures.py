@@ -38,12 +38,13 @@ def test_sl_generate_that_fails_everything_exits_1_then_says_how_to_retry(spark,
         assert cai(sl(small_lake, "--base-model", ALL)) == 1, attempt
         out, err = lines(capsys)
         assert out == ["sl-generate: prompts=5, generations=5, model_calls=2, ok=0, failed=5, gave_up=0, inserted=5, "
-                       "completion_tokens=0, sl_dataset_rows=0, sl_dataset_rewritten=%s" % (attempt == 1)]
+                       "completion_tokens=0, sl_dataset_rows=0, sl_dataset_rewritten=%s, planned_prompts=5"
+                       % (attempt == 1)]
         assert err == [failing]
     assert cai(sl(small_lake, "--base-model", ALL)) == 1   # everything gave up: nothing ran, and that is no success
     out, err = lines(capsys)
     assert out == ["sl-generate: prompts=5, generations=0, model_calls=0, ok=0, failed=0, gave_up=5, inserted=0, "
-                   "completion_tokens=0, sl_dataset_rows=0, sl_dataset_rewritten=False"]
+                   "completion_tokens=0, sl_dataset_rows=0, sl_dataset_rewritten=False, planned_prompts=5"]
     assert err == ["cai sl-generate: error: 5 generations gave up after 2 failed attempts and were skipped: pass "
                    "--max-attempts 3 to retry them; this run did no generations (more than max_failed_fraction=0.1 "
                    "of this run's generations; what succeeded is committed)"]
@@ -89,7 +90,7 @@ def test_sl_dataset_is_not_rebuilt_smaller_without_a_reason(spark, small_lake, c
     assert cai(sl(small_lake, "--base-model", ALL, "--constitution", MEDICAL)) == 1
     out, err = lines(capsys)
     assert out[-1].endswith("ok=0, failed=5, gave_up=0, inserted=5, completion_tokens=0, sl_dataset_rows=5, "
-                            "sl_dataset_rewritten=False")
+                            "sl_dataset_rewritten=False, planned_prompts=5")
     assert err[0].startswith("cai sl-generate: error: 5 of 5 generations failed (first error: fake failure on 'role')")
     assert err[1] == ("  refusing to rebuild sl_dataset: it would shrink from 5 to 0 rows, and 5 of the dropped rows "
                       "are for inputs these settings still select: their chains are incomplete under these settings "

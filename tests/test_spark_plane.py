@@ -140,3 +140,46 @@ def test_an_increment_fills_batches_of_its_own_and_a_stopped_runs_batches_are_ke
     assert (more["generations"], more["model_calls"], more["ok"], more["sl_dataset_rows"]) == (6, 3, 6, 7)
     assert DeltaTable(str(lake / "generation_events")).version() == 5 + 3
 
+
+
+def test_a_rerun_plans_only_the_prompts_without_a_sl_dataset_row_and_appends_theirs(spark, small_lake, tmp_path):
+    """sl_dataset's commits record what they were built from: while its last commit says this run's
+    plan, a rerun plans (and joins and appends) only the prompts without a row; any other commit
+    (OPTIMIZE here) makes the next run rebuild it from every prompt, once."""
+    import json
+
+    from cai_lib.lake.spark_delta import SparkDeltaLake
+    from tests.conftest import DEMO_RED, ingest, write_jsonl
+    lake = copy_lake(small_lake, tmp_path / "spark")
+    first = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    assert (first["planned_prompts"], first["sl_dataset_rows"]) == (5, 5)
+    sl = SparkDeltaLake(spark, lake)
+    built = sl.built_from("sl_dataset")
+    assert json.loads(built)["sl_dataset"]["splits"] == ["train"]
+
+    # a run that wrote every event but stopped before sl_dataset took in one prompt: that prompt is open
+    kept = sl.df("sl_dataset").orderBy("prompt_id").limit(4).localCheckpoint(eager=True)
+    sl.replace_df("sl_dataset", kept, built)
+    resumed = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    assert (resumed["planned_prompts"], resumed["model_calls"], resumed["sl_dataset_rows"]) == (1, 0, 5)
+    history = DeltaTable(str(lake / "sl_dataset")).history(1)[0]
+    assert (history["operation"], history["operationParameters"]["mode"]) == ("WRITE", "Append")
+    assert history["operationMetrics"]["numOutputRows"] == "1" and history["userMetadata"] == built
+
+    noop = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    assert (noop["planned_prompts"], noop["model_calls"], noop["sl_dataset_rewritten"]) == (0, 0, False)
+
+    red = [json.loads(x) for x in DEMO_RED.read_text().splitlines()[1:9:4]]   # two prompts not yet in the lake
+    ref = copy_lake(small_lake, tmp_path / "reference")
+    for target in (lake, ref):
+        ingest(target, write_jsonl(tmp_path / "more.jsonl", red), "red_team")
+    more = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    assert (more["planned_prompts"], more["generations"], more["sl_dataset_rows"]) == (2, 6, 7)
+    run(spark, SLGenerateConfig(lake=str(ref), **SETTINGS))   # the delta-rs path derives every row afresh
+    assert sl_rows(lake) == sl_rows(ref) and events(lake) == events(ref)
+
+    sl.table("sl_dataset").optimize().executeCompaction()
+    rebuilt = run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))
+    assert (rebuilt["planned_prompts"], rebuilt["model_calls"], rebuilt["sl_dataset_rewritten"]) == (7, 0, True)
+    assert sl.built_from("sl_dataset") == built and sl_rows(lake) == sl_rows(ref)
+    assert run(spark, SLGenerateConfig(lake=str(lake), lake_engine="spark", **SETTINGS))["planned_prompts"] == 0

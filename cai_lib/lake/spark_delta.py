@@ -106,18 +106,38 @@ class SparkDeltaLake(LakeBase):
             reader = reader.option("versionAsOf", version)
         return reader.load(self.path(name))
 
-    def replace_df(self, name: str, rows) -> bool:
+    def replace_df(self, name: str, rows, built_from: str | None = None) -> bool:
         """`replace` for a DataFrame: overwrite a derived table unless it already holds exactly these
-        rows (same count and the same order-free checksum of every column); True when it wrote."""
+        rows (same count and the same order-free checksum of every column) and its last commit says the
+        same `built_from` (the commit's userMetadata: what the rows were derived from); True when it wrote."""
         spec = spec_of(name)
         if spec.append_only:
             raise LakeError(f"{name} is an append-only event table: it is never replaced")
         rows = rows.select(*spec.schema.names)
-        if self.exists(name) and content_checksum(self.df(name)) == content_checksum(rows):
+        if (self.exists(name) and self.built_from(name) == built_from
+                and content_checksum(self.df(name)) == content_checksum(rows)):
             return False
         self.table(name)
-        rows.write.format("delta").mode("overwrite").save(self.path(name))
+        self._write(rows, name, "overwrite", built_from)
         return True
+
+    def append_df(self, name: str, rows, built_from: str | None = None) -> None:
+        """Append `rows` to a derived table in one commit that records `built_from` (see replace_df)."""
+        self.table(name)
+        self._write(rows.select(*spec_of(name).schema.names), name, "append", built_from)
+
+    def built_from(self, name: str) -> str | None:
+        """The userMetadata of the table's last commit: what replace_df / append_df said its rows were
+        derived from. Any other commit (OPTIMIZE, a delta-rs write) has none, so it never matches."""
+        if not self.exists(name):
+            return None
+        return self.table(name).history(1).select("userMetadata").first()[0]
+
+    def _write(self, rows, name: str, mode: str, built_from: str | None) -> None:
+        writer = rows.write.format("delta").mode(mode)
+        if built_from is not None:
+            writer = writer.option("userMetadata", built_from)
+        writer.save(self.path(name))
 
     def count(self, name: str) -> int:
         return self.spark.read.format("delta").load(self.path(name)).count() if self.exists(name) else 0

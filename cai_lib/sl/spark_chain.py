@@ -4,6 +4,11 @@ projected as Spark DataFrames, so the driver holds no per-event state.
 The plan is the one `chain.plan_chain` makes (same ids, seeds, principles), computed in the executors
 (`mapInArrow` over the prompts); each step row also names the events its chat is built from (the
 answer it critiques or revises, the critique it follows), so a wave's inputs are joins in Spark.
+
+Only open prompts are planned. `sl_dataset`'s commits record what its rows were derived from
+(`built_from`: the plan's inputs and the splits); when its last commit says this run's, each of its
+rows is a prompt whose chain is complete under these settings, so a rerun plans, joins and appends
+only the prompts without a row (new ones, incomplete chains): a no-op plans nothing.
 """
 from __future__ import annotations
 
@@ -12,7 +17,12 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from cai_lib.ids import canonical_json, stable_id
 from cai_lib.sl.chain import SLContext, chat_for, plan_chain
+
+# Part of built_from: bump it when plan_chain's ids or sl_dataset_df's rows change for the same inputs,
+# so a table written by the older code is rebuilt rather than extended.
+PLAN_FORMAT = 1
 
 STEP_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("kind", pa.string()), ("prompt_id", pa.string()), ("parent_id", pa.string()),
@@ -47,6 +57,24 @@ def plan_steps(spark, ctx: SLContext, prompts):
     steps = prompts.select("prompt_id", "kind").mapInArrow(functools.partial(plan_partition, ctx=ctx),
                                                            from_arrow_schema(STEP_SCHEMA))
     return steps.join(prompts.select("prompt_id", "chosen"), "prompt_id")
+
+
+def built_from(ctx: SLContext, splits: list[str]) -> str:
+    """What sl_dataset is derived from: the chain plan's inputs (constitution, model, templates,
+    rounds, seed, few-shot, sampling) and the splits. The same string means the same rows."""
+    s = ctx.settings
+    plan = stable_id("sl_plan", format=PLAN_FORMAT, constants=ctx.constants(), rounds=s.rounds, seed=s.seed,
+                     few_shot=s.few_shot, sampling=[x.to_json() for x in (s.answer, s.critique, s.revision)])
+    return canonical_json({"sl_dataset": {"plan": plan, "splits": sorted(splits)}})
+
+
+def open_prompts(lake, prompts, built: str):
+    """(the prompts of `prompts` without a sl_dataset row, whether sl_dataset's rows stand): when
+    sl_dataset's last commit was built from `built`, its rows stand and only the others are open;
+    otherwise every prompt is open and sl_dataset must be rebuilt."""
+    if lake.built_from("sl_dataset") != built:
+        return prompts, False
+    return prompts.join(lake.df("sl_dataset").select("prompt_id"), "prompt_id", "left_anti"), True
 
 
 def wave_inputs(steps, ok, prompts, wave: int):
