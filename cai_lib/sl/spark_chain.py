@@ -61,7 +61,7 @@ def plan_steps(spark, ctx: SLContext, prompts):
 
 def built_from(ctx: SLContext, splits: list[str]) -> str:
     """What sl_dataset is derived from: the chain plan's inputs (constitution, model, templates,
-    rounds, seed, few-shot, sampling) and the splits. The same string means the same rows."""
+    rounds, seed, few-shot, sampling) and the splits: the same string, the same derivation of the rows."""
     s = ctx.settings
     plan = stable_id("sl_plan", format=PLAN_FORMAT, constants=ctx.constants(), rounds=s.rounds, seed=s.seed,
                      few_shot=s.few_shot, sampling=[x.to_json() for x in (s.answer, s.critique, s.revision)])
