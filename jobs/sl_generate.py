@@ -145,7 +145,6 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
         chosen = steps.where("chosen")
         total, exhausted = RunStats(), 0
         n_chosen = prompts.where("chosen").count()
-        n_open = opened.where("chosen").count() if stands else n_chosen
         # One pass over the events first: the waves with a step still to do, and the prompts they belong to.
         # A rerun with nothing left does no wave; an increment's waves join only its own prompts' steps.
         left = chosen.select("event_id", "wave", "prompt_id").join(
@@ -153,7 +152,7 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
         waves = {r["wave"] for r in left.select("wave").distinct().collect()}
         live = left.select("prompt_id").distinct().localCheckpoint(eager=True)
         n_live = live.count()
-        only = (lambda df: df) if n_live == n_open == n_chosen else (   # noqa: E731
+        only = (lambda df: df) if n_live == n_chosen else (   # noqa: E731
             lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
         work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, prompts))
         for wave in sorted(waves):

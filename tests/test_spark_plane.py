@@ -141,7 +141,6 @@ def test_an_increment_fills_batches_of_its_own_and_a_stopped_runs_batches_are_ke
     assert DeltaTable(str(lake / "generation_events")).version() == 5 + 3
 
 
-
 def test_a_rerun_plans_only_the_prompts_without_a_sl_dataset_row_and_appends_theirs(spark, small_lake, tmp_path):
     """sl_dataset's commits record what they were built from: while its last commit says this run's
     plan, a rerun plans (and joins and appends) only the prompts without a row; any other commit
