@@ -110,10 +110,11 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
     # Materialized apart from the tables it was read from: each chunk's append makes Spark re-run every
     # cached plan that reads generation_events (recacheByPath), which would redo the anti-join per chunk.
     marked = marked.localCheckpoint(eager=True)
-    counts = {(r["gave_up"], r["fresh"]): r["n"] for r in marked.groupBy("gave_up", "fresh").count()
-              .withColumnRenamed("count", "n").collect()}
-    gave_up = sum(n for (g, _), n in counts.items() if g)
-    n_fresh = counts.get((False, True), 0)
+    # one aggregate: how many gave up, how many are fresh, and the chunks of the attempts planned before
+    groups = (marked.groupBy("gave_up", "fresh", "plan_id", "chunk")
+              .agg(F.count(F.lit(1)).alias("n"), F.countDistinct("batch_no").alias("batches")).collect())
+    gave_up = sum(r["n"] for r in groups if r["gave_up"])
+    n_fresh = sum(r["n"] for r in groups if r["fresh"])
     per_chunk = chunk_batches(max(1, -(-n_fresh // batch_size)), batches_per_commit, slots)
     batch_no = F.floor(F.col("pos") / batch_size)
     todo = (marked.where(~F.col("gave_up"))
@@ -122,7 +123,8 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
             .withColumn("chunk", F.coalesce("chunk", F.floor(batch_no / per_chunk))))
     if n_fresh:
         record_plan(lake, todo.where("fresh"), table)
-    return todo, gave_up, chunk_sizes(todo)
+    planned = [(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups if not r["gave_up"] and not r["fresh"]]
+    return todo, gave_up, sorted(planned + fresh_chunks(plan_id, n_fresh, batch_size, per_chunk))
 
 
 def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: int):
@@ -137,15 +139,19 @@ def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: 
     out = (rows.withColumn("pos", (F.row_number().over(Window.orderBy("input_len", "event_id")) - 1).cast("long"))
            .withColumn("batch_no", batch_no).withColumn("chunk", F.floor(batch_no / per_chunk))
            .withColumn("plan_id", F.lit(plan_id)).localCheckpoint(eager=True))
-    return out, chunk_sizes(out)
+    return out, fresh_chunks(plan_id, n, batch_size, per_chunk)
 
 
-def chunk_sizes(todo) -> list[tuple[str, int, int, int]]:
-    """[(plan_id, chunk, rows, batches)] of a cut, in order."""
-    from pyspark.sql import functions as F
-    sizes = todo.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
-                                                  F.countDistinct("batch_no").alias("batches")).collect()
-    return sorted((r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in sizes)
+def fresh_chunks(plan_id: str, n: int, batch_size: int, per_chunk: int) -> list[tuple[str, int, int, int]]:
+    """[(plan_id, chunk, rows, batches)] of n rows numbered 0..n-1 (pos) in batches of batch_size and
+    chunks of per_chunk batches: a cut's chunks, known without reading its rows.
+
+    >>> fresh_chunks("p", 300, 64, 2), fresh_chunks("p", 0, 64, 2)
+    ([('p', 0, 128, 2), ('p', 1, 128, 2), ('p', 2, 44, 1)], [])
+    """
+    rows = batch_size * per_chunk
+    return [(plan_id, c, min(n, (c + 1) * rows) - c * rows, min(per_chunk, -(-(n - c * rows) // batch_size)))
+            for c in range(-(-n // rows))]
 
 
 def chunk_rows(todo, plan_id: str, chunk: int):
