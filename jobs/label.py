@@ -75,20 +75,23 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
 
 def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str | None) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
     """(pair_id, prompt_id, a_id, b_id) for prompts with both samples from one policy (`policy_fp`, or
-    every policy that sampled pairs when None); texts by event id; prompts by id."""
+    every policy that sampled pairs when None); texts by event id; prompts by id. Of two samples of one
+    round, the latest by (created_at, event_id), as `spark_labels.sampled_pairs` picks."""
     prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
     ev = lake.read("generation_events", columns=["event_id", "kind", "status", "prompt_id", "round",
-                                                 "model_fingerprint", "text"])
+                                                 "model_fingerprint", "created_at", "text"])
     ev = ev.filter(pc.and_(pc.equal(ev["kind"], "pair_sample"), pc.equal(ev["status"], "ok")))
     if policy_fp is not None:
         ev = ev.filter(pc.equal(ev["model_fingerprint"], policy_fp))
-    samples: dict[tuple[str, str], dict[int, str]] = {}
+    latest: dict[tuple[str, str], dict[int, tuple]] = {}
     texts = {}
     for r in ev.to_pylist():
         if r["prompt_id"] in chosen:
-            samples.setdefault((r["prompt_id"], r["model_fingerprint"]), {})[r["round"]] = r["event_id"]
+            rounds = latest.setdefault((r["prompt_id"], r["model_fingerprint"]), {})
+            key = (r["created_at"], r["event_id"])
+            rounds[r["round"]] = max(rounds.get(r["round"], key), key)
             texts[r["event_id"]] = r["text"]
-    pairs = [(pair_id_of(pid, s[0], s[1]), pid, s[0], s[1]) for (pid, _), s in sorted(samples.items())
+    pairs = [(pair_id_of(pid, s[0][1], s[1][1]), pid, s[0][1], s[1][1]) for (pid, _), s in sorted(latest.items())
              if {0, 1} <= set(s)]
     if not pairs:
         raise ValueError(f"no sampled pairs in lake {lake.root} for the policy model: run `cai sample-pairs` first")

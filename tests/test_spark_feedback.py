@@ -106,3 +106,21 @@ def test_a_failing_scoring_is_quarantined_once_and_fails_the_run(spark, sampled)
     again = label(spark, LabelConfig(lake=str(plane), lake_engine="spark", **cfg))
     assert (again["scored"], again["failed"], again["quarantined"]) == (2, 2, 0)   # retried, not logged twice
     assert len([q for q in Lake(plane).read("quarantine").to_pylist() if q["stage"] == "label"]) == 2
+
+
+def test_after_a_resample_both_engines_label_the_newer_samples(spark, sampled):
+    """Two samples of one round (a `--resample` with another seed): each engine labels the later one."""
+    ref, plane = sampled
+    older = {r["event_id"] for r in rows(plane, "generation_events", "event_id") if r["kind"] == "pair_sample"}
+    for lake, engine in ((ref, "delta-rs"), (plane, "spark")):
+        again = sample_pairs(spark, SamplePairsConfig(lake=str(lake), lake_engine=engine, resample=True, seed=7, **PAIRS))
+        assert (again["samples"], again["ok"]) == (6, 6)
+    newer = {r["event_id"] for r in rows(plane, "generation_events", "event_id") if r["kind"] == "pair_sample"} - older
+    assert len(newer) == 6
+    cfg = dict(feedback_model="fake", **BASE)
+    a = label(spark, LabelConfig(lake=str(ref), **cfg))
+    b = label(spark, LabelConfig(lake=str(plane), lake_engine="spark", **cfg))
+    assert (a["pairs"], b["pairs"], a["labels_sha"]) == (3, 3, b["labels_sha"])
+    for lake in (ref, plane):
+        labelled = {i for r in rows(lake, "label_events", "event_id") for i in (r["response_a_id"], r["response_b_id"])}
+        assert labelled == newer

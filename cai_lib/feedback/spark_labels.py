@@ -42,13 +42,14 @@ AI_SCHEMA = pa.schema([f.with_nullable(True) for f in PREFERENCE_DATASET])
 
 def sampled_pairs(events, prompts, policy_fp: str | None):
     """(prompt_id, a_id, b_id): prompts in `prompts` with both pair samples (rounds 0 and 1) from one
-    policy (`policy_fp`, or each policy that sampled). Of two samples of one round, the larger id."""
+    policy (`policy_fp`, or each policy that sampled). Of two samples of one round (a `--resample` with
+    other settings), the latest: the larger (created_at, event_id), as `jobs/label.sampled_pairs` picks."""
     from pyspark.sql import functions as F
     ev = events.where((F.col("kind") == "pair_sample") & (F.col("status") == "ok"))
     if policy_fp is not None:
         ev = ev.where(F.col("model_fingerprint") == policy_fp)
     ev = ev.join(prompts.select("prompt_id"), "prompt_id", "left_semi")
-    sample = lambda r: F.max(F.when(F.col("round") == r, F.col("event_id")))  # noqa: E731
+    sample = lambda r: F.max(F.when(F.col("round") == r, F.struct("created_at", "event_id")))["event_id"]  # noqa: E731
     return (ev.groupBy("prompt_id", "model_fingerprint").agg(sample(0).alias("a_id"), sample(1).alias("b_id"))
             .where(F.col("a_id").isNotNull() & F.col("b_id").isNotNull()).select("prompt_id", "a_id", "b_id"))
 
