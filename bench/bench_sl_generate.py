@@ -1,6 +1,6 @@
 """Benchmark: sl-generate vs the bare backend vs a per-conversation sequential chain.
 
-    .venv/bin/python bench/bench_sl_generate.py [--prompts 16] [--rounds 1] [--tokens 48]
+    .venv/bin/python bench/bench_sl_generate.py [--prompts 32] [--rounds 1] [--tokens 48] [--batch-size 16]
 
 The same red-team prompts, model, templates, seeds and token budgets, measured in one run:
   A. `sl-generate` (Spark, Delta commits, ids, resume bookkeeping), model already loaded in its worker;
@@ -83,10 +83,11 @@ def _sampling(step):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=48, help="max new tokens of every step")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="the jobs' default (jobs/common.py), so A is what a user runs")
     a = ap.parse_args(argv)
     spark = get_spark("local[1]", "cai-bench")
     tmp = Path(tempfile.mkdtemp(prefix="cai-bench-"))
