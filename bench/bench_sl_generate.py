@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=48, help="max new tokens of every step")
-    ap.add_argument("--batch-size", type=int, default=16,
-                    help="the jobs' default (jobs/common.py), so A is what a user runs")
+    ap.add_argument("--batch-size", type=int, default=SLGenerateConfig.batch_size,
+                    help="default: the job's own (%(default)s), so A is what a user runs")
     a = ap.parse_args(argv)
     spark = get_spark("local[1]", "cai-bench")
     tmp = Path(tempfile.mkdtemp(prefix="cai-bench-"))
