@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from cai_lib.backends.fake import check_fake_model
+from cai_lib.backends.models import check_model_early
 from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, SeedConfig, SparkModelConfig, opt
 from cai_lib.files import write_json
 from cai_lib.lake.tables import Lake
@@ -24,7 +25,7 @@ class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig)
 
     def __post_init__(self):
         for model in self.backend_models():   # before Spark starts: a fake run never borrows a real model's name
-            check_fake_model(self.backend, model)
+            check_model_early(self.backend, model)   # and a real model's folder: no pickles (file heads only)
 
     def backend_models(self) -> list[str]:
         return [getattr(self, f) for f in self.MODEL_FIELDS if getattr(self, f) is not None]

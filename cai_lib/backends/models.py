@@ -64,9 +64,13 @@ def prepare_default_model(force: bool = False) -> Path:
 
 
 def resolve_model(model_id: str) -> Path | str:
-    """The folder (or cached hub id) to load for `model_id`; a clear error when there is none."""
+    """The folder (or cached hub id) to load for `model_id`; a clear error when there is none.
+    Every folder it returns passed `assert_no_pickles`, the default one included (its cache folder
+    is writable, so a pickle could be planted there like anywhere else)."""
     if model_id == DEFAULT_MODEL:
-        return prepare_default_model()
+        folder = prepare_default_model()
+        assert_no_pickles(folder)
+        return folder
     path = Path(model_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -122,6 +126,27 @@ def fingerprint(folder: Path | str) -> str:
     except OSError:
         pass  # a read-only model folder just means we hash again next time
     return digest
+
+
+def check_model_early(backend: str, model_id: str) -> None:
+    """Refuse a model before Spark starts (jobs call it from their config): the fake-backend rule, then
+    `assert_no_pickles` on the folder `model_id` names, reading file heads only. It converts nothing:
+    a default not yet converted is checked once converted (resolve_model), and a registered model
+    (`cai-sl@champion`) when resolve_weights fetches its folder, still on the driver."""
+    from cai_lib.backends.fake import check_fake_model
+    check_fake_model(backend, model_id)
+    if backend == "fake":
+        return
+    if model_id == DEFAULT_MODEL:
+        if (default_model_dir() / "model.safetensors").exists():
+            assert_no_pickles(default_model_dir())
+        return
+    try:
+        resolve_model(model_id)
+    except ModelNotFound:
+        if Path(model_id).expanduser().is_dir():
+            raise
+        # not a local model: resolve_weights looks it up in the registry (and checks its folder) or says it is nowhere
 
 
 def model_fingerprint(backend: str, model_id: str) -> str:
