@@ -3,14 +3,18 @@
 A job config is a dataclass whose fields carry `metadata={"help": ...}`, composed from the
 groups below so that a job has exactly the settings it uses. `load_config` merges, in order:
 field defaults, the `common` section (only the keys the job has), the job's section, then
-flags. The params file is checked with the same types as the flags: an unknown key, or a value
-of the wrong type, is an error naming the file, the section, the key, the value and the fix.
-A flag the job does not use is an error too (it would otherwise be silently ignored).
+flags. The params file and the flags are checked alike, before a job starts Spark: an unknown key, a
+value of the wrong type, a float that is not finite (argparse's `type=float` takes 'nan'), a value
+outside a field's bounds (`opt(..., lo=, gt=, hi=, lt=)`) or not one of its `choices` is an error
+naming where the value came from (the file and section, or the flag), the key, the value and the fix.
+A flag the job does not use is an error too (it would otherwise be silently ignored). A params
+file named by --params or $CAI_PARAMS must exist; only the implicit ./params.yaml may be absent.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
+
+from cai_lib.backends import BACKENDS
+from cai_lib.backends.weights import DTYPE_NAMES
 
 T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
@@ -34,8 +41,12 @@ class ConfigError(ValueError):
     pass
 
 
+BOUNDS = ("lo", "gt", "hi", "lt")   # inclusive minimum, exclusive minimum, inclusive maximum, exclusive maximum
+
+
 def opt(default: Any, help: str, **kw) -> Any:
-    """A config field with a default and its help text."""
+    """A config field with a default and its help text; `kw` may bound it (lo, gt, hi, lt), list its
+    `choices` (for a list: of each item), or refuse an empty string (`nonempty=True`)."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -46,23 +57,27 @@ def opt(default: Any, help: str, **kw) -> Any:
 @dataclasses.dataclass
 class LakeConfig:
     """Every command: where the lake is and which params file fills the rest."""
-    lake: str = opt("lake", "lake root folder (one Delta table per subfolder)")
+    lake: str = opt("lake", "lake root folder (one Delta table per subfolder) or a cloud URI (--lake-engine spark); "
+                            "never empty (that would be the current folder)", nonempty=True)
     params: str = dataclasses.field(default_factory=default_params, metadata={
-        "help": f"params file to read (missing file = defaults; default ${PARAMS_ENV}, else {DEFAULT_PARAMS})"})
+        "help": f"params file to read; it must exist (/dev/null = the defaults only). Default ${PARAMS_ENV}, "
+                f"else ./{DEFAULT_PARAMS}, which alone may be absent (then the defaults)", "nonempty": True})
 
 
 @dataclasses.dataclass
 class SeedConfig:
-    seed: int = opt(1234, "base seed; every request's seed derives from it and the request's key")
+    seed: int = opt(1234, "base seed; every request's seed derives from it and the request's key", lo=0)
 
 
 @dataclasses.dataclass
 class SparkModelConfig:
     """Jobs that run a model through a backend inside Spark's Python workers."""
-    backend: str = opt("transformers", "transformers (CPU/GPU) | vllm (GPU, own environment) | fake (tests)")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 on a GPU or a bf16-capable CPU, else float32) | bfloat16 | float32 | float16")
-    spark_master: str = opt("local[1]", "Spark master; each Python worker loads one model copy")
-    torch_threads: int = opt(2, "torch threads per Spark worker: workers x threads <= cores")
+    backend: str = opt("transformers", "transformers (CPU/GPU) | vllm (GPU, own environment) | fake (tests)",
+                       choices=BACKENDS)
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on a GPU or a bf16-capable CPU, else float32) | bfloat16 | "
+                             "float32 | float16", choices=("auto", *DTYPE_NAMES))
+    spark_master: str = opt("local[1]", "Spark master; each Python worker loads one model copy", nonempty=True)
+    torch_threads: int = opt(2, "torch threads per Spark worker: workers x threads <= cores", lo=1, hi=1024)
 
 
 @dataclasses.dataclass
@@ -71,7 +86,8 @@ class LakeEngineConfig:
     lake_engine: str = opt("delta-rs", "delta-rs | spark: delta-spark writes the lake (the model jobs then run on "
                                        "the Spark-native data plane: plan, anti-join and model work in the "
                                        "executors; ingest, gate and promote write through a local Spark session); "
-                                       "needs Delta's jars: Maven Central, or spark-submit --packages")
+                                       "needs Delta's jars: Maven Central, or spark-submit --packages",
+                      choices=("delta-rs", "spark"))   # cai_lib.lake.spark_delta.ENGINES (not imported: no pyarrow here)
 
 
 @dataclasses.dataclass
@@ -128,8 +144,14 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def _label(where: str, key: str) -> str:
+    """How an error names a value: `params.yaml [gate] max_ece` or, for a flag, `flag --max-ece`."""
+    return f"flag --{key.replace('_', '-')}" if where == "flag" else f"{where} {key}"
+
+
 def check_value(cls, key: str, value: Any, where: str) -> Any:
-    """`value` for field `key` of `cls`, checked (and int -> float widened) like a flag would be.
+    """`value` for field `key` of `cls`, checked (and int -> float widened) like a flag would be, then
+    against the field's bounds and choices (check_bounds). `where` is the file and section, or "flag".
 
     >>> check_value(SeedConfig, "seed", 7, "p.yaml [common]")
     7
@@ -139,10 +161,11 @@ def check_value(cls, key: str, value: Any, where: str) -> Any:
     """
     tp = typing.get_type_hints(cls)[key]
     base = _base_type(tp)
+    label = _label(where, key)
     if value is None:
         if _optional(tp):
             return None
-        raise ConfigError(f"{where} {key}: null is not allowed, expected {base.__name__}. Fix: give a value or "
+        raise ConfigError(f"{label}: null is not allowed, expected {base.__name__}. Fix: give a value or "
                           f"delete the key to use the default")
     ok = {bool: lambda v: isinstance(v, bool),
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -153,14 +176,80 @@ def check_value(cls, key: str, value: Any, where: str) -> Any:
           dict: lambda v: isinstance(v, dict)}.get(base, lambda v: True)
     if not ok(value):
         fix = "write the number without quotes" if base in (int, float) else f"give {key} a {base.__name__}"
-        raise ConfigError(f"{where} {key}: {value!r} is a {type(value).__name__}, expected {base.__name__}. "
+        raise ConfigError(f"{label}: {value!r} is a {type(value).__name__}, expected {base.__name__}. "
                           f"Fix: {fix}")
-    return float(value) if base is float else value
+    value = float(value) if base is float else value
+    check_bounds(_fields(cls)[key], value, label)
+    return value
 
 
-def read_params(path: str | Path) -> dict[str, Any]:
+def _range(meta: dict) -> str:
+    """The allowed range in words: 'from 1 to 16', '> 0 and <= 1', '>= 0'."""
+    low = f">= {meta['lo']}" if "lo" in meta else f"> {meta['gt']}" if "gt" in meta else None
+    high = f"<= {meta['hi']}" if "hi" in meta else f"< {meta['lt']}" if "lt" in meta else None
+    if "lo" in meta and "hi" in meta:
+        return f"from {meta['lo']} to {meta['hi']}"
+    return " and ".join(x for x in (low, high) if x) or "any finite number"
+
+
+def check_bounds(f: dataclasses.Field, value: Any, label: str) -> None:
+    """Refuse a non-finite float, a number outside the field's bounds, a value (or list item) not one
+    of its choices, an empty string where the field is `nonempty`. `label` names the value's source.
+
+    >>> check_bounds(dataclasses.fields(SeedConfig)[0], -1, "p.yaml [common] seed")
+    Traceback (most recent call last):
+    cai_lib.config.ConfigError: p.yaml [common] seed: -1 is below the minimum 0 (seed: base seed; every request's seed derives from it and the request's key). Fix: give a value >= 0
+    """
+    meta, what = f.metadata, f"({f.name}: {f.metadata.get('help', '')})"
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{label}: {value} is not a finite number {what}. Fix: give a number {_range(meta)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        too_low = ("lo" in meta and value < meta["lo"]) or ("gt" in meta and value <= meta["gt"])
+        too_high = ("hi" in meta and value > meta["hi"]) or ("lt" in meta and value >= meta["lt"])
+        if too_low or too_high:
+            side = (f"below the minimum {meta['lo']}" if "lo" in meta and value < meta["lo"] else
+                    f"not above {meta['gt']}" if too_low else
+                    f"above the maximum {meta['hi']}" if "hi" in meta and value > meta["hi"] else
+                    f"not below {meta['lt']}")
+            raise ConfigError(f"{label}: {value} is {side} {what}. Fix: give a value {_range(meta)}")
+    choices = meta.get("choices")
+    for item in (value if isinstance(value, (list, tuple)) else [value]) if choices else ():
+        if item not in choices:
+            raise ConfigError(f"{label}: {item!r} is not one of {', '.join(map(repr, choices))} {what}. "
+                              f"Fix: write one of them")
+    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{label}: {value!r} is empty {what}. Fix: give {f.name} a value")
+
+
+def check_fields(obj) -> None:
+    """Every field of a config built directly (tests, benches, library callers) against its bounds and
+    choices, as load_config checks params and flags: a config object never holds an unchecked value."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, label, base = getattr(obj, f.name), f"{type(obj).__name__} {f.name}", _base_type(hints[f.name])
+        wrong = base is int and (isinstance(value, bool) or not isinstance(value, int)) or \
+            base is float and (isinstance(value, bool) or not isinstance(value, (int, float)))
+        if wrong and value is not None:
+            raise ConfigError(f"{label}: {value!r} is a {type(value).__name__}, expected {base.__name__}")
+        check_bounds(f, value, label)
+
+
+def implicit_params(path: str | Path) -> bool:
+    """True for the params file nobody named: ./params.yaml with no --params and no $CAI_PARAMS. Only
+    it may be absent (a quick try outside the project runs on the defaults, docs/data_plane.md)."""
+    return str(path) == DEFAULT_PARAMS and not os.environ.get(PARAMS_ENV)
+
+
+def read_params(path: str | Path, named: bool | None = None) -> dict[str, Any]:
+    """The params file's sections. A file named by --params or $CAI_PARAMS (`named`; by default any
+    but the implicit ./params.yaml) must exist: a typo would otherwise run silently on the defaults."""
     path = Path(path)
     if not path.exists():
+        if named or (named is None and not implicit_params(path)):
+            raise ConfigError(f"params file {path} does not exist. Fix: check --params (or ${PARAMS_ENV}), "
+                              f"or pass --params /dev/null to run on the defaults alone")
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -193,7 +282,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     for name, f in _fields(cls).items():
         flag = "--" + name.replace("_", "-")
         base = _base_type(hints[name])
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")   # argparse %-formats help: "95%" would crash --help
         if f.metadata.get("flag") is False:
             continue  # params file only (e.g. a list of {path, kind} mappings)
         if base is bool:
@@ -208,11 +297,13 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_config(cls: type[T], section: str, argv: Sequence[str] | None, description: str = "") -> T:
-    """Defaults <- params.yaml[common] (keys the job has) <- params.yaml[section] <- flags."""
+    """Defaults <- params.yaml[common] (keys the job has) <- params.yaml[section] <- flags, every value
+    checked (type, finiteness, bounds, choices) before the config is built: before any job starts Spark."""
     parser = build_parser(cls, f"cai {section.replace('_', '-')}", description)
-    flags = {k: v for k, v in vars(parser.parse_strict(argv)).items() if v is not None}
+    flags = {k: check_value(cls, k, v, "flag")
+             for k, v in vars(parser.parse_strict(argv)).items() if v is not None}
     params_path = flags.get("params") or default_params()
-    params = read_params(params_path)
+    params = read_params(params_path, named=True if "params" in flags else None)
     fields = _fields(cls)
     common = params.get("common") or {}
     unknown = set(common) - COMMON_KEYS
@@ -231,4 +322,5 @@ def load_config(cls: type[T], section: str, argv: Sequence[str] | None, descript
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{section} config: {exc}") from None
+        raise ConfigError(f"{section} config (read from {params_path} [common] + [{section}], then the flags): "
+                          f"{exc}") from None

@@ -11,19 +11,25 @@ from typing import ClassVar
 
 from cai_lib.backends.fake import check_fake_model
 from cai_lib.backends.models import check_model_early
-from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, SeedConfig, SparkModelConfig, opt
+from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, SeedConfig, SparkModelConfig, check_fields, opt
 from cai_lib.files import write_json
 from cai_lib.lake.tables import Lake
+
+
+SPLITS = ("train", "test")   # ingest's splits: test is held out for evaluation, never trained on
+TEMPERATURE = dict(lo=0.0, hi=10.0)   # 0 = greedy; far above 2 a model samples noise
+MAX_NEW_TOKENS = dict(lo=1, hi=32768)   # a token budget beyond a long context window is a typo
 
 
 @dataclass
 class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig):
     """Jobs that run a model on Spark (sl-generate, sample-pairs, label, eval-labeler, evaluate); with
     --lake-engine spark they run on the Spark-native data plane (cai_lib/runtime/spark_plane.py)."""
-    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume")
+    batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume", lo=1, hi=4096)
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()   # the fields naming models this job runs on the backend
 
     def __post_init__(self):
+        check_fields(self)   # bounds and choices, as load_config checks them, for configs built in code
         for model in self.backend_models():   # before Spark starts: a fake run never borrows a real model's name
             check_model_early(self.backend, model)   # and a real model's folder: no pickles (file heads only)
 
@@ -44,24 +50,16 @@ class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig)
 @dataclass
 class GenerationConfig(ModelJobConfig):
     """Settings every job that generates text shares (sl-generate, sample-pairs, label --cot, evaluate)."""
-    limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)")
-    splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)")
-    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)")
-    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = opt(0.9, "nucleus sampling mass")
-    max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)")
+    limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)", lo=1)
+    splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)",
+                       choices=SPLITS)
+    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)", lo=1, hi=1000)
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)", **TEMPERATURE)
+    top_p: float = opt(0.9, "nucleus sampling mass", gt=0.0, hi=1.0)
+    max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)",
+                            lo=1, hi=100)
     max_failed_fraction: float = opt(0.1, "exit 1 when more than this share of the run's model work failed or "
-                                          "gave up (what succeeded is still committed); 1 = never")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("batch_size", "batches_per_commit", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.max_failed_fraction <= 1:
-            raise ValueError(f"max_failed_fraction must be between 0 and 1, got {self.max_failed_fraction}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+                                          "gave up (what succeeded is still committed); 1 = never", lo=0.0, hi=1.0)
 
 
 @dataclass
@@ -69,7 +67,8 @@ class FeedbackFields:
     """The feedback model and what it judges by (label, eval-labeler)."""
     constitution: str = opt("constitutions/default.yaml", "constitution whose comparison principles judge")
     feedback_model: str = opt("default", "the labelling model: 'default', a model folder or a cached hub id")
-    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1)")
+    ensemble: int = opt(1, "K comparison principles per pair, averaged (the paper's main setting: 1; at most 16, "
+                           "the paper's comparison principles: the constitution must hold K)", lo=1, hi=16)
 
 
 def writer_lake(cfg, job: str, mode: str = "write"):

@@ -51,11 +51,11 @@ from schemas import LABEL_EVENTS
 class EvalLabelerConfig(ModelJobConfig, FeedbackFields):
     MODEL_FIELDS = ("feedback_model",)
     human: str | None = opt(None, "HH-RLHF harmlessness pairs (jsonl/.gz) with human labels")
-    sample_size: int = opt(200, "pairs drawn (seeded) from --human")
+    sample_size: int = opt(200, "pairs drawn (seeded) from --human", lo=1)
     hhh: str | None = opt(None, "the HHH evaluation (438HHHEvaluations.jsonl format)")
     metrics: str = opt("metrics/eval_labeler.json", "metrics JSON written here")
     plot: str = opt("metrics/labeler_reliability.png", "reliability curve PNG written here")
-    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit on the Spark plane")
+    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit on the Spark plane", lo=1, hi=1000)
 
 
 @dataclass

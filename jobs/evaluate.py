@@ -45,7 +45,7 @@ from cai_lib.quality import signals as quality
 from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, GenerationConfig, spark_job_main
+from jobs.common import MAX_NEW_TOKENS, SPLITS, TEMPERATURE, Failures, GenerationConfig, spark_job_main
 
 EVAL_TEMPLATE_SHA = template_sha(DEFAULT_TEMPLATES, names=("initial",))
 
@@ -63,9 +63,9 @@ class EvaluateConfig(GenerationConfig, RegistryConfig):
                                    "None/auto = cuda when available, else cpu (as the train-* jobs' --device)")
     feedback_model: str = opt("default", "the model comparing answers for Elo")
     constitution: str = opt("constitutions/default.yaml", "its comparison principles judge the Elo comparisons")
-    splits: list = opt(["test"], "held-out prompts (ingest's split)")
-    max_new_tokens: int = opt(64, "answer length cap")
-    temperature: float = opt(0.0, "0 = greedy: the same model gives the same answers")
+    splits: list = opt(["test"], "held-out prompts (ingest's split)", choices=SPLITS)
+    max_new_tokens: int = opt(64, "answer length cap", **MAX_NEW_TOKENS)
+    temperature: float = opt(0.0, "0 = greedy: the same model gives the same answers", **TEMPERATURE)
     metrics: str = opt("metrics/evaluate.json", "metrics JSON (dvc metrics)")
     plot: str = opt("metrics/evaluate.png", "bar charts of the per-model metrics")
 

@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, LakeEngineConfig, PointerConfig, load_config, opt, read_params
+from cai_lib.config import (LakeConfig, LakeEngineConfig, PointerConfig, check_fields, check_value, load_config, opt,
+                            read_params)
 from cai_lib.ids import sha256_text, stable_id
 from cai_lib.quality.frames import STAGE_TABLES, build_frames
 from cai_lib.quality.gates import judge, suite_sha, validate
@@ -41,33 +42,39 @@ class GateConfig(LakeConfig, LakeEngineConfig, PointerConfig):
     verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
     docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")
     eval_metrics: str | None = opt("metrics/eval_labeler.json", "cai eval-labeler's metrics JSON (labels gate)")
-    max_prompt_chars: int = opt(4000, "longest prompt accepted")
-    min_response_words: int = opt(3, "shortest non-empty SL response")
-    max_response_words: int = opt(400, "longest SL response")
-    max_empty_rate: float = opt(0.0, "share of empty SL responses allowed")
-    max_unchanged_rate: float = opt(0.5, "share of revisions identical to the first answer allowed")
-    max_boilerplate_share: float = opt(0.2, "a sentence/8-gram in more than this share of responses is boilerplate")
-    boilerplate_min_rows: int = opt(10, "fewer SL responses than this: boilerplate is not judged")
-    max_red_team_refusal: float = opt(0.75, "per category: refusal rate on red-team prompts (evasiveness)")
-    max_over_refusal: float = opt(0.25, "per category: refusal rate on benign prompts (over-refusal)")
-    refusal_min_n: int = opt(3, "categories with fewer responses are not judged")
-    clamp_lo: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_lo)")
-    clamp_hi: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_hi)")
-    rate_min_n: int = opt(20, "labels: rates over fewer AI labels (or human pairs) than this are not judged")
-    max_label_skew: float = opt(0.25, "|mean p_a - 0.5| allowed")
-    max_position_bias: float = opt(0.15, "|mean p_shown_a - 0.5| allowed")
-    min_swap_consistency: float = opt(0.5, "lower end of the 95% interval of the swap-consistent share")
-    min_human_agreement: float = opt(0.5, "the lower end of the 95% interval of the agreement must be above this")
-    max_ece: float = opt(0.15, "labeller's expected calibration error")
-    min_label_spread: float = opt(0.02, "std of p_a below this = a (nearly) constant labeller")
+    max_prompt_chars: int = opt(4000, "longest prompt accepted", lo=1, hi=1_000_000)
+    min_response_words: int = opt(3, "shortest non-empty SL response", lo=0)
+    max_response_words: int = opt(400, "longest SL response", lo=1)
+    max_empty_rate: float = opt(0.0, "share of empty SL responses allowed", lo=0.0, hi=1.0)
+    max_unchanged_rate: float = opt(0.5, "share of revisions identical to the first answer allowed", lo=0.0, hi=1.0)
+    max_boilerplate_share: float = opt(0.2, "a sentence/8-gram in more than this share of responses is boilerplate",
+                                       lo=0.0, hi=1.0)
+    boilerplate_min_rows: int = opt(10, "fewer SL responses than this: boilerplate is not judged", lo=1)
+    max_red_team_refusal: float = opt(0.75, "per category: refusal rate on red-team prompts (evasiveness)", lo=0.0, hi=1.0)
+    max_over_refusal: float = opt(0.25, "per category: refusal rate on benign prompts (over-refusal)", lo=0.0, hi=1.0)
+    refusal_min_n: int = opt(3, "categories with fewer responses are not judged", lo=1)
+    clamp_lo: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_lo)", lo=0.0, lt=0.5)
+    clamp_hi: float | None = opt(None, "CoT label clamp (default: params.yaml [label] clamp_hi)", gt=0.5, hi=1.0)
+    rate_min_n: int = opt(20, "labels: rates over fewer AI labels (or human pairs) than this are not judged", lo=1)
+    max_label_skew: float = opt(0.25, "|mean p_a - 0.5| allowed", lo=0.0, hi=0.5)
+    max_position_bias: float = opt(0.15, "|mean p_shown_a - 0.5| allowed", lo=0.0, hi=0.5)
+    min_swap_consistency: float = opt(0.5, "lower end of the 95% interval of the swap-consistent share",
+                                      lo=0.0, hi=1.0)
+    min_human_agreement: float = opt(0.5, "the lower end of the 95% interval of the agreement must be above this",
+                                     lo=0.0, hi=1.0)
+    max_ece: float = opt(0.15, "labeller's expected calibration error", lo=0.0, hi=1.0)
+    min_label_spread: float = opt(0.02, "std of p_a below this = a (nearly) constant labeller (a std of values in "
+                                        "[0, 1] is at most 0.5)", lo=0.0, hi=0.5)
     waive: list = opt([], "required checks allowed to be INCOMPLETE (could not run), by name; kept in the verdict")
 
     def __post_init__(self):
+        check_fields(self)   # bounds and choices, as load_config checks them, for configs built in code
         if self.stage not in SUITES:
             raise ValueError(f"which gate? pass one of {', '.join(SUITES)} (e.g. `cai gate sl`), got {self.stage!r}")
         label = read_params(self.params).get("label") or {}
-        self.clamp_lo = label.get("clamp_lo", 0.4) if self.clamp_lo is None else self.clamp_lo
-        self.clamp_hi = label.get("clamp_hi", 0.6) if self.clamp_hi is None else self.clamp_hi
+        for key, default in (("clamp_lo", 0.4), ("clamp_hi", 0.6)):   # the label job's clamps, checked as its own
+            if getattr(self, key) is None:
+                setattr(self, key, check_value(GateConfig, key, label.get(key, default), f"{self.params} [label]"))
         names = {c.name for st in SUITES.values() for c in st(self) if c.required}
         unknown = [w for w in self.waive if w not in names]
         if unknown:

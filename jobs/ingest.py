@@ -9,9 +9,11 @@ Accepts the project's JSONL/CSV prompt files (a `prompt` or `text` column), HH-R
 (jsonl/.gz: the first human turn of `chosen`) and red-team attempts (a JSON array or JSONL).
 All files are read and checked before anything is written: an unreadable file is an error
 that writes nothing. Ids are deterministic (kind + normalised text), so re-ingesting the same
-file adds nothing. A source in params.yaml may say `split: test` (an evaluation set: all its rows
-held out, never trained on) and `limit: N, seed: S` (a seeded sample of N rows). Reading is plain Python (files are small next to LLM work); no Spark session
-is started.
+file adds nothing; the summary counts every row read (`read`), the prompts repeated within the
+run (`duplicates`), the new ones (`inserted`) and those the lake had (`already_present`). A
+source in params.yaml may say `split: test` (an evaluation set: all its rows held out, never
+trained on) and `limit: N, seed: S` (a seeded sample of N rows). Reading is plain Python (files
+are small next to LLM work); no Spark session is started.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, LakeEngineConfig, PointerConfig, load_config, opt
+from cai_lib.config import LakeConfig, LakeEngineConfig, PointerConfig, check_fields, load_config, opt
 from cai_lib.ids import is_heldout, normalise_text, sha256_text, stable_id
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.prompts import MAX_PROMPT_CHARS, SourceError, read_prompt_source
@@ -34,23 +36,23 @@ from schemas import PROMPT_KINDS
 @dataclass
 class IngestConfig(LakeConfig, LakeEngineConfig, PointerConfig):
     source: str | None = opt(None, "one prompt file to ingest (else the `sources` list from params.yaml)")
-    kind: str | None = opt(None, "red_team | helpful: the kind of --source (needed when the file does not say)")
+    kind: str | None = opt(None, "red_team | helpful: the kind of --source (needed when the file does not say)",
+                           choices=PROMPT_KINDS)
     sources: list = opt([], "params.yaml only: [{path, kind, split, limit, seed}] files ingested by a plain "
                         "`cai ingest` (split: test = every row held out for evaluation; limit + seed = a seeded "
                         "sample of the file's rows)", flag=False)
     split: str = opt("hash", "split of --source's rows: hash (by prompt id and test_fraction) | train | test "
-                             "(test: an evaluation set, never trained on)")
-    limit: int = opt(0, "keep a seeded sample of this many of --source's rows (0 = all)")
-    sample_seed: int = opt(0, "seed of --limit's sample")
-    test_fraction: float = opt(0.1, "share of prompts held out as split=test (by prompt id, deterministic)")
-    max_bad_fraction: float = opt(0.5, "refuse a file when more than this share of its rows is bad")
-    max_prompt_chars: int = opt(MAX_PROMPT_CHARS, "longer prompts are quarantined with the reason, never stored")
+                             "(test: an evaluation set, never trained on)", choices=("hash", "train", "test"))
+    limit: int = opt(0, "keep a seeded sample of this many of --source's rows (0 = all)", lo=0)
+    sample_seed: int = opt(0, "seed of --limit's sample", lo=0)
+    test_fraction: float = opt(0.1, "share of prompts held out as split=test (by prompt id, deterministic)",
+                               lo=0.0, lt=1.0)
+    max_bad_fraction: float = opt(0.5, "refuse a file when more than this share of its rows is bad", lo=0.0, hi=1.0)
+    max_prompt_chars: int = opt(MAX_PROMPT_CHARS, "longer prompts are quarantined with the reason, never stored",
+                                lo=1, hi=1_000_000)
 
     def __post_init__(self):
-        if self.kind is not None and self.kind not in PROMPT_KINDS:
-            raise ValueError(f"--kind must be one of {PROMPT_KINDS}, got {self.kind!r}")
-        if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        check_fields(self)   # bounds and choices, as load_config checks them, for configs built in code
 
     def files(self) -> list[Source]:
         if self.source:
@@ -113,11 +115,14 @@ def run(spark, cfg: IngestConfig) -> dict:
     job_run_id = new_job_run_id()
     now = datetime.now(timezone.utc)
     prompts, quarantine, seen = [], [], set()
+    read_rows = duplicates = 0
     for src in cfg.files():
         path, kind = src.path, src.kind
         # a SourceError (unreadable file, too many bad rows) stops the run before anything is written
         read = read_prompt_source(path, max_bad_fraction=cfg.max_bad_fraction, max_prompt_chars=cfg.max_prompt_chars)
-        for rec in src.sample(read.records):
+        sampled = src.sample(read.records)
+        read_rows += len(sampled) + len(read.rejected)
+        for rec in sampled:
             rec_kind = kind or rec.kind
             if rec_kind is None:
                 raise SourceError(f"{path}: the file does not say whether its prompts are red_team or helpful "
@@ -128,7 +133,8 @@ def run(spark, cfg: IngestConfig) -> dict:
                 continue
             pid = prompt_id_of(rec_kind, rec.text)
             if pid in seen:
-                continue  # the same prompt twice: the first occurrence is the row of record
+                duplicates += 1   # the same prompt twice: the first occurrence is the row of record
+                continue
             seen.add(pid)
             prompts.append({
                 "prompt_id": pid, "text": rec.text, "kind": rec_kind, "source": path, "source_row": rec.source_row,
@@ -147,7 +153,9 @@ def run(spark, cfg: IngestConfig) -> dict:
     before = lake.count("prompts")
     inserted = lake.insert_new("prompts", pa.Table.from_pylist(prompts)) if prompts else 0
     quarantined = lake.insert_new("quarantine", pa.Table.from_pylist(q_rows)) if q_rows else 0
-    summary = {"files": len(cfg.files()), "read": len(prompts), "inserted": inserted,
+    # every row read is counted: a duplicate (its prompt came earlier in this run), a bad row (quarantined;
+    # a rerun finds the same rows, already quarantined), or a distinct prompt (inserted or already present)
+    summary = {"files": len(cfg.files()), "read": read_rows, "duplicates": duplicates, "inserted": inserted,
                "already_present": len(prompts) - inserted, "quarantined": quarantined,
                "prompts_total": before + inserted}
     write_pointer(cfg.pointer, lake, ["prompts", "quarantine"])

@@ -47,7 +47,8 @@ from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, FeedbackFields, GenerationConfig, guarded_replace, spark_job_main, write_pointer
+from jobs.common import (MAX_NEW_TOKENS, Failures, FeedbackFields, GenerationConfig, guarded_replace, spark_job_main,
+                         write_pointer)
 from schemas import LABEL_EVENTS
 
 
@@ -57,17 +58,12 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
     policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
                                    "default: every sampled pair)")
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
-    clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident")
-    clamp_hi: float = opt(0.6, "upper CoT clamp")
-    cot_max_new_tokens: int = opt(96, "token budget of a chain of thought")
+    clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident", lo=0.0, lt=0.5)
+    clamp_hi: float = opt(0.6, "upper CoT clamp", gt=0.5, hi=1.0)
+    cot_max_new_tokens: int = opt(96, "token budget of a chain of thought", **MAX_NEW_TOKENS)
     human_pairs: list = opt([], "params only: [{path, limit, seed}] HH-RLHF helpfulness files -> human_helpful rows",
                             flag=False)
     allow_shrink: bool = opt(False, "replace preference_dataset even when pairs lacking labels would make it smaller")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.clamp_lo < 0.5 < self.clamp_hi <= 1:
-            raise ValueError(f"need 0 <= clamp_lo < 0.5 < clamp_hi <= 1, got {self.clamp_lo}, {self.clamp_hi}")
 
     def settings(self) -> LabelSettings:
         return settings_from(self, LabelSettings)

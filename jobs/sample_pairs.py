@@ -27,16 +27,16 @@ from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
 from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import Failures, GenerationConfig, spark_job_main, write_pointer
+from jobs.common import MAX_NEW_TOKENS, TEMPERATURE, Failures, GenerationConfig, spark_job_main, write_pointer
 
 
 @dataclass
 class SamplePairsConfig(GenerationConfig, RegistryConfig, PointerConfig):
     MODEL_FIELDS = ("policy",)
     policy: str = opt("cai-sl", "the policy under study: a registered model (cai-sl = latest), a folder or 'default'")
-    n_samples: int = opt(2, "responses per prompt (2 = one pair)")
-    max_new_tokens: int = opt(96, "token budget of each response")
-    temperature: float = opt(1.0, "sampling temperature: diverse pairs make informative comparisons")
+    n_samples: int = opt(2, "responses per prompt (2 = one pair; at most 16)", lo=2, hi=16)
+    max_new_tokens: int = opt(96, "token budget of each response", **MAX_NEW_TOKENS)
+    temperature: float = opt(1.0, "sampling temperature: diverse pairs make informative comparisons", **TEMPERATURE)
     constitution: str = opt("constitutions/default.yaml", "recorded on the rows for lineage (not in the ids)")
     resample: bool = opt(False, "sample prompts that already have a pair (from an earlier policy) again")
 

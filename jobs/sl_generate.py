@@ -43,7 +43,8 @@ from cai_lib.runtime.spark_plane import most_tries as spark_most_tries
 from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
 from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
 from cai_lib.sl.spark_chain import built_from, open_prompts, plan_steps, sl_dataset_df, step_chat_of, wave_inputs
-from jobs.common import Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main, write_pointer
+from jobs.common import (MAX_NEW_TOKENS, Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main,
+                         write_pointer)
 
 
 @dataclass
@@ -52,11 +53,14 @@ class SLGenerateConfig(GenerationConfig, PointerConfig):
     base_model: str = opt("default", "the helpful model that answers, critiques and revises: 'default' "
                                      "(embedded SmolLM2-135M-Instruct), a model folder or a cached hub id")
     constitution: str = opt("constitutions/default.yaml", "constitution YAML (or the paper's JSON)")
-    rounds: int = opt(4, "critique -> revision rounds per red-team prompt (the paper used 4)")
-    few_shot: int = opt(0, "worked critique/revision examples from the constitution prepended to each step")
-    answer_max_new_tokens: int = opt(128, "token budget of first answers")
-    critique_max_new_tokens: int = opt(96, "token budget of critiques")
-    revision_max_new_tokens: int = opt(128, "token budget of revisions")
+    rounds: int = opt(4, "critique -> revision rounds per red-team prompt (the paper used 4; at most 16: each round "
+                         "is two more model calls per prompt, and the paper's harmlessness gains flatten after a few)",
+                      lo=1, hi=16)
+    few_shot: int = opt(0, "worked critique/revision examples from the constitution prepended to each step "
+                           "(at most 16: each one lengthens every prompt)", lo=0, hi=16)
+    answer_max_new_tokens: int = opt(128, "token budget of first answers", **MAX_NEW_TOKENS)
+    critique_max_new_tokens: int = opt(96, "token budget of critiques", **MAX_NEW_TOKENS)
+    revision_max_new_tokens: int = opt(128, "token budget of revisions", **MAX_NEW_TOKENS)
     allow_shrink: bool = opt(False, "replace sl_dataset even when incomplete chains would make it smaller")
 
     def settings(self) -> SLSettings:

@@ -34,7 +34,7 @@ class TrainPMConfig(TrainConfig, PMSettings):
     base_model: str = opt("default", "the backbone: 'default', a model folder, or a registered model")
     eval_harmless: str | None = opt(None, "HH-RLHF harmless pairs (jsonl/.gz) to report PM accuracy on")
     eval_helpful: str | None = opt(None, "HH-RLHF helpful pairs (jsonl/.gz) to report PM accuracy on")
-    eval_limit: int = opt(100, "pairs drawn (seeded) from each evaluation file")
+    eval_limit: int = opt(100, "pairs drawn (seeded) from each evaluation file", lo=1)
     registered_name: str = opt("cai-pm", "MLflow registered model name")
 
     def settings(self) -> PMSettings:

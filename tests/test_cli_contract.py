@@ -132,7 +132,7 @@ def test_training_defaults_have_one_source():
     for job, settings in ((TrainSLConfig, SFTSettings), (TrainPMConfig, PMSettings), (TrainRLConfig, RLSettings)):
         cfg = job()
         assert dataclasses.asdict(cfg.settings()) == dataclasses.asdict(settings()), job.__name__
-    cfg = load_config(TrainRLConfig, "train_rl", ["--params", "/nonexistent.yaml", "--steps", "3", "--kl-mode",
+    cfg = load_config(TrainRLConfig, "train_rl", ["--params", "/dev/null", "--steps", "3", "--kl-mode",
                                                   "adaptive", "--torch-threads", "1"])
     s = cfg.settings()
     assert (s.steps, s.kl_mode, s.torch_threads, s.ppo_epochs) == (3, "adaptive", 1, RLSettings().ppo_epochs)
@@ -146,11 +146,12 @@ def test_every_model_running_job_takes_one_device_flag(tmp_path):
     from jobs.train_sl import TrainSLConfig
     assert {"train-sl", "train-pm", "train-rl", "evaluate"} <= {c for c in JOB_COMMANDS if "--device" in flags_of(c)}
     for job, section in ((TrainSLConfig, "train_sl"), (TrainPMConfig, "train_pm"), (TrainRLConfig, "train_rl")):
-        cfg = load_config(job, section, ["--params", str(tmp_path / "none.yaml"), "--device", "cpu"])
+        cfg = load_config(job, section, ["--params", "/dev/null", "--device", "cpu"])
         assert (cfg.device, cfg.settings().device, job().settings().device) == ("cpu", "cpu", None), job.__name__
-    with pytest.raises(ValueError, match=r"train_rl config: RLSettings.device 'gpu' is not a device this project "
+    with pytest.raises(ValueError, match=r"train_rl config \(read from /dev/null \[common\] \+ \[train_rl\], then the "
+                                         r"flags\): RLSettings.device 'gpu' is not a device this project "
                                          r"runs on. Fix: pass cpu, cuda, cuda:N or auto"):
-        load_config(TrainRLConfig, "train_rl", ["--params", str(tmp_path / "none.yaml"), "--device", "gpu"])
+        load_config(TrainRLConfig, "train_rl", ["--params", "/dev/null", "--device", "gpu"])
 
 
 def test_job_files_refuse_to_run_as_scripts():

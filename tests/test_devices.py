@@ -99,7 +99,7 @@ def test_every_trainer_refuses_cuda_without_one_before_loading(no_cuda, tmp_path
 def test_every_job_refuses_cuda_without_one_before_reading_the_lake(cmd, no_cuda, tmp_path, capsys):
     from jobs.cli import main as cai
     extra = ["--backend", "fake", "--feedback-model", "fake", "--policies", "base=fake"] if cmd == "evaluate" else []
-    assert cai([cmd, "--device", "cuda", "--lake", str(tmp_path / "no-lake"), "--params", str(tmp_path / "none.yaml"),
+    assert cai([cmd, "--device", "cuda", "--lake", str(tmp_path / "no-lake"), "--params", "/dev/null",
                 *extra]) == 1
     err = capsys.readouterr().err
     assert NO_CUDA in err and "no-lake" not in err

@@ -49,7 +49,7 @@ def test_a_source_can_be_an_evaluation_set_and_a_seeded_sample(tmp_path):
     import random
     assert helpful == sorted(random.Random(3).sample(range(30), 5))   # the same seed, the same sample
     # the same source as flags (what the Databricks bundle's ingest tasks pass)
-    assert cai(["ingest", "--lake", str(tmp_path / "flags"), "--params", "/nonexistent.yaml", "--source",
+    assert cai(["ingest", "--lake", str(tmp_path / "flags"), "--params", "/dev/null", "--source",
                 str(DEMO_HELPFUL), "--kind", "helpful", "--split", "test", "--limit", "5", "--sample-seed", "3"]) == 0
     flagged = Lake(tmp_path / "flags").read("prompts").to_pylist()
     assert sorted((r["source_row"], r["split"]) for r in flagged) == [(i, "test") for i in helpful]

@@ -20,7 +20,7 @@ FIRST = "fake failure on 'role'"
 
 
 def sl(lake, *extra) -> list[str]:
-    return ["sl-generate", "--lake", str(lake), "--params", "/nonexistent.yaml", "--backend", "fake", "--rounds", "1",
+    return ["sl-generate", "--lake", str(lake), "--params", "/dev/null", "--backend", "fake", "--rounds", "1",
             "--batch-size", "4", "--batches-per-commit", "1", "--constitution", DEFAULT, *extra]
 
 
@@ -56,7 +56,7 @@ def test_sl_generate_that_fails_everything_exits_1_then_says_how_to_retry(spark,
 
 
 def test_label_whose_scorings_all_fail_exits_1_and_keeps_the_preference_dataset(spark, small_lake, capsys):
-    base = ["--lake", str(small_lake), "--params", "/nonexistent.yaml", "--backend", "fake", "--batch-size", "8"]
+    base = ["--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake", "--batch-size", "8"]
     assert cai(["sample-pairs", *base, "--policy", "fake"]) == 0
     assert cai(["label", *base, "--constitution", DEFAULT, "--feedback-model", "fake"]) == 0
     capsys.readouterr()
@@ -121,7 +121,7 @@ def test_sl_dataset_is_not_rebuilt_smaller_without_a_reason(spark, small_lake, c
 
 
 def test_sample_pairs_and_label_fail_loudly_and_keep_the_preference_dataset(spark, small_lake, capsys):
-    base = ["--lake", str(small_lake), "--params", "/nonexistent.yaml", "--backend", "fake", "--batch-size", "8"]
+    base = ["--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake", "--batch-size", "8"]
     assert cai(["sample-pairs", *base, "--policy", ALL]) == 1
     out, err = lines(capsys)
     assert out[-1] == "sample-pairs: prompts=3, samples=6, model_calls=1, ok=0, failed=6, gave_up=0, inserted=6"
@@ -171,7 +171,7 @@ def tiny_pm(tmp_path):
 
 @pytest.mark.parametrize("engine", ["delta-rs", "spark"])
 def test_evaluate_counts_failed_and_given_up_answers(spark, small_lake, tiny_pm, tmp_path, capsys, engine):
-    args = ["evaluate", "--lake", str(small_lake), "--params", "/nonexistent.yaml", "--backend", "fake",
+    args = ["evaluate", "--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake",
             "--policies", f"bad={ALL}", "--feedback-model", "fake", "--reward-model", str(tiny_pm), "--splits", "train",
             "--metrics", str(tmp_path / "ev.json"), "--plot", str(tmp_path / "ev.png"), "--lake-engine", engine]
     assert cai(args) == 1
@@ -199,7 +199,7 @@ def test_evaluate_on_the_spark_plane_writes_the_answers_and_metrics_of_the_delta
     metrics, events = {}, {}
     for engine in ("delta-rs", "spark"):
         lake = copy_lake(small_lake, tmp_path / engine)
-        args = ["evaluate", "--lake", str(lake), "--params", "/nonexistent.yaml", "--backend", "fake",
+        args = ["evaluate", "--lake", str(lake), "--params", "/dev/null", "--backend", "fake",
                 "--policies", "base=fake", "other=fake:prefer=sorry", "--feedback-model", "fake:prefer=sorry",
                 "--reward-model", str(tiny_pm), "--splits", "train", "--batch-size", "2", "--batches-per-commit", "1",
                 "--metrics", str(tmp_path / f"{engine}.json"), "--plot", str(tmp_path / f"{engine}.png"),

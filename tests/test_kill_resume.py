@@ -19,7 +19,7 @@ SETTINGS = dict(rounds=1, batch_size=2, batches_per_commit=1, answer_max_new_tok
 
 
 def flags(lake) -> list[str]:
-    out = ["--lake", str(lake), "--params", "/nonexistent.yaml",
+    out = ["--lake", str(lake), "--params", "/dev/null",
            "--constitution", str(ROOT / "constitutions/default.yaml")]
     for k, v in SETTINGS.items():
         out += ["--" + k.replace("_", "-"), str(v)]

@@ -13,7 +13,7 @@ from cai_lib.lake import tables
 from jobs.cli import main as cai
 from tests.conftest import DEMO_HELPFUL
 
-FAKE = ["--params", "/nonexistent.yaml", "--backend", "fake", "--base-model", "fake", "--rounds", "1"]
+FAKE = ["--params", "/dev/null", "--backend", "fake", "--base-model", "fake", "--rounds", "1"]
 
 
 def files_under(path):
@@ -50,7 +50,7 @@ def test_a_table_folder_without_a_delta_log_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["sql", "SELECT 1"], ["status"], ["sl-generate", *FAKE], ["gate", "sl"],
-                                  ["train-sl", "--params", "/nonexistent.yaml"]])
+                                  ["train-sl", "--params", "/dev/null"]])
 def test_a_missing_lake_is_an_error_for_every_command_but_ingest(tmp_path, capsys, argv):
     missing = tmp_path / "lkae"   # a typo
     assert cai([*argv, "--lake", str(missing)]) == 1

@@ -110,8 +110,8 @@ def test_config_layers_and_unknown_keys(tmp_path):
     params.write_text("sl_generate:\n  roundz: 3\n")
     with pytest.raises(ConfigError, match=r"params.yaml \[sl_generate\]: unknown key 'roundz'.*rounds"):
         load_config(SLGenerateConfig, "sl_generate", ["--params", str(params)])
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
-        load_config(SLGenerateConfig, "sl_generate", ["--params", str(params) + ".none", "--batch-size", "0"])
+    with pytest.raises(ConfigError, match="flag --batch-size: 0 is below the minimum 1"):
+        load_config(SLGenerateConfig, "sl_generate", ["--params", "/dev/null", "--batch-size", "0"])
 
 
 def test_cai_params_names_the_params_file_when_no_flag_does(tmp_path, monkeypatch):

@@ -122,11 +122,11 @@ def test_sft_holds_out_some_of_the_train_prompts_of_an_ingest_split_lake():
 
 
 def test_settings_are_validated_with_the_field_name():
-    with pytest.raises(ValueError, match="method must be 'full' or 'lora'"):
+    with pytest.raises(ValueError, match="SFTSettings method: 'qlora' is not one of 'full', 'lora'"):
         SFTSettings(method="qlora")
-    with pytest.raises(ValueError, match=r"SFTSettings.heldout_fraction must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"SFTSettings heldout_fraction: 1.0 is not below 1.0"):
         SFTSettings(heldout_fraction=1.0)
-    with pytest.raises(ValueError, match="SFTSettings.train_dtype must be one of"):
+    with pytest.raises(ValueError, match="SFTSettings train_dtype: 'fp8' is not one of"):
         SFTSettings(train_dtype="fp8")
     assert SFTSettings(method="lora").learning_rate == 2e-4 and SFTSettings().learning_rate == 1e-5
 

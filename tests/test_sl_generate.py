@@ -75,7 +75,7 @@ def test_bad_constitution_and_unknown_model_write_nothing(spark, small_lake, tmp
     before = lake.snapshot()
     bad = tmp_path / "bad.yaml"
     bad.write_text("id: x\nversion: '1'\ndescription: d\ncritique_revision:\n  - id: a\n    critique: ''\n    revision: r\n")
-    args = ["sl-generate", "--lake", str(small_lake), "--params", "/nonexistent.yaml"]
+    args = ["sl-generate", "--lake", str(small_lake), "--params", "/dev/null"]
     assert cai(args + ["--constitution", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "critique" in err

@@ -23,7 +23,7 @@ def test_spark_submit_runs_a_job_and_passes_its_status(small_lake, tmp_path):
     assert sorted(p.name for p in (ROOT / "launch").iterdir() if p.suffix == ".py") == ["cai_task.py"]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "PYTHONPATH": str(ROOT)}
-    flags = ["--lake", str(small_lake), "--params", "/nonexistent.yaml", "--backend", "fake", "--base-model", "fake",
+    flags = ["--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake", "--base-model", "fake",
              "--rounds", "1", "--batch-size", "4", "--constitution", str(ROOT / "constitutions/default.yaml")]
     proc = subprocess.run([SPARK_SUBMIT, "--master", "local[1]", str(ROOT / "launch/cai_task.py"), "sl-generate",
                            *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -33,4 +33,4 @@ def test_spark_submit_runs_a_job_and_passes_its_status(small_lake, tmp_path):
     assert events.num_rows == 11 and pc.all(pc.equal(events["status"], "ok")).as_py()
     bad = subprocess.run([SPARK_SUBMIT, "--master", "local[1]", str(ROOT / "launch/cai_task.py"), "sl-generate",
                           *flags, "--limit", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "limit must be >= 1, got 0" in bad.stdout + bad.stderr   # PythonRunner merges them
+    assert bad.returncode == 1 and "flag --limit: 0 is below the minimum 1" in bad.stdout + bad.stderr   # PythonRunner merges them

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from cai_lib.sources.prompts import hidden_character
+
 # Placeholders each prompt template must use (all of them, and no others). The prompts module
 # imports this dict, so a constitution override and the default templates obey the same rule.
 TEMPLATE_PLACEHOLDERS: dict[str, frozenset[str]] = {
@@ -210,6 +212,10 @@ class _Checker:
                             f'quote it, e.g. {key}: "..."')
         if not value.strip():
             raise self.fail(where, f"field {key!r} is empty", f"write the {key} text, or remove the entry")
+        hidden = hidden_character(value)   # the rule ingest applies to prompts: the model reads these too
+        if hidden:
+            raise self.fail(where, f"field {key!r} holds {hidden}, which hides or reorders what a reader sees "
+                                   "(prompts holding one are quarantined at ingest)", "remove it from the file")
         # Surrounding whitespace carries no meaning (YAML '>' vs '>-' vs quotes); templates keep theirs.
         return value.strip() if strip else value
 

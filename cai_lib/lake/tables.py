@@ -163,6 +163,10 @@ class Lake(LakeBase):
     `mode` checks the folder first (see check_lake_root): jobs pass it, library use need not."""
 
     def __init__(self, root: str | os.PathLike, mode: str | None = None):
+        if "://" in str(root):   # Path() would fold s3://b/x into s3:/b/x, then write a local folder "s3:"
+            raise LakeTargetError(f"lake {root} is a URI, but delta-rs here opens local folders only (cai status, "
+                                  "cai sql, lake_engine delta-rs). Fix: run the jobs with --lake-engine spark "
+                                  "(delta-spark writes cloud storage), or point --lake at a local folder")
         self.root = Path(root)
         check_lake_root(self.root, mode)
 

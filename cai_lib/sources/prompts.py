@@ -38,8 +38,7 @@ RED_TEAM_META_TYPES = {"rating": _NUMBER, "min_harmlessness_score_transcript": _
 PLAIN_FIELDS = ("prompt", "text", "category", "tags", "kind")
 MAX_PAYLOAD = 2000
 MAX_PROMPT_CHARS = 4000   # longer "prompts" are pasted documents, not requests (the prompts gate's bound too)
-# C0 controls but tab/newline/CR, DEL, and the bidi embeddings/overrides/isolates: they hide or
-# reorder what a reader (or a labeller) sees, so a prompt holding one is quarantined, not stored.
+# C0 controls but tab/newline/CR, DEL, bidi embeddings/overrides/isolates: they hide or reorder text
 _HIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
@@ -268,23 +267,25 @@ def _dialogue_prompt(rec: dict, key: str) -> str:
 
 
 def _checked(text: str, field_name: str, max_chars: int) -> str:
-    """The prompt text, or a _Reject naming the field and why (too long, hidden characters).
-
-    >>> _checked("hi\u202eereht", "prompt", 100)
-    Traceback (most recent call last):
-    cai_lib.sources.prompts._Reject: 'prompt' holds RIGHT-TO-LEFT OVERRIDE (U+202E) at character 3: control and bidi override characters are quarantined, not stored (they hide or reorder text). Fix: remove it from the file
-    """
+    """The prompt text, or a _Reject naming the field and why (too long, hidden characters)."""
     if len(text) > max_chars:
         raise _Reject(field_name, f"'{field_name}' is {len(text)} characters, over max_prompt_chars={max_chars}. "
                                   "Fix: shorten it, or raise max_prompt_chars in params.yaml [ingest]")
-    hidden = _HIDDEN.search(text)
-    if hidden:
-        ch = hidden.group()
-        name = unicodedata.name(ch, "a control character")
-        raise _Reject(field_name, f"'{field_name}' holds {name} (U+{ord(ch):04X}) at character {hidden.start() + 1}: "
-                                  "control and bidi override characters are quarantined, not stored (they hide or "
-                                  "reorder text). Fix: remove it from the file")
+    if hidden := hidden_character(text):
+        raise _Reject(field_name, f"'{field_name}' holds {hidden}: control and bidi override characters are "
+                                  "quarantined, not stored (they hide or reorder text). Fix: remove it from the file")
     return text
+
+
+def hidden_character(text: str) -> str | None:
+    """The first character of `text` that hides or reorders what a reader sees, with its code point and position
+    (None if clean): one rule for the texts a model reads, prompts (quarantined) and constitutions (refused).
+
+    >>> hidden_character("hi\\u202eereht"), hidden_character("a\\x00b"), hidden_character("line one\\n\\ttwo")
+    ('RIGHT-TO-LEFT OVERRIDE (U+202E) at character 3', 'a control character (U+0000) at character 2', None)
+    """
+    m = _HIDDEN.search(text)
+    return m and f"{unicodedata.name(m[0], 'a control character')} (U+{ord(m[0]):04X}) at character {m.start() + 1}"
 
 
 def _red_team_meta(rec: dict) -> dict:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from cai_lib.backends.weights import DTYPE_NAMES, resolve_dtype
-from cai_lib.config import opt
+from cai_lib.config import check_fields, opt
 from cai_lib.feedback.label_metrics import expected_calibration_error, reliability_curve
 from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.ids import split_heldout
@@ -50,47 +50,32 @@ SOURCE_WEIGHT = {"ai_harmless": "weight_ai", "human_helpful": "weight_human"}
 
 @dataclass
 class PMSettings:
-    learning_rate: float = opt(1e-5, "AdamW learning rate of the backbone (small: a 135M model forgets fast)")
-    head_learning_rate: float = opt(1e-3, "AdamW learning rate of the score head (fresh weights move faster)")
-    epochs: int = opt(1, "passes over the training rows")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (None = all epochs)")
-    batch_size: int = opt(8, "pairs per micro-batch (each pair is 2 sequences)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_length: int = opt(512, "tokens per rendered (conversation, response), cut from the left")
-    heldout_fraction: float = opt(0.1, "share of pairs held out, chosen by a hash of pair_id")
-    seed: int = opt(1234, "seeds the head init and the batch order")
+    learning_rate: float = opt(1e-5, "AdamW learning rate of the backbone (small: a 135M model forgets fast)",
+                               gt=0.0, hi=1.0)
+    head_learning_rate: float = opt(1e-3, "AdamW learning rate of the score head (fresh weights move faster)",
+                                    gt=0.0, hi=1.0)
+    epochs: int = opt(1, "passes over the training rows", lo=1, hi=10_000)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (None = all epochs)", lo=1)
+    batch_size: int = opt(8, "pairs per micro-batch (each pair is 2 sequences)", lo=1, hi=4096)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", lo=1, hi=4096)
+    max_length: int = opt(512, "tokens per rendered (conversation, response), cut from the left", lo=2, hi=131_072)
+    heldout_fraction: float = opt(0.1, "share of pairs held out, chosen by a hash of pair_id", lo=0.0, lt=1.0)
+    seed: int = opt(1234, "seeds the head init and the batch order", lo=0)
     torch_threads: int | None = opt(None, "torch.set_num_threads (process-wide); None leaves it alone. On "
-                                    "busy shared cores 1 thread ran 10-15x faster than 2")
+                                    "busy shared cores 1 thread ran 10-15x faster than 2", lo=1, hi=1024)
     device: str | None = opt(None, "where the PM trains: " + DEVICE_HELP)
     train_backbone: bool = opt(False, "False = train the head only on cached features (fast)")
     backbone_dtype: str | None = opt(None, "None = float32 when training the backbone (bf16 AdamW "
                                            "updates round away), else what `auto` gives on the device "
                                            "(bf16 on GPUs, float32 on CPUs without bf16 instructions, "
-                                           "where emulated bf16 scored 5x slower)")
-    weight_human: float = opt(1.0, "loss weight of human_helpful rows")
-    weight_ai: float = opt(1.0, "loss weight of ai_harmless rows")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float | None = opt(1.0, "clip the gradient norm (None = no clipping)")
+                                           "where emulated bf16 scored 5x slower)", choices=DTYPE_NAMES)
+    weight_human: float = opt(1.0, "loss weight of human_helpful rows", lo=0.0)
+    weight_ai: float = opt(1.0, "loss weight of ai_harmless rows", lo=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", lo=0.0)
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm (None = no clipping)", gt=0.0)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        for name in ("learning_rate", "head_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_human", "weight_ai", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.backbone_dtype is not None and self.backbone_dtype not in DTYPE_NAMES:
-            raise ValueError(f"backbone_dtype must be one of {sorted(DTYPE_NAMES)} or None, got {self.backbone_dtype!r}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        check_fields(self)   # the bounds above, for settings built in code as for params and flags
         check_device_name(self.device, "PMSettings.device")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cai_lib.backends.weights import assert_no_pickles, dtype_name
-from cai_lib.config import opt
+from cai_lib.config import check_fields, opt
 from cai_lib.files import atomic_folder
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -89,60 +89,49 @@ def module_dtype(module: torch.nn.Module) -> str:
 
 @dataclass
 class RLSettings:
-    algorithm: str = opt("ppo", "ppo (online, against reward_fn = the PM) | dpo (offline, on preference pairs)")
-    steps: int = opt(100, "PPO iterations: one rollout of batch_size prompts each")
-    batch_size: int = opt(16, "PPO: prompts per iteration; DPO: pairs per optimizer step")
-    ppo_epochs: int = opt(4, "passes of minibatch updates over each rollout (Schulman et al. use a few)")
-    mini_batch_size: int = opt(4, "rows per forward/backward: PPO minibatch, DPO gradient-accumulation chunk")
-    max_new_tokens: int = opt(128, "PPO: response length cap in tokens (the EOS counts)")
-    max_prompt_tokens: int = opt(512, "PPO: prompts longer than this once rendered are dropped (and counted)")
-    temperature: float = opt(1.0, "PPO sampling temperature; log-probs use the same logits / temperature")
-    top_p: float = opt(1.0, "PPO nucleus sampling; 1.0 samples the full distribution (exactly on-policy)")
-    learning_rate: float = opt(1e-5, "AdamW learning rate (no weight decay: it would pull away from SL-CAI)")
-    max_grad_norm: float | None = opt(1.0, "clip the gradient norm per update; None = no clipping")
-    clip_range: float = opt(0.2, "PPO ratio clip epsilon")
-    clip_range_value: float | None = opt(0.2, "PPO value clip; None = no value clipping")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    gamma: float = opt(1.0, "discount; 1.0 as the PM scores the whole response once")
-    lam: float = opt(0.95, "GAE lambda")
-    kl_beta: float = opt(0.05, "KL penalty coefficient to the SL-CAI reference (initial value if adaptive)")
-    kl_mode: str = opt("fixed", "fixed | adaptive (Ziegler et al. 2019: steer the KL toward kl_target)")
-    kl_target: float = opt(6.0, "adaptive: target sequence KL in nats")
-    kl_horizon: float = opt(10000.0, "adaptive: horizon in samples")
+    algorithm: str = opt("ppo", "ppo (online, against reward_fn = the PM) | dpo (offline, on preference pairs)",
+                         choices=("ppo", "dpo"))
+    steps: int = opt(100, "PPO iterations: one rollout of batch_size prompts each", lo=1)
+    batch_size: int = opt(16, "PPO: prompts per iteration; DPO: pairs per optimizer step", lo=1, hi=4096)
+    ppo_epochs: int = opt(4, "passes of minibatch updates over each rollout (Schulman et al. use a few)", lo=1, hi=100)
+    mini_batch_size: int = opt(4, "rows per forward/backward: PPO minibatch, DPO gradient-accumulation chunk",
+                               lo=1, hi=4096)
+    max_new_tokens: int = opt(128, "PPO: response length cap in tokens (the EOS counts)", lo=1, hi=32768)
+    max_prompt_tokens: int = opt(512, "PPO: prompts longer than this once rendered are dropped (and counted)",
+                                 lo=1, hi=131_072)
+    temperature: float = opt(1.0, "PPO sampling temperature; log-probs use the same logits / temperature",
+                             gt=0.0, hi=10.0)
+    top_p: float = opt(1.0, "PPO nucleus sampling; 1.0 samples the full distribution (exactly on-policy)",
+                       gt=0.0, hi=1.0)
+    learning_rate: float = opt(1e-5, "AdamW learning rate (no weight decay: it would pull away from SL-CAI)",
+                               gt=0.0, hi=1.0)
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm per update; None = no clipping", gt=0.0)
+    clip_range: float = opt(0.2, "PPO ratio clip epsilon", gt=0.0)
+    clip_range_value: float | None = opt(0.2, "PPO value clip; None = no value clipping", gt=0.0)
+    vf_coef: float = opt(0.1, "weight of the value loss", lo=0.0)
+    gamma: float = opt(1.0, "discount; 1.0 as the PM scores the whole response once", lo=0.0, hi=1.0)
+    lam: float = opt(0.95, "GAE lambda", lo=0.0, hi=1.0)
+    kl_beta: float = opt(0.05, "KL penalty coefficient to the SL-CAI reference (initial value if adaptive)", lo=0.0)
+    kl_mode: str = opt("fixed", "fixed | adaptive (Ziegler et al. 2019: steer the KL toward kl_target)",
+                       choices=("fixed", "adaptive"))
+    kl_target: float = opt(6.0, "adaptive: target sequence KL in nats", gt=0.0)
+    kl_horizon: float = opt(10000.0, "adaptive: horizon in samples", gt=0.0)
     whiten_advantages: bool = opt(True, "normalise advantages per rollout: step size independent of the PM scale")
-    seed: int = opt(1234, "seeds the value head, prompt order, sampling and minibatch order")
+    seed: int = opt(1234, "seeds the value head, prompt order, sampling and minibatch order", lo=0)
     torch_threads: int | None = opt(None, "torch intra-op threads for the process; None = leave as is. On a "
-                               "busy machine 1 is far faster than 2 (threads spin at barriers)")
-    dpo_beta: float = opt(0.1, "DPO temperature beta: larger = stay closer to the reference")
-    dpo_epochs: int = opt(1, "DPO passes over the pairs")
-    dpo_max_steps: int | None = opt(None, "DPO: stop after this many optimizer steps; None = all epochs")
-    max_length: int = opt(1024, "DPO: prompt + response tokens; longer pairs lose response tokens first")
+                               "busy machine 1 is far faster than 2 (threads spin at barriers)", lo=1, hi=1024)
+    dpo_beta: float = opt(0.1, "DPO temperature beta: larger = stay closer to the reference", gt=0.0)
+    dpo_epochs: int = opt(1, "DPO passes over the pairs", lo=1, hi=10_000)
+    dpo_max_steps: int | None = opt(None, "DPO: stop after this many optimizer steps; None = all epochs", lo=1)
+    max_length: int = opt(1024, "DPO: prompt + response tokens; longer pairs lose response tokens first "
+                                "(at least 2: one prompt and one response token)", lo=2, hi=131_072)
     device: str | None = opt(None, "where the policy, the reference and the value head run: " + DEVICE_HELP)
 
     def __post_init__(self):
-        def need(ok: bool, name: str, rule: str):
-            if not ok:
-                raise ValueError(f"RLSettings.{name} {rule}, got {getattr(self, name)!r}")
-
-        need(self.algorithm in ("ppo", "dpo"), "algorithm", "must be 'ppo' or 'dpo'")
-        need(self.kl_mode in ("fixed", "adaptive"), "kl_mode", "must be 'fixed' or 'adaptive'")
-        for name in ("steps", "batch_size", "ppo_epochs", "mini_batch_size", "max_new_tokens",
-                     "max_prompt_tokens", "dpo_epochs"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "must be an int >= 1")
-        need(self.mini_batch_size <= self.batch_size, "mini_batch_size", f"must be <= batch_size ({self.batch_size})")
-        need(self.max_length >= 2, "max_length", "must be >= 2 (one prompt and one response token)")
-        for name in ("temperature", "learning_rate", "clip_range", "kl_target", "kl_horizon", "dpo_beta"):
-            need(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("max_grad_norm", "clip_range_value"):
-            need(getattr(self, name) is None or getattr(self, name) > 0, name, "must be > 0 or None")
-        for name in ("dpo_max_steps", "torch_threads"):
-            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 or None")
-        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
-        need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        need(self.vf_coef >= 0, "vf_coef", "must be >= 0")
-        need(self.kl_beta >= 0, "kl_beta", "must be >= 0")
+        check_fields(self)   # the bounds above, for settings built in code as for params and flags
+        if self.mini_batch_size > self.batch_size:
+            raise ValueError(f"RLSettings.mini_batch_size must be <= batch_size ({self.batch_size}), "
+                             f"got {self.mini_batch_size}")
         check_device_name(self.device, "RLSettings.device")
 
     def to_dict(self) -> dict:

@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, torch_dtype
+from cai_lib.config import check_fields, opt
 from cai_lib.files import atomic_folder, write_json
 from cai_lib.ids import split_heldout
 from cai_lib.training.policy import DEVICE_HELP, check_device_name, resolve_device
@@ -56,59 +57,34 @@ SFT_SALT = "sft-heldout:"
 
 @dataclass
 class SFTSettings:
-    method: str = field(default="full", metadata={"help": "full | lora (LoRA is merged before saving)"})
-    learning_rate: float | None = field(default=None, metadata={
-        "help": "peak learning rate; None = 1e-5 for full, 2e-4 for lora (LoRA needs a larger step)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the train rows (when max_steps is None)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; None = from epochs"})
-    batch_size: int = field(default=4, metadata={"help": "rows per forward pass"})
-    grad_accum: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
-    max_length: int = field(default=512, metadata={"help": "tokens per row (prompt + response)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup, then linear decay to 0"})
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip; None = no clipping"})
-    heldout_fraction: float = field(default=0.1, metadata={"help": "share of row keys held out (stable hash)"})
-    seed: int = 1234
-    train_dtype: str = field(default="float32", metadata={"help": "training dtype; float32 on CPU"})
-    save_dtype: str = field(default="auto", metadata={"help": "auto = the base folder's dtype"})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; None = torch's default"})
-    device: str | None = field(default=None, metadata={"help": "where the model trains: " + DEVICE_HELP})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    method: str = opt("full", "full | lora (LoRA is merged before saving)", choices=("full", "lora"))
+    learning_rate: float | None = opt(None, "peak learning rate; None = 1e-5 for full, 2e-4 for lora (LoRA needs a "
+                                            "larger step)", gt=0.0, hi=1.0)
+    epochs: float = opt(1.0, "passes over the train rows (when max_steps is None)", gt=0.0, hi=10_000.0)
+    max_steps: int | None = opt(None, "optimizer steps; None = from epochs", lo=1)
+    batch_size: int = opt(4, "rows per forward pass", lo=1, hi=4096)
+    grad_accum: int = opt(1, "forward passes per optimizer step", lo=1, hi=4096)
+    max_length: int = opt(512, "tokens per row (prompt + response)", lo=2, hi=131_072)
+    warmup_steps: int = opt(0, "linear warmup, then linear decay to 0", lo=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", lo=0.0)
+    max_grad_norm: float | None = opt(1.0, "clip; None = no clipping", gt=0.0)
+    heldout_fraction: float = opt(0.1, "share of row keys held out (stable hash)", lo=0.0, lt=1.0)
+    seed: int = opt(1234, "seeds the LoRA init and the data order (the held-out split is a hash of the row key)", lo=0)
+    train_dtype: str = opt("float32", "training dtype; float32 on CPU", choices=DTYPE_NAMES)
+    save_dtype: str = opt("auto", "auto = the base folder's dtype", choices=("auto", *DTYPE_NAMES))
+    torch_threads: int | None = opt(None, "torch CPU threads; None = torch's default", lo=1, hi=1024)
+    device: str | None = opt(None, "where the model trains: " + DEVICE_HELP)
+    lora_r: int = opt(16, "LoRA rank", lo=1, hi=4096)
+    lora_alpha: int = opt(32, "LoRA scale numerator (the update is scaled by alpha / r)", gt=0)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input", lo=0.0, lt=1.0)
     target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={
         "help": "LoRA targets; default the attention projections of Llama-style models"})
 
     def __post_init__(self):
-        if self.method not in ("full", "lora"):
-            raise ValueError(f"method must be 'full' or 'lora', got {self.method!r}")
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", 1e-5 if self.method == "full" else 2e-4)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        checks = [
-            ("learning_rate", self.learning_rate > 0, "> 0"),
-            ("epochs", self.epochs > 0, "> 0"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("max_length", self.max_length >= 2, ">= 2"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or None"),
-            ("heldout_fraction", 0 <= self.heldout_fraction < 1, "in [0, 1)"),
-            ("torch_threads", self.torch_threads is None or self.torch_threads >= 1, ">= 1 or None"),
-            ("lora_r", self.lora_r >= 1, ">= 1"),
-            ("lora_alpha", self.lora_alpha > 0, "> 0"),
-            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"SFTSettings.{name} must be {want}, got {getattr(self, name)!r}")
-        if self.train_dtype not in DTYPE_NAMES:
-            raise ValueError(f"SFTSettings.train_dtype must be one of {sorted(DTYPE_NAMES)}, got {self.train_dtype!r}")
-        if self.save_dtype != "auto" and self.save_dtype not in DTYPE_NAMES:
-            raise ValueError(f"SFTSettings.save_dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, "
-                             f"got {self.save_dtype!r}")
+        check_fields(self)   # the bounds above, for settings built in code as for params and flags
         check_device_name(self.device, "SFTSettings.device")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("SFTSettings.target_modules is empty: name the modules LoRA adapts "
