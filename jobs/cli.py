@@ -4,8 +4,9 @@ flags win, and a flag a command does not use is an error.
 
 An expected error (bad input, a missing table or file, a job that failed its contract: a
 ValueError, a FileNotFoundError or one of the project's own error classes) is one line on
-stderr and exit 1. Anything else is a bug and keeps its traceback; `cai --debug ...` shows
-the traceback of expected errors too.
+stderr and exit 1, and so is a broken machine state (a full disk, a read-only lake, a table
+Spark cannot read, a dead executor: cai_lib/runtime/broken_state.py). Anything else is a bug
+and keeps its traceback; `cai --debug ...` shows the traceback of expected errors too.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import os
 import sys
 
 from cai_lib.env import set_offline_env
+from cai_lib.runtime.broken_state import explain
+from cai_lib.runtime.session import LOG_LEVEL_ENV
 
 # subcommand -> (module:function taking argv, what it does), in pipeline order
 COMMANDS = {
@@ -28,6 +31,7 @@ COMMANDS = {
     "train-rl": ("jobs.train_rl:main", "PPO (or DPO) of cai-sl against cai-pm, KL to cai-sl -> registered cai-rl"),
     "evaluate": ("jobs.evaluate:main", "policies on held-out prompts: harmlessness, refusals, Elo"),
     "promote": ("jobs.promote:main", "alias champion (or challenger, with reasons) from the evaluation and lineage"),
+    "serve": ("jobs.serve:serve_main", "MLflow's scoring server for a registered model (e.g. cai-rl@champion)"),
     "sql": ("jobs.tools:sql_main", "DuckDB SQL over the lake tables, by name"),
     "status": ("jobs.tools:status_main", "tables, versions, gate verdicts, registered models, headline metrics"),
     "lineage": ("jobs.tools:lineage_main", "a model version -> its tables, versions, gates, parents, commit"),
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv   # `cai --debug COMMAND ...` (or anywhere in the line): no command has such a flag
     argv = [a for a in argv if a != "--debug"]
+    os.environ.setdefault(LOG_LEVEL_ENV, "ERROR" if debug else "OFF")   # Spark's log: see broken_state.py
+    if not debug:   # a Rust panic in delta-rs (its way to report some I/O failures) prints no stack either
+        os.environ["RUST_BACKTRACE"] = "0"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
@@ -73,11 +80,30 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:   # `cai lake check | head`: the reader left; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception as exc:  # noqa: BLE001 - sorted below: expected errors are one line, bugs re-raise
-        if debug or not expected_error(exc):
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - sorted below: expected errors are one line, bugs re-raise
+        # BaseException: delta-rs reports some I/O failures (a full disk) as a Rust panic (pyo3's
+        # PanicException derives from BaseException)
+        why = None if debug or isinstance(exc, ValueError) else explain(exc, lake_of(rest))
+        if why is None and (debug or not expected_error(exc)):
             raise
-        print(f"cai {cmd}: error: {exc}", file=sys.stderr)   # say what and how to fix, no traceback
+        print(f"cai {cmd}: error: {why or exc}", file=sys.stderr)   # say what and how to fix, no traceback
         return 1
+
+
+def lake_of(argv: list[str]) -> str:
+    """The --lake a command line names (the default `lake` otherwise), for messages about its state.
+
+    >>> lake_of(["--limit", "3", "--lake", "/data/lake"]), lake_of(["--lake=s3://b/x"]), lake_of([])
+    ('/data/lake', 's3://b/x', 'lake')
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--lake" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--lake="):
+            return arg.split("=", 1)[1]
+    return "lake"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ DELTA_CONF = {
 }
 
 
+LOG_LEVEL_ENV = "CAI_SPARK_LOG_LEVEL"
 TASK_ATTEMPTS = 2   # a task that fails (a crashed Python worker, a lost executor) runs once more
 
 
@@ -64,7 +65,9 @@ def get_spark(master: str = "local[1]", app_name: str = "cai", delta: bool = Fal
         .config("spark.task.maxFailures", str(TASK_ATTEMPTS))
         .getOrCreate()
     )
-    spark.sparkContext.setLogLevel("ERROR")
+    # `cai` sets OFF unless --debug: a failed task's Java stack (hundreds of lines, logged by every executor
+    # that saw it) would bury the one-line error the CLI prints; the error itself still carries it
+    spark.sparkContext.setLogLevel(os.environ.get(LOG_LEVEL_ENV, "ERROR"))
     if delta:
         require_delta(spark)
     return spark
