@@ -5,4 +5,5 @@ worker   runs inside Spark's Python workers: one loaded backend per process, gen
 tasks    `Task`s -> deterministic batches -> Spark -> `generation_events` rows, committed group by group
 scoring  (chat, choice) items -> Spark -> log-probs of each answer choice (AI feedback)
 spark_plane  the Spark-native data plane: anti-join pending work, generate in the executors, append with delta-spark
+broken_state one sentence for a run broken by the machine's state (full disk, read-only lake, dead executor)
 """
