@@ -49,13 +49,15 @@ def sql_main(argv) -> int:
     p.add_argument("query", help='e.g. "SELECT kind, count(*) n FROM generation_events GROUP BY kind"')
     _add_common(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
+    p.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table (0 or more)")
     p.add_argument("--allow-files", action="store_true", help="let the query use DuckDB's file functions (read_csv, "
                    "COPY ... TO, ATTACH, glob); by default it sees the lake's tables only")
     p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
                    help="duckdb (no JVM, starts at once) | spark: Spark SQL with delta-spark (Delta's jars from Maven)")
     p.add_argument("--spark-master", default="local[1]", help="with --engine spark")
     a = p.parse_args(argv)
+    if a.max_rows < 0:   # checked before a JVM starts
+        raise ValueError(f"--max-rows must be 0 or more (the rows --format table shows), got {a.max_rows}")
     if a.engine == "spark":
         import duckdb
         from cai_lib.lake import spark_sql
