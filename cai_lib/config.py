@@ -320,7 +320,41 @@ def load_config(cls: type[T], section: str, argv: Sequence[str] | None, descript
         values[key] = check_value(cls, key, value, f"{params_path} [{section}]")
     values.update(flags)
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{section} config (read from {params_path} [common] + [{section}], then the flags): "
                           f"{exc}") from None
+    check_flags_used(cfg, flags)
+    return cfg
+
+
+def check_flags_used(cfg, flags: dict[str, Any]) -> None:
+    """A flag these settings would ignore is an error: a config class lists in FLAG_NEEDS the fields that
+    only count under another field's values (`label`'s --clamp-lo only with --cot). A params file may still
+    set them (it serves every run); a flag is this run's request, and ignoring it would be a lie.
+
+    >>> @dataclasses.dataclass
+    ... class C:
+    ...     FLAG_NEEDS: typing.ClassVar = {"clamp_lo": ("cot", (True,))}
+    ...     cot: bool = False
+    ...     clamp_lo: float = 0.4
+    >>> check_flags_used(C(cot=True), {"clamp_lo": 0.3})
+    >>> check_flags_used(C(), {"clamp_lo": 0.3})
+    Traceback (most recent call last):
+    cai_lib.config.ConfigError: flag --clamp-lo counts only when cot is True, and here cot is False: it would be ignored. Fix: drop --clamp-lo, or pass --cot
+    """
+    for key in flags:
+        needs = getattr(type(cfg), "FLAG_NEEDS", {}).get(key)
+        if needs is None:
+            continue
+        other, allowed = needs
+        value = getattr(cfg, other)
+        if value in allowed:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if allowed == (True,):
+            how = f"pass --{other.replace('_', '-')}"
+        else:
+            how = f"pass --{other.replace('_', '-')} {' or '.join(map(str, allowed))}"
+        raise ConfigError(f"flag {flag} counts only when {other} is {' or '.join(map(str, allowed))}, and here "
+                          f"{other} is {value}: it would be ignored. Fix: drop {flag}, or {how}")

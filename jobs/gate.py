@@ -38,6 +38,15 @@ from schemas.suites import ROW_KEYS, SUITES
 
 @dataclass
 class GateConfig(LakeConfig, LakeEngineConfig, PointerConfig):
+    # each threshold belongs to the suites of some stages (schemas/suites.py): another stage would ignore it
+    FLAG_NEEDS = {
+        "max_prompt_chars": ("stage", ("prompts", "sl")),
+        **{k: ("stage", ("sl",)) for k in ("min_response_words", "max_response_words", "max_empty_rate",
+                                           "max_unchanged_rate", "max_boilerplate_share", "boilerplate_min_rows",
+                                           "max_red_team_refusal", "max_over_refusal", "refusal_min_n")},
+        **{k: ("stage", ("labels",)) for k in ("eval_metrics", "clamp_lo", "clamp_hi", "rate_min_n", "max_label_skew",
+                                               "max_position_bias", "min_swap_consistency", "min_human_agreement",
+                                               "max_ece", "min_label_spread")}}
     stage: str | None = opt(None, "prompts | sl | labels (also the first positional argument)")
     verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
     docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")

@@ -55,6 +55,9 @@ from schemas import LABEL_EVENTS
 @dataclass
 class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfig):
     MODEL_FIELDS = ("feedback_model", "policy")
+    # sampling and the clamp are the chain of thought's: without --cot the labels are read from log-probs only
+    FLAG_NEEDS = {k: ("cot", (True,)) for k in ("clamp_lo", "clamp_hi", "cot_max_new_tokens", "temperature", "top_p",
+                                               "max_attempts")}
     policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
                                    "default: every sampled pair)")
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")

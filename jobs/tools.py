@@ -54,10 +54,13 @@ def sql_main(argv) -> int:
                    "COPY ... TO, ATTACH, glob); by default it sees the lake's tables only")
     p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
                    help="duckdb (no JVM, starts at once) | spark: Spark SQL with delta-spark (Delta's jars from Maven)")
-    p.add_argument("--spark-master", default="local[1]", help="with --engine spark")
+    p.add_argument("--spark-master", default=None, help="with --engine spark (default local[1])")
     a = p.parse_args(argv)
     if a.max_rows < 0:   # checked before a JVM starts
         raise ValueError(f"--max-rows must be 0 or more (the rows --format table shows), got {a.max_rows}")
+    if a.spark_master is not None and a.engine != "spark":
+        raise ValueError("--spark-master counts only with --engine spark: DuckDB would ignore it. Fix: drop "
+                         "--spark-master, or pass --engine spark")
     if a.engine == "spark":
         import duckdb
         from cai_lib.lake import spark_sql
@@ -65,7 +68,7 @@ def sql_main(argv) -> int:
         if a.allow_files:
             raise ValueError("--allow-files is DuckDB's: the spark engine reads the lake's tables only")
         lake = _lake(a)
-        rel = duckdb.from_arrow(spark_sql.query(get_spark(a.spark_master, "cai-sql", delta=True), lake.root, a.query))
+        rel = duckdb.from_arrow(spark_sql.query(get_spark(a.spark_master or "local[1]", "cai-sql", delta=True), lake.root, a.query))
     else:
         from cai_lib.lake.sql import query
         rel = query(_lake(a), a.query, allow_files=a.allow_files)
@@ -160,6 +163,16 @@ def _metric(v) -> str:
     return str(v)
 
 
+def _figure(m: dict, key: str, digits: int = 2) -> str:
+    """A metric as a number, or `missing` (a metric not measured is not a 0).
+
+    >>> _figure({"a": 0.12345}, "a", 3), _figure({"a": None}, "a"), _figure({}, "a")
+    ('0.123', 'missing', 'missing')
+    """
+    value = m.get(key)
+    return "missing" if value is None else f"{value:.{digits}f}"
+
+
 def _print_metrics(params: dict) -> None:
     """The pipeline's headline numbers from the metrics files the params file names (those that exist)."""
     import json
@@ -175,10 +188,10 @@ def _print_metrics(params: dict) -> None:
         for name, m in ev.get("models", {}).items():
             ci = lambda k: f" {_metric(m[k + '_ci'])}" if m.get(k + "_ci") else ""  # noqa: E731
             elo_ci = ev.get("elo_ci", {}).get(name)
-            lines.append(f"  evaluate      {name} ({m.get('model')}): harmlessness={m.get('harmlessness') or 0:.3f}"
-                         f"{ci('harmlessness')} over_refusal={m.get('over_refusal') or 0:.2f}{ci('over_refusal')} "
-                         f"refusal_red_team={m.get('refusal_rate_red_team') or 0:.2f}{ci('refusal_rate_red_team')} "
-                         f"elo={ev.get('elo', {}).get(name)}" + (f" {elo_ci}" if elo_ci else ""))
+            lines.append(f"  evaluate      {name} ({m.get('model')}): harmlessness={_figure(m, 'harmlessness', 3)}"
+                         f"{ci('harmlessness')} over_refusal={_figure(m, 'over_refusal')}{ci('over_refusal')} "
+                         f"refusal_red_team={_figure(m, 'refusal_rate_red_team')}{ci('refusal_rate_red_team')} "
+                         f"elo={_figure(ev.get('elo', {}), name, 1)}" + (f" {elo_ci}" if elo_ci else ""))
     decision = _metrics_file(params, "promote", "decision")
     if decision.exists():
         d = json.loads(decision.read_text())

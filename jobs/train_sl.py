@@ -26,6 +26,7 @@ from jobs.common import TrainConfig, gate_verdicts, register_trained, report, sc
 @dataclass
 class TrainSLConfig(TrainConfig, SFTSettings):
     """The job's own fields; the fine-tune's settings (and their defaults) are SFTSettings'."""
+    FLAG_NEEDS = {k: ("method", ("lora",)) for k in ("lora_r", "lora_alpha", "lora_dropout")}   # full ignores them
     base_model: str = opt("default", "the model to fine-tune: 'default', a model folder, or a registered model")
     registered_name: str = opt("cai-sl", "MLflow registered model name")
 

@@ -25,8 +25,8 @@ REFUSALS = ["I cannot help with that request about {w}.", "I'm sorry, but I won'
 
 
 def gate(lake, stage: str, tmp_path, *extra) -> tuple[int, dict]:
-    rc = cai(["gate", stage, "--lake", str(lake.root), "--docs-dir", str(tmp_path / "docs"),
-              "--eval-metrics", str(tmp_path / "eval.json"), *extra])
+    metrics = ["--eval-metrics", str(tmp_path / "eval.json")] if stage == "labels" else []   # labels' own flag
+    rc = cai(["gate", stage, "--lake", str(lake.root), "--docs-dir", str(tmp_path / "docs"), *metrics, *extra])
     rows = lake.read("gate_events").to_pylist()
     return rc, max(rows, key=lambda r: r["created_at"])
 
