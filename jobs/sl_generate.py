@@ -22,8 +22,9 @@ Rows of prompts no longer selected (--splits) may go, with a warning.
 sl_dataset): the plan, the pending anti-join and the next round's inputs are Spark DataFrames, the
 executors generate and append to generation_events with delta-spark, one blind append per chunk of
 `batches_per_commit` batches, as many chunks at once as executor slots. One run per lake at a time.
-There, a prompt with a sl_dataset row built from the same plan is done: a rerun plans and appends only
-the others (`planned_prompts=` in the summary), and a no-op plans nothing.
+There, a prompt with a sl_dataset row built from the same plan, whose final event is still in
+generation_events, is done: a rerun plans and appends only the others (`planned_prompts=` in the
+summary), and a no-op plans nothing.
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
         # does not free a local checkpoint; Spark's ContextCleaner drops its blocks once the DataFrame is unreferenced)
         prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
         built = built_from(ctx, cfg.splits)
-        # sl_dataset's rows stand when it was built from this plan: only the prompts without one are planned
+        # sl_dataset's rows stand when it was built from this plan and their final events exist (a restore may
+        # have set some aside): only the prompts without a row are planned; else every prompt, and it is rebuilt
         opened, stands = open_prompts(lake, prompts, built)
         opened = opened.localCheckpoint(eager=True) if stands else prompts
         steps = plan_steps(spark, ctx, opened).localCheckpoint(eager=True)

@@ -32,6 +32,7 @@ class TableHealth:
     problem: str | None = None
     bad_file: str | None = None
     last_good: int | None = None
+    set_aside: str | None = None   # restore: the folder the removed commits' files went to (None: nothing moved)
 
     def fix(self, root: Path) -> str:
         if self.last_good is None:
@@ -93,25 +94,76 @@ def check_table(root: Path, name: str) -> TableHealth:
 
 
 def restore(root: Path, name: str) -> TableHealth:
-    """Set every commit after the last good version aside (moved, never deleted); the table's health after."""
+    """Set every file of the commits after the last good version aside (moved, never deleted); the
+    table's health after. Every file, not only the JSON: a commit's Hadoop checksum (`.N.json.crc`),
+    version checksum (`N.crc`) or checkpoint left behind is read as part of the next commit N that
+    Spark writes, and then no Spark job opens the table (ChecksumException) though delta-rs does."""
     health = check_table(root, name)
+    if health.state == "absent":
+        raise ValueError(f"table {name} does not exist in the lake {root} (no {root / name / '_delta_log'}): "
+                         "there is nothing to restore. Fix: check --lake and the table name (`cai lake check`)")
     if health.state != "broken":
         return health
     if health.last_good is None:
         raise ValueError(health.message(root))
-    table_dir = root / name
+    log = root / name / "_delta_log"
     aside = root / BROKEN_DIR / name / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    aside.mkdir(parents=True)
-    log = table_dir / "_delta_log"
-    for path in sorted(log.iterdir()):
-        version = path.name.split(".")[0]
-        later = version.isdigit() and int(version) > health.last_good
-        if later or path.name == "_last_checkpoint" and _checkpoint_after(path, health.last_good):
-            shutil.move(str(path), aside / path.name)
+    for path in stale_files(log, health.last_good):
+        target = aside / path.relative_to(log)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), target)
     after = check_table(root, name)
     if after.state != "ok":
         raise ValueError(f"{name}: still unreadable after setting commits aside into {aside}: {after.problem}")
+    after.set_aside = str(aside)
     return after
+
+
+def stale_files(log: Path, last_good: int) -> list[Path]:
+    """The files of `log` (a `_delta_log`, subfolders included) that belong to versions after
+    `last_good`, and `_last_checkpoint` with its checksum when it points past it."""
+    pointer = log / "_last_checkpoint"
+    drop_pointer = pointer.exists() and _checkpoint_after(pointer, last_good)
+    out = []
+    for path in sorted(p for p in log.rglob("*") if p.is_file()):
+        version = version_of(path.name)
+        if (version is not None and version > last_good
+                or drop_pointer and path.name in ("_last_checkpoint", "._last_checkpoint.crc")):
+            out.append(path)
+    return out
+
+
+def version_of(filename: str) -> int | None:
+    """The table version a `_delta_log` file belongs to (the newest one it holds), or None for a file
+    of no version. Hadoop writes a hidden `.NAME.crc` checksum next to each file, and a crashed
+    rename leaves `.NAME.UUID.tmp`: both belong to NAME's version.
+
+    >>> version_of("00000000000000000006.json"), version_of(".00000000000000000006.json.crc")
+    (6, 6)
+    >>> version_of("00000000000000000006.crc"), version_of(".00000000000000000006.crc.crc")
+    (6, 6)
+    >>> version_of("00000000000000000010.checkpoint.parquet"), version_of(".00000000000000000010.checkpoint.parquet.crc")
+    (10, 10)
+    >>> version_of("00000000000000000010.checkpoint.0000000001.0000000002.parquet")   # multi-part
+    10
+    >>> version_of("00000000000000000010.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.json")   # v2
+    10
+    >>> version_of("00000000000000000004.00000000000000000006.compacted.json")   # versions 4 to 6
+    6
+    >>> version_of(".00000000000000000006.json.3f2a9c1e-0b7d-4c55-9e0f-2d5c8a7b6e11.tmp")
+    6
+    >>> version_of("00000000000000000006.3f2a9c1e-0b7d-4c55-9e0f-2d5c8a7b6e11.json")   # a staged commit
+    6
+    >>> [version_of(n) for n in ("_last_checkpoint", "._last_checkpoint.crc", "_commit_9b1c.json.tmp",
+    ...                          "3f2a9c1e-0b7d-4c55-9e0f-2d5c8a7b6e11.parquet", ".DS_Store", "")]
+    [None, None, None, None, None, None]
+    """
+    parts = filename.lstrip(".").split(".")
+    if not parts[0].isdigit():
+        return None
+    if len(parts) > 2 and parts[1].isdigit() and parts[2] == "compacted":
+        return int(parts[1])
+    return int(parts[0])
 
 
 def _checkpoint_after(path: Path, version: int) -> bool:

@@ -6,9 +6,10 @@ The plan is the one `chain.plan_chain` makes (same ids, seeds, principles), comp
 answer it critiques or revises, the critique it follows), so a wave's inputs are joins in Spark.
 
 Only open prompts are planned. `sl_dataset`'s commits record what its rows were derived from
-(`built_from`: the plan's inputs and the splits); when its last commit says this run's, each of its
-rows is a prompt whose chain is complete under these settings, so a rerun plans, joins and appends
-only the prompts without a row (new ones, incomplete chains): a no-op plans nothing.
+(`built_from`: the plan's inputs and the splits); when its last commit says this run's and each row's
+final event is still in generation_events (a restore may have set it aside), each of its rows is a
+prompt whose chain is complete under these settings, so a rerun plans, joins and appends only the
+prompts without a row (new ones, incomplete chains): a no-op plans nothing.
 """
 from __future__ import annotations
 
@@ -70,11 +71,22 @@ def built_from(ctx: SLContext, splits: list[str]) -> str:
 
 def open_prompts(lake, prompts, built: str):
     """(the prompts of `prompts` without a sl_dataset row, whether sl_dataset's rows stand): when
-    sl_dataset's last commit was built from `built`, its rows stand and only the others are open;
-    otherwise every prompt is open and sl_dataset must be rebuilt."""
-    if lake.built_from("sl_dataset") != built:
+    sl_dataset's last commit was built from `built` and every row's final event is still a successful
+    generation event, its rows stand and only the others are open; otherwise every prompt is open and
+    sl_dataset must be rebuilt (after regenerating what is missing)."""
+    if lake.built_from("sl_dataset") != built or rows_lost_events(lake):
         return prompts, False
     return prompts.join(lake.df("sl_dataset").select("prompt_id"), "prompt_id", "left_anti"), True
+
+
+def rows_lost_events(lake) -> bool:
+    """Whether a sl_dataset row names a final event that generation_events no longer holds as a success
+    (`cai lake restore` set its commit aside). The final event suffices, in one join: restore sets aside
+    every commit after a version, and a chain's final event is committed after all of its ancestors."""
+    from cai_lib.runtime.spark_plane import successful
+    finals = lake.df("sl_dataset").select("final_event_id").withColumnRenamed("final_event_id", "event_id")
+    return not finals.join(successful(lake.df("generation_events")).select("event_id"), "event_id",
+                           "left_anti").isEmpty()
 
 
 def wave_inputs(steps, ok, prompts, wave: int):
