@@ -352,7 +352,10 @@ def lake_main(argv) -> int:
         return _optimize(lake, a)
     if a.action == "restore":
         h = restore(lake.root, a.table)
-        print(f"{h.name}: ok at version {h.version}, {h.rows} rows")
+        if h.set_aside is None:
+            print(f"{h.name}: healthy, nothing to do (version {h.version}, {h.rows} rows)")
+        else:
+            print(f"{h.name}: ok at version {h.version}, {h.rows} rows; the later commits are set aside in {h.set_aside}")
         return 0
     broken = 0
     for name in TABLES:

@@ -55,4 +55,4 @@ def test_restore_reopens_the_last_good_version_and_keeps_the_broken_commit(tmp_p
     assert kept.name == newest.name and kept.read_bytes() == broken_bytes
     assert cai(["lake", "check", "--lake", str(lake.root)]) == 0
     assert cai(["lake", "restore", "prompts", "--lake", str(lake.root)]) == 0   # a healthy table: nothing moves
-    assert "prompts: ok at version" in capsys.readouterr().out
+    assert "prompts: healthy, nothing to do (version" in capsys.readouterr().out

@@ -54,10 +54,13 @@ def test_restoring_a_table_not_in_the_lake_is_an_error_naming_it(small_lake):
     assert (healthy.state, healthy.set_aside) == ("ok", None) and not (small_lake / ".cai-broken").exists()
 
 
-def test_spark_commits_to_a_restored_table_and_both_engines_read_it(spark, small_lake, tmp_path):
+@pytest.mark.parametrize("cut_checkpoint", [True, False])
+def test_spark_commits_to_a_restored_table_and_both_engines_read_it(spark, small_lake, tmp_path, cut_checkpoint):
     """A Spark-written commit whose JSON and checkpoint were cut short: restore sets aside the JSON, the
     checkpoint, their Hadoop `.crc` files and the `_last_checkpoint` pointing at them; a `.crc` left
-    behind would fail every Spark read after the next commit of that version (ChecksumException)."""
+    behind would fail every Spark read after the next commit of that version (ChecksumException).
+    With the checkpoint intact, delta-rs opens the table from it, but Spark reads the cut JSON: the
+    table is broken all the same, and restored the same way."""
     rows = Lake(small_lake).read("prompts").sort_by("prompt_id")
     lake = SparkDeltaLake(spark, tmp_path / "spark-lake")
     path = lake.path("prompts")
@@ -66,7 +69,9 @@ def test_spark_commits_to_a_restored_table_and_both_engines_read_it(spark, small
     spark.createDataFrame(rows.slice(1, 1)).write.format("delta").mode("append").save(path)       # 2, checkpointed
     log = log_of(Path(path))
     truncate(log / "00000000000000000002.json")
-    truncate(log / "00000000000000000002.checkpoint.parquet")
+    if cut_checkpoint:
+        truncate(log / "00000000000000000002.checkpoint.parquet")
+    assert health.check_table(tmp_path / "spark-lake", "prompts").state == "broken"
 
     restored = restore(tmp_path / "spark-lake", "prompts")
     assert (restored.version, restored.rows) == (1, 1)

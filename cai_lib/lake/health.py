@@ -51,9 +51,12 @@ def _commits(table_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(p.name.split(".")[0]), p) for p in log.glob("*.json") if p.name.split(".")[0].isdigit())
 
 
-def _bad_commit(table_dir: Path) -> tuple[int, Path] | None:
-    """The first commit file that is not valid JSON lines (truncated, overwritten, empty)."""
+def _bad_commit(table_dir: Path, since: int = 0) -> tuple[int, Path] | None:
+    """The first commit file (of version `since` or later) that is not valid JSON lines (truncated,
+    overwritten, empty)."""
     for version, path in _commits(table_dir):
+        if version < since:
+            continue
         try:
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             if not lines:
@@ -88,9 +91,24 @@ def check_table(root: Path, name: str) -> TableHealth:
         return TableHealth(name, "absent")
     try:
         dt = DeltaTable(str(table_dir))
-        return TableHealth(name, "ok", version=dt.version(), rows=dt.to_pyarrow_dataset().count_rows())
+        health = TableHealth(name, "ok", version=dt.version(), rows=dt.to_pyarrow_dataset().count_rows())
     except Exception as exc:  # noqa: BLE001 - delta-rs raises DeltaError, OSError, ... for a broken table
         return diagnose(table_dir, name, exc)
+    # delta-rs starts from the newest checkpoint and may never read a bad commit of that same version;
+    # Spark reads it (the table's history), so such a table is broken for one of the lake's engines
+    bad = _bad_commit(table_dir, since=_checkpoint_version(table_dir))
+    if bad is not None:
+        return diagnose(table_dir, name, ValueError(f"commit {bad[0]} is not valid JSON lines (delta-rs skips it "
+                                                    "behind a checkpoint; Spark reads it and fails)"))
+    return health
+
+
+def _checkpoint_version(table_dir: Path) -> int:
+    """The version `_last_checkpoint` names (0 without one: every commit is read)."""
+    try:
+        return int(json.loads((table_dir / "_delta_log" / "_last_checkpoint").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def restore(root: Path, name: str) -> TableHealth:
