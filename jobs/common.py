@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from cai_lib.backends.fake import check_fake_model
 from cai_lib.backends.models import check_model_early
+from cai_lib.constitution.load import load_constitution
 from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, SeedConfig, SparkModelConfig, check_fields, opt
 from cai_lib.files import write_json
 from cai_lib.lake.tables import Lake
@@ -32,6 +33,8 @@ class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig)
         check_fields(self)   # bounds and choices, as load_config checks them, for configs built in code
         for model in self.backend_models():   # before Spark starts: a fake run never borrows a real model's name
             check_model_early(self.backend, model)   # and a real model's folder: no pickles (file heads only)
+        if getattr(self, "constitution", None):   # a bad constitution (hidden characters, ...) before Spark starts
+            load_constitution(self.constitution)
 
     def backend_models(self) -> list[str]:
         return [getattr(self, f) for f in self.MODEL_FIELDS if getattr(self, f) is not None]
