@@ -31,12 +31,25 @@ def verdict(pins: dict) -> pa.Table:
     return pa.Table.from_pylist([{k: row.get(k) for k in GATE_EVENTS.names}], schema=GATE_EVENTS)
 
 
+def vacuum_now(root, spark=None, hours: int = 0) -> None:
+    """Let the test vacuum files seconds old: each table's own floor (delta.deletedFileRetentionDuration,
+    which optimize refuses to go below) set to `hours`, in one more commit by the table's own engine.
+    (At 0 h Delta also drops the tombstones from its state at once, so a pin needs a floor above 0.)"""
+    prop = ("delta.deletedFileRetentionDuration", f"interval {hours} hours")
+    for table in sorted(p for p in root.iterdir() if (p / "_delta_log").is_dir()):
+        if spark is None:
+            DeltaTable(str(table)).alter.set_table_properties(dict([prop]))
+        else:
+            spark.sql(f"ALTER TABLE delta.`{table}` SET TBLPROPERTIES ('{prop[0]}' = '{prop[1]}')")
+
+
 def test_optimize_compacts_vacuums_and_keeps_the_pinned_version(tmp_path):
     lake = Lake(tmp_path)
     small_commits(lake, 6)                       # versions 1..6, one file each
     at3 = sorted(DeltaTable(str(lake.path("quarantine")), version=3).to_pyarrow_table()["event_id"].to_pylist())
     lake.insert_new("gate_events", verdict({"quarantine": 3}))
     assert gate_pins(lake) == {"quarantine": {3}}
+    vacuum_now(tmp_path)
 
     report = {t.name: t for t in optimize(lake, gate_pins(lake), retention_hours=0)}
     q = report["quarantine"]
@@ -63,10 +76,11 @@ def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(tmp_path
     for i in range(4, 7):
         lake.insert_new("quarantine", qrows([f"q{i}"]))
     assert registry_pins(lake) == {"quarantine": {4}}
+    vacuum_now(tmp_path / "lake")
 
     assert cai(["lake", "optimize", "--lake", str(lake.root), "--tracking-uri", uri, "--retention-hours", "0"]) == 0
     out = capsys.readouterr().out
-    assert "quarantine             files 7 -> 1, vacuumed 3, version 7 -> " in out and "pinned versions kept: 4" in out
+    assert "quarantine             files 7 -> 1, vacuumed 3, version 8 -> " in out and "pinned versions kept: 4" in out
     assert DeltaTable(str(lake.path("quarantine")), version=4).to_pyarrow_table().num_rows == 4
 
 
@@ -88,11 +102,12 @@ def test_a_delta_spark_lake_is_kept_through_spark_and_its_pinned_version_stays_r
     root = tmp_path / "lake"
     spark_written(spark, root, 5).insert_new("gate_events", verdict({"quarantine": 3}))
     assert gate_pins(Lake(root)) == {"quarantine": {3}}
+    vacuum_now(root, spark, hours=1)
 
-    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *no_registry(tmp_path)]) == 0
+    assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "1", *no_registry(tmp_path)]) == 0
     out = capsys.readouterr().out
     # compacted by delta-spark; vacuum's retention reaches back past version 3 (seconds old, plus an hour), so its files stay
-    assert "quarantine             files 5 -> 1, vacuumed 0, version 5 -> " in out, out
+    assert "quarantine             files 5 -> 1, vacuumed 0, version 6 -> " in out, out
     assert "pinned versions kept: 3 (delta-spark, retention 2 h)" in out, out
     assert engines(root / "quarantine") == {"Apache-Spark"}   # no commit by delta-rs
     assert sorted(DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()["event_id"].to_pylist()) == [
@@ -103,6 +118,7 @@ def test_a_delta_spark_lake_is_kept_through_spark_and_its_pinned_version_stays_r
 def test_an_unpinned_delta_spark_table_loses_the_files_compaction_removed(spark, tmp_path, capsys):
     root = tmp_path / "lake"
     spark_written(spark, root, 5)
+    vacuum_now(root, spark)
     assert cai(["lake", "optimize", "--lake", str(root), "--retention-hours", "0", *no_registry(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "quarantine             files 5 -> 1, vacuumed 5, " in out, out
@@ -111,3 +127,25 @@ def test_an_unpinned_delta_spark_table_loses_the_files_compaction_removed(spark,
     assert sorted(Lake(root).read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(5)]
     with pytest.raises(Exception):               # version 3's small files are gone, as vacuum should
         DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()
+
+
+def test_a_retention_below_the_tables_floor_is_refused_and_so_is_optimize_beside_a_running_job(tmp_path, capsys):
+    """Delta's retention check stays on: --retention-hours 0 is refused (the default floor is Delta's 7 days),
+    before any work; and while a job holds its lake lock, optimize refuses naming it (it does not wait)."""
+    from cai_lib.lake.locks import job_lock
+    lake = Lake(tmp_path / "lake")
+    small_commits(lake, 3)
+    assert cai(["lake", "optimize", "--lake", str(lake.root), "--retention-hours", "0", *no_registry(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (f"--retention-hours 0 is below the 168 h that table quarantine of lake {lake.root} keeps removed files (its "
+            "delta.deletedFileRetentionDuration, 'interval 7 days'): a vacuum with less could delete files a running "
+            "job still writes or reads. Fix: pass --retention-hours 168 or more") in err, err
+    assert DeltaTable(str(lake.path("quarantine"))).version() == 3   # nothing compacted
+    with job_lock(lake.root, "label", "run-9"):
+        assert cai(["lake", "optimize", "--lake", str(lake.root), *no_registry(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"another `cai label` is writing lake {lake.root}: job run run-9 (pid " in err, err
+    assert "(`cai lake optimize` beside a running job could remove files its appends are writing)" in err, err
+    assert DeltaTable(str(lake.path("quarantine"))).version() == 3
+    assert cai(["lake", "optimize", "--lake", str(lake.root), *no_registry(tmp_path)]) == 0   # once it has finished
+    assert DeltaTable(str(lake.path("quarantine"))).version() == 4

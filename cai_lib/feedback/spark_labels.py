@@ -170,7 +170,7 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from cai_lib.runtime.spark_plane import chunk_rows, run_chunks
+    from cai_lib.runtime.spark_plane import chunk_app_ids, chunk_rows, rows_app_id, run_chunks
     sc = spark.sparkContext
     counters = {"calls": sc.accumulator(0)}
     score = functools.partial(score_partition, spec_json=canonical_json(spec), make_chat=make_chat,
@@ -180,17 +180,20 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
     stats, quarantined = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks)), [0]
     lake.table("label_events")
     lake.table("quarantine")
+    app_ids = chunk_app_ids(todo, "label_events", ("event_id",))
 
     def write(plan_id: str, chunk: int) -> None:
         scored = chunk_rows(todo, plan_id, chunk).mapInArrow(score, out_schema).localCheckpoint(eager=True)
-        (scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names)
-         .write.format("delta").mode("append").save(lake.path("label_events")))
         bad = quarantine_rows(scored, stage).localCheckpoint(eager=True)
         failed = bad.count()
+        if failed < scored.count():   # an append of no label would keep this chunk's id from its retry
+            lake.idempotent_append("label_events", scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names),
+                                   app_ids[(plan_id, chunk)])
         if failed:
             new = bad.join(lake.df("quarantine").select("event_id"), "event_id", "left_anti").localCheckpoint(eager=True)
             n_new = new.count()
-            new.write.format("delta").mode("append").save(lake.path("quarantine"))
+            if n_new:
+                lake.idempotent_append("quarantine", new, rows_app_id(new, "quarantine"))
             first = bad.agg(F.min("reason")).first()[0]
             with lock:
                 stats.failed, quarantined[0] = stats.failed + failed, quarantined[0] + n_new

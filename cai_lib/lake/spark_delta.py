@@ -19,6 +19,11 @@ ENGINES = ("delta-rs", "spark")
 # delta-spark 4.4.1's own `configure_spark_with_delta_pip` asks for 4.4.1's jar, which Maven Central
 # does not serve (Ivy: unresolved dependency); the 4.4.0 jar is the newest for Spark 4.2 / Scala 2.13.
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
+# How long an event table remembers an idempotent append's app id (its SetTransaction): far longer than
+# any run, its retries and a second run beside it; after that the jobs' anti-joins already skip what the
+# append wrote. A plain table property: the protocol stays reader 1 / writer 2, which delta-rs reads.
+TXN_RETENTION = "interval 30 days"
+TXN_VERSION = 1   # one app id per chunk's content, written once: any recorded version means "landed"
 
 
 def spark_has_delta(spark) -> bool:
@@ -80,8 +85,13 @@ class SparkDeltaLake(LakeBase):
             builder = self._DeltaTable.createIfNotExists(self.spark).location(self.path(name))
             builder = builder.addColumns(from_arrow_schema(spec.schema))
             if spec.append_only:
-                builder = builder.property("delta.appendOnly", "true")
-            builder.execute()
+                builder = (builder.property("delta.appendOnly", "true")
+                           .property("delta.setTransactionRetentionDuration", TXN_RETENTION))
+            try:
+                builder.execute()
+            except Exception:   # another run created it first (both wrote version 0): theirs stands
+                if not self.exists(name):
+                    raise
         return self._DeltaTable.forPath(self.spark, self.path(name))
 
     def version(self, name: str) -> int | None:
@@ -138,6 +148,21 @@ class SparkDeltaLake(LakeBase):
         if built_from is not None:
             writer = writer.option("userMetadata", built_from)
         writer.save(self.path(name))
+
+    def idempotent_append(self, name: str, rows, app_id: str) -> None:
+        """Append `rows` to event table `name` once per `app_id` (Delta's idempotent write: txnAppId +
+        txnVersion): when the table has recorded `app_id`, from a retry or another run, Delta commits
+        nothing and does not run `rows`' query (no model call). Two appends of one id at once: the
+        loser's commit fails with ConcurrentTransactionException, and its retry finds the id recorded."""
+        self.table(name)
+        writer = (rows.write.format("delta").mode("append").option("txnAppId", app_id)
+                  .option("txnVersion", TXN_VERSION))
+        try:
+            writer.save(self.path(name))
+        except Exception as exc:   # captured py4j errors: Delta's exception is known by its class name
+            if "ConcurrentTransactionException" not in f"{type(exc).__name__} {exc}":
+                raise
+            writer.save(self.path(name))
 
     def count(self, name: str) -> int:
         return self.spark.read.format("delta").load(self.path(name)).count() if self.exists(name) else 0

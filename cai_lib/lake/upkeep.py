@@ -12,14 +12,23 @@ delta-spark (`lake_engine: spark`) is never committed to by delta-rs: OPTIMIZE a
 Spark (`optimize_spark`). delta-spark's VACUUM has a retention and nothing else, so there the retention
 is stretched back to the oldest pinned version's commit: the pinned versions keep their files, and so
 does every version after the oldest pin (delta-spark checkpoints its log itself, every 10 commits).
+
+Safe beside running jobs: upkeep holds every locking job's lake lock while it runs (`locks.upkeep_lock`),
+so it refuses, naming the job, while one runs, and a job started meanwhile is refused naming upkeep; it
+does not wait (a generation job can run for hours). Delta's retention check stays on, and a retention
+below a table's `delta.deletedFileRetentionDuration` (Delta's default 7 days = 168 h) is refused before
+any work: that is the window in which a writer may still need a removed or not yet committed file (an
+append in flight on a lake no local lock guards, a reader pinned to an older version).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai_lib.lake.locks import upkeep_lock
 from cai_lib.lake.tables import Lake
 from schemas import TABLES
 
@@ -79,10 +88,50 @@ def writer_engine(lake: Lake, name: str) -> str:
     return "spark" if str(info).startswith("Apache-Spark") else "delta-rs"
 
 
+DEFAULT_RETENTION = "interval 7 days"   # Delta's default delta.deletedFileRetentionDuration
+
+
+class RetentionError(ValueError):
+    """--retention-hours below what a table keeps its removed files for."""
+
+
+def interval_hours(interval: str) -> float:
+    """Hours of a Delta interval property.
+
+    >>> interval_hours("interval 7 days"), interval_hours("interval 1 hour"), interval_hours("interval 90 minutes")
+    (168, 1, 1.5)
+    """
+    m = re.fullmatch(r"\s*interval\s+(\d+)\s+(second|minute|hour|day|week)s?\s*", interval.lower())
+    if not m:
+        raise ValueError(f"cannot read the Delta interval {interval!r} (expected e.g. 'interval 7 days')")
+    return int(m.group(1)) * {"second": 1 / 3600, "minute": 1 / 60, "hour": 1, "day": 24, "week": 168}[m.group(2)]
+
+
+def check_retention(lake: Lake, names: list[str], retention_hours: float) -> None:
+    """Refuse a retention below any table's delta.deletedFileRetentionDuration, naming the flag and the minimum."""
+    floors = {n: (lake.delta_table(n).metadata().configuration or {}).get("delta.deletedFileRetentionDuration",
+                                                                             DEFAULT_RETENTION) for n in names}
+    name, most = max(((n, interval_hours(v)) for n, v in floors.items()), key=lambda x: x[1], default=(None, 0))
+    if retention_hours < most:
+        raise RetentionError(
+            f"--retention-hours {retention_hours:g} is below the {most:g} h that table {name} of lake {lake.root} keeps "
+            f"removed files (its delta.deletedFileRetentionDuration, {floors[name]!r}): a vacuum with less could delete "
+            f"files a running job still writes or reads. Fix: pass --retention-hours {math.ceil(most)} or more")
+
+
 def optimize(lake: Lake, pins: dict[str, set[int]], retention_hours: int = 168,
              dry_run: bool = False, spark_session=None) -> list[TableUpkeep]:
     """Compact, checkpoint and vacuum each existing table; `pins` versions keep their files.
-    `spark_session()` gives the Spark session for the tables delta-spark writes (started only if one is)."""
+    `spark_session()` gives the Spark session for the tables delta-spark writes (started only if one is).
+    Refused (RetentionError) below a table's retention floor, and (JobLockedError) while a job runs."""
+    from cai_lib.runtime.tasks import new_job_run_id
+    check_retention(lake, [n for n in TABLES if lake.exists(n)], retention_hours)
+    with upkeep_lock(lake.root, new_job_run_id()):
+        return _optimize_tables(lake, pins, retention_hours, dry_run, spark_session)
+
+
+def _optimize_tables(lake: Lake, pins: dict[str, set[int]], retention_hours: int, dry_run: bool,
+                     spark_session) -> list[TableUpkeep]:
     out = []
     for name in TABLES:
         if not lake.exists(name):
@@ -100,8 +149,7 @@ def optimize(lake: Lake, pins: dict[str, set[int]], retention_hours: int = 168,
             dt = lake.delta_table(name)
             dt.create_checkpoint()
         kept = sorted(v for v in pins.get(name, ()) if v <= dt.version())
-        removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False,
-                            keep_versions=kept or None)
+        removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, keep_versions=kept or None)
         after = lake.delta_table(name)
         out.append(TableUpkeep(name, before, after.version(), files_before, len(after.file_uris()), len(removed), kept))
     return out
@@ -139,10 +187,10 @@ def optimize_spark(spark, lake: Lake, name: str, pinned: set[int], retention_hou
         dt.optimize().executeCompaction()
     kept = sorted(v for v in pinned if v in history)
     hours = spark_retention_hours(history, kept, retention_hours, int(time.time() * 1000))
-    confs = {"spark.databricks.delta.retentionDurationCheck.enabled": "false",   # --retention-hours decides
-             # VACUUM lists the table's folders in this many tasks (default 10,000: 83 s for a 5-file table
-             # on local[1], 3.6 s with the session's own parallelism)
-             "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(spark.sparkContext.defaultParallelism)}
+    # Delta's retention check stays on (check_retention refused less already). VACUUM lists the table's
+    # folders in this many tasks (default 10,000: 83 s for a 5-file table on local[1], 3.6 s with the
+    # session's own parallelism)
+    confs = {"spark.sql.sources.parallelPartitionDiscovery.parallelism": str(spark.sparkContext.defaultParallelism)}
     saved = {k: spark.conf.get(k, None) for k in confs}
     for k, v in confs.items():
         spark.conf.set(k, v)

@@ -11,10 +11,11 @@ Per wave:
    never committed: Spark's commit protocol adds only the winning attempt's files). As many chunk
    jobs run at once as there are executor slots, each starting when a slot frees, so no barrier
    holds the cluster and a kill loses only the chunks in flight.
-3. Each commit is a blind append: its cost does not grow with the table (no MERGE scans it).
+3. Each commit is an idempotent append (see `chunk_app_ids`): its cost does not grow with the table (no
+   MERGE scans it), and a chunk appended once is never appended again, by a retry or by another run.
 
-Two runs of one job on one lake would both append the same pending ids, so the job holds
-`lake.locks.job_lock` while it runs.
+Exactly-once rests on those appends; the job also holds `lake.locks.job_lock` while it runs, which only
+saves a second run's duplicate model calls.
 """
 from __future__ import annotations
 
@@ -97,6 +98,9 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
     plans = lake.df("work_batches").where(F.col("target_table") == table)
     if plan_filter is not None:
         plans = plans.where(plan_filter)   # lets the read skip files of other rounds
+    # one plan per attempt even if two runs that began at once each recorded one: the same one for every run
+    plans = (plans.groupBy("event_id", "attempt").agg(F.min(F.struct("plan_id", "pos", "batch_no", "chunk")).alias("p"))
+             .select("event_id", "attempt", "p.*"))
     marked = (inputs.join(ok.select("event_id"), "event_id", "left_anti")
               .join(failures, "event_id", "left").withColumn("tries", F.coalesce("tries", F.lit(0)))
               .withColumn("gave_up", F.col("tries") >= max_attempts)
@@ -160,15 +164,44 @@ def chunk_rows(todo, plan_id: str, chunk: int):
     return todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
 
 
+def chunk_app_ids(todo, table: str, key: tuple[str, ...] = ("event_id", "attempt")) -> dict[tuple[str, int], str]:
+    """{(plan_id, chunk): the app id of its idempotent append to `table`}: `cai/<table>/<sha256 of the
+    chunk's sorted keys>`, the content that decides its rows, never the run that cut it.
+
+    Why the same rows can never land twice: a chunk writes one row per key (generation: the success or
+    the failed-attempt row of each event_id#attempt; scoring: the label of each event_id that scored).
+    Two runs cut the same chunks: an attempt planned before keeps its recorded cut (`work_batches`, one
+    plan per attempt), and a fresh cut is a function of the pending rows (input_len, event_id order;
+    sizes from their count and the settings), so two runs that see the same pending rows cut them alike,
+    whatever plan_id each named; a run that sees the first one's plan reuses it. Same keys, same app id:
+    Delta skips the second append. And why a retry is never skipped wrongly: once a chunk committed, each
+    of its keys is done (a success, or a failed attempt n whose retry is attempt n+1; a scoring chunk
+    commits only with at least one label), so no later pending set repeats a committed chunk's keys."""
+    from pyspark.sql import functions as F
+    keys = F.concat_ws("#", *(F.col(c).cast("string") for c in key))
+    sha = F.sha2(F.concat_ws(",", F.array_sort(F.collect_list(keys))), 256)
+    return {(r["plan_id"], r["chunk"]): f"cai/{table}/{r['sha']}"
+            for r in todo.groupBy("plan_id", "chunk").agg(sha.alias("sha")).collect()}
+
+
+def rows_app_id(rows, table: str, key: tuple[str, ...] = ("event_id",)) -> str:
+    """The app id of appending all of `rows` at once: `chunk_app_ids` of them as one chunk."""
+    from pyspark.sql import functions as F
+    rows = rows.select(F.lit("all").alias("plan_id"), F.lit(0).alias("chunk"), *key)
+    return chunk_app_ids(rows, table, key)[("all", 0)]
+
+
 def record_plan(lake, planned, table: str) -> None:
-    """Append the batches just cut to work_batches (one commit), before any of them runs."""
+    """Append the batches just cut to work_batches (one commit), before any of them runs: idempotent on
+    the attempts it plans, so of two runs that cut the same pending rows at once only one plan lands."""
     from pyspark.sql import functions as F
     lake.table("work_batches")
+    app_id = rows_app_id(planned, "work_batches", ("event_id", "attempt"))
     rows = planned.select(F.concat_ws("#", "event_id", F.col("attempt").cast("string")).alias("work_id"),
                           F.lit(table).alias("target_table"), "event_id", "attempt",
                           F.col("round").cast("int").alias("round"), "plan_id", "pos", "batch_no", "chunk",
                           F.current_timestamp().alias("created_at"))
-    rows.write.format("delta").mode("append").save(lake.path("work_batches"))
+    lake.idempotent_append("work_batches", rows, app_id)
 
 
 def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat: Callable[[dict], list],
@@ -213,12 +246,13 @@ def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make
     fn = functools.partial(generate_events, spec_json=canonical_json(backend_spec), make_chat=make_chat,
                            parse=parse, constants=constants, job_run_id=job_run_id, counters=counters)
     out_schema = from_arrow_schema(GENERATION_EVENTS)
-    path = lake.path("generation_events")
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
     stats = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks))
+    app_ids = chunk_app_ids(todo, "generation_events")
 
     def write(plan_id: str, chunk: int) -> None:
-        chunk_rows(todo, plan_id, chunk).mapInArrow(fn, out_schema).write.format("delta").mode("append").save(path)
+        rows = chunk_rows(todo, plan_id, chunk).mapInArrow(fn, out_schema)
+        lake.idempotent_append("generation_events", rows, app_ids[(plan_id, chunk)])
 
     done = run_chunks(chunks, write, slots or sc.defaultParallelism, progress, "generations")
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
