@@ -186,8 +186,9 @@ def test_make_run_and_make_test_are_covered(workdir, tmp_path):
     first = blocks("README.md")[0].code.splitlines()
     assert [line.split("#")[0].strip() for line in first] == ["make run", "make test"]
     assert (ROOT / ".ci/run").read_text().splitlines()[-1] == "make test"
-    recipe = subprocess.run(["make", "-n", "-o", ".venv/.ready", "run"], cwd=workdir, capture_output=True, text=True,
-                            check=True).stdout.splitlines()
+    # --no-print-directory: under `make test` (CI) a nested make would print "Entering directory" first
+    recipe = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.ready", "run"], cwd=workdir,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
     assert recipe[0] == "dvc repro" and 'sh(["dvc", "repro"], repo)' in (ROOT / "tests/test_dvc_pipeline.py").read_text()
     rc, out = fresh_shell("\n".join(recipe[1:]), workdir, tmp_path / "make_run.log")
     assert rc == 0 and "generation_events" in out and "│ pair_sample      │     48 │          1440 │" in out, out[-4000:]
