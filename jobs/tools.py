@@ -342,7 +342,8 @@ def lake_main(argv) -> int:
     o = sub.add_parser("optimize", help="compact small files, checkpoint, and vacuum files no version needs, "
                        "keeping every version a gate verdict or a registered model pins")
     o.add_argument("--retention-hours", type=int, default=168, help="unpinned versions older than this lose "
-                   "their removed files (Delta's default: 7 days)")
+                   "their removed files; at least the tables' delta.deletedFileRetentionDuration (Delta's default: "
+                   "7 days), so a running job's files are never removed")
     o.add_argument("--dry-run", action="store_true", help="say what vacuum would delete; change nothing")
     _add_common(o, registry=True)
     a = p.parse_args(argv)
