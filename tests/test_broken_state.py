@@ -18,6 +18,7 @@ from cai_lib.runtime.broken_state import RESUME, classify, explain
 from jobs import cli
 from schemas import TABLES
 from tests.conftest import DEMO_RED, write_jsonl
+from tests.synthetic_lake import build_clean_lake
 
 JAVA_DISK_FULL = """org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 98.0 failed 2 times
 org.apache.spark.SparkException: [TASK_WRITE_FAILED] Task failed while writing rows to file:/d/lake/work_batches.
@@ -28,6 +29,11 @@ JAVA_WORKER_DIED = ("org.apache.spark.SparkException: Job aborted due to stage f
 JAVA_CHECKSUM = ("[FAILED_READ_FILE.NO_HINT] Encountered error while reading file file:/d/lake/generation_events/"
                  "_delta_log/00000000000000000006.json. org.apache.hadoop.fs.ChecksumException: Checksum error: "
                  "file:/d/lake/generation_events/_delta_log/00000000000000000006.json at 0 exp: 1 got: 2")
+
+JAVA_FAILED_READ = ("py4j.protocol.Py4JJavaError: An error occurred while calling z:io.delta.tables.DeltaTable.isDeltaTable."
+                    "\n: org.apache.spark.SparkException: [FAILED_READ_FILE.NO_HINT] Encountered error while reading "
+                    "file file://{table}/_delta_log/00000000000000000001.json.  SQLSTATE: KD001\nCaused by: "
+                    "com.fasterxml.jackson.core.io.JsonEOFException: Unexpected end-of-input")
 
 
 class Py4JLike(Exception):
@@ -41,7 +47,8 @@ class Py4JLike(Exception):
     (OSError(errno.EROFS, "Read-only file system"), "read_only"),
     (PermissionError(errno.EACCES, "Permission denied"), "no_permission"),
     (Py4JLike(JAVA_WORKER_DIED), "worker_died"),
-    (Py4JLike(JAVA_CHECKSUM), "spark_checksum"),
+    (Py4JLike(JAVA_CHECKSUM), "spark_table"),
+    (Py4JLike(JAVA_FAILED_READ.format(table="/d/lake/prompts")), "spark_table"),
     (KeyError("kind"), None),                       # a bug keeps its traceback
     (RuntimeError("executor exited normally"), None),
 ])
@@ -75,6 +82,22 @@ def test_the_sentences_name_the_lake_or_the_table_and_the_fix():
     assert explain(Py4JLike(JAVA_WORKER_DIED), "/d/lake").startswith(
         "a Spark executor or its Python worker died (killed, or out of memory) while the job ran on the lake /d/lake")
     assert explain(ValueError("bad prompt"), "/d/lake") is None
+
+
+def test_a_table_spark_cannot_read_is_named_with_its_restore_fix(tmp_path):
+    """What a Spark job raises on a truncated commit (no checksum left to catch it): the sentence is the
+    table's own health message, as `cai lake check` and the DuckDB engine give it."""
+    rows = build_clean_lake(tmp_path / "source").read("prompts")
+    lake = Lake(tmp_path / "lake")
+    lake.insert_new("prompts", rows.slice(0, 2))
+    lake.insert_new("prompts", rows.slice(2, 2))
+    log = tmp_path / "lake/prompts/_delta_log"
+    newest = sorted(log.glob("*.json"))[-1]
+    newest.write_bytes(newest.read_bytes()[:90])
+    health = check_table(tmp_path / "lake", "prompts")
+    why = explain(Py4JLike(JAVA_FAILED_READ.format(table=tmp_path / "lake/prompts")), str(tmp_path / "lake"))
+    assert health.state == "broken" and why == f"{health.message(tmp_path / 'lake')}; {RESUME} after that"
+    assert f"`cai lake restore prompts --lake {tmp_path / 'lake'}`" in why
 
 
 def test_the_cli_prints_one_line_and_keeps_the_traceback_behind_debug(monkeypatch, capsys):

@@ -27,7 +27,9 @@ _OS_STATES = (
 # only texts that say a process died: a bug's traceback must never be mistaken for one
 _SPARK_DEATH = ("ExecutorLostFailure", "Python worker exited unexpectedly", "Python worker failed to connect back",
                 "SparkContext was shut down", "Py4JNetworkError")
-_CHECKSUM = re.compile(r"Checksum error: (?:file:)?(\S+?/_delta_log/)")
+# a Delta log file Spark could not read: its table folder is what precedes _delta_log
+_LOG_FILE = re.compile(r"(?:Checksum error: |FAILED_READ_FILE\S* Encountered error while reading file )"
+                       r"(?:file:)?/*(/\S+?)/_delta_log/")
 
 
 def chain_texts(exc: BaseException) -> list[str]:
@@ -62,7 +64,7 @@ def _errnos(exc: BaseException) -> set[int]:
 
 
 def classify(exc: BaseException) -> str | None:
-    """disk_full | read_only | no_permission | spark_checksum | worker_died, or None.
+    """disk_full | read_only | no_permission | spark_table | worker_died, or None.
 
     >>> classify(OSError(errno.ENOSPC, "No space left on device"))
     'disk_full'
@@ -77,8 +79,8 @@ def classify(exc: BaseException) -> str | None:
     for code, patterns, state in _OS_STATES:
         if code in codes or any(p in text for p in patterns):
             return state
-    if _CHECKSUM.search(text) or "ChecksumException" in text:
-        return "spark_checksum"
+    if _LOG_FILE.search(text) or "ChecksumException" in text:
+        return "spark_table"
     if any(p in text for p in _SPARK_DEATH):
         return "worker_died"
     return None
@@ -98,8 +100,8 @@ def explain(exc: BaseException, lake: str | None) -> str | None:
     if state == "no_permission":
         return (f"permission denied writing {where}: the user running cai cannot write there; {RESUME} as a "
                 f"user who can (or fix the folder's owner/mode)")
-    if state == "spark_checksum":
-        return _checksum_message(exc, lake)
+    if state == "spark_table":
+        return _table_message(exc, lake)
     if state == "worker_died":
         return (f"a Spark executor or its Python worker died (killed, or out of memory) while the job ran on "
                 f"{where}; {RESUME} (lower --batch-size or spark_master's slots if memory ran out; --debug shows "
@@ -107,10 +109,16 @@ def explain(exc: BaseException, lake: str | None) -> str | None:
     return None
 
 
-def _checksum_message(exc: BaseException, lake: str | None) -> str:
-    """Spark refuses a commit whose Hadoop checksum (`.N.json.crc`) does not match: name the table and fix."""
-    match = _CHECKSUM.search("\n".join(chain_texts(exc)))
-    table_dir = Path(match.group(1)).parent if match else None
+def _table_message(exc: BaseException, lake: str | None) -> str:
+    """Spark could not read a table's Delta log: the table's health (delta-rs) names the bad commit and
+    the restore; a log that delta-rs reads but Spark does not is a stale Hadoop checksum (`.N.json.crc`)."""
+    from cai_lib.lake.health import check_table
+    match = _LOG_FILE.search("\n".join(chain_texts(exc)))
+    table_dir = Path(match.group(1)) if match else None
+    if table_dir is not None:
+        health = check_table(table_dir.parent, table_dir.name)
+        if health.state == "broken":
+            return f"{health.message(table_dir.parent)}; {RESUME} after that"
     table = f"table {table_dir.name} at {table_dir}" if table_dir else "a table of the lake"
     check = f"`cai lake check --lake {lake}`" if lake else "`cai lake check`"
     return (f"{table} has a commit whose Hadoop checksum file (_delta_log/.N.json.crc) does not match it, so "
