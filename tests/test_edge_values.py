@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import shutil
 
 import pytest
 import yaml
@@ -151,6 +152,7 @@ def test_a_named_params_file_must_exist_only_the_implicit_one_may_be_absent(tmp_
     assert refusal(SLGenerateConfig, "sl_generate", ["--params", ""]).startswith("flag --params: '' is empty")
     monkeypatch.delenv("CAI_PARAMS")
     monkeypatch.chdir(tmp_path)   # no ./params.yaml, no flag, no $CAI_PARAMS: the defaults (a quick try)
+    shutil.copytree(ROOT / "constitutions", tmp_path / "constitutions")   # the default one is loaded with the config
     cfg = load_config(SLGenerateConfig, "sl_generate", [])
     assert (cfg.params, cfg.rounds, cfg.lake_engine) == ("params.yaml", 4, "delta-rs")
     assert refusal(SLGenerateConfig, "sl_generate", ["--params", "params.yaml"]) == \
