@@ -67,7 +67,10 @@ def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(tmp_path
     lake = Lake(tmp_path / "lake")
     small_commits(lake, 4)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # this store alone: an earlier test (test_serving) left its registry URI and active experiment set
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment("upkeep")
     with mlflow.start_run() as run:
         log_lake_inputs(lake, ["quarantine"])     # trained on quarantine version 4
     client = mlflow.MlflowClient()

@@ -26,7 +26,7 @@ from tests.conftest import ROOT, copy_lake
 
 SLOW_S = 4   # a first task attempt's sleep per model call; a speculative copy starts after 0.5 s
 SETTINGS = dict(backend="fake", base_model="fake", rounds=1, batch_size=2, batches_per_commit=1,
-                params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"))
+                params="/dev/null", constitution=str(ROOT / "constitutions/default.yaml"))
 
 
 def free_port() -> int:
