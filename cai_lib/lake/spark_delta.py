@@ -153,8 +153,9 @@ class SparkDeltaLake(LakeBase):
         """Append `rows` to event table `name` once per `app_id` (Delta's idempotent write: txnAppId +
         txnVersion): when the table has recorded `app_id`, from a retry or another run, Delta commits
         nothing and does not run `rows`' query (no model call). Two appends of one id at once: the
-        loser's commit fails with ConcurrentTransactionException, and its retry finds the id recorded."""
-        self.table(name)
+        loser's commit fails with ConcurrentTransactionException, and its retry finds the id recorded.
+        The table must exist (`table(name)` once, before the chunks: it sets the properties a plain append
+        would not); checking it here would cost two log reads on the driver for every chunk."""
         writer = (rows.write.format("delta").mode("append").option("txnAppId", app_id)
                   .option("txnVersion", TXN_VERSION))
         try:
