@@ -51,21 +51,20 @@ def _commits(table_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(p.name.split(".")[0]), p) for p in log.glob("*.json") if p.name.split(".")[0].isdigit())
 
 
-def _bad_commit(table_dir: Path, since: int = 0) -> tuple[int, Path] | None:
-    """The first commit file (of version `since` or later) that is not valid JSON lines (truncated,
-    overwritten, empty)."""
-    for version, path in _commits(table_dir):
-        if version < since:
-            continue
-        try:
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            if not lines:
-                raise ValueError("empty commit")
-            for line in lines:
-                json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            return version, path
-    return None
+def _valid_commit(path: Path) -> bool:
+    """Whether a commit file is non-empty JSON lines (not truncated, overwritten or empty)."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for line in lines:
+            json.loads(line)
+        return bool(lines)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _bad_commit(table_dir: Path) -> tuple[int, Path] | None:
+    """The first commit file that is not valid JSON lines."""
+    return next(((v, p) for v, p in _commits(table_dir) if not _valid_commit(p)), None)
 
 
 def _opens(table_dir: Path, version: int | None = None) -> bool:
@@ -94,12 +93,13 @@ def check_table(root: Path, name: str) -> TableHealth:
         health = TableHealth(name, "ok", version=dt.version(), rows=dt.to_pyarrow_dataset().count_rows())
     except Exception as exc:  # noqa: BLE001 - delta-rs raises DeltaError, OSError, ... for a broken table
         return diagnose(table_dir, name, exc)
-    # delta-rs starts from the newest checkpoint and may never read a bad commit of that same version;
-    # Spark reads it (the table's history), so such a table is broken for one of the lake's engines
-    bad = _bad_commit(table_dir, since=_checkpoint_version(table_dir))
-    if bad is not None:
-        return diagnose(table_dir, name, ValueError(f"commit {bad[0]} is not valid JSON lines (delta-rs skips it "
-                                                    "behind a checkpoint; Spark reads it and fails)"))
+    # delta-rs read every commit after the newest checkpoint, but not the checkpoint's own commit; Spark
+    # reads that one (the table's history), so a bad one breaks the table for one of the lake's engines
+    checkpoint = _checkpoint_version(table_dir)
+    commit = table_dir / "_delta_log" / f"{checkpoint:020d}.json"
+    if checkpoint and commit.exists() and not _valid_commit(commit):
+        return diagnose(table_dir, name, ValueError(f"commit {checkpoint} is not valid JSON lines (delta-rs skips "
+                                                    "it behind a checkpoint; Spark reads it and fails)"))
     return health
 
 
