@@ -144,9 +144,14 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of config field `name`: `--max-ece` for max_ece."""
+    return "--" + name.replace("_", "-")
+
+
 def _label(where: str, key: str) -> str:
     """How an error names a value: `params.yaml [gate] max_ece` or, for a flag, `flag --max-ece`."""
-    return f"flag --{key.replace('_', '-')}" if where == "flag" else f"{where} {key}"
+    return f"flag {flag_of(key)}" if where == "flag" else f"{where} {key}"
 
 
 def check_value(cls, key: str, value: Any, where: str) -> Any:
@@ -280,7 +285,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
                 allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for name, f in _fields(cls).items():
-        flag = "--" + name.replace("_", "-")
+        flag = flag_of(name)
         base = _base_type(hints[name])
         help_ = f.metadata.get("help", "").replace("%", "%%")   # argparse %-formats help: "95%" would crash --help
         if f.metadata.get("flag") is False:
@@ -351,10 +356,7 @@ def check_flags_used(cfg, flags: dict[str, Any]) -> None:
         value = getattr(cfg, other)
         if value in allowed:
             continue
-        flag = "--" + key.replace("_", "-")
-        if allowed == (True,):
-            how = f"pass --{other.replace('_', '-')}"
-        else:
-            how = f"pass --{other.replace('_', '-')} {' or '.join(map(str, allowed))}"
+        flag = flag_of(key)
+        how = f"pass {flag_of(other)}" + ("" if allowed == (True,) else f" {' or '.join(map(str, allowed))}")
         raise ConfigError(f"flag {flag} counts only when {other} is {' or '.join(map(str, allowed))}, and here "
                           f"{other} is {value}: it would be ignored. Fix: drop {flag}, or {how}")
