@@ -16,3 +16,4 @@ from schemas.tables import (  # noqa: F401
     TableSpec,
     WORK_BATCHES,
 )
+from schemas.review import REVIEW_EVENTS, VERDICTS  # noqa: F401,E402

@@ -206,3 +206,12 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("work_batches", WORK_BATCHES, "work_id", True),
     )
 }
+
+
+def _register_review() -> None:
+    """review_events lives in schemas/review.py (it imports TableSpec from here, so it is added after)."""
+    from schemas.review import REVIEW_SPEC
+    TABLES[REVIEW_SPEC.name] = REVIEW_SPEC
+
+
+_register_review()
