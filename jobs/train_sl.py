@@ -2,6 +2,7 @@
 
     cai train-sl --lake lake
     cai train-sl --method lora --epochs 2
+    cai train-sl --num-processes 2                  data-parallel on 2 processes (TorchDistributor, gloo on CPU)
 
 Loss on the response tokens only; a deterministic share of prompts is held out and its loss
 is reported before and after. Trains only on what the last passing `sl` gate verdict covers,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from cai_lib.config import load_config, opt, settings_from
 from cai_lib.lake.tables import Lake
+from cai_lib.training.distributed import DistributedConfig
 from cai_lib.training.inputs import sl_rows
 from cai_lib.training.policy import resolve_device
 from cai_lib.training.sft import SFTSettings, train_sft
@@ -24,7 +26,7 @@ from jobs.common import TrainConfig, gate_verdicts, register_trained, report, sc
 
 
 @dataclass
-class TrainSLConfig(TrainConfig, SFTSettings):
+class TrainSLConfig(TrainConfig, SFTSettings, DistributedConfig):
     """The job's own fields; the fine-tune's settings (and their defaults) are SFTSettings'."""
     FLAG_NEEDS = {k: ("method", ("lora",)) for k in ("lora_r", "lora_alpha", "lora_dropout")}   # full ignores them
     base_model: str = opt("default", "the model to fine-tune: 'default', a model folder, or a registered model")
@@ -37,8 +39,9 @@ class TrainSLConfig(TrainConfig, SFTSettings):
 def run(cfg: TrainSLConfig, progress=print) -> dict:
     from cai_lib.registry.lineage import is_registered_ref
     from cai_lib.registry.models import resolve_weights
-    from cai_lib.registry.tracking import log_step_metrics, training_run
+    from cai_lib.registry.tracking import training_run
     settings = cfg.settings()  # bad settings fail before anything is read or logged
+    cfg.check_distributed()
     device = resolve_device(settings.device)   # ... and so does `--device cuda` without a GPU
     lake = Lake(cfg.lake, mode="read")
     verdicts = gate_verdicts(lake, cfg, {"sl": ["sl_dataset"]})
@@ -55,8 +58,9 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
                        "device": str(device), "policy_dtype": settings.train_dtype}) as run, \
             scratch_model_dir(cfg) as out_dir:
         progress(f"fine-tuning {base} on {len(data.rows)} SL rows ({data.excluded} quarantined rows left out) "
-                 f"on {device} in {settings.train_dtype}")
-        result = train_sft(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
+                 f"on {device} in {settings.train_dtype}{cfg.describe_processes()}")
+        # every rank gets the rows of the pinned version read above and trains on its share of each step
+        result = cfg.launch(train_sft, folder, data.rows, settings, out_dir, cfg.step_logger())
         metrics = {"n_train": result.n_train, "n_heldout": result.n_heldout, "n_truncated": result.n_truncated,
                    "n_dropped": len(result.dropped), "rows_quarantined": data.excluded, "steps": result.steps,
                    "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after,

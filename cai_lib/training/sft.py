@@ -44,6 +44,7 @@ from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, torch_dtype
 from cai_lib.config import check_fields, opt
 from cai_lib.files import atomic_folder, write_json
 from cai_lib.ids import split_heldout
+from cai_lib.training.distributed import Ranks, rank_device, rank_seed, ranks
 from cai_lib.training.policy import DEVICE_HELP, check_device_name, resolve_device
 from cai_lib.training.sft_examples import IGNORE, Dropped, Example, build_examples, end_of_turn_ids
 
@@ -153,17 +154,20 @@ def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def _heldout_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int, device) -> float | None:
-    """Token-weighted mean loss over the held-out response tokens (eval mode, no dropout)."""
+def _heldout_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int, device,
+                  group: Ranks = Ranks()) -> float | None:
+    """Token-weighted mean loss over the held-out response tokens (eval mode, no dropout); each
+    rank scores its share of the rows and the sums are added up."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in _batches(examples, batch_size, pad_id, device):
+    for batch in _batches(group.shard(examples), batch_size, pad_id, device):
         loss, n = _loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
+    total, count = group.sum_(total, count)
     return total / count
 
 
@@ -238,6 +242,8 @@ def train_sft(model_dir: Path | str, rows: Iterable[Mapping], settings: SFTSetti
 
 
 def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> SFTResult:
+    group = ranks()   # one process, or this rank of a TorchDistributor run (cai_lib.training.distributed)
+    device = rank_device(device)
     model, tokenizer = load_safetensors_folder(model_dir, torch_dtype(settings.train_dtype))
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_of_turn_ids(tokenizer) or {0})
@@ -247,8 +253,8 @@ def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> S
     if not train:
         raise ValueError(f"no training rows left ({len(rows)} rows, {len(dropped)} dropped, "
                          f"{len(heldout)} held out): pass more rows or a smaller heldout_fraction")
-    base = _digests(model, save_dtype)
-    loss_before = _heldout_loss(model, heldout, settings.batch_size, pad_id, device)
+    base = _digests(model, save_dtype) if group.main else {}
+    loss_before = _heldout_loss(model, heldout, settings.batch_size, pad_id, device, group)
 
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -256,60 +262,80 @@ def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> S
             r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
             target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW: one kernel over all tensors; on 2 CPU cores ~5x faster than foreach for 135M.
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    per_step = settings.batch_size * settings.grad_accum
-    total = settings.max_steps or max(1, math.ceil(settings.epochs * math.ceil(len(train) / per_step)))
-
-    model.train()
-    generator = torch.Generator().manual_seed(settings.seed)
-    losses: list[float] = []
+    group.broadcast_(params)   # every rank starts from rank 0's weights (the LoRA init too)
+    if group.world > 1:
+        torch.manual_seed(rank_seed(settings.seed, group))   # dropout differs per rank; the schedule does not
     t0 = time.perf_counter()
-    for step, group in zip(range(total), _step_groups(len(train), settings, generator)):
-        lr = _lr_at(step, total, settings)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        chunk = [train[i] for i in group]
-        n_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in chunk)
-        step_loss = 0.0
-        for batch in _batches(chunk, settings.batch_size, pad_id, device):
-            loss, _ = _loss_sum(model, batch)
-            (loss / n_tokens).backward()   # token-weighted mean over the whole optimizer step
-            step_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, settings.max_grad_norm if settings.max_grad_norm else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss / n_tokens)
-        if on_step is not None:
-            on_step(step + 1, {"loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm)})
+    losses = _fit(model, params, train, settings, pad_id, device, on_step, group)
     train_seconds = time.perf_counter() - t0
-    del optimizer
 
     if settings.method == "lora":
         model = model.merge_and_unload()
     # Measure "after" on the weights exactly as they will be saved (rounded to save_dtype).
     model.to(save_dtype).to(torch_dtype(settings.train_dtype))
-    loss_after = _heldout_loss(model, heldout, settings.batch_size, pad_id, device)
-    after = _digests(model, save_dtype)
-    changed = sum(1 for name, d in after.items() if base.get(name) != d)
+    loss_after = _heldout_loss(model, heldout, settings.batch_size, pad_id, device, group)
+    result = SFTResult(
+        out_dir=out_dir, method=settings.method, n_train=len(train), n_heldout=len(heldout),
+        n_truncated=sum(e.truncated for e in examples), dropped=dropped,
+        heldout_loss_before=loss_before, heldout_loss_after=loss_after, train_losses=losses,
+        steps=len(losses), seconds=0.0, train_seconds=train_seconds, changed_params=0,
+        total_params=0, heldout_keys=[e.key for e in heldout])
+    if group.main:   # one writer: rank 0 saves; the others' weights are the same
+        _save(model, tokenizer, model_dir, out_dir, settings, save_dtype, base, result)
+    return result
 
+
+def _fit(model, params, train, settings, pad_id, device, on_step, group: Ranks) -> list[float]:
+    """The optimizer steps; returns the loss of each. Every rank draws the same global step
+    groups and trains on its share, the loss normalised by the whole step's token count, the
+    gradients summed over ranks: N ranks take the step one process would."""
+    # fused AdamW: one kernel over all tensors; on 2 CPU cores ~5x faster than foreach for 135M.
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    per_step = settings.batch_size * settings.grad_accum
+    total = settings.max_steps or max(1, math.ceil(settings.epochs * math.ceil(len(train) / per_step)))
+    per_rank = math.ceil(settings.batch_size / group.world)   # the same global batch, split N ways
+    model.train()
+    generator = torch.Generator().manual_seed(settings.seed)
+    losses: list[float] = []
+    for step, group_rows in zip(range(total), _step_groups(len(train), settings, generator)):
+        lr = _lr_at(step, total, settings)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        chunk = [train[i] for i in group.shard(group_rows)]
+        n_tokens = sum(_n_labelled(train[i]) for i in group_rows)
+        step_loss = 0.0
+        for batch in _batches(chunk, per_rank, pad_id, device):
+            loss, _ = _loss_sum(model, batch)
+            (loss / n_tokens).backward()   # token-weighted mean over the whole optimizer step
+            step_loss += loss.item()
+        group.sum_grads_(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, settings.max_grad_norm if settings.max_grad_norm else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(group.sum_(step_loss)[0] / n_tokens)
+        if on_step is not None and group.main:
+            on_step(step + 1, {"loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm)})
+    return losses
+
+
+def _n_labelled(e: Example) -> int:
+    return sum(1 for t in e.labels[1:] if t != IGNORE)
+
+
+def _save(model, tokenizer, model_dir, out_dir, settings, save_dtype, base, result: SFTResult) -> None:
+    """Digest the trained weights against the base, then write the folder all or nothing."""
+    after = _digests(model, save_dtype)
+    result.changed_params = sum(1 for name, d in after.items() if base.get(name) != d)
+    result.total_params = len(after)
     model.to("cpu", save_dtype)
-    heldout_keys = [e.key for e in heldout]
     with atomic_folder(out_dir) as tmp:   # out_dir is absent or empty (checked above)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "cai_sft.json", {
-            "base_model": str(model_dir), "settings": asdict(settings), "steps": total,
-            "train_losses": losses, "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
-            "n_train": len(train), "heldout_keys": heldout_keys,
-            "dropped": [asdict(d) for d in dropped]})
+            "base_model": str(model_dir), "settings": asdict(settings), "steps": result.steps,
+            "train_losses": result.train_losses, "heldout_loss_before": result.heldout_loss_before,
+            "heldout_loss_after": result.heldout_loss_after, "n_train": result.n_train,
+            "heldout_keys": result.heldout_keys, "dropped": [asdict(d) for d in result.dropped]})
         assert_no_pickles(tmp)
-
-    return SFTResult(
-        out_dir=out_dir, method=settings.method, n_train=len(train), n_heldout=len(heldout),
-        n_truncated=sum(e.truncated for e in examples), dropped=dropped,
-        heldout_loss_before=loss_before, heldout_loss_after=loss_after, train_losses=losses,
-        steps=total, seconds=0.0, train_seconds=train_seconds, changed_params=changed,
-        total_params=len(after), heldout_keys=heldout_keys)

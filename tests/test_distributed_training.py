@@ -1,0 +1,65 @@
+"""Data-parallel training under Spark's TorchDistributor (local mode, gloo, 2 CPU processes) on the
+embedded default model: 2 ranks take the same optimizer steps as 1 process with the same global
+batch; only rank 0 saves; a failing rank fails the launch with its own error.
+
+Tolerance: the ranks sum the same per-row gradients in another order (two partial sums and an
+all-reduce), so the float32 losses of 2 processes match 1 process to 1e-4 (absolute, on losses
+of about 2-4 nats); measured differences are about 1e-6.
+
+    python -m pytest -q tests/test_distributed_training.py
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from cai_lib.backends.models import resolve_model
+from cai_lib.training.distributed import RankFailed, launch, ranks
+from cai_lib.training.sft import SFTSettings, train_sft
+
+TOL = 1e-4
+ROWS = [{"key": f"p{i}", "prompt": f"How long do I bake loaf {i}?",
+         "response": f"Bake loaf {i} at 220 C for {20 + i} minutes."} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return resolve_model("default")
+
+
+def sft(model_dir, out, processes: int, spark):
+    # 8 rows, global batch 4 (2 per rank), 3 steps: every step's rows are split between the ranks
+    settings = SFTSettings(max_steps=3, batch_size=4, max_length=64, heldout_fraction=0.25, torch_threads=1,
+                           seed=7, learning_rate=1e-4)
+    return launch(train_sft, model_dir, ROWS, settings, out, processes=processes)
+
+
+def test_sft_two_processes_follow_the_one_process_loss_trajectory(model_dir, tmp_path, spark):
+    one = sft(model_dir, tmp_path / "one", 1, spark)
+    two = sft(model_dir, tmp_path / "two", 2, spark)
+    print(f"\nSFT losses 1 process: {one.train_losses}\nSFT losses 2 processes: {two.train_losses}")
+    assert len(one.train_losses) == len(two.train_losses) == 3
+    assert max(abs(a - b) for a, b in zip(one.train_losses, two.train_losses)) < TOL
+    assert abs(one.heldout_loss_after - two.heldout_loss_after) < TOL
+    assert (two.n_train, two.n_heldout, two.changed_params) == (one.n_train, one.n_heldout, one.changed_params)
+    assert one.train_losses[-1] < one.train_losses[0]   # it trained
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def fail_on_rank_one(value: int) -> int:
+    group = ranks()
+    if group.rank == 1:
+        raise ValueError(f"rank one cannot read shard {value}")
+    group.sum_(1.0)   # rank 0 waits in a collective until torchrun stops it
+    return value
+
+
+def test_a_failing_rank_fails_the_launch_with_its_error(spark):
+    from pyspark import cloudpickle   # the copy TorchDistributor pickles with
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the ranks do not import tests/
+    try:
+        with pytest.raises(RankFailed, match=r"^rank 1 of 2 failed: ValueError: rank one cannot read shard 5"):
+            launch(fail_on_rank_one, 5, processes=2)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
