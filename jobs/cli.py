@@ -31,6 +31,7 @@ COMMANDS = {
     "train-rl": ("jobs.train_rl:main", "PPO (or DPO) of cai-sl against cai-pm, KL to cai-sl -> registered cai-rl"),
     "evaluate": ("jobs.evaluate:main", "policies on held-out prompts: harmlessness, refusals, Elo"),
     "promote": ("jobs.promote:main", "alias champion (or challenger, with reasons) from the evaluation and lineage"),
+    "review": ("jobs.review:review_main", "people review the AI labels in doubt: queue, verdicts -> review_events"),
     "serve": ("jobs.serve:serve_main", "MLflow's scoring server for a registered model (e.g. cai-rl@champion)"),
     "sql": ("jobs.tools:sql_main", "DuckDB SQL over the lake tables, by name"),
     "status": ("jobs.tools:status_main", "tables, versions, gate verdicts, registered models, headline metrics"),

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.tables import UTC_TS, TableSpec, _f
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = True, doc: str = "") -> pa.Field:
+    """As schemas/tables.py's helper (which imports this module for its registry, so not the reverse)."""
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc} if doc else None)
+
 
 VERDICTS = ("A", "B", "tie", "both_bad")
 
@@ -37,5 +43,3 @@ REVIEW_EVENTS = pa.schema([
     _f("verdict_at", UTC_TS, False, "when the verdict's form was served (part of the id)"),
     _f("created_at", UTC_TS, False, "when the verdict reached the server"),
 ])
-
-REVIEW_SPEC = TableSpec("review_events", REVIEW_EVENTS, "event_id", True)

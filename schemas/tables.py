@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from schemas.review import REVIEW_EVENTS
+
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 PROMPT_KINDS = ("red_team", "helpful")
@@ -204,14 +206,6 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("gate_events", GATE_EVENTS, "event_id", True),
         # the Spark plane's batch plan: a resumed run re-cuts an interrupted attempt into the same batch
         TableSpec("work_batches", WORK_BATCHES, "work_id", True),
+        TableSpec("review_events", REVIEW_EVENTS, "event_id", True),   # people's verdicts (schemas/review.py)
     )
 }
-
-
-def _register_review() -> None:
-    """review_events lives in schemas/review.py (it imports TableSpec from here, so it is added after)."""
-    from schemas.review import REVIEW_SPEC
-    TABLES[REVIEW_SPEC.name] = REVIEW_SPEC
-
-
-_register_review()

@@ -85,7 +85,7 @@ def test_every_module_is_listed_by_its_package_and_the_architecture_doc():
     doc = (ROOT / "docs/architecture.md").read_text()
     packages = sorted({m.rsplit(".", 1)[0] for m in LIB if m.count(".") >= 2})
     assert packages == ["cai_lib.backends", "cai_lib.constitution", "cai_lib.feedback", "cai_lib.lake",
-                        "cai_lib.quality", "cai_lib.registry", "cai_lib.runtime", "cai_lib.sl", "cai_lib.sources",
+                        "cai_lib.quality", "cai_lib.registry", "cai_lib.review", "cai_lib.runtime", "cai_lib.sl", "cai_lib.sources",
                         "cai_lib.training"]
     for pkg in packages:
         index = ast.get_docstring(ast.parse(LIB[pkg].read_text())) or ""

@@ -37,7 +37,7 @@ def test_help_lists_every_command_with_its_purpose(capsys):
     out = capsys.readouterr().out
     for cmd, (_, what) in COMMANDS.items():
         assert f"  {cmd}" in out and what in out, cmd
-    assert len(COMMANDS) == 18
+    assert len(COMMANDS) == 19
 
 
 @pytest.mark.parametrize("cmd,flag", [("train-pm", "--backend"), ("train-sl", "--spark-master"),

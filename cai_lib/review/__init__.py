@@ -1,1 +1,8 @@
-"""People in the loop: the review queue, verdicts as `review_events`, and the review web app."""
+"""People in the loop: reviewers' verdicts on the AI comparisons the labels leave in doubt.
+
+- queue: which comparisons to review, ranked (swap-inconsistent, near 0.5, principles disagreeing)
+  plus a seeded audit sample; pure functions over label_events rows.
+- verdicts: the page's display order per reviewer and the mapping back to the pair's A/B; review_events rows.
+- store: the app's reads (delta-rs) and its idempotent verdict appends (delta-spark).
+- app: the Starlette web app (templates/ holds its Jinja pages); `cai review serve` starts it.
+"""

@@ -1,0 +1,96 @@
+"""The review app's only door to the lake: reads with delta-rs, verdicts appended with delta-spark.
+
+Reads are confined to the lake's own tables by name (label_events, prompts, generation_events,
+review_events): nothing a request sends becomes a path. The comparisons are derived from
+label_events once per table version (a new labelling run shows up on the next page load).
+A verdict is appended with Delta's idempotent write (txnAppId = its event id) when a delta-rs
+look-up does not find its event id: one form posted twice, or by two threads at once, lands once
+(the loser's retry finds the app id), the look-up still holds after Delta forgets the app id
+(TXN_RETENTION), and the append itself reads nothing, so verdicts of two reviewers at once
+commute (a Spark anti-join inside the write would make Delta refuse the second one as a
+ConcurrentAppendException).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cai_lib.lake.tables import Lake
+from cai_lib.review.queue import Comparison, comparisons
+from schemas import REVIEW_EVENTS
+
+LABEL_COLUMNS = ["event_id", "kind", "status", "pair_id", "prompt_id", "response_a_id", "response_b_id", "order",
+                 "ensemble_index", "principle_id", "p_a", "p_shown_a", "constitution_id", "constitution_sha",
+                 "model_fingerprint", "created_at"]
+
+
+class ReviewStore:
+    def __init__(self, root: str | Path, spark=None):
+        self.lake = Lake(root, mode="read")   # a clear error now if --lake is not a lake
+        self.spark = spark
+        self._cache: tuple[int | None, list[Comparison], dict[str, dict]] | None = None
+        self._lock = threading.Lock()
+        self._created = False
+
+    def _labels(self) -> tuple[list[Comparison], dict[str, dict]]:
+        """The comparisons and the label rows by event id, recomputed when label_events has a new version."""
+        version = self.lake.version("label_events")
+        with self._lock:
+            if self._cache is None or self._cache[0] != version:
+                rows = self.lake.read("label_events", LABEL_COLUMNS).to_pylist()
+                self._cache = (version, comparisons(rows), {r["event_id"]: r for r in rows})
+            return self._cache[1], self._cache[2]
+
+    def comparisons(self) -> list[Comparison]:
+        return self._labels()[0]
+
+    def comparison(self, comparison_id: str) -> Comparison | None:
+        return next((c for c in self.comparisons() if c.comparison_id == comparison_id), None)
+
+    def label_rows(self, c: Comparison) -> dict[str, dict]:
+        """order -> the label_events row behind a comparison (its p_shown_a, p_a)."""
+        rows = self._labels()[1]
+        return {rows[e]["order"]: rows[e] for e in c.label_event_ids}
+
+    def _where(self, name: str, column: str, values: list[str], columns: list[str]) -> list[dict]:
+        if not self.lake.exists(name):
+            return []
+        dataset = self.lake.delta_table(name).to_pyarrow_dataset()
+        return dataset.to_table(columns=columns, filter=pc.field(column).isin(values)).to_pylist()
+
+    def texts(self, c: Comparison) -> tuple[str | None, dict[str, str | None]]:
+        """The comparison's prompt text and its two responses' texts (None where the lake lacks one)."""
+        prompt = self._where("prompts", "prompt_id", [c.prompt_id], ["text"])
+        ids = [c.response_a_id, c.response_b_id]
+        found = {r["event_id"]: r["text"] for r in self._where("generation_events", "event_id", ids, ["event_id", "text"])}
+        return (prompt[0]["text"] if prompt else None), {i: found.get(i) for i in ids}
+
+    def verdicts(self, reviewer: str) -> list[dict]:
+        """The reviewer's review_events rows, oldest first."""
+        rows = self._where("review_events", "reviewer", [reviewer], REVIEW_EVENTS.names)
+        return sorted(rows, key=lambda r: (r["verdict_at"], r["event_id"]))
+
+    def reviewed(self, reviewer: str) -> set[tuple[str, str]]:
+        return {(r["pair_id"], r["principle_id"]) for r in self.verdicts(reviewer)}
+
+    def latest_verdict(self, reviewer: str, comparison_id: str) -> dict | None:
+        mine = [r for r in self.verdicts(reviewer) if r["comparison_id"] == comparison_id]
+        return mine[-1] if mine else None
+
+    def append(self, row: dict) -> None:
+        """Append one verdict row once, whoever else posts it (see the module docstring)."""
+        if self.spark is None:
+            raise ValueError("this review store was opened read-only (no Spark session): verdicts are written "
+                             "with delta-spark. Fix: start it through `cai review serve`, which opens one")
+        if self._where("review_events", "event_id", [row["event_id"]], ["event_id"]):
+            return
+        from cai_lib.lake.spark_delta import SparkDeltaLake
+        lake = SparkDeltaLake(self.spark, self.lake.root)
+        if not self._created:
+            lake.table("review_events")
+            self._created = True
+        rows = self.spark.createDataFrame(pa.Table.from_pylist([row], schema=REVIEW_EVENTS))
+        lake.idempotent_append("review_events", rows, f"review_events/{row['event_id']}")

@@ -1,0 +1,121 @@
+"""`cai review serve`: people review the AI comparisons the labels leave in doubt; verdicts land in review_events.
+
+    cai review serve --lake lake                           # http://127.0.0.1:8765, reviewer = $USER
+    cai review serve --lake lake --reviewer ann --port 9000
+    cai review serve --lake lake --host 0.0.0.0 --tokens reviewers.yaml    # a team: `ann: <token>` per line
+
+Loopback by default. Any other --host is refused unless --tokens names a YAML mapping reviewer -> token
+(each at least 16 characters, all different): then every page asks for a token and the reviewer is
+who it belongs to. Put TLS in front (a reverse proxy) when the network is not trusted: the session
+cookie travels in the clear otherwise. Verdicts are written with delta-spark (a local Spark session
+starts with the server); everything else is read with delta-rs.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import ipaddress
+from pathlib import Path
+
+from cai_lib.review.app import ReviewSettings, build_app
+from cai_lib.review.store import ReviewStore
+
+MIN_TOKEN_CHARS = 16
+
+
+class ReviewConfigError(ValueError):
+    """A review server setting that would be unsafe or cannot work; nothing was started."""
+
+
+def is_loopback(host: str) -> bool:
+    """>>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: it may resolve to anything
+        return False
+
+
+def read_tokens(path: str | None) -> dict[str, str] | None:
+    """reviewer -> token from a YAML mapping file; None without a file."""
+    if path is None:
+        return None
+    import yaml
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not data:
+        raise ReviewConfigError(f"tokens file {path} must be a YAML mapping `reviewer: token`, one per reviewer")
+    for name, token in data.items():
+        if not isinstance(name, str) or not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+            raise ReviewConfigError(f"tokens file {path}: reviewer {name!r} needs a token of at least "
+                                    f"{MIN_TOKEN_CHARS} characters (e.g. `python -c 'import secrets; "
+                                    "print(secrets.token_urlsafe(24))'`)")
+    if len(set(data.values())) < len(data):
+        raise ReviewConfigError(f"tokens file {path}: two reviewers share a token; give each their own")
+    return data
+
+
+def check_host(host: str, tokens: dict[str, str] | None) -> tuple[str, ...]:
+    """The Host headers the server answers to; refuses a non-loopback host without tokens."""
+    if is_loopback(host):
+        return ("127.0.0.1", "localhost", host)
+    if tokens is None:
+        raise ReviewConfigError(f"cai review serve --host {host} listens beyond loopback, where anyone who reaches "
+                                "the port could read the data and post verdicts. Fix: pass --tokens FILE (a token "
+                                "per reviewer) or keep the default --host 127.0.0.1")
+    return ("*",)
+
+
+def principle_texts(files: list[str]) -> dict[tuple[str, str], str]:
+    """(constitution sha, principle id) -> comparison principle text, for the constitutions given."""
+    from cai_lib.constitution.load import load_constitution
+    out = {}
+    for f in files:
+        c = load_constitution(f)
+        out.update({(c.sha256, p.id): p.text for p in c.comparison})
+    return out
+
+
+def settings_of(a: argparse.Namespace) -> ReviewSettings:
+    tokens = read_tokens(a.tokens)
+    hosts = check_host(a.host, tokens)
+    files = a.constitution if a.constitution is not None else sorted(map(str, Path("constitutions").glob("*.yaml")))
+    return ReviewSettings(reviewer=a.reviewer or getpass.getuser(), tokens=tokens, seed=a.seed, near=a.near,
+                          audit_fraction=a.audit_fraction, audit_every=a.audit_every,
+                          principle_texts=principle_texts(files), allowed_hosts=hosts)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cai review", description="People review the AI labels in doubt.")
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("serve", help="the review web app (queue, comparison pages, verdicts -> review_events)")
+    s.add_argument("--lake", default="lake", help="the lake folder (default: lake)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--reviewer", default=None, help="your name in review_events (default: your user name); "
+                   "ignored with --tokens, where the token says who")
+    s.add_argument("--tokens", default=None, help="YAML mapping reviewer -> token; required beyond loopback")
+    s.add_argument("--constitution", action="append", default=None,
+                   help="a constitution file whose principle texts to show (repeatable; default: constitutions/*.yaml)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the audit sample")
+    s.add_argument("--near", type=float, default=0.1, help="queue labels with |p - 0.5| <= this")
+    s.add_argument("--audit-fraction", type=float, default=0.1, help="share of all comparisons in the audit sample")
+    s.add_argument("--audit-every", type=int, default=4, help="one audit item after this many doubtful ones")
+    s.add_argument("--master", default="local[1]", help="Spark master of the session that writes verdicts")
+    return p
+
+
+def review_main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    settings = settings_of(a)          # every refusal before Spark or a socket starts
+    store = ReviewStore(a.lake)
+    from cai_lib.runtime.session import get_spark
+    store.spark = get_spark(a.master, "cai-review", delta=True)
+    import uvicorn
+    print(f"cai review: http://{a.host}:{a.port}/ (lake {a.lake}, "
+          f"{'tokens for ' + str(len(settings.tokens)) + ' reviewers' if settings.tokens else 'reviewer ' + settings.reviewer})",
+          flush=True)
+    uvicorn.run(build_app(store, settings), host=a.host, port=a.port, log_level="warning")
+    return 0

@@ -1,0 +1,140 @@
+"""The review web app in process (Starlette's TestClient) on a small lake written with delta-spark:
+the queue's order, a verdict mapped back to the pair's A/B, one row per form however often it is
+posted, CSRF, escaped model text, tokens, and the loopback rule."""
+from __future__ import annotations
+
+import re
+import threading
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+from starlette.testclient import TestClient
+
+from cai_lib.ids import stable_id
+from cai_lib.lake.tables import Lake
+from cai_lib.review.app import ReviewSettings, build_app
+from cai_lib.review.queue import comparison_id
+from cai_lib.review.store import ReviewStore
+from cai_lib.review.verdicts import shown_order
+from jobs.cli import main as cai
+from jobs.review import check_host
+from schemas import GENERATION_EVENTS, LABEL_EVENTS, PROMPTS
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+CONST = {"constitution_id": "default", "constitution_sha": "c" * 64, "model_id": "m", "model_fingerprint": "f" * 16,
+         "backend": "fake", "template_sha": "t" * 16}
+EVIL = '<script>alert(1)</script> see [the answer](http://evil.example) ' + "<img src=x onerror=alert(2)>"
+PAIRS = {"s": (0.9, 0.4), "n": (0.52, 0.5), "c": (0.9, 0.9)}   # swap-inconsistent, near 0.5, clear
+
+
+def rows(pair: str, p_ab: float, p_ba: float) -> tuple[dict, list[dict], list[dict]]:
+    pid = f"prompt-{pair}"
+    prompt = {"prompt_id": pid, "text": f"Question {pair}?", "kind": "red_team", "source": "t", "source_row": 0,
+              "source_format": "jsonl", "category": None, "tags": [], "split": "train", "meta": None, "created_at": NOW}
+    gens = [{"event_id": f"{pair}-{s}", "kind": "pair_sample", "status": "ok", "target_event_id": f"{pair}-{s}",
+             "attempt": 1, "prompt_id": pid, "parent_id": None, "round": r, "principle_id": None, **CONST,
+             "sampling": "{}", "seed": 1, "text": EVIL if (pair, s) == ("s", "b") else f"Answer {s} to {pair}.",
+             "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1, "latency_ms": 1.0, "error": None,
+             "job_run_id": "t", "created_at": NOW} for r, s in enumerate("ab")]
+    labels = [{"event_id": stable_id("label", pair=pair, order=o), "kind": "ai_label", "status": "ok", "pair_id": pair,
+               "prompt_id": pid, "response_a_id": f"{pair}-a", "response_b_id": f"{pair}-b", "order": o,
+               "ensemble_index": 0, "principle_id": "harm", "logprob_shown_a": -1.0, "logprob_shown_b": -1.0,
+               "p_shown_a": p if o == "ab" else 1 - p, "p_a": p, "cot_event_id": None, **CONST, "job_run_id": "t",
+               "created_at": NOW} for o, p in (("ab", p_ab), ("ba", p_ba))]
+    return prompt, gens, labels
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("review") / "lake"
+    root.mkdir()
+    built = [rows(p, *ps) for p, ps in PAIRS.items()]
+    for name, schema, part in (("prompts", PROMPTS, 0), ("generation_events", GENERATION_EVENTS, 1),
+                               ("label_events", LABEL_EVENTS, 2)):   # one plain delta-spark commit each: inputs only
+        table = pa.Table.from_pylist([r for b in built for r in ([b[0]] if part == 0 else b[part])], schema=schema)
+        spark.createDataFrame(table).write.format("delta").save(str(root / name))
+    return root
+
+
+def cid(pair: str) -> str:
+    return comparison_id(pair, 0, "harm", CONST["constitution_sha"], CONST["model_fingerprint"], "ai_label")
+
+
+def client(store: ReviewStore, reviewer: str | None = "ann", **kw) -> TestClient:
+    settings = ReviewSettings(reviewer=reviewer, audit_fraction=0.0, **kw)
+    return TestClient(build_app(store, settings), base_url="http://127.0.0.1")
+
+
+def form_of(html: str) -> dict:
+    return {k: re.search(f'name="{k}" value="([^"]*)"', html).group(1) for k in ("csrf", "verdict_at")}
+
+
+def queue_ids(c: TestClient) -> list[str]:
+    return re.findall(r'data-comparison="([0-9a-f]+)"', c.get("/").text)
+
+
+def review_rows(root) -> list[dict]:
+    return Lake(root).read("review_events").to_pylist()
+
+
+def test_queue_verdicts_csrf_and_escaping(spark, lake):
+    store = ReviewStore(lake, spark)
+    # two reviewers who see pair s in opposite orders, so both directions of the A/B mapping are checked
+    ann, other = "ann", next(n for n in ("bob", "cy", "dee", "eve") if shown_order(n, cid("s")) != shown_order("ann", cid("s")))
+    a, b = client(store, ann), client(store, other)
+    assert queue_ids(a) == [cid("s"), cid("n")]
+
+    page = a.get(f"/c/{cid('s')}").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page and "<img" not in page
+    assert 'href="http://evil' not in page and 'id="ai"' not in page          # no AI p before the verdict
+    assert "default-src 'none'" in a.get("/").headers["content-security-policy"]
+
+    refused = a.post(f"/c/{cid('s')}", data={"choice": "first", "verdict_at": form_of(page)["verdict_at"]})
+    assert refused.status_code == 403 and review_rows(lake) == []
+
+    forms = {n: form_of(c.get(f"/c/{cid('s')}").text) for n, c in ((ann, a), (other, b))}
+    posts = [(a, {**forms[ann], "choice": "first"}), (a, {**forms[ann], "choice": "first"}),   # a double click
+             (b, {**forms[other], "choice": "first", "note": "both fine, 1 clearer"})]         # the other, at once
+    results = [None] * len(posts)
+    threads = [threading.Thread(target=lambda i, c, d: results.__setitem__(i, c.post(f"/c/{cid('s')}", data=d,
+                                                                                   follow_redirects=False)),
+                                args=(i, c, d)) for i, (c, d) in enumerate(posts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [303, 303, 303]
+    got = sorted((r["reviewer"], r["verdict"], r["shown_order"], r["note"], r["queue_reasons"]) for r in review_rows(lake))
+    first_is = {"ab": "A", "ba": "B"}
+    assert got == sorted([(ann, first_is[shown_order(ann, cid("s"))], shown_order(ann, cid("s")), None,
+                           ["swap_inconsistent"]),
+                          (other, first_is[shown_order(other, cid("s"))], shown_order(other, cid("s")),
+                           "both fine, 1 clearer", ["swap_inconsistent"])])
+
+    after = a.get(f"/c/{cid('s')}").text       # now the AI's p in both orders
+    assert re.findall(r"<td>(\d\.\d{3})</td>", after) == ["0.900", "0.900", "0.600", "0.400", "0.650"]
+    assert queue_ids(a) == [cid("n")]          # what ann judged leaves her queue
+
+
+def test_tokens_name_the_reviewer_and_every_post_needs_the_csrf_token(lake):
+    store = ReviewStore(lake)
+    c = client(store, None, tokens={"ann": "a" * 20, "bob": "b" * 20})
+    assert c.get("/", follow_redirects=False).headers["location"] == "/login"
+    csrf = re.search('name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+    assert c.post("/login", data={"token": "b" * 20}).status_code == 403
+    assert c.post("/login", data={"token": "x" * 20, "csrf": csrf}).status_code == 401
+    assert "reviewer: <b>bob</b>" in c.post("/login", data={"token": "b" * 20, "csrf": csrf}).text
+    assert TestClient(c.app, base_url="http://evil.example").get("/").status_code == 400   # DNS rebinding
+
+
+def test_beyond_loopback_only_with_tokens(lake, tmp_path, capsys):
+    assert cai(["review", "serve", "--lake", str(lake), "--host", "0.0.0.0"]) == 1
+    assert capsys.readouterr().err.startswith("cai review: error: cai review serve --host 0.0.0.0 listens beyond "
+                                              "loopback")
+    assert check_host("127.0.0.1", None) == ("127.0.0.1", "localhost", "127.0.0.1")
+    assert check_host("0.0.0.0", {"ann": "a" * 20}) == ("*",)
+    short = tmp_path / "tokens.yaml"
+    short.write_text("ann: short\n")
+    assert cai(["review", "serve", "--lake", str(lake), "--host", "0.0.0.0", "--tokens", str(short)]) == 1
+    assert "reviewer 'ann' needs a token of at least 16 characters" in capsys.readouterr().err
