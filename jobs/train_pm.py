@@ -2,6 +2,7 @@
 
     cai train-pm --lake lake
     cai train-pm --train-backbone --max-steps 200 --eval-limit 500
+    cai train-pm --num-processes 2                  data-parallel on 2 processes (TorchDistributor)
 
 A backbone (the base model) + a scalar head; loss = binary cross-entropy of
 sigmoid(r_A - r_B) against the soft AI harmlessness label p_A (hard 0/1 for human pairs).
@@ -22,14 +23,15 @@ from cai_lib.ids import normalise_text
 from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.tables import Lake
 from cai_lib.sources.eval_data import read_disjoint_pairs
+from cai_lib.training.distributed import DistributedConfig
 from cai_lib.training.inputs import preference_rows
-from cai_lib.training.pm_train import PMSettings, evaluate_pm, train_pm
+from cai_lib.training.pm_train import PMSettings, PreferenceModel, evaluate_pm, train_pm
 from cai_lib.training.policy import module_dtype, resolve_device
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
-class TrainPMConfig(TrainConfig, PMSettings):
+class TrainPMConfig(TrainConfig, PMSettings, DistributedConfig):
     """The job's own fields; the PM training settings (and their defaults) are PMSettings'."""
     base_model: str = opt("default", "the backbone: 'default', a model folder, or a registered model")
     eval_harmless: str | None = opt(None, "HH-RLHF harmless pairs (jsonl/.gz) to report PM accuracy on")
@@ -45,8 +47,9 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
     import mlflow
     from cai_lib.registry.lineage import is_registered_ref
     from cai_lib.registry.models import resolve_weights
-    from cai_lib.registry.tracking import log_step_metrics, training_run
+    from cai_lib.registry.tracking import training_run
     settings = cfg.settings()  # bad settings fail before anything is read or logged
+    cfg.check_distributed()
     device = resolve_device(settings.device)   # ... and so does `--device cuda` without a GPU
     lake = Lake(cfg.lake, mode="read")
     verdicts = gate_verdicts(lake, cfg, {"labels": ["preference_dataset"]})
@@ -62,9 +65,12 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
                       {"constitution_sha": ",".join(shas), "base_model": base, **parent,
                        "device": str(device)}) as run, \
             scratch_model_dir(cfg) as out_dir:
-        progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out) on {device}")
-        result = train_pm(folder, data.rows, settings, out_dir, on_step=log_step_metrics)
-        mlflow.set_tag("pm_dtype", module_dtype(result.pm.backbone))   # the dtype train_pm chose for the device
+        progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out) on {device}"
+                 f"{cfg.describe_processes()}")
+        result = cfg.launch(train_pm, folder, data.rows, settings, out_dir, cfg.step_logger())
+        # distributed: rank 0 saved it and returned no in-memory model
+        pm = result.pm if result.pm is not None else PreferenceModel.load(out_dir, device=str(device))
+        mlflow.set_tag("pm_dtype", module_dtype(pm.backbone))   # the dtype train_pm chose for the device
         metrics = {**result.metrics(), "pairs_quarantined": data.excluded,
                    "pairs_ai": sum(r["source"] == "ai_harmless" for r in data.rows),
                    "pairs_human": sum(r["source"] == "human_helpful" for r in data.rows)}
@@ -75,7 +81,7 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
                 pairs, rejected, excluded = read_disjoint_pairs(path, limit=cfg.eval_limit, seed=cfg.seed,
                                                                 exclude=trained)
                 metrics[f"{name}_excluded_training_prompts"] = excluded
-                ev = evaluate_pm(result.pm, pairs, batch_size=cfg.batch_size)
+                ev = evaluate_pm(pm, pairs, batch_size=cfg.batch_size)
                 metrics.update({f"{name}_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
                 metrics[f"{name}_rejected_by_reader"] = len(rejected)
                 mlflow.set_tag(f"eval.{name}", str(Path(path)))

@@ -63,3 +63,24 @@ def test_a_failing_rank_fails_the_launch_with_its_error(spark):
             launch(fail_on_rank_one, 5, processes=2)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_pm_two_processes_follow_the_one_process_loss_trajectory(tmp_path, spark):
+    from cai_lib.training.pm_model import PreferenceModel
+    from cai_lib.training.pm_train import PMSettings, train_pm
+    from tests.test_pm_train import polite_rows
+    # head-only (the default): each rank computes the features of half the sequences, all ranks get
+    # all of them; 10 train pairs, global batch 4 (2 per rank), 4 steps: the 3rd step is the short end of an epoch
+    # float32 features: in bf16 (what `auto` gives on a CPU with bf16 instructions) a sequence's
+    # features change by up to 0.5 with the shape of the batch it is in, so 1 and 2 processes differ there
+    settings = PMSettings(epochs=2, max_steps=4, batch_size=4, max_length=64, heldout_fraction=0.25,
+                          torch_threads=1, seed=3, backbone_dtype="float32")
+    one = launch(train_pm, "default", polite_rows(12), settings, tmp_path / "one", processes=1)
+    two = launch(train_pm, "default", polite_rows(12), settings, tmp_path / "two", processes=2)
+    print(f"\nPM losses 1 process: {one.train_losses}\nPM losses 2 processes: {two.train_losses}")
+    assert len(one.train_losses) == len(two.train_losses) == 4
+    assert max(abs(a - b) for a, b in zip(one.train_losses, two.train_losses)) < TOL
+    assert abs(one.heldout_loss_after - two.heldout_loss_after) < TOL
+    assert two.pm is None and (two.n_train, two.n_heldout) == (one.n_train, one.n_heldout)
+    saved = PreferenceModel.load(tmp_path / "two")   # rank 0 saved the head the 2 ranks trained
+    assert (saved.head.weight - one.pm.head.weight.cpu()).abs().max().item() < TOL

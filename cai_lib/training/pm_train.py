@@ -36,6 +36,7 @@ from cai_lib.config import check_fields, opt
 from cai_lib.feedback.label_metrics import expected_calibration_error, reliability_curve
 from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.ids import split_heldout
+from cai_lib.training.distributed import Ranks, rank_device, rank_seed, ranks
 from cai_lib.training.pm_loss import pm_accuracy, pm_loss
 from cai_lib.training.pm_model import HEAD_FILE, PM_CONFIG, PreferenceModel, check_out_dir, prompt_turns, render
 from cai_lib.training.policy import DEVICE_HELP, check_device_name, resolve_device
@@ -135,10 +136,141 @@ def _encoded(pm: PreferenceModel, rows: list[dict]) -> tuple[list, list]:
 
 
 @torch.no_grad()
-def _cached_features(pm: PreferenceModel, ids: list, batch_size: int) -> Tensor:
+def _cached_features(pm: PreferenceModel, ids: list, batch_size: int, group: Ranks = Ranks()) -> Tensor:
+    """Last-token features of every sequence: each rank computes its share, all ranks get all."""
     pm.eval()
-    parts = [pm.features(*pm.batch(ids[i:i + batch_size])) for i in range(0, len(ids), batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, pm.head.in_features)
+    mine = group.shard(ids)
+    parts = [pm.features(*pm.batch(mine[i:i + batch_size])) for i in range(0, len(mine), batch_size)]
+    local = torch.cat(parts) if parts else torch.zeros(0, pm.head.in_features, device=pm.device)
+    return group.interleave(local, len(ids))
+
+
+@dataclass
+class _PMData:
+    """The split, weighted and tokenized rows: train pairs (A and B ids, target, weight) and held-out pairs."""
+    train_rows: list[dict]
+    held_rows: list[dict]
+    n_zero: int                 # training rows left out: their source weight is 0
+    target: Tensor
+    weight: Tensor
+    ids_a: list
+    ids_b: list
+    held_a: list
+    held_b: list
+    held_t: Tensor
+
+    @classmethod
+    def build(cls, pm: PreferenceModel, rows: list[dict], settings: PMSettings, device) -> "_PMData":
+        train_rows, held_rows = split_heldout(rows, settings.heldout_fraction, key=lambda r: str(r["pair_id"]))
+        weight_of = {src: getattr(settings, name) for src, name in SOURCE_WEIGHT.items()}
+        n_zero = sum(weight_of[r["source"]] == 0 for r in train_rows)
+        train_rows = [r for r in train_rows if weight_of[r["source"]] > 0]
+        if not train_rows:
+            raise ValueError("no training rows left: every row is held out or has source weight 0. "
+                             "Fix: pass more rows, lower heldout_fraction or raise weight_ai/weight_human.")
+        ids_a, ids_b = _encoded(pm, train_rows)
+        held_a, held_b = _encoded(pm, held_rows)
+        return cls(train_rows, held_rows, n_zero,
+                   torch.tensor([float(r["target"]) for r in train_rows], device=device),
+                   torch.tensor([float(weight_of[r["source"]]) for r in train_rows], device=device),
+                   ids_a, ids_b, held_a, held_b,
+                   torch.tensor([float(r["target"]) for r in held_rows], device=device))
+
+    @property
+    def n(self) -> int:
+        return len(self.train_rows)
+
+
+class _BackboneScorer:
+    """train_backbone=True: every reward is a forward pass of the whole PM."""
+
+    def __init__(self, pm: PreferenceModel, data: _PMData, settings: PMSettings, group: Ranks):
+        self.pm, self.data, self.batch_size = pm, data, settings.batch_size
+        pm.backbone.requires_grad_(True)
+        self.params = [{"params": list(pm.backbone.parameters()), "lr": settings.learning_rate},
+                       {"params": list(pm.head.parameters()), "lr": settings.head_learning_rate}]
+
+    def rewards(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        d = self.data
+        r = self.pm(*self.pm.batch([d.ids_a[i] for i in idx] + [d.ids_b[i] for i in idx]))
+        return r[:len(idx)], r[len(idx):]
+
+    def held_rewards(self) -> Tensor:
+        return self.pm.score_ids(self.data.held_a + self.data.held_b, 2 * self.batch_size).to(self.pm.device)
+
+
+class _HeadScorer:
+    """train_backbone=False: the backbone is frozen, so every sequence's features are computed
+    once (shared out over the ranks) and only the head runs per step."""
+
+    def __init__(self, pm: PreferenceModel, data: _PMData, settings: PMSettings, group: Ranks):
+        self.pm, self.n = pm, data.n
+        pm.backbone.requires_grad_(False)
+        self.feats = _cached_features(pm, data.ids_a + data.ids_b + data.held_a + data.held_b,
+                                      2 * settings.batch_size, group)
+        self.params = [{"params": list(pm.head.parameters()), "lr": settings.head_learning_rate}]
+
+    def rewards(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        r = self.pm.head(self.feats[idx + [self.n + i for i in idx]]).squeeze(-1)
+        return r[:len(idx)], r[len(idx):]
+
+    @torch.no_grad()
+    def held_rewards(self) -> Tensor:
+        return self.pm.head(self.feats[2 * self.n:]).squeeze(-1)
+
+
+def _heldout(scorer, data: _PMData, group: Ranks) -> tuple[float | None, float | None]:
+    """Unweighted held-out loss and accuracy (rank 0 only: the others' numbers are not reported)."""
+    if not data.held_rows or not group.main:
+        return None, None
+    r = scorer.held_rewards()
+    r_a, r_b = r[:len(data.held_rows)], r[len(data.held_rows):]
+    return pm_loss(r_a, r_b, data.held_t).item(), pm_accuracy(r_a, r_b, data.held_t)
+
+
+def _total_steps(n: int, settings: PMSettings) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps to run)."""
+    per_epoch = math.ceil(n / (settings.batch_size * settings.grad_accum))
+    total = per_epoch * settings.epochs
+    return per_epoch, total if settings.max_steps is None else min(total, settings.max_steps)
+
+
+def _step_groups(n: int, size: int, gen: torch.Generator):
+    """Row indices per optimizer step: a seeded shuffle per epoch, cut in groups of `size`."""
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, size):
+            yield order[start:start + size]
+
+
+def _fit(scorer, data: _PMData, settings: PMSettings, on_step, group: Ranks) -> list[float]:
+    """The optimizer steps. Every rank draws the same step groups and runs its share; the loss is
+    the weighted mean over the whole step and the gradients are summed over the ranks."""
+    params = [p for g in scorer.params for p in g["params"]]
+    group.broadcast_(params)   # rank 0's head init (and backbone) on every rank
+    optimizer = torch.optim.AdamW(scorer.params, weight_decay=settings.weight_decay)
+    per_epoch, total = _total_steps(data.n, settings)
+    per_rank = math.ceil(settings.batch_size / group.world)   # the same global batch, split N ways
+    gen = torch.Generator().manual_seed(settings.seed)
+    losses: list[float] = []
+    for step, step_idx in zip(range(total), _step_groups(data.n, settings.batch_size * settings.grad_accum, gen)):
+        step_weight = data.weight[step_idx].sum()
+        mine, loss_value = group.shard(step_idx), 0.0
+        for mb in range(0, len(mine), per_rank):
+            idx = mine[mb:mb + per_rank]
+            r_a, r_b = scorer.rewards(idx)
+            loss = pm_loss(r_a, r_b, data.target[idx], data.weight[idx], reduction="sum") / step_weight
+            loss.backward()
+            loss_value += loss.item()
+        group.sum_grads_(params)
+        if settings.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(group.sum_(loss_value)[0])
+        if on_step is not None and group.main:
+            on_step(step + 1, {"loss": losses[-1], "epoch": (step + 1) / per_epoch})
+    return losses
 
 
 def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSettings, out_dir: str | Path,
@@ -146,9 +278,11 @@ def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSetting
     """Train a PM on preference_dataset rows and save it to out_dir.
 
     Loss: pm_loss of sigmoid(r_A - r_B) vs target, weighted per source, a weighted mean over
-    each optimizer step (exact across grad_accum micro-batches). With train_backbone=False the
-    backbone is frozen, so each sequence's last-token features are computed once and only
-    the head trains on them. Held-out loss/accuracy are unweighted, before and after."""
+    each optimizer step (exact across grad_accum micro-batches and across data-parallel ranks).
+    With train_backbone=False the backbone is frozen, so each sequence's last-token features
+    are computed once and only the head trains on them. Held-out loss/accuracy are unweighted,
+    before and after. Under TorchDistributor (cai_lib.training.distributed) rank 0 alone saves
+    and reports; the result then carries no in-memory `pm` (load it from out_dir)."""
     t0 = time.perf_counter()
     if not isinstance(settings, PMSettings):
         raise TypeError(f"settings must be a PMSettings, got {type(settings).__name__}")
@@ -158,98 +292,28 @@ def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSetting
     if settings.torch_threads:
         torch.set_num_threads(int(settings.torch_threads))
     torch.manual_seed(settings.seed)
-
-    device = resolve_device(settings.device)   # `device cuda` without a GPU fails here, before any load
+    group = ranks()
+    device = rank_device(resolve_device(settings.device))   # `device cuda` without a GPU fails before any load
     dtype = settings.backbone_dtype or ("float32" if settings.train_backbone else resolve_dtype("auto", str(device)))
     pm = PreferenceModel.from_backbone(model_dir, dtype=dtype, seed=settings.seed,
                                        max_length=settings.max_length).to(device)
-    train_rows, held_rows = split_heldout(rows, settings.heldout_fraction, key=lambda r: str(r["pair_id"]))
-    weight_of = {src: getattr(settings, name) for src, name in SOURCE_WEIGHT.items()}
-    n_zero = sum(weight_of[r["source"]] == 0 for r in train_rows)
-    train_rows = [r for r in train_rows if weight_of[r["source"]] > 0]
-    if not train_rows:
-        raise ValueError("no training rows left: every row is held out or has source weight 0. "
-                         "Fix: pass more rows, lower heldout_fraction or raise weight_ai/weight_human.")
-
-    n = len(train_rows)
-    target = torch.tensor([float(r["target"]) for r in train_rows], device=device)
-    weight = torch.tensor([float(weight_of[r["source"]]) for r in train_rows], device=device)
-    ids_a, ids_b = _encoded(pm, train_rows)
-    held_a, held_b = _encoded(pm, held_rows)
-    held_t = torch.tensor([float(r["target"]) for r in held_rows], device=device)
-
-    if settings.train_backbone:
-        pm.backbone.requires_grad_(True)
-
-        def rewards(idx: list[int]) -> tuple[Tensor, Tensor]:
-            r = pm(*pm.batch([ids_a[i] for i in idx] + [ids_b[i] for i in idx]))
-            return r[:len(idx)], r[len(idx):]
-        params = [{"params": list(pm.backbone.parameters()), "lr": settings.learning_rate},
-                  {"params": list(pm.head.parameters()), "lr": settings.head_learning_rate}]
-
-        def held_rewards() -> Tensor:
-            return pm.score_ids(held_a + held_b, 2 * settings.batch_size).to(device)
-    else:   # frozen backbone: one forward pass over every sequence, then only the head runs
-        pm.backbone.requires_grad_(False)
-        feats = _cached_features(pm, ids_a + ids_b + held_a + held_b, 2 * settings.batch_size)
-
-        def rewards(idx: list[int]) -> tuple[Tensor, Tensor]:
-            r = pm.head(feats[idx + [n + i for i in idx]]).squeeze(-1)
-            return r[:len(idx)], r[len(idx):]
-
-        @torch.no_grad()
-        def held_rewards() -> Tensor:
-            return pm.head(feats[2 * n:]).squeeze(-1)
-        params = [{"params": list(pm.head.parameters()), "lr": settings.head_learning_rate}]
-
-    def heldout() -> tuple[float | None, float | None]:
-        if not held_rows:
-            return None, None
-        r = held_rewards()
-        r_a, r_b = r[:len(held_rows)], r[len(held_rows):]
-        return pm_loss(r_a, r_b, held_t).item(), pm_accuracy(r_a, r_b, held_t)
-
-    loss_before, acc_before = heldout()
-    opt_ = torch.optim.AdamW(params, weight_decay=settings.weight_decay)
-    gen = torch.Generator().manual_seed(settings.seed)
-    per_epoch = math.ceil(n / (settings.batch_size * settings.grad_accum))
-    total = per_epoch * settings.epochs
-    if settings.max_steps is not None:
-        total = min(total, settings.max_steps)
-    train_losses: list[float] = []
-    step = 0
+    data = _PMData.build(pm, rows, settings, device)
+    scorer = (_BackboneScorer if settings.train_backbone else _HeadScorer)(pm, data, settings, group)
+    loss_before, acc_before = _heldout(scorer, data, group)
+    if group.world > 1:
+        torch.manual_seed(rank_seed(settings.seed, group))   # dropout differs per rank
     pm.train(settings.train_backbone)        # dropout only where the backbone trains
-    while step < total:
-        order = torch.randperm(n, generator=gen).tolist()
-        chunk = settings.batch_size * settings.grad_accum
-        for start in range(0, n, chunk):
-            if step >= total:
-                break
-            step_idx = order[start:start + chunk]
-            step_weight = weight[step_idx].sum()
-            loss_value = 0.0
-            for mb in range(0, len(step_idx), settings.batch_size):
-                idx = step_idx[mb:mb + settings.batch_size]
-                r_a, r_b = rewards(idx)
-                loss = pm_loss(r_a, r_b, target[idx], weight[idx], reduction="sum") / step_weight
-                loss.backward()
-                loss_value += loss.item()
-            if settings.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], settings.max_grad_norm)
-            opt_.step()
-            opt_.zero_grad(set_to_none=True)
-            step += 1
-            train_losses.append(loss_value)
-            if on_step is not None:
-                on_step(step, {"loss": loss_value, "epoch": step / per_epoch})
+    train_losses = _fit(scorer, data, settings, on_step, group)
     pm.eval()
     pm.backbone.requires_grad_(False)
-    loss_after, acc_after = heldout()
-    pm.save(out_dir, extra={"base_model": str(model_dir), "settings": asdict(settings)})
-    return PMResult(out_dir=str(out_dir), n_train=n, n_heldout=len(held_rows), n_zero_weight=n_zero,
+    loss_after, acc_after = _heldout(scorer, data, group)
+    if group.main:   # one writer
+        pm.save(out_dir, extra={"base_model": str(model_dir), "settings": asdict(settings)})
+    return PMResult(out_dir=str(out_dir), n_train=data.n, n_heldout=len(data.held_rows), n_zero_weight=data.n_zero,
                     heldout_loss_before=loss_before, heldout_loss_after=loss_after,
                     heldout_accuracy_before=acc_before, heldout_accuracy_after=acc_after,
-                    steps=step, seconds=time.perf_counter() - t0, train_losses=train_losses, pm=pm)
+                    steps=len(train_losses), seconds=time.perf_counter() - t0, train_losses=train_losses,
+                    pm=pm if group.world == 1 else None)
 
 
 # ---------------------------------------------------------------- evaluation
