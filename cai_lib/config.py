@@ -81,16 +81,6 @@ class SparkModelConfig:
 
 
 @dataclasses.dataclass
-class LakeEngineConfig:
-    """Jobs that write the lake: which engine writes it (one for the whole lake: set it in [common])."""
-    lake_engine: str = opt("delta-rs", "delta-rs | spark: delta-spark writes the lake (the model jobs then run on "
-                                       "the Spark-native data plane: plan, anti-join and model work in the "
-                                       "executors; ingest, gate and promote write through a local Spark session); "
-                                       "needs Delta's jars: Maven Central, or spark-submit --packages",
-                      choices=("delta-rs", "spark"))   # cai_lib.lake.spark_delta.ENGINES (not imported: no pyarrow here)
-
-
-@dataclasses.dataclass
 class RegistryConfig:
     """Jobs that read or write registered models (MLflow)."""
     tracking_uri: str = opt("sqlite:///mlflow/mlflow.db", "MLflow tracking + registry store (env MLFLOW_TRACKING_URI wins)")
@@ -109,7 +99,10 @@ class _ModelNames:
     feedback_model: str = "default"
 
 
-GROUPS = (LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig, RegistryConfig, PointerConfig)
+GROUPS = (LakeConfig, SeedConfig, SparkModelConfig, RegistryConfig, PointerConfig)
+# Keys a release no longer reads, with why: a params file that still sets one is told what changed.
+RETIRED = {"lake_engine": "delta-spark is now the lake's only writer (every job runs on the Spark plane; delta-rs "
+                          "and DuckDB only read): remove the key"}
 # [common] may set any group's key and the model names several jobs share; a job takes those it has.
 _COMMON_OWNER = {f.name: g for g in (*GROUPS, _ModelNames) for f in dataclasses.fields(g)}
 COMMON_KEYS = frozenset(_COMMON_OWNER)
@@ -275,6 +268,10 @@ class _Parser(argparse.ArgumentParser):
         args, extra = self.parse_known_args(argv)
         if extra:
             flags = [x for x in extra if x.startswith("-")] or extra
+            for flag in flags:
+                retired = RETIRED.get(flag.lstrip("-").split("=")[0].replace("-", "_"))
+                if retired:
+                    self.error(f"{flag}: {retired.replace('remove the key', 'drop the flag')}")
             self.error(f"{' '.join(flags)}: not used by `{self.prog}` (it would be ignored). "
                        f"Its flags are listed by `{self.prog} --help`")
         return args
@@ -311,6 +308,8 @@ def load_config(cls: type[T], section: str, argv: Sequence[str] | None, descript
     params = read_params(params_path, named=True if "params" in flags else None)
     fields = _fields(cls)
     common = params.get("common") or {}
+    for key in set(common) & set(RETIRED):
+        raise ConfigError(f"{params_path} [common] {key}: {RETIRED[key]}")
     unknown = set(common) - COMMON_KEYS
     if unknown:
         raise ConfigError(f"{params_path} [common]: unknown key(s) {sorted(unknown)}; valid keys: {sorted(COMMON_KEYS)}")
@@ -320,6 +319,8 @@ def load_config(cls: type[T], section: str, argv: Sequence[str] | None, descript
         if k in fields:
             values[k] = v
     for key, value in (params.get(section) or {}).items():
+        if key in RETIRED:
+            raise ConfigError(f"{params_path} [{section}] {key}: {RETIRED[key]}")
         if key not in fields:
             raise ConfigError(f"{params_path} [{section}]: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
         values[key] = check_value(cls, key, value, f"{params_path} [{section}]")

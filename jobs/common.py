@@ -12,9 +12,9 @@ from typing import ClassVar
 from cai_lib.backends.fake import check_fake_model
 from cai_lib.backends.models import check_model_early
 from cai_lib.constitution.load import load_constitution
-from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, SeedConfig, SparkModelConfig, check_fields, opt
+from cai_lib.config import LakeConfig, RegistryConfig, SeedConfig, SparkModelConfig, check_fields, opt
 from cai_lib.files import write_json
-from cai_lib.lake.tables import Lake
+from cai_lib.lake.tables import Lake, check_lake_target
 
 
 SPLITS = ("train", "test")   # ingest's splits: test is held out for evaluation, never trained on
@@ -23,9 +23,9 @@ MAX_NEW_TOKENS = dict(lo=1, hi=32768)   # a token budget beyond a long context w
 
 
 @dataclass
-class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig, LakeEngineConfig):
-    """Jobs that run a model on Spark (sl-generate, sample-pairs, label, eval-labeler, evaluate); with
-    --lake-engine spark they run on the Spark-native data plane (cai_lib/runtime/spark_plane.py)."""
+class ModelJobConfig(LakeConfig, SeedConfig, SparkModelConfig):
+    """Jobs that run a model on the Spark-native data plane (sl-generate, sample-pairs, label, eval-labeler,
+    evaluate: cai_lib/runtime/spark_plane.py)."""
     batch_size: int = opt(16, "sequences per model call; a batch is also the unit of resume", lo=1, hi=4096)
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()   # the fields naming models this job runs on the backend
 
@@ -75,15 +75,12 @@ class FeedbackFields:
 
 
 def writer_lake(cfg, job: str, mode: str = "write"):
-    """The lake a Spark-free job (ingest, gate, promote) writes, with the engine the Spark jobs use:
-    delta-rs, or for --lake-engine spark delta-spark through a local Spark session (under spark-submit
-    or on Databricks, the running one), so no table of the lake is written by two engines."""
+    """The lake a job without model work (ingest, gate, promote) writes: delta-spark, the lake's one writer,
+    through a local Spark session (under spark-submit or on Databricks, the running one)."""
     from cai_lib.lake.spark_delta import open_lake
-    spark = None
-    if cfg.lake_engine == "spark":
-        from cai_lib.runtime.session import get_spark
-        spark = get_spark("local[1]", f"cai-{job}", delta=True)
-    return open_lake(cfg.lake, spark, mode=mode, engine=cfg.lake_engine)
+    from cai_lib.runtime.session import get_spark
+    check_lake_target(cfg.lake, mode)   # a bad target fails before the JVM starts
+    return open_lake(cfg.lake, get_spark("local[1]", f"cai-{job}", delta=True), mode=mode)
 
 
 def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict | None = None) -> None:
@@ -228,7 +225,7 @@ def spark_job_main(config_cls, section: str, argv, doc: str, run) -> int:
     from cai_lib.runtime.session import get_spark
     cfg = load_config(config_cls, section, argv, doc)
     title = section.replace("_", "-")
-    spark = get_spark(cfg.spark_master, f"cai-{title}", delta=getattr(cfg, "lake_engine", None) == "spark")
+    spark = get_spark(cfg.spark_master, f"cai-{title}", delta=True)
     summary = run(spark, cfg, progress=lambda msg: print(msg, flush=True))
     report(title, summary)
     errors, warnings = judge(summary, getattr(cfg, "max_failed_fraction", 1.0))

@@ -11,10 +11,9 @@ reliability curve to a PNG. The sample is drawn (seeded) only from pairs whose p
 of the lake's training prompts (`excluded_training_prompts` says how many were set aside), and
 the prompts it used are recorded (`eval_prompt_shas`) for the labels gate's contamination check.
 
-With `--lake-engine spark` the comparisons run on the Spark-native data plane: the plan is computed
-in the executors, what is pending is an anti-join on `label_events`, and the executors score and
-append the labels (and any failed scoring's `quarantine` row) with delta-spark; the same ids and
-rows as the default path. The HHH items are scored on Spark either way and are not stored.
+The comparisons run on the Spark-native data plane: the plan is computed in the executors, what is
+pending is an anti-join on `label_events`, and the executors score and append the labels (and any
+failed scoring's `quarantine` row) with delta-spark. The HHH items are scored on Spark and not stored.
 """
 from __future__ import annotations
 
@@ -22,18 +21,16 @@ import json
 import sys
 from statistics import pstdev
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cai_lib.backends.models import model_fingerprint
 from cai_lib.config import opt, settings_from
 from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import effective_templates
 from cai_lib.feedback import label_metrics as lm
-from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, LabelSettings, feedback_chat, label_row, plan_labels, shown
+from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, LabelSettings
 from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.files import write_json
 from cai_lib.ids import sha256_text, stable_id
@@ -44,7 +41,6 @@ from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.eval_data import pair_prompt, read_disjoint_pairs, read_hhh
 from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, spark_job_main
-from schemas import LABEL_EVENTS
 
 
 @dataclass
@@ -104,39 +100,10 @@ def quarantine_id(label_event_id: str) -> str:
     return stable_id("quarantine", stage="eval_labeler", label=label_event_id)
 
 
-def score_on_driver(spark, lake, cfg, sample: HumanSample, constitution, fp, s, constants, job_run_id,
-                    progress=None) -> Scored:
-    """Plan on the driver, score on Spark (one pass, no progress lines), commit with delta-rs."""
-    jobs = plan_labels(sample.plan, constitution, fp, s)
-    template = effective_templates(constitution)["comparison"]
-    stored = lake.read("label_events")
-    stored = stored.filter(pc.is_in(stored["event_id"], pa.array([j.event_id for j in jobs], pa.string())))
-    have = {r["event_id"]: r for r in stored.to_pylist()}  # only this evaluation's comparisons
-    todo = [j for j in jobs if j.event_id not in have]
-    items = [(feedback_chat(template, sample.contexts[j.prompt_id],
-                            constitution.comparison_principle(j.principle_id).text, *shown(j, sample.texts)),
-              ANSWER_PREFIX) for j in todo]
-    scores, calls = score_on_spark(spark, items, cfg.backend_spec(cfg.feedback_model), CHOICES, batch_size=cfg.batch_size)
-    now = datetime.now(timezone.utc)
-    new = [label_row(j, sc["logprob_a"], sc["logprob_b"], s, "eval_label", constants, job_run_id, now)
-           for j, sc in zip(todo, scores) if sc["error"] is None]
-    failed = [(j, sc["error"]) for j, sc in zip(todo, scores) if sc["error"] is not None]
-    if new:
-        lake.insert_new("label_events", pa.Table.from_pylist(new, schema=LABEL_EVENTS))
-    if failed:   # recorded like `cai label`'s failed scorings; a rerun scores them again
-        lake.insert_new("quarantine", pa.Table.from_pylist([
-            {"event_id": quarantine_id(j.event_id), "stage": "eval_labeler", "source": "label_events",
-             "source_row": None, "field": "logprobs", "reason": err, "payload": j.event_id, "job_run_id": job_run_id,
-             "created_at": now, "row_key": None} for j, err in failed]))
-    rows = {**have, **{r["event_id"]: r for r in new}}
-    return Scored([rows[j.event_id] for j in jobs if j.event_id in rows], len(jobs), len(failed),
-                  failed[0][1] if failed else None, calls)
-
-
 def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, constants, job_run_id,
                    progress=None) -> Scored:
-    """The same label rows on the Spark-native data plane: the plan in the executors, what is pending an
-    anti-join on label_events, the executors score and append (spark_labels.run_scoring)."""
+    """The label rows on the Spark-native data plane: the plan in the executors, what is pending an anti-join
+    on label_events, the executors score and append (spark_labels.run_scoring)."""
     import functools
 
     from cai_lib.feedback import spark_labels as sl
@@ -168,8 +135,7 @@ def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, c
 def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id, progress=None) -> dict:
     sample = human_sample(lake, cfg)
     s = settings_from(cfg, LabelSettings)   # no CoT: eval-labeler has no cot field, so the default (False)
-    score = score_on_plane if cfg.lake_engine == "spark" else score_on_driver
-    scored = score(spark, lake, cfg, sample, constitution, fp, s, constants, job_run_id, progress)
+    scored = score_on_plane(spark, lake, cfg, sample, constitution, fp, s, constants, job_run_id, progress)
     return human_metrics(cfg, sample, scored)
 
 
@@ -252,7 +218,7 @@ def eval_hhh(spark, cfg) -> dict:
 def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
     if not (cfg.human or cfg.hhh):
         raise ValueError("nothing to evaluate: pass --human HH-RLHF-FILE and/or --hhh HHH-FILE")
-    lake = open_lake(cfg.lake, spark, mode="create", engine=cfg.lake_engine)   # its own comparisons: a new lake will do
+    lake = open_lake(cfg.lake, spark, mode="create")   # its own comparisons: a new lake will do
     constitution = load_constitution(cfg.constitution)
     fb_model = cfg.feedback_model
     fp = model_fingerprint(cfg.backend, fb_model)

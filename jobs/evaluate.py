@@ -12,9 +12,9 @@ orders (one comparison principle per prompt, seeded); the order-debiased prefere
 Elo table (Bradley-Terry, base = 1000). Every headline figure carries its 95% interval
 (`*_ci`: a seeded bootstrap over prompts for PM scores and Elo, Wilson for refusal rates), and
 the per-prompt PM scores are kept so that `cai promote` can test a paired difference.
-Writes metrics JSON for `dvc metrics` and PNG plots. With `--lake-engine spark` the answers are
-made on the Spark-native data plane (planned in the executors, pending by anti-join, generated and
-appended by the executors with delta-spark): the same ids and texts.
+Writes metrics JSON for `dvc metrics` and PNG plots. The answers are made on the Spark-native data
+plane (planned in the executors, pending by anti-join, generated and appended by the executors with
+delta-spark).
 
 Failures are part of the result: each model's `failed` and `gave_up` answers (after
 max_attempts failures; `--max-attempts N` retries them) and the `comparisons_failed` are in
@@ -33,18 +33,17 @@ from cai_lib.backends import Sampling
 from cai_lib.backends.models import model_fingerprint
 from cai_lib.config import RegistryConfig, opt
 from cai_lib.constitution.load import load_constitution
-from cai_lib.constitution.templates import DEFAULT_TEMPLATES, effective_templates, initial_chat, template_sha
+from cai_lib.constitution.templates import DEFAULT_TEMPLATES, effective_templates, template_sha
 from cai_lib.feedback.elo import elo_intervals, elo_table
 from cai_lib.feedback.label_metrics import debias, normalise_choice
 from cai_lib.feedback.labels import ANSWER_PREFIX, CHOICES, conversation_text, feedback_chat, pick_principles
 from cai_lib.files import write_json
 from cai_lib.ids import derive_seed, stable_id
-from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.quality import signals as quality
 from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.runtime.scoring import score_on_spark
-from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
+from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import MAX_NEW_TOKENS, SPLITS, TEMPERATURE, Failures, GenerationConfig, spark_job_main
 
 EVAL_TEMPLATE_SHA = template_sha(DEFAULT_TEMPLATES, names=("initial",))
@@ -92,36 +91,6 @@ def answer_id(prompt_id: str, fingerprint: str, sampling_json: str, seed: int) -
                      sampling=sampling_json, seed=seed)
 
 
-def answers(spark, lake, cfg, ref: str, prompts: dict[str, str], job_run_id: str, prompts_df=None,
-            progress=None) -> tuple[str, dict[str, str], int, Failures]:
-    """(lineage label, {prompt_id: answer}, model calls, failures) for one model, generating only what is missing."""
-    from cai_lib.registry.models import backend_model
-    label, load_as = backend_model(cfg, ref)
-    fp = model_fingerprint(cfg.backend, load_as)
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    constants = {"constitution_id": "none", "constitution_sha": "none", "model_id": label, "model_fingerprint": fp,
-                 "backend": cfg.backend, "template_sha": EVAL_TEMPLATE_SHA}
-    if prompts_df is not None:
-        return answers_on_plane(spark, lake, cfg, prompts_df, label, cfg.backend_spec(load_as), fp,
-                                sampling.to_json(), constants, job_run_id, progress)
-    planned = []
-    for pid in sorted(prompts):
-        seed = derive_seed(cfg.seed, pid, "eval_response")
-        planned.append(Task(answer_id(pid, fp, sampling.to_json(), seed), "eval_response", pid, None, 0, None, seed,
-                            sampling.to_json(), initial_chat(prompts[pid], DEFAULT_TEMPLATES)))
-    done, failures = known_events(lake, {t.event_id for t in planned})
-    todo, gave_up = retry_plan(planned, done, failures, cfg.max_attempts)
-    calls, stats = 0, None
-    tries = most_tries([t.event_id for t in planned], done, failures)
-    if todo:
-        stats, _ = run_tasks(spark, lake, todo, cfg.backend_spec(load_as), constants, batch_size=cfg.batch_size,
-                             batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
-        calls = stats.model_calls
-        done, _ = known_events(lake, {t.event_id for t in planned})
-    fails = Failures.of(f"answers of {label}", stats, gave_up, cfg.max_attempts, tries)
-    return label, {t.prompt_id: done[t.event_id] for t in planned if t.event_id in done}, calls, fails
-
-
 def answer_partition(batches, *, seed: int, fingerprint: str, sampling_json: str):
     """mapInArrow body: (prompt_id, text) rows -> the plan row of each one's eval answer (`answers`' ids)."""
     import pyarrow as pa
@@ -138,10 +107,11 @@ def answer_partition(batches, *, seed: int, fingerprint: str, sampling_json: str
             yield pa.RecordBatch.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
-def answers_on_plane(spark, lake, cfg, prompts_df, label: str, spec: dict, fp: str, sampling_json: str,
-                     constants: dict, job_run_id: str, progress=None) -> tuple[str, dict[str, str], int, Failures]:
-    """`answers` on the Spark-native data plane: planned in the executors, pending by anti-join, the
-    executors generate and append; only the answers themselves come back (the PM scores them here)."""
+def answers(spark, lake, cfg, ref: str, prompts_df, job_run_id: str,
+            progress=None) -> tuple[str, dict[str, str], int, Failures]:
+    """(lineage label, {prompt_id: answer}, model calls, failures) for one model, on the Spark-native data
+    plane: planned in the executors, pending by anti-join (only what is missing is generated), the executors
+    generate and append; only the answers themselves come back (the PM scores them here)."""
     import functools
 
     from pyspark.sql import functions as F
@@ -149,14 +119,20 @@ def answers_on_plane(spark, lake, cfg, prompts_df, label: str, spec: dict, fp: s
 
     from cai_lib.feedback.pairs import SAMPLE_SCHEMA, sample_chat
     from cai_lib.lake.locks import job_lock
+    from cai_lib.registry.models import backend_model
     from cai_lib.runtime import spark_plane as plane
+    label, load_as = backend_model(cfg, ref)
+    fp = model_fingerprint(cfg.backend, load_as)
+    sampling_json = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens).to_json()
+    constants = {"constitution_id": "none", "constitution_sha": "none", "model_id": label, "model_fingerprint": fp,
+                 "backend": cfg.backend, "template_sha": EVAL_TEMPLATE_SHA}
     plan = functools.partial(answer_partition, seed=cfg.seed, fingerprint=fp, sampling_json=sampling_json)
     planned = prompts_df.select("prompt_id", "text").mapInArrow(plan, from_arrow_schema(SAMPLE_SCHEMA))
     planned = planned.localCheckpoint(eager=True)
     with job_lock(cfg.lake, "evaluate", job_run_id):
         stats, gave_up, tries = plane.run_step(
             spark, lake, planned, kind="eval_response", plan_id=f"{job_run_id}/{label}", make_chat=sample_chat,
-            backend_spec=spec, constants=constants, job_run_id=job_run_id, max_attempts=cfg.max_attempts,
+            backend_spec=cfg.backend_spec(load_as), constants=constants, job_run_id=job_run_id, max_attempts=cfg.max_attempts,
             batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit, what=f"answers of {label}",
             progress=progress)
     done = plane.successful(lake.df("generation_events").where(F.col("kind") == "eval_response"))
@@ -209,17 +185,12 @@ def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
     from cai_lib.training.pm_model import PreferenceModel
     from cai_lib.training.policy import resolve_device
     device = resolve_device(cfg.device)   # `--device cuda` without a GPU fails before any answer is generated
-    lake = open_lake(cfg.lake, spark, engine=cfg.lake_engine)
+    from cai_lib.runtime.spark_plane import selected_prompts
+    lake = open_lake(cfg.lake, spark)
     named = cfg.named_policies()
-    prompts_df = None
-    if cfg.lake_engine == "spark":
-        from cai_lib.runtime.spark_plane import selected_prompts
-        prompts_df = selected_prompts(lake, cfg.splits, cfg.limit).where("chosen").select("prompt_id", "text", "kind")
-        prompts_df = prompts_df.localCheckpoint(eager=True)
-        rows = [r.asDict() for r in prompts_df.collect()]   # the held-out prompts: the PM scores their answers here
-    else:
-        prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
-        rows = [r for r in prompts.to_pylist() if r["prompt_id"] in chosen]
+    prompts_df = selected_prompts(lake, cfg.splits, cfg.limit).where("chosen").select("prompt_id", "text", "kind")
+    prompts_df = prompts_df.localCheckpoint(eager=True)
+    rows = [r.asDict() for r in prompts_df.collect()]   # the held-out prompts: the PM scores their answers here
     if not rows:
         raise ValueError(f"no {'/'.join(cfg.splits)} prompts in {lake.root}: ingest with test_fraction > 0")
     texts = {r["prompt_id"]: r["text"] for r in rows}
@@ -229,7 +200,7 @@ def run(spark, cfg: EvaluateConfig, progress=None) -> dict:
     job_run_id = new_job_run_id()
     outs, report, calls, failures = {}, {}, 0, []
     for name, ref in named:
-        label, out, n, fails = answers(spark, lake, cfg, ref, texts, job_run_id, prompts_df, progress)
+        label, out, n, fails = answers(spark, lake, cfg, ref, prompts_df, job_run_id, progress)
         calls += n
         outs[name] = out
         failures.append(fails)

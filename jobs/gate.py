@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import (LakeConfig, LakeEngineConfig, PointerConfig, check_fields, check_value, load_config, opt,
+from cai_lib.config import (LakeConfig, PointerConfig, check_fields, check_value, load_config, opt,
                             read_params)
 from cai_lib.ids import sha256_text, stable_id
 from cai_lib.quality.frames import STAGE_TABLES, build_frames
@@ -37,7 +37,7 @@ from schemas.suites import ROW_KEYS, SUITES
 
 
 @dataclass
-class GateConfig(LakeConfig, LakeEngineConfig, PointerConfig):
+class GateConfig(LakeConfig, PointerConfig):
     # each threshold belongs to the suites of some stages (schemas/suites.py): another stage would ignore it
     FLAG_NEEDS = {
         "max_prompt_chars": ("stage", ("prompts", "sl")),

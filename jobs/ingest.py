@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, LakeEngineConfig, PointerConfig, check_fields, load_config, opt
+from cai_lib.config import LakeConfig, PointerConfig, check_fields, load_config, opt
 from cai_lib.ids import is_heldout, normalise_text, sha256_text, stable_id
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.prompts import MAX_PROMPT_CHARS, SourceError, read_prompt_source
@@ -34,7 +34,7 @@ from schemas import PROMPT_KINDS
 
 
 @dataclass
-class IngestConfig(LakeConfig, LakeEngineConfig, PointerConfig):
+class IngestConfig(LakeConfig, PointerConfig):
     source: str | None = opt(None, "one prompt file to ingest (else the `sources` list from params.yaml)")
     kind: str | None = opt(None, "red_team | helpful: the kind of --source (needed when the file does not say)",
                            choices=PROMPT_KINDS)

@@ -5,7 +5,6 @@
     cai label --cot                               # reason first, then score; p clamped to [0.4, 0.6]
     cai label --feedback-model path/to/model
     cai label --policy cai-sl:2                   # only the pairs that policy sampled
-    cai label --lake-engine spark                 # the Spark-native data plane (same labels and dataset)
     spark-submit launch/cai_task.py label --lake lake
 
 Every scoring is a `label_events` row (raw log-probs, p_shown_a, p_a, order, principle,
@@ -21,35 +20,24 @@ because pairs still selected lack labels (failed scorings or CoTs): the old tabl
 run exits 1, unless --allow-shrink. Rows of pairs no longer selected (--limit, --splits,
 --policy, human_pairs) may go, with a warning.
 
-`--lake-engine spark`: pairs, plan and pending are Spark DataFrames, the executors score and append
-label_events with delta-spark (cai_lib/feedback/spark_labels.py); one run per lake at a time.
+Pairs, plan and pending are Spark DataFrames; the executors score and append label_events with
+delta-spark (cai_lib/feedback/spark_labels.py); one run per lake at a time.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from cai_lib.backends import Sampling
 from cai_lib.backends.models import model_fingerprint
 from cai_lib.config import PointerConfig, RegistryConfig, opt, settings_from
 from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import effective_templates
-from cai_lib.feedback.labels import (ANSWER_PREFIX, CHOICES, COT_ANSWER_PREFIX, LabelSettings, conversation_text,
-                                     feedback_chat, label_row, plan_labels, shown)
-from cai_lib.feedback.pairs import pair_id_of
-from cai_lib.feedback.preferences import build_preference_dataset
-from cai_lib.ids import derive_seed, sha256_text, stable_id
-from cai_lib.lake.queries import known_events, select_prompts
+from cai_lib.feedback.labels import LabelSettings
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.scoring import score_on_spark
-from cai_lib.runtime.tasks import Task, most_tries, new_job_run_id, retry_plan, run_tasks
-from jobs.common import (MAX_NEW_TOKENS, Failures, FeedbackFields, GenerationConfig, guarded_replace, spark_job_main,
+from cai_lib.runtime.tasks import new_job_run_id
+from jobs.common import (MAX_NEW_TOKENS, Failures, FeedbackFields, GenerationConfig, guarded_replace_df, spark_job_main,
                          write_pointer)
-from schemas import LABEL_EVENTS
 
 
 @dataclass
@@ -72,118 +60,11 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
         return settings_from(self, LabelSettings)
 
 
-def sampled_pairs(lake, cfg: LabelConfig, policy_fp: str | None) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
-    """(pair_id, prompt_id, a_id, b_id) for prompts with both samples from one policy (`policy_fp`, or
-    every policy that sampled pairs when None); texts by event id; prompts by id. Of two samples of one
-    round, the latest by (created_at, event_id), as `spark_labels.sampled_pairs` picks."""
-    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
-    ev = lake.read("generation_events", columns=["event_id", "kind", "status", "prompt_id", "round",
-                                                 "model_fingerprint", "created_at", "text"])
-    ev = ev.filter(pc.and_(pc.equal(ev["kind"], "pair_sample"), pc.equal(ev["status"], "ok")))
-    if policy_fp is not None:
-        ev = ev.filter(pc.equal(ev["model_fingerprint"], policy_fp))
-    latest: dict[tuple[str, str], dict[int, tuple]] = {}
-    texts = {}
-    for r in ev.to_pylist():
-        if r["prompt_id"] in chosen:
-            rounds = latest.setdefault((r["prompt_id"], r["model_fingerprint"]), {})
-            key = (r["created_at"], r["event_id"])
-            rounds[r["round"]] = max(rounds.get(r["round"], key), key)
-            texts[r["event_id"]] = r["text"]
-    pairs = [(pair_id_of(pid, s[0][1], s[1][1]), pid, s[0][1], s[1][1]) for (pid, _), s in sorted(latest.items())
-             if {0, 1} <= set(s)]
-    if not pairs:
-        raise ValueError(f"no sampled pairs in lake {lake.root} for the policy model: run `cai sample-pairs` first")
-    return pairs, texts, dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
-
-
 def lacking_labels(score_fails: Failures, cot_fails: Failures) -> str:
     """Why preference_dataset would lose rows of pairs still selected."""
     return (f"those pairs lack labels under these settings (constitution, feedback model, ensemble, cot): "
             f"{score_fails.failed} scorings failed and {cot_fails.failed + cot_fails.gave_up} chains of thought "
             f"failed or gave up in this run")
-
-
-def run(spark, cfg: LabelConfig, progress=None) -> dict:
-    if cfg.lake_engine == "spark":
-        return run_on_spark(spark, cfg, progress)
-    lake = open_lake(cfg.lake, spark)
-    constitution = load_constitution(cfg.constitution)
-    fb_model = cfg.feedback_model
-    fb_fp = model_fingerprint(cfg.backend, fb_model)
-    pairs, texts, prompt_text = sampled_pairs(lake, cfg, policy_fingerprint(cfg))
-    s = cfg.settings()
-    cot_sampling = Sampling(cfg.temperature, cfg.top_p, cfg.cot_max_new_tokens)
-    jobs = plan_labels(pairs, constitution, fb_fp, s, cot_sampling.to_json())
-    have = set(lake.read("label_events", columns=["event_id"])["event_id"].to_pylist())
-    pending = [j for j in jobs if j.event_id not in have]
-    templates = effective_templates(constitution)
-    template = templates["cot" if s.cot else "comparison"]
-    constants = lineage(cfg, constitution, fb_fp)
-    job_run_id = new_job_run_id()
-    chat_of = lambda j: feedback_chat(template, conversation_text(prompt_text[j.prompt_id]),  # noqa: E731
-                                      constitution.comparison_principle(j.principle_id).text, *shown(j, texts))
-    cot_text, cot_calls, cot_gave_up = {}, 0, 0
-    cot_fails = Failures("chains of thought", max_attempts=cfg.max_attempts)
-    if s.cot and pending:
-        cot_text, failures = known_events(lake, {j.cot_id for j in pending})
-        planned = [Task(j.cot_id, "cot", j.prompt_id, None, j.k, j.principle_id, derive_seed(cfg.seed, "cot", j.cot_id),
-                        cot_sampling.to_json(), chat_of(j)) for j in pending if j.cot_id not in cot_text]
-        todo, cot_gave_up = retry_plan(planned, cot_text, failures, cfg.max_attempts)
-        stats = None
-        if todo:
-            if progress:
-                progress(f"chain of thought for {len(todo)} comparisons")
-            stats, rows = run_tasks(spark, lake, todo, cfg.backend_spec(fb_model), constants, batch_size=cfg.batch_size,
-                                    batches_per_commit=cfg.batches_per_commit, job_run_id=job_run_id)
-            cot_calls = stats.model_calls
-            cot_text.update({r["target_event_id"]: r["text"] for r in rows.to_pylist() if r["status"] == "ok"})
-        cot_fails = Failures.of("chains of thought", stats, cot_gave_up, cfg.max_attempts,
-                                most_tries([t.event_id for t in planned], cot_text, failures))
-        pending = [j for j in pending if j.cot_id in cot_text]  # a failed CoT is an event; its label waits
-    inserted, quarantined, score_calls = 0, 0, 0
-    score_fails = Failures("scorings", attempted=len(pending))
-    group = cfg.batch_size * cfg.batches_per_commit
-    for g in range(0, len(pending), group):
-        chunk = pending[g:g + group]
-        if progress:
-            progress(f"scoring {g + len(chunk)}/{len(pending)} comparisons")
-        items = [(chat_of(j), (cot_text[j.cot_id] + COT_ANSWER_PREFIX) if s.cot else ANSWER_PREFIX) for j in chunk]
-        scores, calls = score_on_spark(spark, items, cfg.backend_spec(fb_model), CHOICES, batch_size=cfg.batch_size)
-        score_calls += calls
-        now = datetime.now(timezone.utc)
-        rows, bad = [], []
-        for j, sc in zip(chunk, scores):
-            if sc["error"] is not None:
-                score_fails.failed += 1
-                score_fails.first_error = score_fails.first_error or sc["error"]
-                bad.append({"event_id": stable_id("quarantine", stage="label", label=j.event_id), "stage": "label",
-                            "source": "label_events", "source_row": None, "field": "logprobs", "reason": sc["error"],
-                            "payload": j.event_id, "job_run_id": job_run_id, "created_at": now, "row_key": None})
-                continue
-            rows.append(label_row(j, sc["logprob_a"], sc["logprob_b"], s, "ai_label_cot" if s.cot else "ai_label",
-                                  constants, job_run_id, now))
-        inserted += lake.insert_new("label_events", pa.Table.from_pylist(rows, schema=LABEL_EVENTS)) if rows else 0
-        quarantined += lake.insert_new("quarantine", pa.Table.from_pylist(bad)) if bad else 0
-    labels = lake.read("label_events")
-    mine = {j.event_id for j in jobs}
-    labels = labels.filter(pc.is_in(labels["event_id"], pa.array(sorted(mine), pa.string())))
-    dataset, left_out = build_preference_dataset(labels, texts, prompt_text, cfg.human_pairs)
-    selected = {p[0] for p in pairs} | set(pc.filter(dataset["pair_id"], pc.equal(dataset["source"], "human_helpful"))
-                                           .to_pylist())
-
-    changed, errors, warnings = guarded_replace(lake, "preference_dataset", dataset, selected, cfg.allow_shrink,
-                                                lambda ids: lacking_labels(score_fails, cot_fails))
-    write_pointer(cfg.pointer, lake, ["label_events", "preference_dataset"],
-                  {"constitution_sha": constitution.sha256, "feedback_model_fingerprint": fb_fp})
-    n_ai = int(pc.sum(pc.equal(dataset["source"], "ai_harmless")).as_py() or 0)
-    return {"pairs": len(pairs), "comparisons": len(jobs), "scored": len(pending), "inserted": inserted,
-            "quarantined": quarantined, "model_calls": score_calls + cot_calls,
-            "failed": score_fails.failed + cot_fails.failed, "cot_failed": cot_fails.failed, "cot_gave_up": cot_gave_up,
-            "ai_pairs": n_ai, "human_pairs": dataset.num_rows - n_ai, **left_out,
-            "preference_dataset_rewritten": changed,
-            "labels_sha": sha256_text(",".join(sorted(mine)))[:12],
-            "failures": [cot_fails, score_fails], "errors": errors, "warnings": warnings}
 
 
 def lineage(cfg: LabelConfig, constitution, fb_fp: str) -> dict:
@@ -201,8 +82,8 @@ def policy_fingerprint(cfg: LabelConfig) -> str | None:
     return model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy)[1])
 
 
-def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
-    """The same labels and preference_dataset on the Spark-native data plane (cai_lib/feedback/spark_labels.py):
+def run(spark, cfg: LabelConfig, progress=None) -> dict:
+    """Labels and preference_dataset on the Spark-native data plane (cai_lib/feedback/spark_labels.py):
     pairs, plan and pending in Spark, chains of thought a generation wave, the executors score and append."""
     import functools
 
@@ -212,8 +93,7 @@ def run_on_spark(spark, cfg: LabelConfig, progress=None) -> dict:
     from cai_lib.feedback.preferences import human_rows
     from cai_lib.lake.locks import job_lock
     from cai_lib.runtime import spark_plane as plane
-    from jobs.common import guarded_replace_df
-    lake = open_lake(cfg.lake, spark, engine="spark")
+    lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     fb_fp = model_fingerprint(cfg.backend, cfg.feedback_model)
     chosen = plane.selected_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",)).where("chosen")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cai_lib.config import LakeConfig, LakeEngineConfig, RegistryConfig, load_config, opt
+from cai_lib.config import LakeConfig, RegistryConfig, load_config, opt
 from cai_lib.files import write_json
 from cai_lib.ids import sha256_text, stable_id
 from cai_lib.quality.stats import bootstrap_difference
@@ -32,7 +32,7 @@ from jobs.common import writer_lake
 
 
 @dataclass
-class PromoteConfig(LakeConfig, LakeEngineConfig, RegistryConfig):
+class PromoteConfig(LakeConfig, RegistryConfig):
     policy: str = opt("cai-rl", "the registered policy to promote (NAME = latest version)")
     policy_eval: str = opt("rl_cai", "its name in the evaluation (cai evaluate --policies NAME=...)")
     baseline_eval: str = opt("base", "harmlessness must not be worse than this evaluated model's")

@@ -2,7 +2,6 @@
 
     cai sample-pairs --lake lake --policy default --limit 20
     cai sample-pairs --policy cai-sl                   # the registered SL-CAI model (latest; or cai-sl:3)
-    cai sample-pairs --lake-engine spark               # the Spark-native data plane (same ids and texts)
     spark-submit launch/cai_task.py sample-pairs --lake lake
 
 Rows land in `generation_events` (kind pair_sample, `round` = sample index) with deterministic
@@ -23,10 +22,9 @@ from cai_lib.backends import Sampling
 from cai_lib.backends.models import model_fingerprint
 from cai_lib.config import PointerConfig, RegistryConfig, opt
 from cai_lib.constitution.load import load_constitution
-from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA, pair_sample_tasks
-from cai_lib.lake.queries import known_events, select_prompts
+from cai_lib.feedback.pairs import PAIR_TEMPLATE_SHA
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, retry_plan, run_tasks
+from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import MAX_NEW_TOKENS, TEMPERATURE, Failures, GenerationConfig, spark_job_main, write_pointer
 
 
@@ -59,39 +57,7 @@ def lineage(cfg: SamplePairsConfig, constitution, model_label: str, fp: str) -> 
 
 
 def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
-    if cfg.lake_engine == "spark":
-        return run_on_spark(spark, cfg, progress)
-    lake = open_lake(cfg.lake, spark)
-    constitution = load_constitution(cfg.constitution)
-    from cai_lib.registry.models import backend_model  # a registered policy (cai-sl) is fetched once into the cache
-    model_label, load_as = backend_model(cfg, cfg.policy)
-    fp = model_fingerprint(cfg.backend, load_as)
-    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",))
-    texts = {p: t for p, t in zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()) if p in chosen}
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    planned = pair_sample_tasks(texts, fingerprint=fp, sampling=sampling, seed=cfg.seed, n_samples=cfg.n_samples)
-    if not cfg.resample:  # pairs are data: a prompt that has a complete pair (from any policy) keeps it
-        have = pair_rounds(lake)
-        planned = [t for t in planned if len(have.get(t.prompt_id, ())) < cfg.n_samples]
-    done, failures = known_events(lake, {t.event_id for t in planned})
-    tasks, gave_up = retry_plan(planned, done, failures, cfg.max_attempts)
-    constants = lineage(cfg, constitution, model_label, fp)
-    stats = RunStats()
-    if tasks:
-        if progress:
-            progress(f"sampling {len(tasks)} responses for {len(texts)} prompts")
-        stats, _ = run_tasks(spark, lake, tasks, cfg.backend_spec(load_as), constants, batch_size=cfg.batch_size,
-                             batches_per_commit=cfg.batches_per_commit, job_run_id=new_job_run_id(),
-                             on_commit=commit_progress(progress, len(tasks)))
-    write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
-    fails = Failures.of("responses", stats, gave_up, cfg.max_attempts,
-                        most_tries([t.event_id for t in planned], done, failures))
-    return {"prompts": len(texts), "samples": len(tasks), "model_calls": stats.model_calls, "ok": stats.ok,
-            "failed": stats.failed, "gave_up": gave_up, "inserted": stats.inserted, "failures": [fails]}
-
-
-def run_on_spark(spark, cfg: SamplePairsConfig, progress=None) -> dict:
-    """The same samples on the Spark-native data plane (cai_lib/runtime/spark_plane.py): planned in the
+    """Pair samples on the Spark-native data plane (cai_lib/runtime/spark_plane.py): planned in the
     executors, pending by anti-join, generated and appended by the executors with delta-spark."""
     import functools
 
@@ -102,7 +68,7 @@ def run_on_spark(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     from cai_lib.lake.locks import job_lock
     from cai_lib.runtime import spark_plane as plane
     from cai_lib.registry.models import backend_model
-    lake = open_lake(cfg.lake, spark, engine="spark")
+    lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     model_label, load_as = backend_model(cfg, cfg.policy)
     fp = model_fingerprint(cfg.backend, load_as)

@@ -18,13 +18,12 @@ selected are incomplete under these settings (failed, given up, or outside --lim
 constitution or model change): the old table is kept and the run exits 1, unless --allow-shrink.
 Rows of prompts no longer selected (--splits) may go, with a warning.
 
-`--lake-engine spark` runs the same job on the Spark-native data plane (same event ids, texts and
-sl_dataset): the plan, the pending anti-join and the next round's inputs are Spark DataFrames, the
-executors generate and append to generation_events with delta-spark, one blind append per chunk of
-`batches_per_commit` batches, as many chunks at once as executor slots. One run per lake at a time.
-There, a prompt with a sl_dataset row built from the same plan, whose final event is still in
-generation_events, is done: a rerun plans and appends only the others (`planned_prompts=` in the
-summary), and a no-op plans nothing.
+The job runs on the Spark-native data plane: the plan, the pending anti-join and the next round's
+inputs are Spark DataFrames, the executors generate and append to generation_events with delta-spark,
+one idempotent append per chunk of `batches_per_commit` batches, as many chunks at once as executor
+slots. One run per lake at a time (a kernel-held lock). A prompt with a sl_dataset row built from the
+same plan, whose final event is still in generation_events, is done: a rerun plans and appends only
+the others (`planned_prompts=` in the summary), and a no-op plans nothing.
 """
 from __future__ import annotations
 
@@ -37,15 +36,12 @@ from cai_lib.config import PointerConfig, opt, settings_from
 from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import parse_output
 from cai_lib.lake.locks import job_lock
-from cai_lib.lake.queries import known_events, select_prompts
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.spark_plane import failure_counts, pending, run_wave, selected_prompts, successful
-from cai_lib.runtime.spark_plane import most_tries as spark_most_tries
-from cai_lib.runtime.tasks import RunStats, commit_progress, most_tries, new_job_run_id, run_tasks
-from cai_lib.sl.chain import SLContext, SLSettings, derive_sl_dataset, pending_tasks, plan_chain
+from cai_lib.runtime.spark_plane import failure_counts, most_tries, pending, run_wave, selected_prompts, successful
+from cai_lib.runtime.tasks import RunStats, new_job_run_id
+from cai_lib.sl.chain import SLContext, SLSettings
 from cai_lib.sl.spark_chain import built_from, open_prompts, plan_steps, sl_dataset_df, step_chat_of, wave_inputs
-from jobs.common import (MAX_NEW_TOKENS, Failures, GenerationConfig, guarded_replace, guarded_replace_df, spark_job_main,
-                         write_pointer)
+from jobs.common import MAX_NEW_TOKENS, Failures, GenerationConfig, guarded_replace_df, spark_job_main, write_pointer
 
 
 @dataclass
@@ -79,59 +75,10 @@ def incomplete_chains(mine: int, total: int, fails: Failures) -> str:
 
 
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
-    if cfg.lake_engine == "spark":
-        return run_on_spark(spark, cfg, progress)
-    lake = open_lake(cfg.lake, spark, engine=cfg.lake_engine)
-    constitution = load_constitution(cfg.constitution)
-    fp = model_fingerprint(cfg.backend, cfg.base_model)
-    ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
-    prompts, chosen = select_prompts(lake, cfg.splits, cfg.limit)
-    texts_by_pid = dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
-    # Plan every prompt of the splits (ids are cheap hashes): sl_dataset covers all complete
-    # chains, while only the `limit` chosen ones are generated in this run.
-    plans = {pid: plan_chain(ctx, pid, kind) for pid, kind in zip(prompts["prompt_id"].to_pylist(),
-                                                                   prompts["kind"].to_pylist())}
-    todo = {pid: plan for pid, plan in plans.items() if pid in chosen}
-    texts, failures = known_events(lake, {s.event_id for chain in plans.values() for s in chain})
-    job_run_id = new_job_run_id()
-    total, exhausted = RunStats(), 0
-    for wave in range(0, 2 * cfg.rounds + 1):
-        tasks, gave_up = pending_tasks(ctx, todo, texts_by_pid, wave, texts, failures, cfg.max_attempts)
-        exhausted += gave_up
-        if not tasks:
-            continue
-        if progress:
-            progress(f"wave {wave}/{2 * cfg.rounds}: {len(tasks)} generations")
-        stats, rows = run_tasks(spark, lake, tasks, cfg.backend_spec(cfg.base_model), ctx.constants(),
-                                batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit,
-                                job_run_id=job_run_id, parse=parse_output,
-                                on_commit=commit_progress(progress, len(tasks)))
-        total.add(stats)
-        for r in rows.select(["target_event_id", "status", "text"]).to_pylist():
-            if r["status"] == "ok":
-                texts[r["target_event_id"]] = r["text"]
-    planned = {s.event_id for chain in todo.values() for s in chain}
-    fails = Failures.of("generations", total, exhausted, cfg.max_attempts, most_tries(planned, texts, failures))
-
-    def why(pids) -> str:
-        return incomplete_chains(sum(1 for p in pids if p in todo), len(pids), fails)
-    dataset = derive_sl_dataset(ctx, plans, prompts, texts)
-    dataset_changed, errors, warnings = guarded_replace(lake, "sl_dataset", dataset, set(plans), cfg.allow_shrink, why)
-    write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
-                  {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
-    return {"prompts": len(todo), "generations": total.tasks, "model_calls": total.model_calls,
-            "ok": total.ok, "failed": total.failed, "gave_up": exhausted, "inserted": total.inserted,
-            "completion_tokens": total.completion_tokens, "sl_dataset_rows": lake.count("sl_dataset"),
-            "sl_dataset_rewritten": dataset_changed, "planned_prompts": len(plans), "failures": [fails], "errors": errors,
-            "warnings": warnings}
-
-
-# The Spark-native data plane (`--lake-engine spark`): the same events and sl_dataset as run()'s delta-rs
-# path, with nothing per event on the driver (see cai_lib/runtime/spark_plane.py).
-
-def run_on_spark(spark, cfg, progress=None) -> dict:
+    """The plan, the pending anti-join and each wave's inputs are Spark DataFrames; nothing per event runs
+    on the driver (see cai_lib/runtime/spark_plane.py)."""
     from pyspark.sql import functions as F
-    lake = open_lake(cfg.lake, spark, engine="spark")
+    lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.base_model)
     ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
@@ -187,7 +134,7 @@ def run_on_spark(spark, cfg, progress=None) -> dict:
         ok = successful(events)
         # every chosen step without a success was in `left`, and there is none when no wave had work
         fails = Failures.of("generations", total, exhausted, cfg.max_attempts,
-                            spark_most_tries(left, events) if waves else 0)
+                            most_tries(left, events) if waves else 0)
         if stands:   # the rows of the open prompts whose chains are complete now, appended
             new = sl_dataset_df(ctx, steps, ok, opened).localCheckpoint(eager=True)
             changed, errors, warnings = new.count() > 0, [], []

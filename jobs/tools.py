@@ -338,7 +338,13 @@ def lake_main(argv) -> int:
     _add_common(sub.add_parser("check", help="each table: ok, absent or BROKEN with the fix; exit 1 if any is broken"))
     r = sub.add_parser("restore", help="set a broken table's bad commits aside so it opens at its last good version")
     r.add_argument("table", choices=sorted(TABLES))
+    r.add_argument("--to-version", type=int, default=None, help="set aside every commit after this version, "
+                   "also of a table that opens (e.g. commits another engine wrote)")
     _add_common(r)
+    d = sub.add_parser("adopt", help="accept the commits another engine wrote (a lake from a release that wrote "
+                       "with delta-rs): one delta-spark commit per table records it; jobs refuse such tables until then")
+    d.add_argument("tables", nargs="*", metavar="TABLE", help=f"default: every table ({', '.join(sorted(TABLES))})")
+    _add_common(d)
     o = sub.add_parser("optimize", help="compact small files, checkpoint, and vacuum files no version needs, "
                        "keeping every version a gate verdict or a registered model pins")
     o.add_argument("--retention-hours", type=int, default=168, help="unpinned versions older than this lose "
@@ -351,8 +357,13 @@ def lake_main(argv) -> int:
     lake = _lake(a)
     if a.action == "optimize":
         return _optimize(lake, a)
+    if a.action == "adopt":
+        unknown = sorted(set(a.tables) - set(TABLES))
+        if unknown:
+            p.error(f"unknown table(s) {unknown}; the lake's tables are {', '.join(sorted(TABLES))}")
+        return _adopt(lake, a.tables or list(TABLES))
     if a.action == "restore":
-        h = restore(lake.root, a.table)
+        h = restore(lake.root, a.table, a.to_version)
         if h.set_aside is None:
             print(f"{h.name}: healthy, nothing to do (version {h.version}, {h.rows} rows)")
         else:
@@ -365,6 +376,17 @@ def lake_main(argv) -> int:
         print(f"{name:<22}" + {"ok": f"ok      version {h.version}, {h.rows} rows", "absent": "absent"}.get(
             h.state, f"BROKEN  {h.message(lake.root)}"))
     return 1 if broken else 0
+
+
+def _adopt(lake, names: list[str]) -> int:
+    from cai_lib.lake.writers import adopt
+    from cai_lib.runtime.session import get_spark
+    adopted = adopt(get_spark("local[1]", "cai-lake-adopt", delta=True), lake.root, names)
+    for name, version in adopted.items():
+        print(f"{name}: commits through version {version} adopted; delta-spark writes it from now on")
+    if not adopted:
+        print("every table is written by delta-spark only: nothing to adopt")
+    return 0
 
 
 def _optimize(lake, a) -> int:

@@ -16,23 +16,6 @@ DEMO_HELPFUL = ROOT / "data/demo/helpful_prompts.jsonl"
 os.environ.setdefault("CAI_MODEL_CACHE", str(ROOT / ".cache/models"))
 
 
-def _delta_rs_params() -> str:
-    """The project's params.yaml with `lake_engine: delta-rs`, for the commands a test runs without
-    --params ($CAI_PARAMS): each of those tests a job's logic, which both engines share, on the engine
-    that starts no Spark session for ingest and the gates and commits in milliseconds. The Spark plane
-    is tested by the tests that ask for it (`--lake-engine spark`, test_one_engine, the plane equality
-    tests) and by test_dvc_pipeline, which runs params.yaml itself (spark)."""
-    import tempfile
-
-    import yaml
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["common"]["lake_engine"] = "delta-rs"
-    path = Path(tempfile.mkdtemp(prefix="cai-tests-")) / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return str(path)
-
-
-os.environ["CAI_PARAMS"] = _delta_rs_params()
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 from cai_lib.env import set_offline_env  # noqa: E402
 
@@ -72,13 +55,18 @@ def small_lake(tmp_path) -> Path:
 
 
 def make_small_lake(tmp_path: Path) -> Path:
-    import json
-    red = [json.loads(x) for x in DEMO_RED.read_text().splitlines()[:12:4]]
-    helpful = [json.loads(x) for x in DEMO_HELPFUL.read_text().splitlines()[:2]]
-    lake = tmp_path / "lake"
-    ingest(lake, write_jsonl(tmp_path / "red.jsonl", red), "red_team")
-    ingest(lake, write_jsonl(tmp_path / "helpful.jsonl", helpful), "helpful")
-    return lake
+    """Ingested once per test session (two `cai ingest` runs on delta-spark), then copied."""
+    from tests.lakes import cached
+
+    def build(lake: Path) -> None:
+        import json
+        red = [json.loads(x) for x in DEMO_RED.read_text().splitlines()[:12:4]]
+        helpful = [json.loads(x) for x in DEMO_HELPFUL.read_text().splitlines()[:2]]
+        sources = lake.parent / f"{lake.name}-sources"
+        sources.mkdir(exist_ok=True)
+        ingest(lake, write_jsonl(sources / "red.jsonl", red), "red_team")
+        ingest(lake, write_jsonl(sources / "helpful.jsonl", helpful), "helpful")
+    return cached(tmp_path / "lake", "small_lake", build)
 
 
 def copy_lake(src: Path, dst: Path) -> Path:

@@ -1,4 +1,4 @@
-"""A clean, model-free lake written through the public table API, for quality-gate tests.
+"""A clean, model-free lake written through the lake's writer (delta-spark), for quality-gate tests.
 
 24 red-team prompts in 4 categories (one critique/revision round each, one sampled pair,
 both label orders) and 12 helpful prompts in 3 categories. Texts are seeded random words,
@@ -16,8 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from cai_lib.ids import stable_id
-from cai_lib.lake.tables import Lake
 from schemas import GENERATION_EVENTS, LABEL_EVENTS, PREFERENCE_DATASET, PROMPTS, SL_DATASET
+
+try:
+    from tests.lakes import cached, key_of, writer
+except ImportError:   # imported as `synthetic_lake` (tests/ on sys.path)
+    from lakes import cached, key_of, writer
 
 WORDS = ("apple river window garden yellow music bridge winter candle forest market silver paper ocean "
          "travel pencil shadow mountain kitchen harbor lantern meadow rocket violin basket thunder valley "
@@ -67,11 +71,23 @@ def informative(strength: float = 0.25):
     return p_shown
 
 
-def build_clean_lake(root: Path, seed: int = 7, p_shown=None) -> Lake:
-    """`p_shown(rng, order)` overrides the shown-as-A probability of each label (default U(0.3, 0.7))."""
+def build_clean_lake(root: Path, seed: int = 7, p_shown=None):
+    """`p_shown(rng, order)` overrides the shown-as-A probability of each label (default U(0.3, 0.7)).
+    Written with delta-spark (once per session for the same rows, then copied); returns the writer."""
+    tables = clean_tables(seed, p_shown)
+
+    def build(folder: Path) -> None:
+        lake = writer(folder)
+        for name, rows in tables.items():
+            (lake.replace if name in ("sl_dataset", "preference_dataset") else lake.insert_new)(name, rows)
+    cached(Path(root), key_of(*tables.values()), build)
+    return writer(root)
+
+
+def clean_tables(seed: int = 7, p_shown=None) -> dict[str, pa.Table]:
+    """The synthetic lake's rows, table by table (pure)."""
     rng = random.Random(seed)
     p_shown = p_shown or (lambda rng, order: round(rng.uniform(0.3, 0.7), 3))
-    lake = Lake(root)
     prompts, events, sl, labels, prefs = [], [], [], [], []
     for i in range(24 + 12):
         kind = "red_team" if i < 24 else "helpful"
@@ -108,9 +124,8 @@ def build_clean_lake(root: Path, seed: int = 7, p_shown=None) -> Lake:
                    "split": "train", "rounds": len(principles), "final_event_id": final["event_id"],
                    "chain_event_ids": chain, "principle_ids": principles,
                    **{k: CONST[k] for k in ("constitution_sha", "model_id", "model_fingerprint")}})
-    lake.insert_new("prompts", pa.Table.from_pylist(prompts, schema=PROMPTS))
-    lake.insert_new("generation_events", pa.Table.from_pylist(events, schema=GENERATION_EVENTS))
-    lake.replace("sl_dataset", pa.Table.from_pylist(sl, schema=SL_DATASET))
-    lake.insert_new("label_events", pa.Table.from_pylist(labels, schema=LABEL_EVENTS))
-    lake.replace("preference_dataset", pa.Table.from_pylist(prefs, schema=PREFERENCE_DATASET))
-    return lake
+    return {"prompts": pa.Table.from_pylist(prompts, schema=PROMPTS),
+            "generation_events": pa.Table.from_pylist(events, schema=GENERATION_EVENTS),
+            "sl_dataset": pa.Table.from_pylist(sl, schema=SL_DATASET),
+            "label_events": pa.Table.from_pylist(labels, schema=LABEL_EVENTS),
+            "preference_dataset": pa.Table.from_pylist(prefs, schema=PREFERENCE_DATASET)}

@@ -36,7 +36,7 @@ def pair_id_of(prompt_id: str, a_id: str, b_id: str) -> str:
     return stable_id("pair", prompt=prompt_id, a=a_id, b=b_id)
 
 
-# The Spark-native data plane (`cai sample-pairs --lake-engine spark`): the same tasks, planned in the executors.
+# The Spark-native data plane: the tasks are planned in the executors.
 
 SAMPLE_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("kind", pa.string()), ("prompt_id", pa.string()), ("parent_id", pa.string()),

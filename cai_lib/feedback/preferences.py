@@ -13,7 +13,6 @@ import pyarrow as pa
 from cai_lib.feedback.labels import aggregate_pair, conversation_text
 from cai_lib.ids import sha256_text, stable_id
 from cai_lib.sources.eval_data import read_hh_pairs
-from schemas import PREFERENCE_DATASET
 
 
 def dialogue_text(turns: Sequence[tuple[str, str]]) -> str:
@@ -68,11 +67,3 @@ def human_rows(specs: Sequence[Mapping]) -> tuple[list[dict], int]:
                 "constitution_sha": None, "feedback_model_fingerprint": None, "origin": origin,
             })
     return rows, rejected
-
-
-def build_preference_dataset(labels: pa.Table, texts: Mapping[str, str], prompt_text: Mapping[str, str],
-                             human_specs: Sequence[Mapping] = ()) -> tuple[pa.Table, dict]:
-    ai, incomplete = ai_rows(labels, texts, prompt_text)
-    human, rejected = human_rows(human_specs)
-    table = pa.Table.from_pylist(ai + human, schema=PREFERENCE_DATASET)
-    return table, {"incomplete_pairs": incomplete, "human_rows_rejected": rejected}

@@ -111,22 +111,32 @@ def _checkpoint_version(table_dir: Path) -> int:
         return 0
 
 
-def restore(root: Path, name: str) -> TableHealth:
-    """Set every file of the commits after the last good version aside (moved, never deleted); the
-    table's health after. Every file, not only the JSON: a commit's Hadoop checksum (`.N.json.crc`),
+def restore(root: Path, name: str, to_version: int | None = None) -> TableHealth:
+    """Set every file of the commits after the last good version (or after `to_version`, for a table that
+    opens but holds commits to undo, e.g. another engine's) aside (moved, never deleted); the table's health
+    after. Every file, not only the JSON: a commit's Hadoop checksum (`.N.json.crc`),
     version checksum (`N.crc`) or checkpoint left behind is read as part of the next commit N that
     Spark writes, and then no Spark job opens the table (ChecksumException) though delta-rs does."""
     health = check_table(root, name)
     if health.state == "absent":
         raise ValueError(f"table {name} does not exist in the lake {root} (no {root / name / '_delta_log'}): "
                          "there is nothing to restore. Fix: check --lake and the table name (`cai lake check`)")
-    if health.state != "broken":
+    if to_version is not None:
+        if to_version < 0 or (health.state == "ok" and to_version > health.version):
+            raise ValueError(f"--to-version {to_version}: table {name} has versions 0 to {health.version}. Fix: "
+                             "give one of them (`cai lake check` shows the current version)")
+        if health.state == "ok" and to_version == health.version:
+            return health
+        last_good = to_version
+    elif health.state != "broken":
         return health
-    if health.last_good is None:
+    elif health.last_good is None:
         raise ValueError(health.message(root))
+    else:
+        last_good = health.last_good
     log = root / name / "_delta_log"
     aside = root / BROKEN_DIR / name / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    for path in stale_files(log, health.last_good):
+    for path in stale_files(log, last_good):
         target = aside / path.relative_to(log)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(path), target)

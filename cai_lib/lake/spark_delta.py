@@ -1,21 +1,25 @@
-"""The lake on a Spark session that has Delta (Databricks, or Spark with delta-spark's jars).
+"""The lake's one writer: delta-spark, on a Spark session that has Delta (Databricks, or Spark with
+delta-spark's jars). Every job writes through it.
 
-Same methods as `cai_lib.lake.tables.Lake`, written with Spark's native Delta support: insert-only
-MERGE through `delta.tables.DeltaTable`, reads through `format("delta")` (never plain parquet,
-which would include removed files), and `df()` for the Spark-native data plane, which reads and
-appends DataFrames without bringing rows to the driver. `open_lake` picks it with
-`engine="spark"` (`--lake-engine spark`), and on Databricks.
+Event tables take insert-only MERGEs on their key (`insert_new`) and idempotent appends (`idempotent_append`:
+txnAppId/txnVersion, so a chunk written twice, by a retry or a second run, lands once); derived tables are
+replaced whole. Reads go through `format("delta")` (never plain parquet, which would include removed files),
+and `df()` serves the Spark-native data plane, which reads and appends DataFrames without bringing rows to
+the driver. `cai_lib.lake.tables.Lake` reads the same tables without a JVM.
 """
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from cai_lib.lake.tables import Lake, LakeBase, LakeError, check_lake_root, spec_of
+from cai_lib.lake.tables import (COMMIT_ATTEMPTS, CommitRaceError, LakeBase, LakeError, added_columns, check_lake_target,
+                                 conform, first_of_each_key, spec_of)
+from schemas import TABLES
 
-ENGINES = ("delta-rs", "spark")
 # delta-spark 4.4.1's own `configure_spark_with_delta_pip` asks for 4.4.1's jar, which Maven Central
 # does not serve (Ivy: unresolved dependency); the 4.4.0 jar is the newest for Spark 4.2 / Scala 2.13.
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
@@ -32,17 +36,13 @@ def spark_has_delta(spark) -> bool:
     return "DeltaSparkSessionExtension" in (spark.conf.get("spark.sql.extensions", "") or "")
 
 
-def open_lake(root, spark=None, mode: str | None = "write", engine: str | None = None):
-    """The lake adapter: delta-spark for `engine="spark"` (the default on Databricks), else delta-rs.
-    The folder is checked first (`mode`, see check_lake_root): a job fails before any model call."""
-    if engine is None:
-        engine = "spark" if os.environ.get("DATABRICKS_RUNTIME_VERSION") and spark is not None else "delta-rs"
-    if engine not in ENGINES:
-        raise ValueError(f"lake engine must be one of {ENGINES}, got {engine!r}")
-    if "://" not in str(root):   # a local folder (a cloud URI is the cluster's to check)
-        check_lake_root(Path(root), mode)
-    if engine == "delta-rs":
-        return Lake(root)
+def open_lake(root, spark, mode: str | None = "write"):
+    """The lake as its one writer sees it: delta-spark on `spark`, which must have Delta. The folder is
+    checked first (`mode`, see check_lake_root): a job fails before any model call."""
+    check_lake_target(root, mode)
+    if mode in ("write", "create") and "://" not in str(root):
+        from cai_lib.lake.writers import check_writers
+        check_writers(Path(root), TABLES)   # another engine's commit: refused before any model call
     require_delta(spark)
     return SparkDeltaLake(spark, root)
 
@@ -61,7 +61,7 @@ def require_delta(spark) -> None:
             "this Spark session has no Delta (spark.sql.extensions lacks DeltaSparkSessionExtension), so it cannot "
             f"write the lake with delta-spark. Fix: pass spark-submit --packages {DELTA_PACKAGE} --conf "
             "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension --conf "
-            "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog, or --lake-engine delta-rs")
+            "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog")
 
 
 class SparkDeltaLake(LakeBase):
@@ -92,7 +92,15 @@ class SparkDeltaLake(LakeBase):
             except Exception:   # another run created it first (both wrote version 0): theirs stands
                 if not self.exists(name):
                     raise
-        return self._DeltaTable.forPath(self.spark, self.path(name))
+        table = self._DeltaTable.forPath(self.spark, self.path(name))
+        stored = {f.name for f in table.toDF().schema.fields}
+        added = [f for f in from_arrow_schema(spec.schema).fields if f.name not in stored]
+        if added:   # a newer release added nullable columns (added_columns refuses a NOT NULL one): evolve in place
+            added_columns(spec, pa.schema([spec.schema.field(n) for n in stored if n in spec.schema.names]))
+            cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in added)
+            self.spark.sql(f"ALTER TABLE delta.`{self.path(name)}` ADD COLUMNS ({cols})")
+            table = self._DeltaTable.forPath(self.spark, self.path(name))   # an object made before would refuse
+        return table
 
     def version(self, name: str) -> int | None:
         if not self.exists(name):
@@ -168,15 +176,56 @@ class SparkDeltaLake(LakeBase):
     def count(self, name: str) -> int:
         return self.spark.read.format("delta").load(self.path(name)).count() if self.exists(name) else 0
 
-    def _merge_insert(self, name: str, rows: pa.Table, key: str) -> int:
-        before = self.version(name)
-        target = self.table(name)
-        (target.alias("t").merge(self.spark.createDataFrame(rows).alias("s"), f"t.{key} = s.{key}")
-         .whenNotMatchedInsertAll().execute())
-        last = target.history(1).first()
-        if before is not None and int(last["version"]) == before:
+    def insert_new(self, name: str, rows: pa.Table) -> int:
+        """Insert the rows whose key is not in event table `name` yet (an insert-only MERGE on the key, so a
+        rerun or a retry writes nothing twice, and nothing new makes no new version); how many it inserted."""
+        spec = spec_of(name)
+        if not spec.append_only:
+            raise LakeError(f"{name} is a derived table: rebuild it with replace(), not insert_new()")
+        rows = conform(name, rows)
+        if rows.num_rows == 0:
             return 0
-        return int((last["operationMetrics"] or {}).get("numTargetRowsInserted", 0))
+        source = self.spark.createDataFrame(first_of_each_key(rows, spec.key))
+        target = self.table(name)
 
-    def _overwrite(self, name: str, rows: pa.Table) -> None:
-        self.spark.createDataFrame(rows).write.format("delta").mode("overwrite").save(self.path(name))
+        def merge() -> int:
+            result = (target.alias("t").merge(source.alias("s"), f"t.{spec.key} = s.{spec.key}")
+                      .whenNotMatchedInsertAll().execute())
+            return int(result.first()["num_inserted_rows"])   # this MERGE's own count, whatever else committed
+        return retrying(name, self.path(name), merge)
+
+    def replace(self, name: str, rows: pa.Table) -> bool:
+        """Replace derived table `name` with `rows` unless it already holds exactly them (sorted by key, so
+        the same events always give the same table and an unchanged rebuild writes nothing); True if written."""
+        spec = spec_of(name)
+        if spec.append_only:
+            raise LakeError(f"{name} is an append-only event table: it is never replaced")
+        rows = conform(name, rows).sort_by(spec.key)
+        if self.exists(name) and self.read(name).sort_by(spec.key).equals(rows):
+            return False
+        self.table(name)
+        frame = self.spark.createDataFrame(rows)
+        retrying(name, self.path(name), lambda: frame.write.format("delta").mode("overwrite").save(self.path(name)))
+        return True
+
+
+CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+             "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException")
+
+
+def retrying(name: str, path: str, commit):
+    """Run `commit` again when another writer of the table committed first (Delta's optimistic conflict
+    check). An insert-only MERGE is idempotent (a retry inserts only what is still missing) and a derived
+    table is a projection, so a lost race costs one retry, never the model work the rows carry."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return commit()
+        except Exception as exc:   # captured py4j errors: Delta's conflict is known by its class name
+            conflict = next((c for c in CONFLICTS if c in f"{type(exc).__name__} {exc}"), None)
+            if conflict is None:
+                raise
+            if attempt == COMMIT_ATTEMPTS:
+                raise CommitRaceError(f"{name}: lost the commit race {COMMIT_ATTEMPTS} times in a row to another "
+                                      f"writer of {path} ({conflict}). Fix: let the other run finish, then rerun this "
+                                      "job: it writes only what is still missing") from None
+            time.sleep(random.uniform(0.05, 0.25) * attempt)   # jitter: two losers do not collide again

@@ -1,24 +1,19 @@
-"""The lake: one adapter for every table read and write.
+"""The lake's tables, read without a JVM: `Lake` (delta-rs) for `cai sql`, `cai status`, notebooks and the
+training jobs' pinned reads, plus what the writer shares (contract checks, the folder check).
 
-Locally the tables are real Delta tables written with delta-rs (reader 1 / writer 2, no
-deletion vectors), readable by Spark-with-Delta, Databricks, DuckDB and Polars. Event tables
-are append-only and written with an insert-only MERGE on their key, so a retried or resumed
-job never writes a row twice, and a write with nothing new makes no new table version.
-`SparkDeltaLake` (lake_spark.py) offers the same methods where the Spark session has Delta.
+delta-spark is the lake's only writer (`cai_lib.lake.spark_delta.SparkDeltaLake`): every job writes through
+it, so local, standalone-cluster and Databricks runs behave alike. Its tables stay readable here (reader 1 /
+writer 2, no deletion vectors).
 """
 from __future__ import annotations
 
 import os
-import random
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError
-from deltalake.schema import Field
+from deltalake import DeltaTable
 
 from schemas import TABLES, TableSpec
 
@@ -61,37 +56,8 @@ def conform(name: str, rows: pa.Table) -> pa.Table:
 
 
 class LakeBase:
-    """What both adapters share: the contract checks around each engine's reads and writes.
-
-    Subclasses provide exists, table, version, read, count, `_merge_insert(name, rows, key)`
-    and `_overwrite(name, rows)`.
-    """
-
-    def insert_new(self, name: str, rows: pa.Table) -> int:
-        """Insert the rows whose key is not in the table yet; return how many were inserted."""
-        spec = spec_of(name)
-        if not spec.append_only:
-            raise LakeError(f"{name} is a derived table: rebuild it with replace(), not insert_new()")
-        rows = conform(name, rows)
-        if rows.num_rows == 0:
-            return 0
-        return self._merge_insert(name, first_of_each_key(rows, spec.key), spec.key)
-
-    def replace(self, name: str, rows: pa.Table) -> bool:
-        """Replace a derived table with `rows` unless it already holds exactly them.
-
-        Returns True when a new version was written. Rows are sorted by key first, so the
-        same events always give the same table, and an unchanged rebuild writes nothing.
-        """
-        spec = spec_of(name)
-        if spec.append_only:
-            raise LakeError(f"{name} is an append-only event table: it is never replaced")
-        rows = conform(name, rows).sort_by(spec.key)
-        if self.exists(name) and self.read(name).sort_by(spec.key).equals(rows):
-            return False
-        self.table(name)
-        self._overwrite(name, rows)
-        return True
+    """What the reader (delta-rs, `Lake`) and the writer (delta-spark, `SparkDeltaLake`) share: each provides
+    exists, version, read and count."""
 
     def snapshot(self, names: list[str] | None = None) -> dict[str, dict[str, int | None]]:
         """{table: {version, rows}} for pointer files and pinning inputs of a run."""
@@ -158,15 +124,21 @@ def check_lake_root(root: Path, mode: str | None) -> None:
                                   "Fix: make it writable, or pass --lake a writable folder") from None
 
 
+def check_lake_target(root, mode: str | None) -> None:
+    """check_lake_root for a local folder; a cloud URI (s3://, abfss://, dbfs:/...) is the cluster's to check."""
+    if "://" not in str(root):
+        check_lake_root(Path(root), mode)
+
+
 class Lake(LakeBase):
-    """Tables under one root folder, by name (`prompts`, `generation_events`, ...), via delta-rs.
+    """Tables under one root folder, by name (`prompts`, `generation_events`, ...), read via delta-rs.
     `mode` checks the folder first (see check_lake_root): jobs pass it, library use need not."""
 
     def __init__(self, root: str | os.PathLike, mode: str | None = None):
         if "://" in str(root):   # Path() would fold s3://b/x into s3:/b/x, then write a local folder "s3:"
             raise LakeTargetError(f"lake {root} is a URI, but delta-rs here opens local folders only (cai status, "
-                                  "cai sql, lake_engine delta-rs). Fix: run the jobs with --lake-engine spark "
-                                  "(delta-spark writes cloud storage), or point --lake at a local folder")
+                                  "cai sql, notebooks). Fix: query it on the cluster with `cai sql --engine spark`, or point --lake at a "
+                                  "local folder")
         self.root = Path(root)
         check_lake_root(self.root, mode)
 
@@ -187,21 +159,6 @@ class Lake(LakeBase):
         except Exception as exc:  # noqa: BLE001 - delta-rs raises DeltaError, OSError, ... on a broken log
             from cai_lib.lake.health import diagnose
             raise BrokenTableError(diagnose(self.path(name), name, exc).message(self.root)) from None
-
-    def table(self, name: str) -> DeltaTable:
-        """The DeltaTable, created empty with its schema and properties if missing."""
-        spec = spec_of(name)
-        path = self.path(name)
-        if self.exists(name):
-            dt = self.delta_table(name)
-            added = added_columns(spec, dt.schema().to_arrow())
-            if added:  # a newer release added nullable columns: evolve the table in place
-                dt.alter.add_columns([Field.from_arrow(f) for f in added])
-            return dt
-        path.mkdir(parents=True, exist_ok=True)
-        config = {"delta.appendOnly": "true"} if spec.append_only else None
-        return DeltaTable.create(str(path), schema=spec.schema, configuration=config,
-                                 name=name, mode="ignore")
 
     def version(self, name: str) -> int | None:
         return self.delta_table(name).version() if self.exists(name) else None
@@ -230,32 +187,3 @@ class Lake(LakeBase):
         except Exception as exc:  # noqa: BLE001 - the log opens but a data file is gone or corrupt
             from cai_lib.lake.health import diagnose
             raise BrokenTableError(diagnose(self.path(name), name, exc).message(self.root)) from None
-
-    def _merge_insert(self, name: str, rows: pa.Table, key: str) -> int:
-        def merge() -> int:
-            metrics = (
-                self.table(name)
-                .merge(source=rows, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t")
-                .when_not_matched_insert_all()
-                .execute()
-            )
-            return int(metrics["num_target_rows_inserted"])
-        return self._retrying(name, merge)
-
-    def _overwrite(self, name: str, rows: pa.Table) -> None:
-        self._retrying(name, lambda: write_deltalake(str(self.path(name)), rows, mode="overwrite"))
-
-    def _retrying(self, name: str, commit):
-        """Run `commit` again when another writer committed first. An insert-only MERGE on the key is
-        idempotent (a retry inserts only what is still missing) and a derived table is a projection,
-        so a lost race costs one retry, never the finished model work these rows carry."""
-        attempts = COMMIT_ATTEMPTS
-        for attempt in range(1, attempts + 1):
-            try:
-                return commit()
-            except CommitFailedError as exc:
-                if attempt == attempts:
-                    raise CommitRaceError(f"{name}: lost the commit race {attempts} times in a row to another writer of "
-                                    f"{self.path(name)} ({str(exc).splitlines()[0]}). Fix: let the other run finish, "
-                                    "then rerun this job: it writes only what is still missing") from None
-                time.sleep(random.uniform(0.05, 0.25) * attempt)   # jitter: two losers do not collide again

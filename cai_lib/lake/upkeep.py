@@ -3,15 +3,15 @@ version needs any more, except the versions something pins.
 
 Pinned versions are the ones a gate verdict judged (`gate_events.input_versions`) and the ones a
 registered model was trained on (its run's Delta dataset inputs in MLflow). Vacuum keeps every file
-those versions read (delta-rs `keep_versions`), whatever the retention, so time travel to them
+those versions read, whatever the retention, so time travel to them
 keeps working; older unpinned versions lose their removed files after `retention_hours`. The log
 itself is never cleaned here, so every version stays listed.
 
-Each table is kept by the engine that writes it (its last commit's engineInfo), so a lake written by
-delta-spark (`lake_engine: spark`) is never committed to by delta-rs: OPTIMIZE and VACUUM run through
-Spark (`optimize_spark`). delta-spark's VACUUM has a retention and nothing else, so there the retention
-is stretched back to the oldest pinned version's commit: the pinned versions keep their files, and so
-does every version after the oldest pin (delta-spark checkpoints its log itself, every 10 commits).
+OPTIMIZE and VACUUM run through delta-spark, the lake's one writer (`optimize_spark`; a table another
+engine committed to is refused first, as the jobs refuse it: `cai_lib.lake.writers`). delta-spark's VACUUM
+has a retention and nothing else, so the retention is stretched back to the oldest pinned version's commit:
+the pinned versions keep their files, and so does every version after the oldest pin (delta-spark
+checkpoints its log itself, every 10 commits).
 
 Safe beside running jobs: upkeep holds every locking job's lake lock while it runs (`locks.upkeep_lock`),
 so it refuses, naming the job, while one runs, and a job started meanwhile is refused naming upkeep; it
@@ -42,13 +42,12 @@ class TableUpkeep:
     files_after: int
     vacuumed: int
     kept_versions: list[int] = field(default_factory=list)
-    engine: str = "delta-rs"
-    retention_hours: int | None = None   # delta-spark: the retention VACUUM ran with
+    retention_hours: int | None = None   # the retention VACUUM ran with (stretched to keep the pinned versions)
 
     def line(self) -> str:
         """`generation_events  files 41 -> 3, vacuumed 38, version 12 -> 13, pinned versions kept: 4, 9`"""
         kept = ", ".join(map(str, self.kept_versions)) or "none"
-        spark = "" if self.engine == "delta-rs" else f" (delta-spark, retention {self.retention_hours} h)"
+        spark = f" (delta-spark, retention {self.retention_hours} h)"
         return (f"{self.name:<22} files {self.files_before} -> {self.files_after}, vacuumed {self.vacuumed}, "
                 f"version {self.version_before} -> {self.version_after}, pinned versions kept: {kept}{spark}")
 
@@ -80,12 +79,6 @@ def registry_pins(lake: Lake) -> dict[str, set[int]]:
             if path and version is not None and Path(path).resolve().parent == root and Path(path).name in TABLES:
                 pins.setdefault(Path(path).name, set()).add(int(version))
     return pins
-
-
-def writer_engine(lake: Lake, name: str) -> str:
-    """"spark" when the table's last commit was written by delta-spark (engineInfo Apache-Spark/...)."""
-    info = (lake.delta_table(name).history(1) or [{}])[0].get("engineInfo") or ""
-    return "spark" if str(info).startswith("Apache-Spark") else "delta-rs"
 
 
 DEFAULT_RETENTION = "interval 7 days"   # Delta's default delta.deletedFileRetentionDuration
@@ -122,10 +115,14 @@ def check_retention(lake: Lake, names: list[str], retention_hours: float) -> Non
 def optimize(lake: Lake, pins: dict[str, set[int]], retention_hours: int = 168,
              dry_run: bool = False, spark_session=None) -> list[TableUpkeep]:
     """Compact, checkpoint and vacuum each existing table; `pins` versions keep their files.
-    `spark_session()` gives the Spark session for the tables delta-spark writes (started only if one is).
-    Refused (RetentionError) below a table's retention floor, and (JobLockedError) while a job runs."""
+    `spark_session()` gives the delta-spark session (started only when a table exists). Refused
+    (RetentionError) below a table's retention floor, (ForeignWriterError) for a table another engine
+    committed to, and (JobLockedError) while a job runs."""
+    from cai_lib.lake.writers import check_writers
     from cai_lib.runtime.tasks import new_job_run_id
-    check_retention(lake, [n for n in TABLES if lake.exists(n)], retention_hours)
+    existing = [n for n in TABLES if lake.exists(n)]
+    check_retention(lake, existing, retention_hours)
+    check_writers(lake.root, existing)
     with upkeep_lock(lake.root, new_job_run_id()):
         return _optimize_tables(lake, pins, retention_hours, dry_run, spark_session)
 
@@ -134,24 +131,8 @@ def _optimize_tables(lake: Lake, pins: dict[str, set[int]], retention_hours: int
                      spark_session) -> list[TableUpkeep]:
     out = []
     for name in TABLES:
-        if not lake.exists(name):
-            continue
-        if writer_engine(lake, name) == "spark":
-            if spark_session is None:
-                raise RuntimeError(f"{lake.path(name)} is written by delta-spark: it is kept through Spark, "
-                                   "never committed to by delta-rs (pass a Spark session)")
+        if lake.exists(name):
             out.append(optimize_spark(spark_session(), lake, name, pins.get(name, set()), retention_hours, dry_run))
-            continue
-        dt = lake.delta_table(name)
-        before, files_before = dt.version(), len(dt.file_uris())
-        if not dry_run:
-            dt.optimize.compact()
-            dt = lake.delta_table(name)
-            dt.create_checkpoint()
-        kept = sorted(v for v in pins.get(name, ()) if v <= dt.version())
-        removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, keep_versions=kept or None)
-        after = lake.delta_table(name)
-        out.append(TableUpkeep(name, before, after.version(), files_before, len(after.file_uris()), len(removed), kept))
     return out
 
 
@@ -202,4 +183,4 @@ def optimize_spark(spark, lake: Lake, name: str, pinned: set[int], retention_hou
         for k, v in saved.items():
             spark.conf.unset(k) if v is None else spark.conf.set(k, v)
     after = int(dt.history(1).select("version").first()[0])
-    return TableUpkeep(name, before, after, files_before, files(), doomed, kept, "spark", hours)
+    return TableUpkeep(name, before, after, files_before, files(), doomed, kept, hours)

@@ -1,8 +1,8 @@
-"""Where model work runs: the Spark session, the code inside its Python workers, the task runner.
+"""Where model work runs: the Spark session, the code inside its Python workers, the data plane.
 
 session  the local Spark session the jobs share (one model per reused Python worker)
 worker   runs inside Spark's Python workers: one loaded backend per process, generate or score a partition
-tasks    `Task`s -> deterministic batches -> Spark -> `generation_events` rows, committed group by group
+tasks    a generation `Task`, a run's counts, and the `generation_events` rows its results become
 scoring  (chat, choice) items -> Spark -> log-probs of each answer choice (AI feedback)
 spark_plane  the Spark-native data plane: anti-join pending work, generate in the executors, append with delta-spark
 broken_state one sentence for a run broken by the machine's state (full disk, read-only lake, dead executor)

@@ -50,15 +50,14 @@ def failure_counts(events):
 
 def most_tries(planned, events) -> int:
     """The most failed attempts any `planned` id (event_id column) without a success has had: what
-    --max-attempts must exceed to retry the given-up ones (`tasks.most_tries` on the driver)."""
+    --max-attempts must exceed to retry the given-up ones."""
     from pyspark.sql import functions as F
     undone = planned.select("event_id").join(successful(events), "event_id", "left_anti")
     return undone.join(failure_counts(events), "event_id").agg(F.max("tries")).first()[0] or 0
 
 
 def selected_prompts(lake, splits: list[str], limit: int | None, kinds: tuple[str, ...] = ("red_team", "helpful")):
-    """The prompts of `kinds` in the splits with `chosen`: the first `limit` of each kind by id
-    (`queries.select_prompts` on the driver)."""
+    """The prompts of `kinds` in the splits with `chosen`: the first `limit` of each kind by id."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     if lake.count("prompts") == 0:

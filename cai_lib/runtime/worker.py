@@ -6,21 +6,11 @@ The cache lives in this importable module (not `__main__`), and Spark reuses Pyt
 from __future__ import annotations
 
 import json
-import time
-from collections import defaultdict
 from typing import Iterator
 
 import pyarrow as pa
 
 from cai_lib.backends import Sampling, load_backend
-
-RESULT_SCHEMA = pa.schema([
-    ("task_idx", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("latency_ms", pa.float64()),
-    ("error", pa.string()),
-])
-RESULT_DDL = ("task_idx long, text string, finish_reason string, prompt_tokens int, "
-              "completion_tokens int, latency_ms double, error string")
 
 _BACKENDS: dict[str, object] = {}
 
@@ -48,30 +38,6 @@ def generate_batch(backend, chats: list, sampling: Sampling, seeds: list[int]):
             except Exception as exc:  # noqa: BLE001 - recorded as a failed event, never dropped
                 out.append(Generation(None, 0, 0, "error", f"{type(exc).__name__}: {exc}"[:2000]))
         return out
-
-
-def generate_partition(batches: Iterator[pa.RecordBatch], spec_json: str, calls) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: rows carry batch_no; each batch is one backend.generate call."""
-    batches = list(batches)
-    table = pa.Table.from_batches(batches) if batches else None
-    if table is None or table.num_rows == 0:   # an empty partition may bring no batch at all
-        return
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in table.to_pylist():
-        groups[(row["batch_no"], row["sampling"])].append(row)
-    backend = backend_for(spec_json)
-    for key in sorted(groups):
-        items = sorted(groups[key], key=lambda r: r["task_idx"])
-        t0 = time.perf_counter()
-        gens = generate_batch(backend, [json.loads(it["chat"]) for it in items],
-                              Sampling(**json.loads(items[0]["sampling"])), [it["seed"] for it in items])
-        per_row_ms = (time.perf_counter() - t0) * 1000 / len(items)
-        calls.add(1)
-        yield pa.RecordBatch.from_pylist([
-            {"task_idx": it["task_idx"], "text": g.text, "finish_reason": g.finish_reason,
-             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-             "latency_ms": per_row_ms, "error": g.error}
-            for it, g in zip(items, gens)], schema=RESULT_SCHEMA)
 
 
 SCORE_DDL = "task_idx long, logprob_a double, logprob_b double, error string"

@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Mapping
 
-import pyarrow as pa
 
 from cai_lib.backends import Sampling
 from cai_lib.constitution.model import Constitution, CritiquePrinciple
 from cai_lib.constitution.templates import critique_chat, effective_templates, initial_chat, revision_chat, template_sha
 from cai_lib.ids import derive_seed, stable_id
-from cai_lib.runtime.tasks import Task
-from schemas import SL_DATASET
 
 
 @dataclass(frozen=True)
@@ -115,45 +112,3 @@ def chat_for(ctx: SLContext, kind: str, principle_id: str | None, prompt: str, r
     if kind == "critique":
         return critique_chat(prompt, response, principle, ctx.constitution, ctx.settings.few_shot)
     return revision_chat(prompt, response, critique, principle, ctx.constitution, ctx.settings.few_shot)
-
-
-def pending_tasks(ctx: SLContext, plans: Mapping[str, list[Step]], prompts: Mapping[str, str], wave: int,
-                  texts: Mapping[str, str], failures: Mapping[str, int], max_attempts: int) -> tuple[list[Task], int]:
-    """Tasks of `wave` whose parent exists and whose own event does not; and how many gave up."""
-    tasks, exhausted = [], 0
-    for pid, chain in plans.items():
-        for i, step in enumerate(chain):
-            if step.wave != wave or step.event_id in texts:
-                continue
-            if step.parent_id is not None and step.parent_id not in texts:
-                continue  # its parent has not succeeded (yet)
-            tried = failures.get(step.event_id, 0)
-            if tried >= max_attempts:
-                exhausted += 1
-                continue
-            tasks.append(Task(step.event_id, step.kind, pid, step.parent_id, step.round, step.principle_id,
-                              step.seed, step.sampling, step_chat(ctx, chain, i, prompts[pid], texts), tried + 1))
-    return tasks, exhausted
-
-
-def derive_sl_dataset(ctx: SLContext, plans: Mapping[str, list[Step]], prompts: pa.Table,
-                      texts: Mapping[str, str]) -> pa.Table:
-    """sl_dataset: the final revision of each complete red-team chain + each helpful answer."""
-    meta = {r["prompt_id"]: r for r in prompts.select(["prompt_id", "text", "category", "split"]).to_pylist()}
-    rows = []
-    for pid in sorted(plans):
-        chain = plans[pid]
-        if pid not in meta or not all(s.event_id in texts for s in chain):
-            continue
-        final = chain[-1]
-        rows.append({
-            "prompt_id": pid, "prompt": meta[pid]["text"], "response": texts[final.event_id],
-            "source_kind": "revision" if final.kind == "revision" else final.kind,
-            "category": meta[pid]["category"], "split": meta[pid]["split"],
-            "rounds": max(s.round for s in chain), "final_event_id": final.event_id,
-            "chain_event_ids": [s.event_id for s in chain],
-            "principle_ids": [s.principle_id for s in chain if s.kind == "revision"],
-            "constitution_sha": ctx.constitution.sha256, "model_id": ctx.model_id,
-            "model_fingerprint": ctx.model_fingerprint,
-        })
-    return pa.Table.from_pylist(rows, schema=SL_DATASET)
