@@ -3,6 +3,7 @@
     cai train-rl --lake lake                        PPO: policy cai-sl, reward cai-pm
     cai train-rl --algorithm dpo                    DPO on preference_dataset (cheaper, offline)
     cai train-rl --policy cai-sl:3 --reward-model cai-pm@champion --kl-mode adaptive
+    cai train-rl --num-processes 2                  data-parallel on 2 processes (TorchDistributor)
 
 PPO: the policy samples answers to red-team and helpful training prompts, the PM scores them,
 reward = score - beta * KL(policy || frozen SL-CAI reference) per token, value head, GAE,
@@ -23,14 +24,15 @@ from cai_lib.config import load_config, opt, settings_from
 from cai_lib.files import write_json
 from cai_lib.lake.tables import Lake
 from cai_lib.training.dpo import train_dpo
+from cai_lib.training.distributed import DistributedConfig
 from cai_lib.training.inputs import preference_rows, rl_prompts
 from cai_lib.training.policy import POLICY_DTYPE, RLSettings, module_dtype, resolve_device
-from cai_lib.training.ppo import train_ppo
+from cai_lib.training.ppo import PMReward, train_ppo
 from jobs.common import TrainConfig, gate_verdicts, register_trained, report, scratch_model_dir
 
 
 @dataclass
-class TrainRLConfig(TrainConfig, RLSettings):
+class TrainRLConfig(TrainConfig, RLSettings, DistributedConfig):
     """The job's own fields; the PPO/DPO settings (and their defaults) are RLSettings'."""
     policy: str = opt("cai-sl", "the policy to start from: a registered model (cai-sl = latest) or a folder; "
                                 "it is also the frozen KL reference")
@@ -72,6 +74,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
     from cai_lib.registry.models import model_version, resolve_weights, run_tag
     from cai_lib.registry.tracking import training_run
     settings = cfg.settings()
+    cfg.check_distributed()
     device = resolve_device(settings.device)   # `--device cuda` without a GPU fails before anything is read
     lake = Lake(cfg.lake, mode="read")
     needs = {"sl": ["prompts"]} if cfg.algorithm == "ppo" else {"labels": ["preference_dataset"]}
@@ -93,6 +96,8 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
             raise ValueError(f"{lake.root}/prompts has no training prompts: run `cai ingest` first")
         reward_fn, pm = reward_model(pm_dir, device)
         tags["pm_dtype"] = module_dtype(pm.backbone)
+        if cfg.num_processes > 1:   # each rank loads its own PM on its own device
+            reward_fn, pm = PMReward(pm_dir, settings.device), None
         tables = ["prompts", "quarantine"]
     else:
         data = preference_rows(lake)
@@ -106,10 +111,11 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
             progress(f"PPO: {settings.steps} iterations x {settings.batch_size} of {len(prompts)} prompts "
                      f"({data.excluded} quarantined), policy {parents['policy']}, reward {parents.get('reward_model')}"
                      f" (on {device}: policy {tags['policy_dtype']}, PM {tags['pm_dtype']})")
-            result = train_ppo(policy_dir, prompts, reward_fn, settings, out_dir, on_step=_logged(progress))
+            result = cfg.launch(train_ppo, policy_dir, prompts, reward_fn, settings, out_dir, _logged(cfg, progress))
         else:
-            progress(f"DPO on {len(pairs)} pairs ({ties} ties skipped, {data.excluded} quarantined) on {device}")
-            result = train_dpo(policy_dir, pairs, settings, out_dir, on_step=_logged(progress))
+            progress(f"DPO on {len(pairs)} pairs ({ties} ties skipped, {data.excluded} quarantined) on {device}"
+                     f"{cfg.describe_processes()}")
+            result = cfg.launch(train_dpo, policy_dir, pairs, settings, out_dir, _logged(cfg, progress))
         steps = result.metrics
         keys = ("reward_mean", "kl_mean", "beta", "refusal_rate", "boilerplate_rate", "loss", "margin", "accuracy")
         summary = {"algorithm": cfg.algorithm, "steps": len(steps), "seconds": round(result.seconds, 1),
@@ -120,11 +126,14 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
     return {k: v for k, v in {**pointer, **summary}.items() if not isinstance(v, dict)}
 
 
-def _logged(progress):
-    from cai_lib.registry.tracking import log_step_metrics
+def _logged(cfg: TrainRLConfig, progress):
+    """on_step: MLflow (rank 0 into the driver's run when distributed) and a progress line; the ranks
+    print to the job's output through torchrun."""
+    log = cfg.step_logger()
+    progress = progress if cfg.num_processes == 1 else print
 
     def on_step(step, metrics):
-        log_step_metrics(step, metrics)
+        log(step, metrics)
         progress(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                               if isinstance(v, float) and k != "seconds"))
     return on_step

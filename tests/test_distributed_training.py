@@ -84,3 +84,46 @@ def test_pm_two_processes_follow_the_one_process_loss_trajectory(tmp_path, spark
     assert two.pm is None and (two.n_train, two.n_heldout) == (one.n_train, one.n_heldout)
     saved = PreferenceModel.load(tmp_path / "two")   # rank 0 saved the head the 2 ranks trained
     assert (saved.head.weight - one.pm.head.weight.cpu()).abs().max().item() < TOL
+
+
+@pytest.fixture
+def by_value():
+    """The ranks unpickle this module's functions by value: they do not import tests/."""
+    from pyspark import cloudpickle   # the copy TorchDistributor pickles with
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def letter_e(prompts, responses):
+    """Toy reward: how often the letter e appears, / 10 (each rank calls its own copy)."""
+    return [r.count("e") / 10 for r in responses]
+
+
+def test_dpo_two_processes_take_the_one_process_steps(tmp_path, spark):
+    from tests.test_rl import PAIRS, tiny
+    from cai_lib.training.dpo import train_dpo
+    settings = tiny(algorithm="dpo", batch_size=4, mini_batch_size=2, dpo_epochs=1, dpo_max_steps=2)
+    one = launch(train_dpo, "default", PAIRS * 2, settings, tmp_path / "one", processes=1)
+    two = launch(train_dpo, "default", PAIRS * 2, settings, tmp_path / "two", processes=2)
+    print(f"\nDPO losses 1 process: {[m['loss'] for m in one.metrics]}\n"
+          f"DPO losses 2 processes: {[m['loss'] for m in two.metrics]}")
+    for a, b in zip(one.metrics, two.metrics, strict=True):
+        assert all(abs(a[k] - b[k]) < TOL for k in ("loss", "margin", "reward_chosen", "accuracy", "pairs")), (a, b)
+    assert two.metrics[1]["loss"] != two.metrics[0]["loss"]   # the first update moved the policy
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_ppo_two_processes_update_with_a_reference_per_rank(tmp_path, spark, by_value):
+    from tests.test_rl import assert_loadable_and_changed, tiny
+    from cai_lib.training.ppo import PPO_METRICS, train_ppo
+    prompts = ["Name a fruit.", "Say hello.", "What is 2 + 2?", "Greet a friend."]
+    result = launch(train_ppo, "default", prompts, letter_e, tiny(batch_size=4, mini_batch_size=2),
+                    tmp_path / "policy", processes=2)
+    assert len(result.metrics) == 2
+    assert all(set(PPO_METRICS) <= m.keys() for m in result.metrics)
+    assert result.metrics[0]["kl_mean"] == 0.0   # each rank's reference is its starting policy
+    assert_loadable_and_changed(tmp_path / "policy")   # rank 0 saved the trained policy
+    with pytest.raises(ValueError, match="RLSettings.mini_batch_size 3 does not split evenly over 2 processes"):
+        launch(train_ppo, "default", prompts, letter_e, tiny(batch_size=4, mini_batch_size=3),
+               tmp_path / "odd", processes=2)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cai_lib.training.distributed import ranks
 from cai_lib.training.policy import (OnStep, RLResult, RLSettings, check_settings, load_policy, make_optimizer,
                                      finish, module_device, record_step, render_chat)
 from cai_lib.training.ppo_math import logprobs_from_logits
@@ -103,70 +104,103 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
     gets DPO_METRICS: the step's weighted loss, mean implicit rewards beta * (pi - ref) of
     chosen and rejected, their mean margin, and accuracy = share of pairs with margin > 0
     (all measured before the step's update, so step 0 shows loss log 2 and margin 0).
+    Data-parallel (cai_lib.training.distributed): each rank encodes, scores the reference on,
+    and trains on only its share of every step's pairs; the gradients are summed.
     """
     s = check_settings(settings or RLSettings(algorithm="dpo"), "dpo")
     rows, weights = _pairs(pairs)
-    start = time.perf_counter()
+    start, group = time.perf_counter(), ranks()
     tokenizer, policy = load_policy(policy_dir, s, "dpo")
     device = module_device(policy)
     weights = weights.to(device)   # multiplies the per-pair losses, which are on the policy's device
     params = [p for p in policy.parameters() if p.requires_grad]
+    group.broadcast_(params)
     optimizer = make_optimizer(params, s)
-
-    rng = random.Random(s.seed)
-    schedule: list[list[int]] = []
-    for _ in range(s.dpo_epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        schedule += [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
-    schedule = schedule[:s.dpo_max_steps]
-
-    encoded, truncated = {}, 0
-    for i in sorted({i for step in schedule for i in step}):
-        c = _encode(tokenizer, rows[i]["prompt"], rows[i]["chosen"], s.max_length)
-        r = _encode(tokenizer, rows[i]["prompt"], rows[i]["rejected"], s.max_length)
-        truncated += c[2] or r[2]
-        encoded[i] = (c[:2], r[:2])
-    pad = tokenizer.pad_token_id
-
-    def logps(model, idx: list[int]) -> tuple[Tensor, Tensor]:
-        lp = _sequence_logprobs(model, [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx], pad)
-        return lp[:len(idx)], lp[len(idx):]
-
-    # the reference is the starting policy: its log-probs, once, before any update
-    ref = {}
-    with torch.no_grad():
-        ids = sorted(encoded)
-        for j in range(0, len(ids), s.mini_batch_size):
-            chunk = ids[j:j + s.mini_batch_size]
-            for i, c, r in zip(chunk, *logps(policy, chunk)):
-                ref[i] = (c, r)
-
+    schedule = _schedule(len(rows), s)
+    mine = {i for step in schedule for i in group.shard(step)}   # the pairs this rank ever trains on
+    encoded, truncated = _encode_pairs(tokenizer, rows, mine, s.max_length)
+    logps = _LogProbs(encoded, tokenizer.pad_token_id)
+    ref = logps.reference(policy, s.mini_batch_size)
+    truncated = int(group.sum_(truncated)[0])
     result = RLResult("dpo", Path(out_dir), pairs_truncated=truncated, device=str(device))
+    chunk_size = math.ceil(s.mini_batch_size / group.world)
     for step, batch in enumerate(schedule):
         t0 = time.perf_counter()
-        total_w = weights[batch].sum()
-        losses, margins, chosen, rejected = [], [], [], []
-        for j in range(0, len(batch), s.mini_batch_size):
-            chunk = batch[j:j + s.mini_batch_size]
-            pi_c, pi_r = logps(policy, chunk)
-            ref_c = torch.stack([ref[i][0] for i in chunk])
-            ref_r = torch.stack([ref[i][1] for i in chunk])
-            loss, margin = dpo_loss(pi_c, pi_r, ref_c, ref_r, s.dpo_beta)
-            ((weights[chunk] * loss).sum() / total_w).backward()   # chunks add up to the weighted mean
-            losses.append(loss.detach())
-            margins.append(margin.detach())
-            chosen.append(s.dpo_beta * (pi_c - ref_c).detach())
-            rejected.append(s.dpo_beta * (pi_r - ref_r).detach())
+        sums = _dpo_step(policy, logps, ref, group.shard(batch), weights, weights[batch].sum(), chunk_size, s)
+        group.sum_grads_(params)
         if s.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        margin = torch.cat(margins)
-        metrics = {"loss": ((weights[batch] * torch.cat(losses)).sum() / total_w).item(),
-                   "reward_chosen": torch.cat(chosen).mean().item(),
-                   "reward_rejected": torch.cat(rejected).mean().item(),
-                   "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
-                   "pairs": float(len(batch)), "seconds": time.perf_counter() - t0}
-        record_step(result, step, metrics, on_step)
-    return finish(result, policy, tokenizer, out_dir, start)
+        loss, chosen, rejected, margin, correct = group.sum_(*sums)
+        n = len(batch)
+        metrics = {"loss": loss, "reward_chosen": chosen / n, "reward_rejected": rejected / n,
+                   "margin": margin / n, "accuracy": correct / n, "pairs": float(n),
+                   "seconds": time.perf_counter() - t0}
+        record_step(result, step, metrics, on_step, group)
+    return finish(result, policy, tokenizer, out_dir, start, group)
+
+
+def _schedule(n: int, s: RLSettings) -> list[list[int]]:
+    """Pair indices per step: a seeded shuffle per epoch cut in batch_size groups, capped by dpo_max_steps."""
+    rng = random.Random(s.seed)
+    schedule: list[list[int]] = []
+    for _ in range(s.dpo_epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        schedule += [order[i:i + s.batch_size] for i in range(0, len(order), s.batch_size)]
+    return schedule[:s.dpo_max_steps]
+
+
+def _encode_pairs(tokenizer, rows, which, max_length: int) -> tuple[dict, int]:
+    """{i: ((chosen ids, prompt len), (rejected ids, prompt len))} for the pairs `which`, and how many were cut."""
+    encoded, truncated = {}, 0
+    for i in sorted(which):
+        c = _encode(tokenizer, rows[i]["prompt"], rows[i]["chosen"], max_length)
+        r = _encode(tokenizer, rows[i]["prompt"], rows[i]["rejected"], max_length)
+        truncated += c[2] or r[2]
+        encoded[i] = (c[:2], r[:2])
+    return encoded, truncated
+
+
+class _LogProbs:
+    """Summed response log-probs of encoded pairs under a model."""
+
+    def __init__(self, encoded: dict, pad: int):
+        self.encoded, self.pad = encoded, pad
+
+    def __call__(self, model, idx: list[int]) -> tuple[Tensor, Tensor]:
+        lp = _sequence_logprobs(model, [self.encoded[i][0] for i in idx] + [self.encoded[i][1] for i in idx],
+                                self.pad)
+        return lp[:len(idx)], lp[len(idx):]
+
+    @torch.no_grad()
+    def reference(self, policy, chunk: int) -> dict:
+        """The reference is the starting policy: its log-probs, once, before any update."""
+        ref, ids = {}, sorted(self.encoded)
+        for j in range(0, len(ids), chunk):
+            part = ids[j:j + chunk]
+            for i, c, r in zip(part, *self(policy, part)):
+                ref[i] = (c, r)
+        return ref
+
+
+def _dpo_step(policy, logps: _LogProbs, ref: dict, batch: list[int], weights: Tensor, total_w: Tensor,
+              chunk_size: int, s: RLSettings) -> tuple[float, ...]:
+    """Backward over this rank's pairs of a step (the weighted mean over the whole step's weight);
+    returns the sums (weighted loss, chosen reward, rejected reward, margin, correct) for the metrics."""
+    loss_sum = chosen = rejected = margin_sum = correct = 0.0
+    for j in range(0, len(batch), chunk_size):
+        chunk = batch[j:j + chunk_size]
+        pi_c, pi_r = logps(policy, chunk)
+        ref_c = torch.stack([ref[i][0] for i in chunk])
+        ref_r = torch.stack([ref[i][1] for i in chunk])
+        loss, margin = dpo_loss(pi_c, pi_r, ref_c, ref_r, s.dpo_beta)
+        weighted = (weights[chunk] * loss).sum() / total_w
+        weighted.backward()   # chunks (and ranks) add up to the weighted mean
+        loss_sum += weighted.item()
+        chosen += (s.dpo_beta * (pi_c - ref_c)).sum().item()
+        rejected += (s.dpo_beta * (pi_r - ref_r)).sum().item()
+        margin_sum += margin.sum().item()
+        correct += (margin > 0).sum().item()
+    return loss_sum, chosen, rejected, margin_sum, correct

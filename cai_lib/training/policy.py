@@ -22,6 +22,7 @@ from torch import Tensor
 from cai_lib.backends.weights import assert_no_pickles, dtype_name
 from cai_lib.config import check_fields, opt
 from cai_lib.files import atomic_folder
+from cai_lib.training.distributed import Ranks, rank_device
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 OnStep = Callable[[int, dict], None]
@@ -168,7 +169,7 @@ def load_policy(policy_dir, settings: RLSettings, algorithm: str):
     from cai_lib.backends.models import resolve_model
 
     check_settings(settings, algorithm)
-    device = resolve_device(settings.device)
+    device = rank_device(resolve_device(settings.device))   # one GPU per rank when data-parallel
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     torch.manual_seed(settings.seed)
@@ -188,8 +189,14 @@ def make_optimizer(params, settings: RLSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0)
 
 
-def step_update(optimizer, params, loss: Tensor, settings: RLSettings) -> None:
+def step_update(optimizer, params, loss: Tensor, settings: RLSettings, group: Ranks = Ranks()) -> None:
+    """Backward, average the gradients over the data-parallel ranks (each rank's loss is a mean
+    over its equal share of the minibatch), clip, step."""
     loss.backward()
+    group.sum_grads_(params)
+    if group.world > 1:
+        for p in params:
+            p.grad.div_(group.world)
     if settings.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     optimizer.step()
@@ -223,15 +230,17 @@ def text_list(xs, name: str) -> list[str]:
     return list(xs)
 
 
-def record_step(result: RLResult, step: int, metrics: dict, on_step: OnStep | None) -> None:
-    """Keep a step's metrics and hand them to the caller's callback (MLflow, progress lines)."""
+def record_step(result: RLResult, step: int, metrics: dict, on_step: OnStep | None,
+                group: Ranks = Ranks()) -> None:
+    """Keep a step's metrics and hand them to the caller's callback (MLflow, progress lines; rank 0 only)."""
     result.metrics.append(metrics)
-    if on_step is not None:
+    if on_step is not None and group.main:
         on_step(step, metrics)
 
 
-def finish(result: RLResult, policy, tokenizer, out_dir, start: float) -> RLResult:
-    """Save the trained policy (all or nothing) and close the result with the wall time since `start`."""
-    result.out_dir = save_policy(policy, tokenizer, out_dir)
+def finish(result: RLResult, policy, tokenizer, out_dir, start: float, group: Ranks = Ranks()) -> RLResult:
+    """Save the trained policy (all or nothing; rank 0 alone when data-parallel) and close the
+    result with the wall time since `start`."""
+    result.out_dir = save_policy(policy, tokenizer, out_dir) if group.main else Path(out_dir).resolve()
     result.seconds = time.perf_counter() - start
     return result

@@ -45,13 +45,14 @@ from torch import Tensor
 
 from cai_lib.ids import derive_seed
 from cai_lib.quality.signals import boilerplate_rate, is_refusal
+from cai_lib.training.distributed import Ranks, rank_seed, ranks
 from cai_lib.training.policy import (OnStep, RewardFn, RLResult, RLSettings, check_settings, load_policy,
                                      finish, make_optimizer, module_device, record_step, render_chat,
                                      step_update, text_list)
 from cai_lib.training.ppo_math import (AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalised_rewards,
                                        logprobs_from_logits, ppo_losses, whiten)
 
-__all__ = ["train_ppo", "prompt_batches", "response_mask", "PPO_METRICS"]
+__all__ = ["train_ppo", "prompt_batches", "response_mask", "PPO_METRICS", "PMReward"]
 
 PPO_METRICS = ("reward_mean", "reward_std", "kl_mean", "beta", "policy_loss", "value_loss", "approx_kl",
                "clip_fraction", "response_len_mean", "empty_rate", "truncated_rate", "refusal_rate",
@@ -154,6 +155,34 @@ def _scores(reward_fn: RewardFn, prompts: list[str], responses: list[str], devic
     return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
+class PMReward:
+    """reward_fn of a preference-model folder, loaded where it is first called: in a data-parallel
+    run each rank holds its own PM on its own device (pickled as a path, not as weights)."""
+
+    def __init__(self, pm_dir, device: str | None = None):
+        self.pm_dir, self.device, self.pm = str(pm_dir), device, None
+
+    def __getstate__(self):
+        return {"pm_dir": self.pm_dir, "device": self.device, "pm": None}
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.pm is None:
+            from cai_lib.training.distributed import rank_device
+            from cai_lib.training.pm_train import PreferenceModel
+            from cai_lib.training.policy import resolve_device
+            self.pm = PreferenceModel.load(self.pm_dir, device=str(rank_device(resolve_device(self.device))))
+            self.pm.eval()
+        return self.pm.score_pairs(prompts, responses).tolist()
+
+
+def _check_ranks(s: RLSettings, group: Ranks) -> None:
+    """Every rank must hold the same number of rollout rows and minibatch rows (their losses are averaged)."""
+    for name in ("batch_size", "mini_batch_size"):
+        if getattr(s, name) % group.world:
+            raise ValueError(f"RLSettings.{name} {getattr(s, name)} does not split evenly over {group.world} "
+                             f"processes: pass a multiple of --num-processes")
+
+
 def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings: RLSettings | None = None,
               out_dir="rl_policy", on_step: OnStep | None = None) -> RLResult:
     """PPO of the policy in `policy_dir` (a model folder or 'default') against `reward_fn`.
@@ -163,11 +192,16 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
     rollout's mean sequence KL to the reference, k1 estimate; beta = the one its rewards used;
     loss values averaged over the updates; response_len_mean in tokens without the EOS;
     refusal_rate and boilerplate_rate of the sampled responses: the Goodhart watch).
+    Data-parallel (cai_lib.training.distributed): each rank samples its share of every
+    iteration's prompts with its own seed, scores them with its own reward_fn, keeps its own
+    reference, and the gradients are averaged; metrics are the mean of the ranks' values.
     """
     s = check_settings(settings or RLSettings(), "ppo")
     prompts = text_list(prompts, "prompts")
     if not callable(reward_fn):
         raise TypeError(f"reward_fn must be callable (prompts, responses) -> list[float], got {type(reward_fn).__name__}")
+    group = ranks()
+    _check_ranks(s, group)
     start = time.perf_counter()
     tokenizer, policy = load_policy(policy_dir, s, "ppo")
     # Frozen by use, not by flag: it only ever runs under no_grad and is not in the optimizer.
@@ -178,49 +212,61 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
     # drawn on the CPU (seeded by load_policy's manual_seed), then moved: the same head on every device
     value_head = ValueHead(policy.config.hidden_size).to(device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    group.broadcast_(params)
     optimizer = make_optimizer(params, s)
     kl_ctl = (FixedKLController(s.kl_beta) if s.kl_mode == "fixed"
               else AdaptiveKLController(s.kl_beta, s.kl_target, s.kl_horizon))
-
     rendered = [render_chat(tokenizer, p) for p in prompts]
     keep = [i for i, r in enumerate(rendered)
             if len(tokenizer(r, add_special_tokens=False).input_ids) <= s.max_prompt_tokens]
     if not keep:
         raise ValueError(f"all {len(prompts)} prompts are longer than max_prompt_tokens={s.max_prompt_tokens} "
                          "once rendered with the chat template; raise max_prompt_tokens")
-    shuffle = torch.Generator().manual_seed(s.seed)
+    run = _PPORun(s, tokenizer, policy, ref, value_head, params, optimizer, kl_ctl,
+                  torch.Generator().manual_seed(s.seed), group)
     result = RLResult("ppo", Path(out_dir), prompts_dropped=len(prompts) - len(keep), device=str(device))
-
     for step, batch in enumerate(prompt_batches(len(keep), s.batch_size, s.steps, s.seed)):
-        t0 = time.perf_counter()
-        idx = [keep[i] for i in batch]
-        roll = _rollout(policy, tokenizer, [rendered[i] for i in idx], s, derive_seed(s.seed, "ppo-rollout", step))
+        idx = [keep[i] for i in group.shard(batch)]   # this rank's share of the iteration's prompts
+        metrics = run.iteration(step, [prompts[i] for i in idx], [rendered[i] for i in idx], reward_fn)
+        record_step(result, step, metrics, on_step, group)
+    return finish(result, policy, tokenizer, out_dir, start, group)
+
+
+@dataclass
+class _PPORun:
+    """What one PPO iteration needs: the models, optimizer, KL controller and minibatch order."""
+    s: RLSettings
+    tokenizer: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    value_head: ValueHead
+    params: list
+    optimizer: torch.optim.Optimizer
+    kl_ctl: object
+    shuffle: torch.Generator
+    group: Ranks
+
+    def iteration(self, step: int, prompts: list[str], rendered: list[str], reward_fn: RewardFn) -> dict:
+        """Rollout, score, KL-penalised rewards, GAE, `ppo_epochs` of minibatch updates; the metrics."""
+        s, group, t0 = self.s, self.group, time.perf_counter()
+        roll = _rollout(self.policy, self.tokenizer, rendered, s,
+                        derive_seed(rank_seed(s.seed, group), "ppo-rollout", step))
         mask = roll.mask
         with torch.no_grad():
-            old_logprobs, old_values = _forward(policy, roll, s.temperature, value_head)
-            ref_logprobs, _ = _forward(ref, roll, s.temperature)
-        score = _scores(reward_fn, [prompts[i] for i in idx], roll.texts, device)
-        beta = kl_ctl.value
+            old_logprobs, old_values = _forward(self.policy, roll, s.temperature, self.value_head)
+            ref_logprobs, _ = _forward(self.ref, roll, s.temperature)
+        score = _scores(reward_fn, prompts, roll.texts, mask.device)
+        beta = self.kl_ctl.value
         rewards = kl_penalised_rewards(score, old_logprobs, ref_logprobs, mask, beta)
         advantages, returns = gae(rewards, old_values, mask, gamma=s.gamma, lam=s.lam)
         if s.whiten_advantages:
-            advantages = whiten(advantages, mask)
-
-        logs = []
-        for _ in range(s.ppo_epochs):
-            # the order is drawn on the CPU (the same on every device), the rows indexed where the tensors are
-            for rows in torch.randperm(len(idx), generator=shuffle).to(device).split(s.mini_batch_size):
-                logprobs, values = _forward(policy, roll.rows(rows), s.temperature, value_head)
-                out = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows],
-                                 returns[rows], mask[rows], clip_range=s.clip_range,
-                                 clip_range_value=s.clip_range_value, vf_coef=s.vf_coef)
-                step_update(optimizer, params, out["loss"], s)
-                logs.append({k: out[k].item() for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")})
-
+            advantages = _whiten(advantages, mask, group)
+        logs = self._updates(roll, old_logprobs, old_values, advantages, returns)
         kl_seq = ((old_logprobs - ref_logprobs) * mask).sum(1)
-        kl_ctl.update(kl_seq.mean().item(), n_steps=len(idx))
+        kl_mean = group.sum_(kl_seq.mean().item())[0] / group.world   # equal shares: the mean of means
+        self.kl_ctl.update(kl_mean, n_steps=len(prompts) * group.world)
         n_content = mask.sum(1) - roll.ended.long()
-        metrics = {
+        local = {
             "reward_mean": score.mean().item(), "reward_std": score.std(unbiased=False).item(),
             "kl_mean": kl_seq.mean().item(), "beta": beta,
             **{k: sum(d[k] for d in logs) / len(logs) for k in logs[0]},
@@ -231,5 +277,29 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
             "boilerplate_rate": boilerplate_rate(roll.texts)[0],
             "seconds": time.perf_counter() - t0,
         }
-        record_step(result, step, metrics, on_step)
-    return finish(result, policy, tokenizer, out_dir, start)
+        return dict(zip(local, (v / group.world for v in group.sum_(*local.values()))))
+
+    def _updates(self, roll, old_logprobs, old_values, advantages, returns) -> list[dict]:
+        s, mask, logs = self.s, roll.mask, []
+        for _ in range(s.ppo_epochs):
+            # the order is drawn on the CPU (the same on every device), the rows indexed where the tensors are
+            rows_all = torch.randperm(len(roll.texts), generator=self.shuffle).to(mask.device)
+            for rows in rows_all.split(s.mini_batch_size // self.group.world):
+                logprobs, values = _forward(self.policy, roll.rows(rows), s.temperature, self.value_head)
+                out = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows],
+                                 returns[rows], mask[rows], clip_range=s.clip_range,
+                                 clip_range_value=s.clip_range_value, vf_coef=s.vf_coef)
+                step_update(self.optimizer, self.params, out["loss"], s, self.group)
+                logs.append({k: out[k].item() for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")})
+        return logs
+
+
+def _whiten(advantages: Tensor, mask: Tensor, group: Ranks) -> Tensor:
+    """`whiten` over the real tokens of the whole rollout, all ranks' rows together."""
+    if group.world == 1:
+        return whiten(advantages, mask)
+    m = mask.to(advantages.dtype)
+    total, count = group.sum_((advantages * m).sum().item(), m.sum().item())
+    mean = total / count
+    var = group.sum_((((advantages - mean) ** 2) * m).sum().item())[0] / count
+    return (advantages - mean) * (var + 1e-8) ** -0.5 * m
