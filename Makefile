@@ -15,9 +15,18 @@ export CAI_MODEL_CACHE ?= $(CURDIR)/.cache/models
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast bench clean-lake gpu-env vllm-env
+.PHONY: setup run test test-fast bench clean-lake gpu-env vllm-env browser
 
-setup: $(VENV)/.ready
+setup: $(VENV)/.ready browser
+
+# Debian's chromium, for the review app's headless browser test (tests/test_review_app.py; no other browser
+# can be downloaded here). Measured 2026-12-06: 33 s with the package lists present. Needs root or sudo;
+# where there is no apt-get, it says so and the browser test reports itself skipped.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "make browser: no apt-get here: install chromium yourself to run the browser test"; \
+	else $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q chromium >/dev/null \
+	  || { $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -q && $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q chromium; }; fi
 
 $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)

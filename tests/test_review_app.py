@@ -20,6 +20,7 @@ from cai_lib.review.verdicts import shown_order
 from jobs.cli import main as cai
 from jobs.review import check_host
 from schemas import GENERATION_EVENTS, LABEL_EVENTS, PROMPTS
+from tests.cdp import CHROMIUM, Browser
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 CONST = {"constitution_id": "default", "constitution_sha": "c" * 64, "model_id": "m", "model_fingerprint": "f" * 16,
@@ -138,3 +139,40 @@ def test_beyond_loopback_only_with_tokens(lake, tmp_path, capsys):
     short.write_text("ann: short\n")
     assert cai(["review", "serve", "--lake", str(lake), "--host", "0.0.0.0", "--tokens", str(short)]) == 1
     assert "reviewer 'ann' needs a token of at least 16 characters" in capsys.readouterr().err
+
+
+@pytest.fixture
+def served(spark, lake):
+    """The app under a real uvicorn server on a free loopback port, for a browser."""
+    import uvicorn
+    store = ReviewStore(lake, spark)
+    server = uvicorn.Server(uvicorn.Config(build_app(store, ReviewSettings(reviewer="zed", audit_fraction=0.0)),
+                                           host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: `make browser` installs it")
+def test_a_reviewer_in_headless_chromium_judges_with_the_mouse_and_the_keyboard(served, lake, tmp_path):
+    with Browser() as b:
+        b.open(served + "/")
+        assert b.js("[...document.querySelectorAll('tr.item')].map(r => r.dataset.comparison)") == [cid("s"), cid("n")]
+        assert b.screenshot(tmp_path / "queue.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        b.click(f"a[href='/c/{cid('s')}']")
+        assert b.js("document.querySelector('#second, #first') && document.scripts.length") == 0   # EVIL stayed text
+        b.click("button[value=second]")                       # the mouse
+        assert b.js("document.querySelector('#your-verdict').textContent") == {"ab": "B", "ba": "A"}[
+            shown_order("zed", cid("s"))]
+        b.screenshot(tmp_path / "verdict.png")
+        b.open(f"{served}/c/{cid('n')}")
+        b.press_enter("button[value=tie]")                    # the keyboard
+        assert b.js("document.querySelector('#your-verdict').textContent") == "tie"
+        b.open(served + "/")
+        assert b.js("document.querySelector('#total').textContent") == "0 comparisons to review."
+    mine = sorted((r["pair_id"], r["verdict"]) for r in review_rows(lake) if r["reviewer"] == "zed")
+    assert mine == [("n", "tie"), ("s", {"ab": "B", "ba": "A"}[shown_order("zed", cid("s"))])]
