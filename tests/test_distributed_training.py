@@ -127,3 +127,47 @@ def test_ppo_two_processes_update_with_a_reference_per_rank(tmp_path, spark, by_
     with pytest.raises(ValueError, match="RLSettings.mini_batch_size 3 does not split evenly over 2 processes"):
         launch(train_ppo, "default", prompts, letter_e, tiny(batch_size=4, mini_batch_size=3),
                tmp_path / "odd", processes=2)
+
+
+def sft_failing_on_rank_one(*args):
+    """train_sft whose rank 1 fails reading its shard; rank 0 waits in a collective until stopped."""
+    group = ranks()
+    if group.rank == 1:
+        raise ValueError("rank 1 could not read its shard of sl_dataset")
+    group.sum_(1.0)
+
+
+def test_a_failing_rank_fails_the_job_and_registers_nothing(tmp_path, spark, by_value, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+    from synthetic_lake import build_clean_lake
+
+    import jobs.train_sl
+    from jobs.cli import main as cai
+    lake = build_clean_lake(tmp_path / "lake")
+    monkeypatch.setattr(jobs.train_sl, "train_sft", sft_failing_on_rank_one)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert cai(["train-sl", "--lake", str(lake.root), "--params", "/dev/null", "--tracking-uri", uri,
+                "--artifact-dir", str(tmp_path / "artifacts"), "--num-processes", "2", "--max-steps", "1", "--no-require-gates"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # rank 0, stopped in its all-reduce when rank 1 went away, is named after the cause
+    assert err[-1] == ("cai train-sl: error: rank 1 of 2 failed: ValueError: rank 1 could not read its shard of "
+                       "sl_dataset (then rank(s) [0] stopped with it); nothing was registered")
+    assert MlflowClient(uri).search_model_versions("name='cai-sl'") == []
+
+
+def test_databricks_training_tasks_run_distributed_on_the_gpu_workers():
+    import yaml
+    from tests.conftest import ROOT
+    tasks = yaml.safe_load((ROOT / "resources/cai_pipeline.job.yml").read_text())["resources"]["jobs"]["cai_pipeline"]["tasks"]
+    for t in (t for t in tasks if t["task_key"] in ("train_sl", "train_pm", "train_rl")):
+        args = t["spark_python_task"]["parameters"]
+        flags = dict(zip(args[1::2], args[2::2]))
+        assert (flags["--num-processes"], flags["--distributed"]) == ("${var.gpu_workers}", "cluster"), t["task_key"]
+        assert flags["--work-dir"] == "${var.state}/work"
+
+
+def test_cluster_mode_needs_a_shared_work_dir():
+    from jobs.train_sl import TrainSLConfig
+    with pytest.raises(ValueError, match="--distributed cluster needs --work-dir on storage every node sees"):
+        TrainSLConfig(num_processes=2, distributed="cluster").check_distributed()
+    TrainSLConfig(num_processes=2, distributed="cluster", work_dir="/shared/work").check_distributed()
