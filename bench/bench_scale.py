@@ -1,4 +1,4 @@
-"""The data plane at scale: sl-generate on the fake backend with real Spark + delta-spark (`--lake-engine spark`).
+"""The data plane at scale: sl-generate on the fake backend with real Spark + delta-spark.
 
     python bench/bench_scale.py                       # 10,000 / 100,000 / 182,831 red-team prompts x 4 rounds
     python bench/bench_scale.py --sizes 10000 --increment
@@ -75,7 +75,7 @@ def one(a) -> dict:
     reset_peak_rss()
     cfg = lambda: SLGenerateConfig(lake=str(lake), params="/nonexistent.yaml", backend="fake", base_model="fake",  # noqa: E731
                                    rounds=4, batch_size=a.batch_size, batches_per_commit=a.batches_per_commit,
-                                   lake_engine="spark", spark_master=a.master,
+                                   spark_master=a.master,
                                    constitution=str(ROOT / "constitutions/default.yaml"))
     result = {"prompts": a.one}
     if not a.label_only:
@@ -120,7 +120,7 @@ def label_run(spark, lake: Path, a) -> dict:
     from jobs.sample_pairs import SamplePairsConfig
     from jobs.sample_pairs import run as sample_pairs
     common = dict(lake=str(lake), params="/nonexistent.yaml", backend="fake", batch_size=a.batch_size,
-                  batches_per_commit=a.batches_per_commit, lake_engine="spark", spark_master=a.master,
+                  batches_per_commit=a.batches_per_commit, spark_master=a.master,
                   constitution=str(ROOT / "constitutions/default.yaml"))
     reset_peak_rss()
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ COMMANDS = {
     "sql": ("jobs.tools:sql_main", "DuckDB SQL over the lake tables, by name"),
     "status": ("jobs.tools:status_main", "tables, versions, gate verdicts, registered models, headline metrics"),
     "lineage": ("jobs.tools:lineage_main", "a model version -> its tables, versions, gates, parents, commit"),
-    "lake": ("jobs.tools:lake_main", "check every table's health; restore a broken one (history is kept)"),
+    "lake": ("jobs.lake_tools:lake_main", "check every table's health; restore a broken one (history is kept); adopt; optimize"),
     "constitution": ("jobs.tools:constitution_main", "validate a constitution file, or import the paper's JSON"),
     "model": ("jobs.tools:model_main", "prepare the embedded default model (once)"),
 }

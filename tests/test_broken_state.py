@@ -1,7 +1,7 @@
 """A run that breaks on the machine's state (a full disk, a read-only lake, a dead executor, a table Spark
 cannot read) ends with one sentence naming the lake and the fix, exit 1; the lake stays readable and a
 rerun gives what an uninterrupted run gives. The full disk is a real one: a small tmpfs (the suite runs as
-root, as CI does), filled up, under the Spark plane (`--lake-engine spark`, what `make run` takes)."""
+root, as CI does), filled up, under the Spark plane (the one write path, what `make run` takes)."""
 from __future__ import annotations
 
 import errno
@@ -14,6 +14,7 @@ import pytest
 
 from cai_lib.lake.health import check_table
 from cai_lib.lake.tables import Lake
+from tests.lakes import writer
 from cai_lib.runtime.broken_state import RESUME, classify, explain
 from jobs import cli
 from schemas import TABLES
@@ -88,7 +89,7 @@ def test_a_table_spark_cannot_read_is_named_with_its_restore_fix(tmp_path):
     """What a Spark job raises on a truncated commit (no checksum left to catch it): the sentence is the
     table's own health message, as `cai lake check` and the DuckDB engine give it."""
     rows = build_clean_lake(tmp_path / "source").read("prompts")
-    lake = Lake(tmp_path / "lake")
+    lake = writer(tmp_path / "lake")
     lake.insert_new("prompts", rows.slice(0, 2))
     lake.insert_new("prompts", rows.slice(2, 2))
     log = tmp_path / "lake/prompts/_delta_log"
@@ -135,9 +136,9 @@ def fill(disk: Path, leave_kib: int) -> Path:
 
 
 def spark_ingest_and_generate(lake: Path, prompts: Path) -> list[str]:
-    gen = ["sl-generate", "--lake", str(lake), "--lake-engine", "spark", "--backend", "fake", "--base-model",
+    gen = ["sl-generate", "--lake", str(lake), "--backend", "fake", "--base-model",
            "fake", "--rounds", "1"]
-    assert cli.main(["ingest", "--lake", str(lake), "--lake-engine", "spark", "--source", str(prompts),
+    assert cli.main(["ingest", "--lake", str(lake), "--source", str(prompts),
                      "--kind", "red_team", "--test-fraction", "0"]) == 0
     return gen
 
@@ -172,12 +173,12 @@ def test_a_full_disk_under_the_spark_plane_is_one_sentence_and_a_rerun_matches(s
 def test_a_read_only_lake_is_one_sentence(small_disk, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "How do I bake bread at home?"}])
     lake = small_disk / "lake"
-    args = ["ingest", "--lake", str(lake), "--lake-engine", "delta-rs", "--source", str(prompts), "--kind", "helpful"]
+    args = ["ingest", "--lake", str(lake), "--source", str(prompts), "--kind", "helpful"]
     assert cli.main(args) == 0
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     more = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "How do I bake rye bread?"}])
     capsys.readouterr()
-    assert cli.main([*args[:6], str(more), *args[7:]]) == 1
+    assert cli.main([*args[:4], str(more), *args[5:]]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     # the lake's target check sees it before any write (broken_state's sentence covers a remount mid-run)
     assert err == [f"cai ingest: error: lake {lake} is not writable (Read-only file system): this job writes "

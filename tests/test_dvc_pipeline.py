@@ -83,7 +83,7 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())["elo"]) == {"base", "sl_cai", "rl_cai"}
     samples = lake.read("generation_events").to_pylist()
     assert {r["model_id"] for r in samples if r["kind"] == "pair_sample"} == {"cai-sl/1"}  # the SL-CAI policy
-    # params.yaml's lake_engine is spark: delta-spark wrote every table (delta-rs reads them above)
+    # delta-spark, the lake's one writer, wrote every table (delta-rs reads them above)
     tables = sorted(t.name for t in (repo / "lake").iterdir() if (t / "_delta_log").is_dir())
     assert {t: engines(repo / "lake" / t) for t in tables} == {t: {"Apache-Spark"} for t in tables}
     snap = lake.snapshot()

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import yaml
 
-from cai_lib.config import LakeConfig, LakeEngineConfig, load_config
+from cai_lib.config import LakeConfig, SparkModelConfig, load_config
 from jobs.cli import COMMANDS
 from jobs.cli import main as cai
 from jobs.sl_generate import SLGenerateConfig
@@ -68,9 +68,12 @@ def test_every_command_and_subcommand_prints_its_help(capsys):
 
 def test_bad_params_values_are_refused_by_load_config_naming_file_section_key_value(tmp_path):
     p = tmp_path / "params.yaml"
-    cases = [("common:\n  lake_engine: sparky\n",
-              f"{p} [common] lake_engine: 'sparky' is not one of 'delta-rs', 'spark' "
-              f"{about(LakeEngineConfig, 'lake_engine')}. Fix: write one of them"),
+    cases = [("common:\n  backend: sparky\n",
+              f"{p} [common] backend: 'sparky' is not one of 'transformers', 'vllm', 'fake' "
+              f"{about(SparkModelConfig, 'backend')}. Fix: write one of them"),
+             ("common:\n  lake_engine: spark\n",   # a key an older release read: what changed, and the fix
+              f"{p} [common] lake_engine: delta-spark is now the lake's only writer (every job runs on the Spark "
+              "plane; delta-rs and DuckDB only read): remove the key"),
              ("sl_generate:\n  rounds: -1\n",
               f"{p} [sl_generate] rounds: -1 is below the minimum 1 {about(SLGenerateConfig, 'rounds')}. "
               "Fix: give a value from 1 to 16"),
@@ -136,8 +139,6 @@ def test_defaults_and_the_project_params_are_inside_every_bound():
             check_bounds(f, default, f"{cls.__name__} {f.name}")
         argv = ["--params", str(ROOT / "params.yaml")] + (["--stage", "labels"] if cmd == "gate" else [])
         assert load_config(cls, cmd.replace("-", "_"), argv).lake == "lake", cmd
-    from cai_lib.lake.spark_delta import ENGINES
-    assert dict(dataclasses.fields(LakeEngineConfig)[0].metadata)["choices"] == ENGINES
 
 
 # ---------------------------------------------------------------- the params file itself
@@ -154,7 +155,7 @@ def test_a_named_params_file_must_exist_only_the_implicit_one_may_be_absent(tmp_
     monkeypatch.chdir(tmp_path)   # no ./params.yaml, no flag, no $CAI_PARAMS: the defaults (a quick try)
     shutil.copytree(ROOT / "constitutions", tmp_path / "constitutions")   # the default one is loaded with the config
     cfg = load_config(SLGenerateConfig, "sl_generate", [])
-    assert (cfg.params, cfg.rounds, cfg.lake_engine) == ("params.yaml", 4, "delta-rs")
+    assert (cfg.params, cfg.rounds) == ("params.yaml", 4)
     assert refusal(SLGenerateConfig, "sl_generate", ["--params", "params.yaml"]) == \
         f"params file params.yaml does not exist. {fix}"
 
@@ -164,15 +165,13 @@ def test_a_named_params_file_must_exist_only_the_implicit_one_may_be_absent(tmp_
 def test_a_lake_uri_is_kept_intact_and_never_made_a_local_folder(tmp_path, monkeypatch, capsys):
     from cai_lib.lake.tables import Lake, LakeTargetError
     monkeypatch.chdir(tmp_path)
-    message = ("lake s3://b/x is a URI, but delta-rs here opens local folders only (cai status, cai sql, lake_engine "
-               "delta-rs). Fix: run the jobs with --lake-engine spark (delta-spark writes cloud storage), or point "
-               "--lake at a local folder")
+    message = ("lake s3://b/x is a URI, but delta-rs here opens local folders only (cai status, cai sql, notebooks). "
+               "Fix: query it on the cluster with `cai sql --engine spark`, or point --lake at a local folder")
     with pytest.raises(LakeTargetError) as exc:
         Lake("s3://b/x")
     assert str(exc.value) == message
-    assert cai(["ingest", "--params", "/dev/null", "--lake", "s3://b/x", "--source", str(ROOT / "data/demo/red_team_prompts.jsonl"),
-                "--kind", "red_team", "--lake-engine", "delta-rs"]) == 1
-    assert capsys.readouterr().err == f"cai ingest: error: {message}\n"
+    assert cai(["status", "--lake", "s3://b/x"]) == 1
+    assert capsys.readouterr().err == f"cai status: error: {message}\n"
     assert list(tmp_path.iterdir()) == []   # no folder "s3:" beside it
 
 

@@ -18,7 +18,7 @@ from jobs.sample_pairs import run as sample_pairs
 from tests.conftest import ROOT, copy_lake, make_small_lake
 
 BASE = dict(backend="fake", params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"),
-            batch_size=2, batches_per_commit=1, lake_engine="spark")
+            batch_size=2, batches_per_commit=1)
 PAIRS = dict(policy="fake", max_new_tokens=24, **BASE)
 
 

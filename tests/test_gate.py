@@ -1,6 +1,6 @@
 """Quality gates: each planted fault trips its own expectation and only it; clean data passes.
 
-Faults are planted through the public table API (Lake.insert_new / replace, or a plain Delta
+Faults are planted through the lake's writer (delta-spark: insert_new / replace, or a plain Delta
 append where the fault is one the adapter itself would refuse, like a duplicate key), and the
 gate is run through the CLI entry point; its exit code and `gate_events` row must agree.
 """
@@ -12,7 +12,6 @@ import re
 
 import pyarrow as pa
 import pytest
-from deltalake import write_deltalake
 from synthetic_lake import build_clean_lake, informative, label_row
 
 from jobs.cli import main as cai
@@ -79,7 +78,8 @@ def test_clean_data_passes_and_records_its_verdict(tmp_path, stage, capsys):
 
 def test_duplicate_event_id(lake, tmp_path):
     dup = lake.read("label_events").slice(0, 1)
-    write_deltalake(str(lake.path("label_events")), dup, mode="append")  # the adapter itself would refuse it
+    # a plain Delta append (the adapter itself would refuse it), by the lake's writer, delta-spark
+    lake.spark.createDataFrame(dup).write.format("delta").mode("append").save(lake.path("label_events"))
     rc, row = gate(lake, "labels", tmp_path)
     assert rc == 1 and not row["passed"] and failed(row) == ["labels.label_events.unique_event_id"]
     assert quarantined(lake) == [("label_events", dup["event_id"][0].as_py())]

@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 from tests.synthetic_lake import build_clean_lake
 
 WRITTEN = ("prompts", "generation_events", "sl_dataset", "preference_dataset")
-FAKE = ["--lake-engine", "spark", "--backend", "fake", "--base-model", "fake"]
+FAKE = ["--backend", "fake", "--base-model", "fake"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """Params files with one bad value each, and a constitution hiding a bidi override in a critique."""
     base = tmp_path_factory.mktemp("probe-files")
     out = {}
-    for name, params in {"sparky": {"common": {"lake_engine": "sparky"}},
+    for name, params in {"sparky": {"common": {"backend": "sparky"}},
                          "rounds": {"sl_generate": {"rounds": -1}},
                          "top_p": {"sl_generate": {"top_p": 5}}}.items():
         out[name] = base / f"{name}.yaml"
@@ -64,7 +64,7 @@ CASES = [   # (argv with {lake} / {name} of files, the message the one line star
     (["sl-generate", *FAKE, "--temperature", "nan"], "flag --temperature: nan is not a finite number"),
     (["sl-generate", *FAKE, "--temperature", "inf"], "flag --temperature: inf is not a finite number"),
     (["sl-generate", *FAKE, "--rounds", "1000000", "--limit", "1"], "flag --rounds: 1000000 is above the maximum 16"),
-    (["sl-generate", "--params", "{sparky}"], "{sparky} [common] lake_engine: 'sparky' is not one of 'delta-rs', 'spark'"),
+    (["sl-generate", "--params", "{sparky}"], "{sparky} [common] backend: 'sparky' is not one of 'transformers', 'vllm', 'fake'"),
     (["sl-generate", "--params", "{rounds}"], "{rounds} [sl_generate] rounds: -1 is below the minimum 1"),
     (["sl-generate", "--params", "{top_p}"], "{top_p} [sl_generate] top_p: 5.0 is above the maximum 1.0"),
     (["sl-generate", "--params", "{lake}/no-such-params.yaml"], "params file {lake}/no-such-params.yaml does not exist"),

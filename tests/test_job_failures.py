@@ -169,11 +169,10 @@ def tiny_pm(tmp_path):
     return PreferenceModel(backbone, tok, max_length=64).save(tmp_path / "pm")
 
 
-@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
-def test_evaluate_counts_failed_and_given_up_answers(spark, small_lake, tiny_pm, tmp_path, capsys, engine):
+def test_evaluate_counts_failed_and_given_up_answers(spark, small_lake, tiny_pm, tmp_path, capsys):
     args = ["evaluate", "--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake",
             "--policies", f"bad={ALL}", "--feedback-model", "fake", "--reward-model", str(tiny_pm), "--splits", "train",
-            "--metrics", str(tmp_path / "ev.json"), "--plot", str(tmp_path / "ev.png"), "--lake-engine", engine]
+            "--metrics", str(tmp_path / "ev.json"), "--plot", str(tmp_path / "ev.png")]
     assert cai(args) == 1
     out, err = lines(capsys)
     assert out[-1] == ("evaluate: prompts=5, comparisons=0, model_calls=1, failed=5, gave_up=0, comparisons_failed=0, "
@@ -192,28 +191,24 @@ def test_evaluate_counts_failed_and_given_up_answers(spark, small_lake, tiny_pm,
         {"answers": 0, "failed": 0, "gave_up": 5}
 
 
-def test_evaluate_on_the_spark_plane_writes_the_answers_and_metrics_of_the_delta_rs_path(spark, small_lake, tiny_pm,
-                                                                                         tmp_path):
-    from tests.conftest import copy_lake
+def test_evaluate_writes_each_answer_once_and_a_rerun_calls_no_model(spark, small_lake, tiny_pm, tmp_path):
     volatile = {"job_run_id", "created_at", "latency_ms"}
-    metrics, events = {}, {}
-    for engine in ("delta-rs", "spark"):
-        lake = copy_lake(small_lake, tmp_path / engine)
-        args = ["evaluate", "--lake", str(lake), "--params", "/dev/null", "--backend", "fake",
-                "--policies", "base=fake", "other=fake:prefer=sorry", "--feedback-model", "fake:prefer=sorry",
-                "--reward-model", str(tiny_pm), "--splits", "train", "--batch-size", "2", "--batches-per-commit", "1",
-                "--metrics", str(tmp_path / f"{engine}.json"), "--plot", str(tmp_path / f"{engine}.png"),
-                "--lake-engine", engine]
-        assert cai(args) == 0
-        metrics[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
-        events[engine] = sorted(({k: v for k, v in r.items() if k not in volatile}
-                                 for r in Lake(lake).read("generation_events").to_pylist()), key=lambda r: r["event_id"])
-        assert cai(args) == 0 and json.loads((tmp_path / f"{engine}.json").read_text())["model_calls"] == 0  # a rerun
+    args = ["evaluate", "--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake",
+            "--policies", "base=fake", "other=fake:prefer=sorry", "--feedback-model", "fake:prefer=sorry",
+            "--reward-model", str(tiny_pm), "--splits", "train", "--batch-size", "2", "--batches-per-commit", "1",
+            "--metrics", str(tmp_path / "ev.json"), "--plot", str(tmp_path / "ev.png")]
+    assert cai(args) == 0
+    metrics = json.loads((tmp_path / "ev.json").read_text())
+    events = sorted(({k: v for k, v in r.items() if k not in volatile}
+                     for r in Lake(small_lake).read("generation_events").to_pylist()), key=lambda r: r["event_id"])
     # 5 prompts x 2 models, batches of 2: 3 model calls per model; 5 prompts x 1 model pair x 2 orders compared
-    assert metrics["spark"]["model_calls"] == 6 and metrics["spark"]["comparisons"] == 5
-    assert len(events["spark"]) == 10 and {r["kind"] for r in events["spark"]} == {"eval_response"}
-    assert events["spark"] == events["delta-rs"]
-    assert metrics["spark"] == metrics["delta-rs"]
+    assert metrics["model_calls"] == 6 and metrics["comparisons"] == 5
+    assert len(events) == 10 and {r["kind"] for r in events} == {"eval_response"}
+    assert sorted(r["model_id"] for r in events) == ["fake"] * 5 + ["fake:prefer=sorry"] * 5
+    assert cai(args) == 0   # a rerun: the same answers, no model call for them
+    again = json.loads((tmp_path / "ev.json").read_text())
+    assert again["model_calls"] == 0 and again["models"] == metrics["models"] and again["elo"] == metrics["elo"]
+    assert len(Lake(small_lake).read("generation_events")) == 10
 
 
 def test_a_failed_order_fails_its_comparison_and_is_counted():

@@ -32,11 +32,10 @@ def commits(lake) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(spark, small_lake, tmp_path, engine):
-    """The real model. On the Spark plane the driver dies while its executors append chunk by chunk."""
+def test_sigkill_then_resume_equals_an_uninterrupted_run(spark, small_lake, tmp_path):
+    """The real model. The driver dies while its executors append chunk by chunk."""
     killed = copy_lake(small_lake, tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sl-generate", *flags(killed), "--lake-engine", engine],
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sl-generate", *flags(killed)],
                             cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -48,8 +47,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(spark, small_lake, tmp_
     partial = Lake(killed).read("generation_events").num_rows
     assert 0 < partial < 11 and not Lake(killed).exists("sl_dataset")  # it really died mid-run
 
-    cfg = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), lake_engine=engine,
-               **SETTINGS)
+    cfg = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), **SETTINGS)
     resumed = run(spark, SLGenerateConfig(lake=str(killed), **cfg))
     assert resumed["generations"] == 11 - partial  # only the missing ids went to the model
     run(spark, SLGenerateConfig(lake=str(small_lake), **cfg))  # the uninterrupted reference

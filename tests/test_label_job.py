@@ -10,7 +10,7 @@ from jobs.label import LabelConfig
 from jobs.label import run as label
 from jobs.sample_pairs import SamplePairsConfig
 from jobs.sample_pairs import run as sample_pairs
-from tests.conftest import ROOT, SHARED, copy_lake
+from tests.conftest import ROOT, SHARED
 
 BASE = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), batch_size=8)
 POLICY = dict(policy="default")   # the base model plays the policy under study (no registry here)
@@ -72,16 +72,14 @@ def test_cot_labels_are_clamped_and_their_reasoning_is_an_event(spark, sampled):
     assert len(cots) == 6 and set(ev["cot_event_id"].to_pylist()) == cots
 
 
-@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
-def test_label_without_pairs_is_a_clear_error(spark, small_lake, engine):
+def test_label_without_pairs_is_a_clear_error(spark, small_lake):
     with pytest.raises(ValueError, match="run `cai sample-pairs` first"):
-        label(spark, LabelConfig(lake=str(small_lake), lake_engine=engine, **BASE))
+        label(spark, LabelConfig(lake=str(small_lake), **BASE))
 
 
-@pytest.mark.parametrize("engine", ["delta-rs", "spark"])
-def test_failing_chains_of_thought_are_retried_then_left_failed(spark, small_lake, engine):
+def test_failing_chains_of_thought_are_retried_then_left_failed(spark, small_lake):
     """A CoT that fails is an event, retried up to max_attempts, then counted and not retried."""
-    fake = dict(BASE, backend="fake", lake_engine=engine)
+    fake = dict(BASE, backend="fake")
     sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), policy="fake", **fake))
     failing = LabelConfig(lake=str(small_lake), cot=True, feedback_model="fail-on:Option (A):", **fake)
     first, second, third = (label(spark, failing) for _ in range(3))
@@ -90,26 +88,3 @@ def test_failing_chains_of_thought_are_retried_then_left_failed(spark, small_lak
     assert (third["cot_gave_up"], third["model_calls"]) == (6, 0)    # max_attempts=2 reached
     gen = Lake(small_lake).read("generation_events").to_pylist()
     assert sorted(r["attempt"] for r in gen if r["kind"] == "cot") == [1] * 6 + [2] * 6
-
-
-@pytest.mark.slow
-def test_the_spark_plane_samples_and_labels_with_the_real_model(spark, small_lake, tmp_path):
-    """sample-pairs and label with --lake-engine spark on the default model: the delta-rs path's labels
-    of the same samples (same ids; the same log-probs up to float noise)."""
-    out = sample_pairs(spark, SamplePairsConfig(lake=str(small_lake), lake_engine="spark", max_new_tokens=24,
-                                                **POLICY, **BASE))
-    assert (out["prompts"], out["ok"], out["failed"]) == (3, 6, 0)
-    ref = copy_lake(small_lake, tmp_path / "ref")
-    b = label(spark, LabelConfig(lake=str(small_lake), lake_engine="spark", **BASE))
-    a = label(spark, LabelConfig(lake=str(ref), **BASE))
-    assert (b["pairs"], b["inserted"], b["failed"], b["ai_pairs"]) == (3, 6, 0, 3)
-    assert b["labels_sha"] == a["labels_sha"]
-    want = {r["event_id"]: r for r in Lake(ref).read("label_events").to_pylist()}
-    got = Lake(small_lake).read("label_events").to_pylist()
-    assert {r["event_id"] for r in got} == set(want)
-    for r in got:
-        assert r["logprob_shown_a"] == pytest.approx(want[r["event_id"]]["logprob_shown_a"], abs=1e-3)
-        assert r["p_a"] == pytest.approx(want[r["event_id"]]["p_a"], abs=1e-3)
-    targets = {r["pair_id"]: r["target"] for r in Lake(ref).read("preference_dataset").to_pylist()}
-    assert {r["pair_id"]: pytest.approx(r["target"], abs=1e-3)
-            for r in Lake(small_lake).read("preference_dataset").to_pylist()} == targets

@@ -10,16 +10,11 @@ import pytest
 from deltalake import DeltaTable
 
 from cai_lib.lake.tables import Lake
-from cai_lib.lake.upkeep import gate_pins, optimize, registry_pins
+from cai_lib.lake.upkeep import gate_pins, registry_pins
 from jobs.cli import main as cai
 from schemas import GATE_EVENTS
 from tests.test_lake import qrows
 from tests.test_one_engine import engines
-
-
-def small_commits(lake: Lake, n: int) -> None:
-    for i in range(n):
-        lake.insert_new("quarantine", qrows([f"q{i}"]))
 
 
 def verdict(pins: dict) -> pa.Table:
@@ -31,59 +26,38 @@ def verdict(pins: dict) -> pa.Table:
     return pa.Table.from_pylist([{k: row.get(k) for k in GATE_EVENTS.names}], schema=GATE_EVENTS)
 
 
-def vacuum_now(root, spark=None, hours: int = 0) -> None:
+def vacuum_now(root, spark, hours: int = 0) -> None:
     """Let the test vacuum files seconds old: each table's own floor (delta.deletedFileRetentionDuration,
-    which optimize refuses to go below) set to `hours`, in one more commit by the table's own engine.
+    which optimize refuses to go below) set to `hours`, in one more commit by the lake's writer.
     (At 0 h Delta also drops the tombstones from its state at once, so a pin needs a floor above 0.)"""
     prop = ("delta.deletedFileRetentionDuration", f"interval {hours} hours")
     for table in sorted(p for p in root.iterdir() if (p / "_delta_log").is_dir()):
-        if spark is None:
-            DeltaTable(str(table)).alter.set_table_properties(dict([prop]))
-        else:
-            spark.sql(f"ALTER TABLE delta.`{table}` SET TBLPROPERTIES ('{prop[0]}' = '{prop[1]}')")
+        spark.sql(f"ALTER TABLE delta.`{table}` SET TBLPROPERTIES ('{prop[0]}' = '{prop[1]}')")
 
 
-def test_optimize_compacts_vacuums_and_keeps_the_pinned_version(tmp_path):
-    lake = Lake(tmp_path)
-    small_commits(lake, 6)                       # versions 1..6, one file each
-    at3 = sorted(DeltaTable(str(lake.path("quarantine")), version=3).to_pyarrow_table()["event_id"].to_pylist())
-    lake.insert_new("gate_events", verdict({"quarantine": 3}))
-    assert gate_pins(lake) == {"quarantine": {3}}
-    vacuum_now(tmp_path)
-
-    report = {t.name: t for t in optimize(lake, gate_pins(lake), retention_hours=0)}
-    q = report["quarantine"]
-    assert (q.files_before, q.files_after, q.kept_versions) == (6, 1, [3])
-    assert q.vacuumed == 3                       # q3..q5's small files: only the unpinned versions 4-6 read them
-    assert sorted(lake.read("quarantine")["event_id"].to_pylist()) == [f"q{i}" for i in range(6)]
-    assert sorted(DeltaTable(str(lake.path("quarantine")), version=3).to_pyarrow_table()["event_id"].to_pylist()) == at3
-    with pytest.raises(Exception):               # an unpinned old version lost its files, as vacuum should
-        DeltaTable(str(lake.path("quarantine")), version=5).to_pyarrow_table()
-
-
-def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(tmp_path, capsys):
+def test_a_registered_models_versions_are_pinned_and_the_cli_keeps_them(spark, tmp_path, capsys):
     import mlflow
     from cai_lib.registry.tracking import log_lake_inputs
-    lake = Lake(tmp_path / "lake")
-    small_commits(lake, 4)
+    lake = spark_written(spark, tmp_path / "lake", 4)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # this store alone: an earlier test (test_serving) left its registry URI and active experiment set
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment("upkeep")
     with mlflow.start_run() as run:
-        log_lake_inputs(lake, ["quarantine"])     # trained on quarantine version 4
+        log_lake_inputs(Lake(tmp_path / "lake"), ["quarantine"])     # trained on quarantine version 4
     client = mlflow.MlflowClient()
     client.create_registered_model("cai-test")
     client.create_model_version("cai-test", source=str(tmp_path), run_id=run.info.run_id)
     for i in range(4, 7):
         lake.insert_new("quarantine", qrows([f"q{i}"]))
-    assert registry_pins(lake) == {"quarantine": {4}}
-    vacuum_now(tmp_path / "lake")
+    assert registry_pins(Lake(tmp_path / "lake")) == {"quarantine": {4}}
+    vacuum_now(tmp_path / "lake", spark, hours=1)
 
-    assert cai(["lake", "optimize", "--lake", str(lake.root), "--tracking-uri", uri, "--retention-hours", "0"]) == 0
+    assert cai(["lake", "optimize", "--lake", str(lake.root), "--tracking-uri", uri, "--retention-hours", "1"]) == 0
     out = capsys.readouterr().out
-    assert "quarantine             files 7 -> 1, vacuumed 3, version 8 -> " in out and "pinned versions kept: 4" in out
+    assert "quarantine             files 7 -> 1, vacuumed 0, version 8 -> " in out, out
+    assert "pinned versions kept: 4 (delta-spark, retention 2 h)" in out, out
     assert DeltaTable(str(lake.path("quarantine")), version=4).to_pyarrow_table().num_rows == 4
 
 
@@ -101,7 +75,7 @@ def spark_written(spark, root, n: int):
     return lake
 
 
-def test_a_delta_spark_lake_is_kept_through_spark_and_its_pinned_version_stays_readable(spark, tmp_path, capsys):
+def test_optimize_compacts_through_delta_spark_and_the_pinned_version_stays_readable(spark, tmp_path, capsys):
     root = tmp_path / "lake"
     spark_written(spark, root, 5).insert_new("gate_events", verdict({"quarantine": 3}))
     assert gate_pins(Lake(root)) == {"quarantine": {3}}
@@ -132,12 +106,12 @@ def test_an_unpinned_delta_spark_table_loses_the_files_compaction_removed(spark,
         DeltaTable(str(root / "quarantine"), version=3).to_pyarrow_table()
 
 
-def test_a_retention_below_the_tables_floor_is_refused_and_so_is_optimize_beside_a_running_job(tmp_path, capsys):
+def test_a_retention_below_the_tables_floor_is_refused_and_so_is_optimize_beside_a_running_job(spark, tmp_path,
+                                                                                                 capsys):
     """Delta's retention check stays on: --retention-hours 0 is refused (the default floor is Delta's 7 days),
     before any work; and while a job holds its lake lock, optimize refuses naming it (it does not wait)."""
     from cai_lib.lake.locks import job_lock
-    lake = Lake(tmp_path / "lake")
-    small_commits(lake, 3)
+    lake = spark_written(spark, tmp_path / "lake", 3)
     assert cai(["lake", "optimize", "--lake", str(lake.root), "--retention-hours", "0", *no_registry(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert (f"--retention-hours 0 is below the 168 h that table quarantine of lake {lake.root} keeps removed files (its "

@@ -171,7 +171,7 @@ def test_a_job_config_refuses_before_spark_starts(tmp_path, monkeypatch, capsys)
     (folder / "model.safetensors").write_bytes(pickle.dumps(_RunsCode(tmp_path / "code-ran")))
     monkeypatch.setattr(session, "get_spark", lambda *a, **k: pytest.fail("Spark started before the model check"))
     assert cai(["sl-generate", "--lake", str(tmp_path / "lake"), "--params", "/dev/null",
-                "--base-model", str(folder), "--lake-engine", "spark"]) == 1
+                "--base-model", str(folder)]) == 1
     assert capsys.readouterr().err == ("cai sl-generate: error: sl_generate config (read from /dev/null [common] + "
                                        f"[sl_generate], then the flags): model folder {folder} contains pickle files "
                                        f"['model.safetensors (pickle data)']: {NO_PICKLES}\n")

@@ -116,13 +116,13 @@ def test_config_layers_and_unknown_keys(tmp_path):
 
 def test_cai_params_names_the_params_file_when_no_flag_does(tmp_path, monkeypatch):
     env, flag = tmp_path / "env.yaml", tmp_path / "flag.yaml"
-    env.write_text("common:\n  lake_engine: spark\nsl_generate:\n  rounds: 3\n")
+    env.write_text("common:\n  seed: 9\nsl_generate:\n  rounds: 3\n")
     flag.write_text("sl_generate:\n  rounds: 5\n")
     monkeypatch.setenv("CAI_PARAMS", str(env))
     cfg = load_config(SLGenerateConfig, "sl_generate", [])
-    assert (cfg.params, cfg.lake_engine, cfg.rounds) == (str(env), "spark", 3)
+    assert (cfg.params, cfg.seed, cfg.rounds) == (str(env), 9, 3)
     cfg = load_config(SLGenerateConfig, "sl_generate", ["--params", str(flag)])   # the flag wins
-    assert (cfg.params, cfg.lake_engine, cfg.rounds) == (str(flag), "delta-rs", 5)
+    assert (cfg.params, cfg.seed, cfg.rounds) == (str(flag), SLGenerateConfig.seed, 5)
     monkeypatch.delenv("CAI_PARAMS")
     assert load_config(SLGenerateConfig, "sl_generate", ["--params", str(flag)]).params == str(flag)
     assert load_config(SLGenerateConfig, "sl_generate", []).params == "params.yaml"
@@ -133,4 +133,3 @@ def test_project_params_file_is_valid():
     from jobs.ingest import IngestConfig
     assert load_config(SLGenerateConfig, "sl_generate", ["--params", str(ROOT / "params.yaml")]).rounds >= 1
     assert load_config(IngestConfig, "ingest", ["--params", str(ROOT / "params.yaml")]).sources
-    assert load_config(SLGenerateConfig, "sl_generate", ["--params", str(ROOT / "params.yaml")]).lake_engine == "spark"

@@ -20,7 +20,7 @@ from cai_lib.lake.tables import Lake
 from jobs.sl_generate import SLGenerateConfig, run
 from tests.conftest import ROOT, copy_lake
 
-SL = dict(backend="fake", base_model="fake", rounds=2, limit=1, batch_size=2, batches_per_commit=1, lake_engine="spark",
+SL = dict(backend="fake", base_model="fake", rounds=2, limit=1, batch_size=2, batches_per_commit=1,
           params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"))
 
 

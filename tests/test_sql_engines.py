@@ -41,7 +41,7 @@ def test_spark_sql_gives_the_duckdb_answers(spark, generated, capsys):
     assert answers == [plain(duckdb_query(lake, q).to_arrow_table().to_pylist()) for q in QUERIES]
     assert answers[0] == [{"kind": "critique", "n": 3}, {"kind": "helpful_response", "n": 2},
                           {"kind": "initial_response", "n": 3}, {"kind": "revision", "n": 3}]
-    assert answers[4] == [{"n": 0}]   # a table not written yet reads as empty, in both engines
+    assert answers[4] == [{"n": 0}]   # a table not written yet reads as empty, in both SQL engines
 
     capsys.readouterr()
     assert cai(["sql", "--engine", "spark", "--lake", str(generated), "--format", "csv", QUERIES[0]]) == 0

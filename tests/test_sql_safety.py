@@ -12,6 +12,7 @@ import sys
 
 import pyarrow as pa
 import pytest
+from deltalake import DeltaTable
 
 from cai_lib.lake.sql import query
 from cai_lib.lake.tables import Lake
@@ -25,10 +26,13 @@ def many_file_lake(tmp_path_factory) -> Lake:
     lake = build_clean_lake(tmp_path_factory.mktemp("sql") / "lake")
     events = lake.read("generation_events")
     ids = events.schema.get_field_index("event_id")
-    for i in range(30):   # 31 commits, 31+ data files: the scan runs on several threads
-        renamed = pa.array([f"{e}-{i}" for e in events["event_id"].to_pylist()])
-        lake.insert_new("generation_events", events.set_column(ids, "event_id", renamed))
-    assert lake.snapshot(["generation_events"])["generation_events"]["version"] >= 31
+    copies = pa.concat_tables([events.set_column(ids, "event_id", pa.array([f"{e}-{i}" for e in
+                                                                            events["event_id"].to_pylist()]))
+                               for i in range(30)])
+    # 31+ data files in one commit (a plain append by the lake's writer): the scan runs on several threads
+    lake.spark.createDataFrame(copies).repartition(30).write.format("delta").mode("append").save(
+        lake.path("generation_events"))
+    assert len(DeltaTable(lake.path("generation_events")).file_uris()) >= 31
     return lake
 
 

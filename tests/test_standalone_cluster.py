@@ -85,7 +85,7 @@ def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, sma
                        "spark.speculation.interval": "100ms"}
         submit = " ".join(f"--conf {k}={v}" for k, v in speculation.items()) + " pyspark-shell"
         job = subprocess.run([sys.executable, "-m", "jobs.cli", "sl-generate", "--lake", str(on_cluster),
-                              "--lake-engine", "spark", "--spark-master", f"spark://127.0.0.1:{port}",
+                              "--spark-master", f"spark://127.0.0.1:{port}",
                               *flags({**SETTINGS, "base_model": f"fake:slow={SLOW_S}"})], cwd=ROOT,
                              env={**env, "PYSPARK_SUBMIT_ARGS": submit}, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
@@ -102,7 +102,7 @@ def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, sma
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
-    local = copy_lake(small_lake, tmp_path / "local")   # local[1]; test_spark_plane.py shows both engines agree
+    local = copy_lake(small_lake, tmp_path / "local")   # the same job on local[1]
     run(spark, SLGenerateConfig(lake=str(local), **SETTINGS))
     text = lambda lake: dict(zip(*[Lake(lake).read("generation_events")[c].to_pylist()  # noqa: E731
                                    for c in ("event_id", "text")]))

@@ -1,9 +1,10 @@
-"""The lake: Delta tables, the engines that read and write them, and SQL over them.
+"""The lake: Delta tables, their one writer, the JVM-free readers, and SQL over them.
 
-tables       `Lake` (delta-rs): create from `schemas/`, read (time travel), insert-only MERGE, replace
-spark_delta  the same interface on a Spark session with Delta (Databricks, delta-spark), and DataFrames of the tables
-locks        one running job of a kind per lake (the Spark plane appends without a MERGE)
-queries      what a generation job reads before it plans: prompts by split, events already there
+spark_delta  the one writer (delta-spark): insert-only MERGE, idempotent appends, replace; DataFrames of the tables
+tables       `Lake` (delta-rs): the JVM-free reader (time travel), and the contract checks both share
+writers      who wrote a table: another engine's commit is refused before any model call; `cai lake adopt`
+locks        one running job of a kind per lake (kernel-held flock)
+queries      what jobs read on the driver: the training prompts no evaluation may use
 sql          DuckDB over every table, by name (`cai sql`)
 spark_sql    Spark SQL over the same tables (`cai sql --engine spark`)
 upkeep       `cai lake optimize`: compact, checkpoint, vacuum all but the pinned versions' files
