@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.tools import _add_common, _lake, _tracking_uri
+from jobs.tools import add_common, lake_arg, tracking_uri_arg
 from schemas import TABLES
 
 
@@ -11,26 +11,26 @@ def lake_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai lake", description="Check every table of the lake, or restore a broken "
                                 "one to its last good version (the commits after it are set aside, never deleted).")
     sub = p.add_subparsers(dest="action", required=True)
-    _add_common(sub.add_parser("check", help="each table: ok, absent or BROKEN with the fix; exit 1 if any is broken"))
+    add_common(sub.add_parser("check", help="each table: ok, absent or BROKEN with the fix; exit 1 if any is broken"))
     r = sub.add_parser("restore", help="set a broken table's bad commits aside so it opens at its last good version")
     r.add_argument("table", choices=sorted(TABLES))
     r.add_argument("--to-version", type=int, default=None, help="set aside every commit after this version, "
                    "also of a table that opens (e.g. commits another engine wrote)")
-    _add_common(r)
+    add_common(r)
     d = sub.add_parser("adopt", help="accept the commits another engine wrote (a lake from a release that wrote "
                        "with delta-rs): one delta-spark commit per table records it; jobs refuse such tables until then")
     d.add_argument("tables", nargs="*", metavar="TABLE", help=f"default: every table ({', '.join(sorted(TABLES))})")
-    _add_common(d)
+    add_common(d)
     o = sub.add_parser("optimize", help="compact small files, checkpoint, and vacuum files no version needs, "
                        "keeping every version a gate verdict or a registered model pins")
     o.add_argument("--retention-hours", type=int, default=168, help="unpinned versions older than this lose "
                    "their removed files; at least the tables' delta.deletedFileRetentionDuration (Delta's default: "
                    "7 days), so a running job's files are never removed")
     o.add_argument("--dry-run", action="store_true", help="say what vacuum would delete; change nothing")
-    _add_common(o, registry=True)
+    add_common(o, registry=True)
     a = p.parse_args(argv)
     from cai_lib.lake.health import check_table, restore
-    lake = _lake(a)
+    lake = lake_arg(a)
     if a.action == "optimize":
         return _optimize(lake, a)
     if a.action == "adopt":
@@ -69,7 +69,7 @@ def _optimize(lake, a) -> int:
     import os
     from cai_lib.lake.upkeep import gate_pins, optimize, registry_pins
     pins = gate_pins(lake)
-    uri = _tracking_uri(a)
+    uri = tracking_uri_arg(a)
     if not (uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))):
         import mlflow
         mlflow.set_tracking_uri(uri)

@@ -13,7 +13,7 @@ from cai_lib.lake.tables import Lake
 from schemas import TABLES
 
 
-def _add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
+def add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
     p.add_argument("--params", default=default_params(), help="params file whose [common] gives the defaults "
                    f"(default ${PARAMS_ENV}, else {DEFAULT_PARAMS})")
     p.add_argument("--lake", default=None, help="lake root (default: the params file's [common] lake)")
@@ -33,12 +33,12 @@ def _common(a, key: str, default):
     return (_params(a).get("common") or {}).get(key, default)
 
 
-def _lake(a, mode: str | None = "read") -> Lake:
+def lake_arg(a, mode: str | None = "read") -> Lake:
     """The lake a tool reads: it must exist (a mistyped --lake is an error, not an empty lake)."""
     return Lake(a.lake or _common(a, "lake", LakeConfig.lake), mode=mode)
 
 
-def _tracking_uri(a) -> str:
+def tracking_uri_arg(a) -> str:
     from cai_lib.registry.tracking import USER_ENV
     return a.tracking_uri or USER_ENV.get("MLFLOW_TRACKING_URI") or _common(a, "tracking_uri", RegistryConfig.tracking_uri)
 
@@ -47,7 +47,7 @@ def sql_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai sql", description="DuckDB SQL over the lake tables, by name "
                                 "(prompts, generation_events, quarantine, sl_dataset, ...).")
     p.add_argument("query", help='e.g. "SELECT kind, count(*) n FROM generation_events GROUP BY kind"')
-    _add_common(p)
+    add_common(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table (0 or more)")
     p.add_argument("--allow-files", action="store_true", help="let the query use DuckDB's file functions (read_csv, "
@@ -67,11 +67,11 @@ def sql_main(argv) -> int:
         from cai_lib.runtime.session import get_spark
         if a.allow_files:
             raise ValueError("--allow-files is DuckDB's: the spark engine reads the lake's tables only")
-        lake = _lake(a)
+        lake = lake_arg(a)
         rel = duckdb.from_arrow(spark_sql.query(get_spark(a.spark_master or "local[1]", "cai-sql", delta=True), lake.root, a.query))
     else:
         from cai_lib.lake.sql import query
-        rel = query(_lake(a), a.query, allow_files=a.allow_files)
+        rel = query(lake_arg(a), a.query, allow_files=a.allow_files)
     if a.format == "table":
         rel.show(max_rows=a.max_rows, max_width=200)
     else:
@@ -87,10 +87,10 @@ def status_main(argv) -> int:
     p = argparse.ArgumentParser(prog="cai status", description="Lake tables with their health, Delta versions and "
                                 "row counts, the last verdict of each gate, registered models and their aliases, "
                                 "headline metrics. Exit 1 when a table is broken (everything else is still shown).")
-    _add_common(p, registry=True)
+    add_common(p, registry=True)
     a = p.parse_args(argv)
     from cai_lib.lake.health import check_table
-    lake = _lake(a)
+    lake = lake_arg(a)
     health = [h for h in (check_table(lake.root, name) for name in TABLES) if h.state != "absent"]
     if not health:
         print(f"lake {lake.root}: no tables yet (run `cai ingest`)")
@@ -108,7 +108,7 @@ def status_main(argv) -> int:
         for stage in sorted({v["stage"] for v in verdicts}):
             v = max((v for v in verdicts if v["stage"] == stage), key=lambda v: v["created_at"])
             print("  " + verdict_summary(v))
-    _print_registry(_tracking_uri(a))
+    _print_registry(tracking_uri_arg(a))
     _print_metrics(_params(a))
     return 1 if broken else 0
 
@@ -270,7 +270,7 @@ def lineage_main(argv) -> int:
                                 "Delta versions, gate verdicts, parent models and commit it came from, and the same "
                                 "for each registered ancestor (its parents' parents, ...), indented under it.")
     p.add_argument("model", help="cai-rl@champion, cai-sl:3, models:/cai-pm/2, or a name (= latest version)")
-    _add_common(p, registry=True)
+    add_common(p, registry=True)
     p.add_argument("--depth", type=int, default=None, help="levels of ancestry to walk (1 = this version, its parents "
                    "by name only; default: all the way)")
     p.add_argument("--json", action="store_true", help="print JSON (ancestors nested under `ancestors`)")
@@ -279,9 +279,9 @@ def lineage_main(argv) -> int:
 
     from cai_lib.registry.lineage import flatten, lineage
     from cai_lib.registry.tracking import configure
-    configure(_tracking_uri(a), _common(a, "artifact_dir", RegistryConfig.artifact_dir),
+    configure(tracking_uri_arg(a), _common(a, "artifact_dir", RegistryConfig.artifact_dir),
               _common(a, "experiment", RegistryConfig.experiment))
-    info = lineage(a.model, _lake(a, mode=None), depth=a.depth)   # gate details when the lake is there
+    info = lineage(a.model, lake_arg(a, mode=None), depth=a.depth)   # gate details when the lake is there
     if a.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0

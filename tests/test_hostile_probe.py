@@ -70,7 +70,7 @@ CASES = [   # (argv with {lake} / {name} of files, the message the one line star
     (["sl-generate", "--params", "{lake}/no-such-params.yaml"], "params file {lake}/no-such-params.yaml does not exist"),
     (["sl-generate", *FAKE, "--constitution", "{evil}"], "sl_generate config"),
     (["constitution", "validate", "{evil}"], None),
-    (["label", *FAKE[:4], "--feedback-model", "fake", "--clamp-lo", "0.3"],
+    (["label", *FAKE[:2], "--feedback-model", "fake", "--clamp-lo", "0.3"],
      "flag --clamp-lo counts only when cot is True, and here cot is False: it would be ignored"),
     (["lake", "restore", "quarantine"], "table quarantine does not exist in the lake {lake}"),
 ]

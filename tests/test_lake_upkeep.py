@@ -125,4 +125,5 @@ def test_a_retention_below_the_tables_floor_is_refused_and_so_is_optimize_beside
     assert "(`cai lake optimize` beside a running job could remove files its appends are writing)" in err, err
     assert DeltaTable(str(lake.path("quarantine"))).version() == 3
     assert cai(["lake", "optimize", "--lake", str(lake.root), *no_registry(tmp_path)]) == 0   # once it has finished
-    assert DeltaTable(str(lake.path("quarantine"))).version() == 4
+    ops = [h["operation"] for h in DeltaTable(str(lake.path("quarantine"))).history(3)]
+    assert ops == ["VACUUM END", "VACUUM START", "OPTIMIZE"]   # versions 4-6: delta-spark logs its vacuum

@@ -93,12 +93,18 @@ def unadopted(table_dir: Path) -> list[Foreign]:
 
 
 def check_writers(root: Path, names) -> None:
-    """Refuse (ForeignWriterError) the first of the lake's existing tables `names` with a foreign commit."""
+    """Refuse (ForeignWriterError) the first of the lake's existing tables `names` with a foreign commit; a
+    commit that does not parse is the table's health problem (BrokenTableError naming it and the restore)."""
     for name in names:
         table_dir = Path(root) / name
         if not (table_dir / "_delta_log").is_dir():
             continue
-        found = unadopted(table_dir)
+        try:
+            found = unadopted(table_dir)
+        except ValueError:   # json: a truncated or overwritten commit
+            from cai_lib.lake.health import check_table
+            from cai_lib.lake.tables import BrokenTableError
+            raise BrokenTableError(check_table(Path(root), name).message(Path(root))) from None
         if found:
             f = found[-1]
             raise ForeignWriterError(

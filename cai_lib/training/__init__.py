@@ -10,4 +10,5 @@ ppo_math      PPO formulas: KL-penalised rewards, GAE, clipped losses, KL contro
 policy        what PPO and DPO share: settings, policy loading, optimizer step, saving
 ppo           the PPO loop of RL-CAI against a reward function (the PM), KL to the SL reference
 dpo           weighted DPO on preference pairs (offline alternative)
+distributed   data-parallel training through Spark's TorchDistributor: ranks, shards, all-reduces, rank 0 writes
 """
