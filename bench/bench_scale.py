@@ -41,19 +41,34 @@ def jvm_peak_kib() -> int:
     return peak
 
 
-def make_prompts(lake: Path, n: int, start: int = 0) -> None:
-    """n synthetic red-team prompts, built column by column (no per-row dicts: the driver's peak is the job's)."""
+def prompt_text(i: int, chars: int) -> str:
+    """Prompt i, padded with words to `chars` characters (0: as short as it gets).
+
+    >>> prompt_text(7, 0), len(prompt_text(7, 400))
+    ('bench red-team prompt number 7?', 400)
+    """
+    head = f"bench red-team prompt number {i}?"
+    if chars <= len(head):
+        return head
+    words = " ".join(f"detail{(i + k) % 97}" for k in range(chars // 7 + 1))
+    return (head + " " + words)[:chars - 1] + "?"
+
+
+def make_prompts(spark, lake: Path, n: int, start: int = 0, chars: int = 0) -> None:
+    """n synthetic red-team prompts (written by the lake's writer, delta-spark), built column by column (no
+    per-row dicts: the driver's peak is the job's)."""
     import pyarrow as pa
     from cai_lib.ids import stable_id
-    from cai_lib.lake.tables import Lake
+    from cai_lib.lake.spark_delta import SparkDeltaLake
     from schemas import PROMPTS
     idx = range(start, start + n)
     cols = {"prompt_id": [stable_id("bench_prompt", i=i) for i in idx],
-            "text": [f"bench red-team prompt number {i}?" for i in idx],
+            "text": [prompt_text(i, chars) for i in idx],
             "kind": ["red_team"] * n, "source": ["bench"] * n, "source_row": list(idx), "source_format": ["jsonl"] * n,
             "category": [None] * n, "tags": [[]] * n, "split": ["train"] * n, "meta": [None] * n,
             "created_at": [datetime.now(timezone.utc)] * n}
-    Lake(lake).insert_new("prompts", pa.table({f.name: pa.array(cols[f.name], f.type) for f in PROMPTS}, schema=PROMPTS))
+    SparkDeltaLake(spark, lake).insert_new("prompts", pa.table({f.name: pa.array(cols[f.name], f.type) for f in PROMPTS},
+                                                               schema=PROMPTS))
 
 
 def reset_peak_rss() -> None:
@@ -71,7 +86,7 @@ def one(a) -> dict:
     from cai_lib.runtime.session import get_spark
     spark = get_spark(a.master, "cai-bench-scale", delta=True)
     lake = Path(tempfile.mkdtemp(prefix="cai-scale-", dir=a.tmp)) / "lake"
-    make_prompts(lake, a.one)
+    make_prompts(spark, lake, a.one, chars=a.prompt_chars)
     reset_peak_rss()
     cfg = lambda: SLGenerateConfig(lake=str(lake), params="/nonexistent.yaml", backend="fake", base_model="fake",  # noqa: E731
                                    rounds=4, batch_size=a.batch_size, batches_per_commit=a.batches_per_commit,
@@ -86,7 +101,7 @@ def one(a) -> dict:
         t0 = time.perf_counter()
         again = run(spark, cfg())
         result.update(noop_s=time.perf_counter() - t0, noop_model_calls=again["model_calls"])
-        make_prompts(lake, max(1, a.one // 100), start=a.one)
+        make_prompts(spark, lake, max(1, a.one // 100), start=a.one, chars=a.prompt_chars)
         t0 = time.perf_counter()
         more = run(spark, cfg())
         result.update(plus1_s=time.perf_counter() - t0, plus1_events=more["inserted"],
@@ -147,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--label", action="store_true", help="also sample-pairs and label of every prompt")
     ap.add_argument("--label-only", action="store_true", help="pairs and labels only (no sl-generate)")
     ap.add_argument("--tmp", default=None, help="where the lakes go (default: system temp)")
+    ap.add_argument("--prompt-chars", type=int, default=0, help="pad each prompt to this many characters (~400: "
+                    "a realistic red-team prompt; every chat of its chain embeds it)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.label = a.label or a.label_only
@@ -159,6 +176,7 @@ def main(argv=None) -> int:
                "--batches-per-commit", str(a.batches_per_commit), "--master", a.master]
         cmd += ["--increment"] * a.increment + ["--label"] * a.label + ["--label-only"] * a.label_only
         cmd += ["--tmp", a.tmp] if a.tmp else []
+        cmd += ["--prompt-chars", str(a.prompt_chars)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -181,11 +199,14 @@ def main(argv=None) -> int:
                   f"{r['label_calls']} model calls, floor {r['label_floor_s']:.1f} s "
                   f"(x{r['label_s'] / r['label_floor_s']:.1f}), driver {r['label_driver_rss_mib']:.0f} MiB", flush=True)
     base = results[0]
-    for r in results[1:]:
+    for prev, r in zip(results, results[1:]):
         if not a.label_only:
             per = (r["wall_s"] / r["events"]) / (base["wall_s"] / base["events"])
-            print(f"per-event cost at {r['prompts']} vs {base['prompts']}: x{per:.2f} (goal <= 1.3); driver RSS "
-                  f"x{r['driver_rss_mib'] / base['driver_rss_mib']:.2f} (goal <= 1.5)")
+            marginal = 1000 * (r["wall_s"] - prev["wall_s"]) / max(1, r["events"] - prev["events"])
+            print(f"per-event cost at {r['prompts']} vs {base['prompts']}: x{per:.2f} (goal <= 1.3); marginal "
+                  f"{marginal:.3f} ms per event from {prev['prompts']} to {r['prompts']}; driver RSS x"
+                  f"{r['driver_rss_mib'] / base['driver_rss_mib']:.2f} (goal <= 1.5), JVM RSS "
+                  f"x{r['jvm_rss_mib'] / base['jvm_rss_mib']:.2f} ({base['jvm_rss_mib']:.0f} -> {r['jvm_rss_mib']:.0f} MiB)")
         if a.label:
             per = (r["label_s"] / r["labels"]) / (base["label_s"] / base["labels"])
             print(f"per-label cost at {r['prompts']} vs {base['prompts']}: x{per:.2f}; driver RSS while labelling "
