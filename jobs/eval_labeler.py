@@ -119,15 +119,14 @@ def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, c
     jobs = jobs.localCheckpoint(eager=True)
     make_chat = functools.partial(sl.label_chat, template=effective_templates(constitution)["comparison"],
                                   constitution=constitution, dialogue=True)
-    slots = spark.sparkContext.defaultParallelism
+    ctx = plane.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id, cfg.batch_size,
+                      cfg.batches_per_commit, progress)
     with job_lock(cfg.lake, "eval-labeler", job_run_id):
         todo = sl.with_input_len(jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
                                  .join(pairs.select("pair_id", "prompt_text", "a_text", "b_text"), "pair_id"))
-        todo, chunks = plane.cut(todo, f"{job_run_id}/eval-labels", batch_size=cfg.batch_size,
-                                 batches_per_commit=cfg.batches_per_commit, slots=slots)
-        stats, _ = sl.run_scoring(spark, lake, todo, chunks, spec=cfg.backend_spec(cfg.feedback_model),
-                                  make_chat=make_chat, settings=s, constants=constants, job_run_id=job_run_id,
-                                  slots=slots, progress=progress, kind="eval_label", stage="eval_labeler")
+        todo, chunks = plane.cut(ctx, todo, f"{job_run_id}/eval-labels")
+        stats, _ = sl.run_scoring(ctx, todo, chunks, make_chat=make_chat, settings=s, kind="eval_label",
+                                  stage="eval_labeler")
     labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
     return Scored(labels.toArrow().to_pylist(), jobs.count(), stats.failed, stats.first_error, stats.model_calls)
 

@@ -130,11 +130,11 @@ def answers(spark, lake, cfg, ref: str, prompts_df, job_run_id: str,
     planned = prompts_df.select("prompt_id", "text").mapInArrow(plan, from_arrow_schema(SAMPLE_SCHEMA))
     planned = planned.localCheckpoint(eager=True)
     with job_lock(cfg.lake, "evaluate", job_run_id):
-        stats, gave_up, tries = plane.run_step(
-            spark, lake, planned, kind="eval_response", plan_id=f"{job_run_id}/{label}", make_chat=sample_chat,
-            backend_spec=cfg.backend_spec(load_as), constants=constants, job_run_id=job_run_id, max_attempts=cfg.max_attempts,
-            batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit, what=f"answers of {label}",
-            progress=progress)
+        ctx = plane.Plane(spark, lake, cfg.backend_spec(load_as), constants, job_run_id, cfg.batch_size,
+                          cfg.batches_per_commit, progress)
+        stats, gave_up, tries = plane.run_step(ctx, planned, kind="eval_response", plan_id=f"{job_run_id}/{label}",
+                                               make_chat=sample_chat, max_attempts=cfg.max_attempts,
+                                               what=f"answers of {label}")
     done = plane.successful(lake.df("generation_events").where(F.col("kind") == "eval_response"))
     out = {r["prompt_id"]: r["text"] for r in done.join(planned.select("event_id", "prompt_id"), "event_id").collect()}
     return label, out, stats.model_calls, Failures.of(f"answers of {label}", stats, gave_up, cfg.max_attempts, tries)

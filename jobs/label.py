@@ -92,11 +92,11 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     from cai_lib.feedback import spark_labels as sl
     from cai_lib.feedback.preferences import human_rows
     from cai_lib.lake.locks import job_lock
-    from cai_lib.runtime import spark_plane as plane
+    from cai_lib.runtime import spark_plane as plane_mod
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     fb_fp = model_fingerprint(cfg.backend, cfg.feedback_model)
-    chosen = plane.selected_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",)).where("chosen")
+    chosen = plane_mod.selected_prompts(lake, cfg.splits, cfg.limit, kinds=("red_team",)).where("chosen")
     events = lake.df("generation_events")
     pairs = sl.sampled_pairs(events, chosen, policy_fingerprint(cfg)).localCheckpoint(eager=True)
     n_pairs = pairs.count()
@@ -108,9 +108,10 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     template = effective_templates(constitution)["cot" if s.cot else "comparison"]
     constants = lineage(cfg, constitution, fb_fp)
     make_chat = functools.partial(sl.label_chat, template=template, constitution=constitution)
-    spec, slots, job_run_id = cfg.backend_spec(cfg.feedback_model), spark.sparkContext.defaultParallelism, new_job_run_id()
-    cuts = dict(batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit, slots=slots)
-    samples = plane.successful(events.where(F.col("kind") == "pair_sample"))
+    job_run_id = new_job_run_id()
+    plane = plane_mod.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id, cfg.batch_size,
+                            cfg.batches_per_commit, progress)
+    samples = plane_mod.successful(events.where(F.col("kind") == "pair_sample"))
     cot_fails, cot_gave_up, cot_calls = Failures("chains of thought", max_attempts=cfg.max_attempts), 0, 0
     with job_lock(cfg.lake, "label", job_run_id):
         todo = jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
@@ -119,26 +120,23 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
             cots = events.where(F.col("kind") == "cot").join(todo.select(F.col("cot_id").alias("target_event_id")),
                                                              "target_event_id", "left_semi")
             cots = cots.select("target_event_id", "status", "text").localCheckpoint(eager=True)
-            gen, cot_gave_up, chunks = plane.pending(lake, sl.cot_inputs(todo, cot_sampling), plane.successful(cots),
-                                                     plane.failure_counts(cots), table="generation_events",
-                                                     plan_id=f"{job_run_id}/cot", max_attempts=cfg.max_attempts, **cuts)
+            gen, cot_gave_up, chunks = plane_mod.pending(plane, sl.cot_inputs(todo, cot_sampling),
+                                                         plane_mod.successful(cots), plane_mod.failure_counts(cots),
+                                                         table="generation_events", plan_id=f"{job_run_id}/cot",
+                                                         max_attempts=cfg.max_attempts)
             stats = None
             if chunks:
-                if progress:
-                    progress(f"chain of thought for {sum(c[2] for c in chunks)} comparisons")
-                stats = plane.run_wave(spark, lake, gen, chunks, make_chat=make_chat, backend_spec=spec,
-                                       constants=constants, job_run_id=job_run_id, progress=progress)
+                plane.say(f"chain of thought for {sum(c.rows for c in chunks)} comparisons")
+                stats = plane_mod.run_wave(plane, gen, chunks, make_chat)
             cot_calls = stats.model_calls if stats else 0
             cots = lake.df("generation_events").where(F.col("kind") == "cot")
             cot_fails = Failures.of("chains of thought", stats, cot_gave_up, cfg.max_attempts,
-                                    plane.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots))
-            todo = sl.with_cot(todo, plane.successful(cots))   # a failed CoT is an event; its label waits
-        todo, chunks = plane.cut(todo, f"{job_run_id}/labels", **cuts)
-        if chunks and progress:
-            progress(f"scoring {sum(c[2] for c in chunks)} comparisons in {len(chunks)} commits")
-        scoring, quarantined = sl.run_scoring(spark, lake, todo, chunks, spec=spec, make_chat=make_chat, settings=s,
-                                              constants=constants, job_run_id=job_run_id, slots=slots,
-                                              progress=progress)
+                                    plane_mod.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots))
+            todo = sl.with_cot(todo, plane_mod.successful(cots))   # a failed CoT is an event; its label waits
+        todo, chunks = plane_mod.cut(plane, todo, f"{job_run_id}/labels")
+        if chunks:
+            plane.say(f"scoring {sum(c.rows for c in chunks)} comparisons in {len(chunks)} commits")
+        scoring, quarantined = sl.run_scoring(plane, todo, chunks, make_chat=make_chat, settings=s)
         score_fails = Failures.of("scorings", scoring)
         labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
         human, rejected = human_rows(cfg.human_pairs)

@@ -86,11 +86,10 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     constants = lineage(cfg, constitution, model_label, fp)
     job_run_id = new_job_run_id()
     with job_lock(cfg.lake, "sample-pairs", job_run_id):
-        stats, gave_up, tries = plane.run_step(
-            spark, lake, planned, kind="pair_sample", plan_id=f"{job_run_id}/pairs", make_chat=sample_chat,
-            backend_spec=cfg.backend_spec(load_as), constants=constants, job_run_id=job_run_id,
-            max_attempts=cfg.max_attempts, batch_size=cfg.batch_size, batches_per_commit=cfg.batches_per_commit,
-            what="pair samples", progress=progress)
+        ctx = plane.Plane(spark, lake, cfg.backend_spec(load_as), constants, job_run_id, cfg.batch_size,
+                          cfg.batches_per_commit, progress)
+        stats, gave_up, tries = plane.run_step(ctx, planned, kind="pair_sample", plan_id=f"{job_run_id}/pairs",
+                                               make_chat=sample_chat, max_attempts=cfg.max_attempts, what="pair samples")
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})
     fails = Failures.of("responses", stats, gave_up, cfg.max_attempts, tries)
     return {"prompts": n_prompts, "samples": stats.tasks, "model_calls": stats.model_calls, "ok": stats.ok,

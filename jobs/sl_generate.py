@@ -37,7 +37,7 @@ from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import parse_output
 from cai_lib.lake.locks import job_lock
 from cai_lib.lake.spark_delta import open_lake
-from cai_lib.runtime.spark_plane import failure_counts, most_tries, pending, run_wave, selected_prompts, successful
+from cai_lib.runtime.spark_plane import Plane, failure_counts, most_tries, pending, run_wave, selected_prompts, successful
 from cai_lib.runtime.tasks import RunStats, new_job_run_id
 from cai_lib.sl.chain import SLContext, SLSettings
 from cai_lib.sl.spark_chain import built_from, open_prompts, plan_steps, sl_dataset_df, step_chat_of, wave_inputs
@@ -108,6 +108,8 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
         only = (lambda df: df) if n_live == n_chosen else (   # noqa: E731
             lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
         work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, prompts))
+        plane = Plane(spark, lake, cfg.backend_spec(cfg.base_model), ctx.constants(), job_run_id, cfg.batch_size,
+                      cfg.batches_per_commit, progress)
         for wave in sorted(waves):
             # a wave reads its own round and the one before (its parents) once: Delta skips the other files
             # by their min/max stats (each commit holds one wave), so a small increment scans little
@@ -115,21 +117,14 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
             events = only(lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))).select(
                 "target_event_id", "status", "text").localCheckpoint(eager=True)
             ok = successful(events)
-            todo, gave_up, chunks = pending(lake, wave_inputs(work, ok, work_prompts, wave), ok, failure_counts(events),
+            todo, gave_up, chunks = pending(plane, wave_inputs(work, ok, work_prompts, wave), ok, failure_counts(events),
                                             table="generation_events", plan_id=f"{job_run_id}/{wave}",
-                                            max_attempts=cfg.max_attempts, batch_size=cfg.batch_size,
-                                            batches_per_commit=cfg.batches_per_commit,
-                                            slots=spark.sparkContext.defaultParallelism,
-                                            plan_filter=F.col("round") == r)
+                                            max_attempts=cfg.max_attempts, plan_filter=F.col("round") == r)
             exhausted += gave_up
-            n = sum(c[2] for c in chunks)
+            n = sum(c.rows for c in chunks)
             if n:
-                if progress:
-                    progress(f"wave {wave}/{2 * cfg.rounds}: {n} generations in {len(chunks)} commits")
-                total.add(run_wave(spark, lake, todo, chunks, make_chat=step_chat_of(ctx),
-                                   backend_spec=cfg.backend_spec(cfg.base_model), constants=ctx.constants(),
-                                   job_run_id=job_run_id, parse=parse_output,
-                                   progress=progress))
+                plane.say(f"wave {wave}/{2 * cfg.rounds}: {n} generations in {len(chunks)} commits")
+                total.add(run_wave(plane, todo, chunks, step_chat_of(ctx), parse_output))
         events = lake.df("generation_events")
         ok = successful(events)
         # every chosen step without a success was in `left`, and there is none when no wave had work

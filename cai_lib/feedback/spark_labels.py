@@ -1,4 +1,4 @@
-"""AI feedback on the Spark-native data plane (`cai label --lake-engine spark`): the pairs, the label
+"""AI feedback on the Spark-native data plane (`cai label`, `cai eval-labeler`): the pairs, the label
 plan, what is pending and `preference_dataset` are Spark DataFrames, so the driver holds no per-label state.
 
 The plan is the one `labels.plan_labels` makes (same ids, principles, CoT ids and seeds), computed in the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -124,71 +125,85 @@ def cot_inputs(todo, sampling: str):
                        "a_text", "b_text", "input_len")
 
 
-def score_partition(batches: Iterator[pa.RecordBatch], *, spec_json: str, make_chat: Callable[[dict], list],
-                    settings: LabelSettings, constants: dict[str, Any], job_run_id: str, kind: str, stage: str,
-                    counters: dict) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: one chunk's job rows -> their label_events rows of `kind` (or the ids of their
-    `stage` quarantine rows), a model call per batch."""
+@dataclass(frozen=True)
+class Scoring:
+    """What a scoring chunk's task needs (picklable: it goes to the executors): the model, how a row becomes
+    its chat, the label settings, the rows' lineage, their `kind` and the `stage` of their quarantine rows."""
+    spec_json: str
+    make_chat: Callable[[dict], list]
+    settings: LabelSettings
+    constants: dict[str, Any]
+    job_run_id: str
+    kind: str
+    stage: str
+
+
+def score_partition(batches: Iterator[pa.RecordBatch], *, work: Scoring, counters: dict) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: one chunk's job rows -> their label_events rows of `work.kind` (or the ids of their
+    `work.stage` quarantine rows), a model call per batch."""
     rows = [r for b in batches for r in b.to_pylist()]
     if not rows:
         return
-    backend = backend_for(spec_json)
+    backend, settings = backend_for(work.spec_json), work.settings
     by_batch: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         by_batch[r["batch_no"]].append(r)
     for batch_no in sorted(by_batch):
         items = sorted(by_batch[batch_no], key=lambda r: r["pos"])
         suffix = lambda r: r["cot_text"] + COT_ANSWER_PREFIX if settings.cot else ANSWER_PREFIX  # noqa: E731
-        scored = score_batch(backend, [backend.render_chat(make_chat(r)) + suffix(r) for r in items], CHOICES)
+        scored = score_batch(backend, [backend.render_chat(work.make_chat(r)) + suffix(r) for r in items], CHOICES)
         counters["calls"].add(1)
-        now = datetime.now(timezone.utc)
-        out = []
-        for r, (logprobs, error) in zip(items, scored):
-            job = LabelJob(r["event_id"], r["pair_id"], r["prompt_id"], r["a_id"], r["b_id"], r["k"],
-                           r["principle_id"], r["order"], r["cot_id"])
-            if error is None:
-                try:
-                    out.append({**label_row(job, logprobs[0], logprobs[1], settings, kind, constants, job_run_id,
-                                            now), "error": None, "quarantine_id": None})
-                    continue
-                except ValueError as exc:   # no probability on either choice: quarantined, never guessed
-                    error = f"ValueError: {exc}"
-            out.append({"event_id": job.event_id, "job_run_id": job_run_id, "created_at": now, "error": error,
-                        "quarantine_id": stable_id("quarantine", stage=stage, label=job.event_id)})
-        yield pa.RecordBatch.from_pylist(out, schema=SCORED_SCHEMA)
+        yield pa.RecordBatch.from_pylist(scored_rows(work, items, scored), schema=SCORED_SCHEMA)
 
 
-def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, spec: dict,
-                make_chat: Callable[[dict], list], settings: LabelSettings, constants: dict[str, Any],
-                job_run_id: str, slots: int, progress: Callable[[str], None] | None = None,
+def scored_rows(work: Scoring, items: list[dict], scored: list) -> list[dict]:
+    """One batch's outcomes: a label row per scoring, or the ids of its quarantine row when it failed."""
+    now, out = datetime.now(timezone.utc), []
+    for r, (logprobs, error) in zip(items, scored):
+        job = LabelJob(r["event_id"], r["pair_id"], r["prompt_id"], r["a_id"], r["b_id"], r["k"],
+                       r["principle_id"], r["order"], r["cot_id"])
+        if error is None:
+            try:
+                out.append({**label_row(job, logprobs[0], logprobs[1], work.settings, work.kind, work.constants,
+                                        work.job_run_id, now), "error": None, "quarantine_id": None})
+                continue
+            except ValueError as exc:   # no probability on either choice: quarantined, never guessed
+                error = f"ValueError: {exc}"
+        out.append({"event_id": job.event_id, "job_run_id": work.job_run_id, "created_at": now, "error": error,
+                    "quarantine_id": stable_id("quarantine", stage=work.stage, label=job.event_id)})
+    return out
+
+
+def run_scoring(plane, todo, chunks: list, *, make_chat: Callable[[dict], list], settings: LabelSettings,
                 kind: str | None = None, stage: str = "label") -> tuple[RunStats, int]:
-    """Score every chunk of `todo` (spark_plane.cut), `slots` chunk jobs at a time: a chunk's labels (of
-    `kind`: ai_label or ai_label_cot by default) are appended to label_events, its failed scorings to
+    """Score every chunk of `todo` (spark_plane.cut), `plane.slots` chunk jobs at a time: a chunk's labels
+    (of `kind`: ai_label or ai_label_cot by default) are appended to label_events, its failed scorings to
     quarantine as `stage` rows (those not there yet: a rerun retries them without logging them twice).
     The chunk is checkpointed once, so both come from one model pass. Returns the run's stats (tasks =
     scorings tried, inserted = labels appended) and the new quarantine rows."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from cai_lib.runtime.spark_plane import chunk_app_ids, chunk_rows, rows_app_id, run_chunks
-    sc = spark.sparkContext
-    counters = {"calls": sc.accumulator(0)}
-    score = functools.partial(score_partition, spec_json=canonical_json(spec), make_chat=make_chat,
-                              settings=settings, constants=constants, job_run_id=job_run_id, counters=counters,
-                              kind=kind or ("ai_label_cot" if settings.cot else "ai_label"), stage=stage)
+    from cai_lib.runtime.spark_plane import chunk_app_ids, chunk_key, chunk_rows, rows_app_id, run_chunks
+    lake = plane.lake
+    counters = {"calls": plane.spark.sparkContext.accumulator(0)}
+    work = Scoring(canonical_json(plane.backend_spec), make_chat, settings, plane.constants, plane.job_run_id,
+                   kind or ("ai_label_cot" if settings.cot else "ai_label"), stage)
+    score = functools.partial(score_partition, work=work, counters=counters)
     out_schema, lock = from_arrow_schema(SCORED_SCHEMA), threading.Lock()
-    stats, quarantined = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks)), [0]
+    stats = RunStats(tasks=sum(c.rows for c in chunks), batches=sum(c.batches for c in chunks))
+    quarantined = [0]
     lake.table("label_events")
     lake.table("quarantine")
     app_ids = chunk_app_ids(todo, "label_events", ("event_id",))
 
-    def write(plan_id: str, chunk: int) -> None:
-        scored = chunk_rows(todo, plan_id, chunk).mapInArrow(score, out_schema).localCheckpoint(eager=True)
+    def write(c) -> None:
+        scored = chunk_rows(todo, c).mapInArrow(score, out_schema).localCheckpoint(eager=True)
         bad = quarantine_rows(scored, stage).localCheckpoint(eager=True)
         failed = bad.count()
         if failed < scored.count():   # an append of no label would keep this chunk's id from its retry
             lake.idempotent_append("label_events", scored.where(F.col("error").isNull()).select(*LABEL_EVENTS.names),
-                                   app_ids[(plan_id, chunk)])
+                                   app_ids[chunk_key(c)])
         if failed:
             new = bad.join(lake.df("quarantine").select("event_id"), "event_id", "left_anti").localCheckpoint(eager=True)
             n_new = new.count()
@@ -199,7 +214,7 @@ def run_scoring(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, s
                 stats.failed, quarantined[0] = stats.failed + failed, quarantined[0] + n_new
                 stats.first_error = stats.first_error or first
 
-    stats.commits = run_chunks(chunks, write, slots, progress, "scorings")
+    stats.commits = run_chunks(chunks, write, plane.slots, plane.progress, "scorings")
     stats.model_calls = counters["calls"].value
     stats.ok = stats.inserted = stats.tasks - stats.failed
     return stats, quarantined[0]

@@ -24,6 +24,7 @@ import json
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -33,6 +34,53 @@ from cai_lib.ids import canonical_json
 from cai_lib.runtime.tasks import RunStats, Task, event_rows
 from cai_lib.runtime.worker import backend_for, generate_batch
 from schemas import GENERATION_EVENTS
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a cut: the rows of one Spark job and one idempotent Delta append."""
+    plan_id: str
+    chunk: int
+    rows: int
+    batches: int
+
+
+@dataclass(frozen=True)
+class Plane:
+    """What every wave of one job run shares: where it writes, which model it runs under which lineage,
+    and how its work is cut (`slots`: chunk jobs at once, the executors' cores unless given)."""
+    spark: Any
+    lake: Any
+    backend_spec: dict
+    constants: dict
+    job_run_id: str
+    batch_size: int
+    batches_per_commit: int
+    progress: Callable[[str], None] | None = None
+    slots: int = 0
+
+    def __post_init__(self):
+        if not self.slots:
+            object.__setattr__(self, "slots", self.spark.sparkContext.defaultParallelism)
+
+    def say(self, line: str) -> None:
+        if self.progress:
+            self.progress(line)
+
+
+def keep_text(kind: str, text: str) -> str:
+    """The default `parse` of a generation: its text as the model wrote it."""
+    return text
+
+
+@dataclass(frozen=True)
+class Calls:
+    """What a chunk's task needs to call the model and build its rows (picklable: it goes to the executors)."""
+    spec_json: str
+    make_chat: Callable[[dict], list]
+    constants: dict = field(default_factory=dict)
+    job_run_id: str = ""
+    parse: Callable[[str, str], str] = keep_text
 
 
 def successful(events):
@@ -82,11 +130,10 @@ def chunk_batches(batches: int, batches_per_commit: int, slots: int) -> int:
     return -(-batches // chunks)
 
 
-def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempts: int, batch_size: int,
-            batches_per_commit: int, slots: int, plan_filter=None):
+def pending(plane: Plane, inputs, ok, failures, *, table: str, plan_id: str, max_attempts: int, plan_filter=None):
     """(todo, gave_up, chunks): the rows of `inputs` (event_id, round, input_len, ...) without a
     successful event in `ok`, with attempt, plan_id, pos, batch_no and chunk; how many are left failed
-    after max_attempts; and [(plan_id, chunk, rows, batches)] in order.
+    after max_attempts; and their [Chunk] in order.
 
     An attempt planned before (by a run that was stopped before committing it) keeps its batch: a
     resumed run makes the same model calls as an uninterrupted one. Attempts never planned are cut into
@@ -94,6 +141,7 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
     own; that plan is appended to `work_batches` before any of its chunks runs."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
+    lake, batch_size = plane.lake, plane.batch_size
     plans = lake.df("work_batches").where(F.col("target_table") == table)
     if plan_filter is not None:
         plans = plans.where(plan_filter)   # lets the read skip files of other rounds
@@ -118,7 +166,7 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
               .agg(F.count(F.lit(1)).alias("n"), F.countDistinct("batch_no").alias("batches")).collect())
     gave_up = sum(r["n"] for r in groups if r["gave_up"])
     n_fresh = sum(r["n"] for r in groups if r["fresh"])
-    per_chunk = chunk_batches(max(1, -(-n_fresh // batch_size)), batches_per_commit, slots)
+    per_chunk = chunk_batches(max(1, -(-n_fresh // batch_size)), plane.batches_per_commit, plane.slots)
     batch_no = F.floor(F.col("pos") / batch_size)
     todo = (marked.where(~F.col("gave_up"))
             .withColumn("plan_id", F.coalesce("plan_id", F.lit(plan_id)))
@@ -126,18 +174,18 @@ def pending(lake, inputs, ok, failures, *, table: str, plan_id: str, max_attempt
             .withColumn("chunk", F.coalesce("chunk", F.floor(batch_no / per_chunk))))
     if n_fresh:
         record_plan(lake, todo.where("fresh"), table)
-    planned = [(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups if not r["gave_up"] and not r["fresh"]]
-    return todo, gave_up, sorted(planned + fresh_chunks(plan_id, n_fresh, batch_size, per_chunk))
+    planned = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups if not r["gave_up"] and not r["fresh"]]
+    return todo, gave_up, sorted(planned + fresh_chunks(plan_id, n_fresh, batch_size, per_chunk), key=chunk_key)
 
 
-def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: int):
-    """(rows with plan_id, pos, batch_no and chunk; [(plan_id, chunk, rows, batches)]): batches in
-    (input_len, event_id) order and chunks of whole batches, for work whose batching does not change
-    its results (scoring: no sampling, so no plan is kept for a resume)."""
+def cut(plane: Plane, rows, plan_id: str):
+    """(rows with plan_id, pos, batch_no and chunk; their [Chunk]): batches in (input_len, event_id) order
+    and chunks of whole batches, for work whose batching does not change its results (scoring: no
+    sampling, so no plan is kept for a resume)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-    n = rows.count()
-    per_chunk = chunk_batches(max(1, -(-n // batch_size)), batches_per_commit, slots)
+    n, batch_size = rows.count(), plane.batch_size
+    per_chunk = chunk_batches(max(1, -(-n // batch_size)), plane.batches_per_commit, plane.slots)
     batch_no = F.floor(F.col("pos") / batch_size)
     out = (rows.withColumn("pos", (F.row_number().over(Window.orderBy("input_len", "event_id")) - 1).cast("long"))
            .withColumn("batch_no", batch_no).withColumn("chunk", F.floor(batch_no / per_chunk))
@@ -145,22 +193,26 @@ def cut(rows, plan_id: str, *, batch_size: int, batches_per_commit: int, slots: 
     return out, fresh_chunks(plan_id, n, batch_size, per_chunk)
 
 
-def fresh_chunks(plan_id: str, n: int, batch_size: int, per_chunk: int) -> list[tuple[str, int, int, int]]:
-    """[(plan_id, chunk, rows, batches)] of n rows numbered 0..n-1 (pos) in batches of batch_size and
-    chunks of per_chunk batches: a cut's chunks, known without reading its rows.
+def fresh_chunks(plan_id: str, n: int, batch_size: int, per_chunk: int) -> list[Chunk]:
+    """The chunks of n rows numbered 0..n-1 (pos) in batches of batch_size and chunks of per_chunk
+    batches: a cut's chunks, known without reading its rows.
 
-    >>> fresh_chunks("p", 300, 64, 2), fresh_chunks("p", 0, 64, 2)
-    ([('p', 0, 128, 2), ('p', 1, 128, 2), ('p', 2, 44, 1)], [])
+    >>> [(c.chunk, c.rows, c.batches) for c in fresh_chunks("p", 300, 64, 2)], fresh_chunks("p", 0, 64, 2)
+    ([(0, 128, 2), (1, 128, 2), (2, 44, 1)], [])
     """
     rows = batch_size * per_chunk
-    return [(plan_id, c, min(n, (c + 1) * rows) - c * rows, min(per_chunk, -(-(n - c * rows) // batch_size)))
+    return [Chunk(plan_id, c, min(n, (c + 1) * rows) - c * rows, min(per_chunk, -(-(n - c * rows) // batch_size)))
             for c in range(-(-n // rows))]
 
 
-def chunk_rows(todo, plan_id: str, chunk: int):
+def chunk_key(c: Chunk) -> tuple[str, int]:
+    return c.plan_id, c.chunk
+
+
+def chunk_rows(todo, c: Chunk):
     """One chunk of a cut, in one partition: the rows of one Spark task."""
     from pyspark.sql import functions as F
-    return todo.where((F.col("plan_id") == plan_id) & (F.col("chunk") == chunk)).coalesce(1)
+    return todo.where((F.col("plan_id") == c.plan_id) & (F.col("chunk") == c.chunk)).coalesce(1)
 
 
 def chunk_app_ids(todo, table: str, key: tuple[str, ...] = ("event_id", "attempt")) -> dict[tuple[str, int], str]:
@@ -203,14 +255,12 @@ def record_plan(lake, planned, table: str) -> None:
     lake.idempotent_append("work_batches", rows, app_id)
 
 
-def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat: Callable[[dict], list],
-                    parse: Callable[[str, str], str], constants: dict[str, Any], job_run_id: str,
-                    counters: dict) -> Iterator[pa.RecordBatch]:
+def generate_events(batches: Iterator[pa.RecordBatch], calls: Calls, counters: dict) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: rows of one chunk -> their generation_events rows, one model call per batch."""
     rows = [r for b in batches for r in b.to_pylist()]
     if not rows:
         return
-    backend = backend_for(spec_json)
+    backend, make_chat, parse = backend_for(calls.spec_json), calls.make_chat, calls.parse
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["plan_id"], r["batch_no"], r["sampling"])].append(r)
@@ -226,7 +276,7 @@ def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat
                        "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
                        "completion_tokens": g.completion_tokens, "latency_ms": per_row_ms}
                    for i, (t, g) in enumerate(zip(tasks, gens))}
-        rows = event_rows(tasks, results, constants, job_run_id)
+        rows = event_rows(tasks, results, calls.constants, calls.job_run_id)
         ok = sum(1 for s in rows.column("status").to_pylist() if s == "ok")
         counters["ok"].add(ok)
         counters["failed"].add(rows.num_rows - ok)
@@ -234,64 +284,56 @@ def generate_events(batches: Iterator[pa.RecordBatch], spec_json: str, make_chat
         yield from rows.to_batches()
 
 
-def run_wave(spark, lake, todo, chunks: list[tuple[str, int, int, int]], *, make_chat: Callable[[dict], list],
-             backend_spec: dict, constants: dict[str, Any], job_run_id: str,
-             parse: Callable[[str, str], str] = lambda kind, text: text, slots: int | None = None,
-             progress: Callable[[str], None] | None = None) -> RunStats:
-    """Generate and append every chunk of `todo`, `slots` chunk jobs at a time; the wave's stats."""
+def run_wave(plane: Plane, todo, chunks: list[Chunk], make_chat: Callable[[dict], list],
+             parse: Callable[[str, str], str] = keep_text) -> RunStats:
+    """Generate and append every chunk of `todo`, `plane.slots` chunk jobs at a time; the wave's stats."""
     from pyspark.sql.pandas.types import from_arrow_schema
-    sc = spark.sparkContext
+    sc, lake = plane.spark.sparkContext, plane.lake
     counters = {k: sc.accumulator(0) for k in ("calls", "ok", "failed", "tokens")}
-    fn = functools.partial(generate_events, spec_json=canonical_json(backend_spec), make_chat=make_chat,
-                           parse=parse, constants=constants, job_run_id=job_run_id, counters=counters)
+    calls = Calls(canonical_json(plane.backend_spec), make_chat, plane.constants, plane.job_run_id, parse)
+    fn = functools.partial(generate_events, calls=calls, counters=counters)
     out_schema = from_arrow_schema(GENERATION_EVENTS)
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
-    stats = RunStats(tasks=sum(c[2] for c in chunks), batches=sum(c[3] for c in chunks))
+    stats = RunStats(tasks=sum(c.rows for c in chunks), batches=sum(c.batches for c in chunks))
     app_ids = chunk_app_ids(todo, "generation_events")
 
-    def write(plan_id: str, chunk: int) -> None:
-        rows = chunk_rows(todo, plan_id, chunk).mapInArrow(fn, out_schema)
-        lake.idempotent_append("generation_events", rows, app_ids[(plan_id, chunk)])
+    def write(c: Chunk) -> None:
+        lake.idempotent_append("generation_events", chunk_rows(todo, c).mapInArrow(fn, out_schema), app_ids[chunk_key(c)])
 
-    done = run_chunks(chunks, write, slots or sc.defaultParallelism, progress, "generations")
+    done = run_chunks(chunks, write, plane.slots, plane.progress, "generations")
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
     stats.model_calls, stats.commits = counters["calls"].value, done
     stats.ok, stats.failed, stats.completion_tokens = (counters[k].value for k in ("ok", "failed", "tokens"))
     stats.inserted = stats.ok + stats.failed
     if stats.failed:
-        stats.first_error = first_error(lake, todo, job_run_id)
+        stats.first_error = first_error(lake, todo, plane.job_run_id)
     return stats
 
 
-def run_step(spark, lake, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], backend_spec: dict,
-             constants: dict[str, Any], job_run_id: str, max_attempts: int, batch_size: int, batches_per_commit: int,
-             what: str, progress: Callable[[str], None] | None = None) -> tuple[RunStats, int, int]:
+def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], max_attempts: int,
+             what: str) -> tuple[RunStats, int, int]:
     """One wave of `planned` generation rows of one `kind` (pair samples, eval answers): pending against
     their own events, generated and appended; (stats, gave up, the most tries of one id) for Failures.of."""
     from pyspark.sql import functions as F
-    events = lake.df("generation_events").where(F.col("kind") == kind)
+    events = plane.lake.df("generation_events").where(F.col("kind") == kind)
     mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
                        "left_semi").select("target_event_id", "status", "text").localCheckpoint(eager=True)
-    todo, gave_up, chunks = pending(lake, planned, successful(mine), failure_counts(mine), table="generation_events",
-                                    plan_id=plan_id, max_attempts=max_attempts, batch_size=batch_size,
-                                    batches_per_commit=batches_per_commit, slots=spark.sparkContext.defaultParallelism)
-    stats, n = RunStats(), sum(c[2] for c in chunks)
+    todo, gave_up, chunks = pending(plane, planned, successful(mine), failure_counts(mine), table="generation_events",
+                                    plan_id=plan_id, max_attempts=max_attempts)
+    stats, n = RunStats(), sum(c.rows for c in chunks)
     if n:
-        if progress:
-            progress(f"{n} {what} in {len(chunks)} commits")
-        stats = run_wave(spark, lake, todo, chunks, make_chat=make_chat, backend_spec=backend_spec, constants=constants,
-                         job_run_id=job_run_id, progress=progress)
-    return stats, gave_up, most_tries(planned, lake.df("generation_events").where(F.col("kind") == kind))
+        plane.say(f"{n} {what} in {len(chunks)} commits")
+        stats = run_wave(plane, todo, chunks, make_chat)
+    return stats, gave_up, most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind))
 
 
-def run_chunks(chunks: list[tuple[str, int, int, int]], write: Callable[[str, int], None], slots: int,
+def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
                progress: Callable[[str], None] | None, what: str) -> int:
-    """Run `write(plan_id, chunk)` for every chunk, `slots` at a time, each starting when one ends; the
-    number committed. After a failure the chunks in flight finish (they are committed) and no more start."""
-    sizes = {(p, c): n for p, c, n, _ in chunks}
-    total, rows, commits = sum(sizes.values()), 0, 0
+    """Run `write(chunk)` for every chunk, `slots` at a time, each starting when one ends; the number
+    committed. After a failure the chunks in flight finish (they are committed) and no more start."""
+    total, rows, commits = sum(c.rows for c in chunks), 0, 0
     with ThreadPoolExecutor(max(1, slots)) as pool:
-        futures = {pool.submit(write, p, c): (p, c) for p, c, _, _ in chunks}
+        futures = {pool.submit(write, c): c for c in chunks}
         remaining = set(futures)
         while remaining:
             finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
@@ -302,7 +344,7 @@ def run_chunks(chunks: list[tuple[str, int, int, int]], write: Callable[[str, in
                 wait(remaining)
                 raise failed[0].exception()
             for f in finished:
-                rows += sizes[futures[f]]
+                rows += futures[f].rows
                 commits += 1
             if progress:
                 progress(f"  [{'#' * round(20 * rows / max(total, 1)):.<20}] {rows}/{total} "
