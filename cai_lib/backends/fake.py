@@ -6,6 +6,7 @@ capability: the transformers backend runs the same paths in the slow tests.
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 from cai_lib.backends.base import CallStats, Chat, Generation, Sampling, check_lengths
@@ -37,11 +38,36 @@ def check_fake_model(backend: str, model_id: str) -> None:
     Traceback (most recent call last):
     ValueError: the fake backend writes deterministic test text, not model output, so it refuses the model 'cai-sl' (its text would be recorded under that model's id). Fix: pass the model id 'fake' (or 'fake:NAME') with --backend fake, or --backend transformers|vllm for a real model
     """
+    if backend == "fake":
+        fake_latency(model_id)   # a bad latency fails on the driver, before Spark starts a task
     if backend == "fake" and not (model_id == "fake" or model_id.startswith(FAKE_IDS[1:])):
         raise ValueError(f"the fake backend writes deterministic test text, not model output, so it refuses the "
                          f"model {model_id!r} (its text would be recorded under that model's id). Fix: pass the "
                          f"model id 'fake' (or 'fake:NAME') with --backend fake, or --backend transformers|vllm "
                          f"for a real model")
+
+
+def fake_latency(model_id: str) -> float:
+    """Seconds every model call of "fake:latency=S" sleeps (0 for other ids): the fake at a real engine's
+    speed (S = 0.2: a GPU's batch of ~100-token answers), so a bench shows what the plane's fixed costs
+    leave of it. Same text and ids as "fake".
+
+    >>> fake_latency("fake:latency=0.2"), fake_latency("fake")
+    (0.2, 0.0)
+    >>> fake_latency("fake:latency=fast")
+    Traceback (most recent call last):
+    ValueError: fake model 'fake:latency=fast': the latency must be a number of seconds >= 0 and finite, like fake:latency=0.2
+    """
+    if not model_id.startswith("fake:latency="):
+        return 0.0
+    try:
+        seconds = float(model_id[len("fake:latency="):])
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"fake model {model_id!r}: the latency must be a number of seconds >= 0 and finite, "
+                         f"like fake:latency=0.2")
+    return seconds
 
 
 class FakeBackend:
@@ -66,6 +92,7 @@ class FakeBackend:
         # "fake:slow=SECONDS": a Spark task's first attempt sleeps that long in each generate call, a copy
         # (a speculative attempt) does not: the copy wins (speculation tests). Same text and ids as "fake".
         self.slow = float(model_id[len("fake:slow="):]) if model_id.startswith("fake:slow=") else 0.0
+        self.latency = fake_latency(model_id)
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in chat)
@@ -74,6 +101,8 @@ class FakeBackend:
     def generate(self, chats: Sequence[Chat], sampling: Sampling, seeds: Sequence[int]) -> list[Generation]:
         check_lengths(chats, seeds)
         self.stats.generate_calls += 1
+        if self.latency:   # every call, every attempt: the engine's time per batch
+            time.sleep(self.latency)
         out = []
         for chat, seed in zip(chats, seeds):
             if self.fail_when and self.fail_when in canonical_json(chat):
@@ -97,7 +126,6 @@ class FakeBackend:
         from pyspark import TaskContext
         task = TaskContext.get()
         if task is not None and task.attemptNumber() == 0:
-            import time
             time.sleep(self.slow)
 
     def _fault_once(self) -> None:
@@ -125,6 +153,8 @@ class FakeBackend:
 
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
         self.stats.scoring_calls += 1
+        if self.latency:
+            time.sleep(self.latency)
         rows = []
         for p in prompts:
             if self.fail_when and self.fail_when in p:
