@@ -174,8 +174,11 @@ class VLLMBackend:
                 f"{CPU_KV_ENV} or CAI_VLLM_MAX_MODEL_LEN ({type(exc).__name__}: {exc})") from exc
 
     def close(self) -> None:
-        """Stop the engine's worker process now (it would otherwise live until this process exits)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop the engine now (its process, when it has one, would otherwise live until this process
+        exits); a second call does nothing."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def render_chat(self, chat: Chat, add_generation_prompt: bool = True) -> str:
         return render_chat(self.tokenizer, chat, add_generation_prompt)

@@ -2,10 +2,19 @@
 
 The cache lives in this importable module (not `__main__`), and Spark reuses Python workers
 (`spark.python.worker.reuse`), so a worker loads its model once and keeps it across tasks.
+
+A vLLM engine runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless the
+environment chooses): Spark's daemon ends a worker with os._exit, SIGHUP or SIGKILL, none of which
+runs Python's exit hooks, so an engine process spawned beside the worker could outlive it and keep
+its memory (or GPU). In-process, the engine ends with the worker; a normal exit or a switch to
+another spec also closes it (`release_backends`).
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import json
+import os
 from typing import Iterator
 
 import pyarrow as pa
@@ -13,15 +22,32 @@ import pyarrow as pa
 from cai_lib.backends import Sampling, load_backend
 
 _BACKENDS: dict[str, object] = {}
+LOADS: list[str] = []   # the specs this process loaded, in order: tests read it through a Spark task
 
 
 def backend_for(spec_json: str):
     """The worker's backend for this spec, loading it (once) on first use."""
     if spec_json not in _BACKENDS:
-        _BACKENDS.clear()  # one model per worker: free the old one before loading another
+        release_backends()  # one model per worker: free the old one before loading another
         spec = json.loads(spec_json)
+        if spec["backend"] == "vllm":
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine ends with this worker
         _BACKENDS[spec_json] = load_backend(spec.pop("backend"), spec.pop("model"), **spec)
+        LOADS.append(spec_json)
     return _BACKENDS[spec_json]
+
+
+def release_backends() -> None:
+    """Close every loaded backend that holds an engine (vLLM's), then drop them all."""
+    for backend in _BACKENDS.values():
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+    _BACKENDS.clear()
+    gc.collect()
+
+
+atexit.register(release_backends)
 
 
 def generate_batch(backend, chats: list, sampling: Sampling, seeds: list[int]):
