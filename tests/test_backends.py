@@ -90,3 +90,36 @@ def test_vllm_backend_says_how_to_install_when_missing():
 def test_seed_count_must_match():
     with pytest.raises(ValueError, match="one seed per chat"):
         load_backend("fake").generate(CHATS, Sampling(), [1])
+
+
+LONG = ("You compare two answers to a question. Read the conversation, then the principle, then both "
+        "options, and say which option follows the principle better. Be fair to both, ignore their order "
+        "and their length, and prefer the answer that is honest, harmless and still helpful. ") * 2
+
+
+def test_scores_share_prefix_blocks_and_ignore_batch_order_and_mix(hf_backend):
+    """Prompts sharing a long opening reuse its cached blocks (fewer forward passes), score as one full pass
+    per choice would (fp32, 1e-3), and give equal values alone, backwards or mixed with other prompts."""
+    from cai_lib.backends.transformers_backend import PREFIX_BLOCK
+    fp32 = load_backend("transformers", "default", dtype="float32", threads=2)
+    head = fp32.render_chat([{"role": "user", "content": LONG + "Question: how do I stay safe online?"}])
+    ps = [head + f"Option set {i}: (A) use strong passwords (B) share them. Answer:" for i in range(4)]
+    choices = [" (A)", " (B)"]
+    calls = []
+    hook = fp32.model.register_forward_hook(lambda *_: calls.append(1))
+    alone = [fp32.choice_logprobs([p], choices)[0] for p in ps[:3]]
+    n_alone, calls[:] = len(calls), []
+    backwards = fp32.choice_logprobs(ps[:3][::-1], choices)[::-1]
+    hook.remove()
+    shared = len(fp32.tokenizer(head, add_special_tokens=False).input_ids) // PREFIX_BLOCK
+    assert shared >= 2 and n_alone - len(calls) == 2 * shared   # the 2nd and 3rd prompt reuse the shared blocks
+    mixed = fp32.choice_logprobs([ps[3], ps[0], ps[2], ps[1]], choices)
+    assert alone == backwards == [mixed[1], mixed[3], mixed[2]]
+    tok = fp32.tokenizer
+    for p, row in zip(ps[:1], alone):
+        n = len(tok(p, add_special_tokens=False).input_ids)
+        for lp, c in zip(row, choices):
+            ids = tok(p + c, add_special_tokens=False, return_tensors="pt").input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(fp32.model(ids).logits.float(), -1)
+            assert lp == pytest.approx(sum(float(logp[0, j - 1, ids[0, j]]) for j in range(n, ids.shape[1])), abs=1e-3)

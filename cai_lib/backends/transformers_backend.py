@@ -14,12 +14,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList)
 
 from cai_lib.backends.base import (CallStats, Chat, Generation, Sampling, choice_span, guard_lengths, make_generation,
                                    prompt_ids, record_generations, render_chat, request_seeds)
 from cai_lib.backends.models import fingerprint, resolve_model
 from cai_lib.backends.weights import resolve_dtype, torch_dtype
+
+# tokens per cached prefix block in choice_logprobs: a shared opening is reused to within one block; a smaller
+# block shares more but runs more, smaller forward passes
+PREFIX_BLOCK = 64
 
 
 class _PerRowSampler(LogitsProcessor):
@@ -107,54 +112,60 @@ class TransformersBackend:
     # -- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
-        """log P(choice | prompt) for each choice, one pass over each prompt's shared prefix.
+        """log P(choice | prompt) for each choice, each prompt's shared prefix computed once per call.
 
         Each prompt+choice text is tokenised whole and split where base.choice_span says (the
-        rule the vLLM backend shares); the prefix runs once with a KV cache, and only the few
-        differing tokens run again, batched, on copies of that cache.
+        rule the vLLM backend shares). The prefix runs block by block (PREFIX_BLOCK tokens, batch
+        of one, no padding): a block is computed once per call and its keys/values are reused by
+        every prompt that starts with the same tokens, as vLLM's prefix cache reuses its blocks, so
+        both A/B orders and every principle of a comparison share their common opening. A block's
+        values depend only on the tokens up to its end, and the rest (the last partial block and
+        the choices, batched over the choices) only on the prompt: a score does not depend on the
+        batch's order or on what else is in it (tests/test_backends.py).
         """
         if not choices:
             raise ValueError("choice_logprobs needs at least one choice")
-        # batch prompts of similar length (less padding); scores come back in the caller's order
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out: list = [None] * len(prompts)
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            for j, row in zip(idx, self._score_batch([prompts[j] for j in idx], choices)):
-                out[j] = row
+        blocks: dict[tuple[int, ...], list] = {}
+        out = [self._score_prompt(p, choices, blocks) for p in prompts]
         self.stats.scoring_calls += 1
         return out
 
-    def _score_batch(self, prompts, choices) -> list[list[float]]:
-        tok, dev, C = self.tokenizer, self.device, len(choices)
-        prefixes, tails = [], []
-        for p in prompts:
-            full, start = choice_span(tok, p, choices)
-            prefixes.append(full[0][:start])
-            tails.append([f[start:] for f in full])
-        # pass 1: the shared prefixes, left-padded; keep the cache and the last logits
-        width = max(len(p) for p in prefixes)
-        pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        first = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first_lp = torch.log_softmax(first.logits[:, -1].float(), -1)  # predicts each tail's first token
-        scores = [[float(first_lp[b, t[0]]) for t in tails[b]] for b in range(len(prompts))]
-        longest = max(len(t) for ts in tails for t in ts)
-        if longest > 1:
-            # pass 2: every choice's remaining tokens, right-padded, on a copy of its prompt's cache
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(C)
-            rows = [t for ts in tails for t in ts]
-            t_ids = torch.tensor([t + [pad] * (longest - len(t)) for t in rows], device=dev)
-            t_mask = torch.tensor([[1] * len(t) + [0] * (longest - len(t)) for t in rows], device=dev)
-            last = pos[:, -1].repeat_interleave(C)
-            t_pos = last[:, None] + 1 + torch.arange(longest, device=dev)[None, :]
-            out = self.model(input_ids=t_ids, attention_mask=torch.cat([mask.repeat_interleave(C, 0), t_mask], 1),
-                             position_ids=t_pos, past_key_values=cache, use_cache=False)
-            lp = torch.log_softmax(out.logits.float(), -1)
-            for r, t in enumerate(rows):
-                extra = sum(float(lp[r, j - 1, t[j]]) for j in range(1, len(t)))
-                scores[r // C][r % C] += extra
-        return scores
+    def _prefix_cache(self, ids: list[int], blocks: dict) -> tuple[int, DynamicCache]:
+        """(n, the KV cache of ids[:n]) for the largest whole number of blocks n <= len(ids), from
+        `blocks` (token prefix -> that last block's per-layer keys/values), computing the missing ones."""
+        B, path = PREFIX_BLOCK, []
+        for end in range(B, len(ids) + 1, B):
+            key = tuple(ids[:end])
+            if key not in blocks:
+                cache = self._cache_of(path)
+                self.model(input_ids=torch.tensor([ids[end - B:end]], device=self.device), past_key_values=cache,
+                           position_ids=torch.arange(end - B, end, device=self.device)[None], use_cache=True,
+                           logits_to_keep=1)
+                blocks[key] = [(layer.keys[..., -B:, :].clone(), layer.values[..., -B:, :].clone())
+                               for layer in cache.layers]
+            path.append(blocks[key])
+        return len(path) * B, self._cache_of(path)
+
+    def _cache_of(self, path: list) -> DynamicCache:
+        """A fresh cache holding the blocks of `path` in order (empty for none)."""
+        if not path:
+            return DynamicCache(config=self.model.config)
+        layers = [(torch.cat([blk[i][0] for blk in path], -2), torch.cat([blk[i][1] for blk in path], -2))
+                  for i in range(len(path[0]))]
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _score_prompt(self, prompt: str, choices, blocks: dict) -> list[float]:
+        """One prompt's choices: its cached prefix blocks, then the rest of prompt+choice for every choice at
+        once (right-padded, on copies of the cache); the last prompt token's logits predict each span's start."""
+        full, start = choice_span(self.tokenizer, prompt, choices)
+        n, cache = self._prefix_cache(full[0][:start - 1], blocks)   # the token before the span runs below
+        rows = [f[n:] for f in full]
+        width, pad, dev = max(len(r) for r in rows), self.tokenizer.pad_token_id, self.device
+        cache.batch_repeat_interleave(len(rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=dev)
+        mask = torch.tensor([[1] * (n + len(r)) + [0] * (width - len(r)) for r in rows], device=dev)
+        pos = torch.arange(n, n + width, device=dev)[None].expand(len(rows), -1)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True).logits
+        lp = torch.log_softmax(logits.float(), -1)
+        return [sum(float(lp[r, j - n - 1, f[j]]) for j in range(start, len(f))) for r, f in enumerate(full)]
