@@ -56,7 +56,11 @@ class GenerationConfig(ModelJobConfig):
     limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)", lo=1)
     splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)",
                        choices=SPLITS)
-    batches_per_commit: int = opt(4, "batches per Spark job and Delta commit (smaller = finer resume)", lo=1, hi=1000)
+    batches_per_commit: int = opt(64, "the most batches in one Spark job and Delta commit: bounds what a kill loses and "
+                                      "what one task holds (chunks are sized by chunk_seconds below it)", lo=1, hi=1000)
+    chunk_seconds: float = opt(30.0, "model time a chunk of generations aims at, measured on the wave's first "
+                                     "batches, so a commit's fixed 1-2 s stays small beside it (0: always "
+                                     "batches_per_commit batches)", lo=0.0, hi=3600.0)
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)", **TEMPERATURE)
     top_p: float = opt(0.9, "nucleus sampling mass", gt=0.0, hi=1.0)
     max_attempts: int = opt(2, "attempts per generation before it is left failed (each failure is an event)",

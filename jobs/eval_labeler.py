@@ -120,7 +120,7 @@ def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, c
     make_chat = functools.partial(sl.label_chat, template=effective_templates(constitution)["comparison"],
                                   constitution=constitution, dialogue=True)
     ctx = plane.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id, cfg.batch_size,
-                      cfg.batches_per_commit, progress)
+                      cfg.batches_per_commit, 0.0, progress)   # scoring: cut by count (spark_plane.cut)
     with job_lock(cfg.lake, "eval-labeler", job_run_id):
         todo = sl.with_input_len(jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
                                  .join(pairs.select("pair_id", "prompt_text", "a_text", "b_text"), "pair_id"))

@@ -131,7 +131,7 @@ def answers(spark, lake, cfg, ref: str, prompts_df, job_run_id: str,
     planned = planned.localCheckpoint(eager=True)
     with job_lock(cfg.lake, "evaluate", job_run_id):
         ctx = plane.Plane(spark, lake, cfg.backend_spec(load_as), constants, job_run_id, cfg.batch_size,
-                          cfg.batches_per_commit, progress)
+                          cfg.batches_per_commit, cfg.chunk_seconds, progress)
         stats, gave_up, tries = plane.run_step(ctx, planned, kind="eval_response", plan_id=f"{job_run_id}/{label}",
                                                make_chat=sample_chat, max_attempts=cfg.max_attempts,
                                                what=f"answers of {label}")

@@ -45,7 +45,7 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
     MODEL_FIELDS = ("feedback_model", "policy")
     # sampling and the clamp are the chain of thought's: without --cot the labels are read from log-probs only
     FLAG_NEEDS = {k: ("cot", (True,)) for k in ("clamp_lo", "clamp_hi", "cot_max_new_tokens", "temperature", "top_p",
-                                               "max_attempts")}
+                                               "max_attempts", "chunk_seconds")}   # scoring is cut by count
     policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
                                    "default: every sampled pair)")
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
@@ -110,7 +110,7 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     make_chat = functools.partial(sl.label_chat, template=template, constitution=constitution)
     job_run_id = new_job_run_id()
     plane = plane_mod.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id, cfg.batch_size,
-                            cfg.batches_per_commit, progress)
+                            cfg.batches_per_commit, cfg.chunk_seconds, progress)
     samples = plane_mod.successful(events.where(F.col("kind") == "pair_sample"))
     cot_fails, cot_gave_up, cot_calls = Failures("chains of thought", max_attempts=cfg.max_attempts), 0, 0
     with job_lock(cfg.lake, "label", job_run_id):
@@ -120,14 +120,13 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
             cots = events.where(F.col("kind") == "cot").join(todo.select(F.col("cot_id").alias("target_event_id")),
                                                              "target_event_id", "left_semi")
             cots = cots.select("target_event_id", "status", "text").localCheckpoint(eager=True)
-            gen, cot_gave_up, chunks = plane_mod.pending(plane, sl.cot_inputs(todo, cot_sampling),
-                                                         plane_mod.successful(cots), plane_mod.failure_counts(cots),
-                                                         table="generation_events", plan_id=f"{job_run_id}/cot",
-                                                         max_attempts=cfg.max_attempts)
-            stats = None
-            if chunks:
-                plane.say(f"chain of thought for {sum(c.rows for c in chunks)} comparisons")
-                stats = plane_mod.run_wave(plane, gen, chunks, make_chat)
+            gen = plane_mod.pending(plane, sl.cot_inputs(todo, cot_sampling), plane_mod.successful(cots),
+                                    plane_mod.failure_counts(cots), table="generation_events",
+                                    plan_id=f"{job_run_id}/cot", max_attempts=cfg.max_attempts)
+            stats, cot_gave_up = None, gen.gave_up
+            if gen.rows:
+                plane.say(f"chain of thought for {gen.rows} comparisons in {gen.describe()}")
+                stats = plane_mod.run_wave(plane, gen, make_chat)
             cot_calls = stats.model_calls if stats else 0
             cots = lake.df("generation_events").where(F.col("kind") == "cot")
             cot_fails = Failures.of("chains of thought", stats, cot_gave_up, cfg.max_attempts,

@@ -109,7 +109,7 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
             lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
         work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, prompts))
         plane = Plane(spark, lake, cfg.backend_spec(cfg.base_model), ctx.constants(), job_run_id, cfg.batch_size,
-                      cfg.batches_per_commit, progress)
+                      cfg.batches_per_commit, cfg.chunk_seconds, progress)
         for wave in sorted(waves):
             # a wave reads its own round and the one before (its parents) once: Delta skips the other files
             # by their min/max stats (each commit holds one wave), so a small increment scans little
@@ -117,14 +117,13 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
             events = only(lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))).select(
                 "target_event_id", "status", "text").localCheckpoint(eager=True)
             ok = successful(events)
-            todo, gave_up, chunks = pending(plane, wave_inputs(work, ok, work_prompts, wave), ok, failure_counts(events),
-                                            table="generation_events", plan_id=f"{job_run_id}/{wave}",
-                                            max_attempts=cfg.max_attempts, plan_filter=F.col("round") == r)
-            exhausted += gave_up
-            n = sum(c.rows for c in chunks)
-            if n:
-                plane.say(f"wave {wave}/{2 * cfg.rounds}: {n} generations in {len(chunks)} commits")
-                total.add(run_wave(plane, todo, chunks, step_chat_of(ctx), parse_output))
+            todo = pending(plane, wave_inputs(work, ok, work_prompts, wave), ok, failure_counts(events),
+                           table="generation_events", plan_id=f"{job_run_id}/{wave}", max_attempts=cfg.max_attempts,
+                           plan_filter=F.col("round") == r)
+            exhausted += todo.gave_up
+            if todo.rows:
+                plane.say(f"wave {wave}/{2 * cfg.rounds}: {todo.rows} generations in {todo.describe()}")
+                total.add(run_wave(plane, todo, step_chat_of(ctx), parse_output))
         events = lake.df("generation_events")
         ok = successful(events)
         # every chosen step without a success was in `left`, and there is none when no wave had work

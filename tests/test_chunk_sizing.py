@@ -27,3 +27,100 @@ def test_a_bad_latency_is_refused_on_the_driver(model):
     with pytest.raises(ValueError, match=rf"^fake model '{model}': the latency must be a number of seconds >= 0 "
                                          r"and finite, like fake:latency=0.2$"):
         check_fake_model("fake", model)
+
+
+def plane(chunk_seconds: float = 30.0, ceiling: int = 64, slots: int = 2):
+    from cai_lib.runtime.spark_plane import Plane
+    return Plane(None, None, {}, {}, "run", 16, ceiling, chunk_seconds, slots=slots)   # slots given: no Spark
+
+
+def test_chunks_hold_the_target_model_time_between_one_batch_and_the_ceiling():
+    from cai_lib.runtime.chunking import target_batches
+    # the bench's GPU-like fake: 0.2 s a batch, 30 s a chunk -> 150 batches, capped at the ceiling
+    assert [target_batches(0.2, 30, c) for c in (256, 64, 1)] == [150, 64, 1]
+    # a CPU model at 45 s a batch: one batch a chunk (a kill loses one batch), never none
+    assert [target_batches(s, 30, 64) for s in (45.0, 29.0, 10.0, 0.3)] == [1, 1, 3, 64]
+    assert target_batches(0.0, 30, 64) == 64   # a free model: the ceiling
+
+    p = plane()
+    assert p.per_chunk(700) == 59   # nothing measured: at most the ceiling, 12 chunks (a multiple of 2 slots)
+    p.meter.record("generate", 45.0 * 4, 4)
+    assert p.per_chunk(700) == 1
+    p.meter.record("generate", 0.25 * 8, 8)   # the latest wave's measure counts
+    assert (p.per_chunk(700), p.per_chunk(7)) == (59, 4)   # 120 -> ceiling 64 -> 12 even chunks; 7 -> 2 chunks
+    p.meter.record("generate", 2.0 * 3, 3)
+    assert p.per_chunk(700) == 15   # 30 s / 2 s; 47 chunks -> 48 for 2 slots -> ceil(700 / 48)
+    fixed = plane(chunk_seconds=0, ceiling=4)   # today's fixed 16 x 4 = 64 per commit
+    fixed.meter.record("generate", 45.0, 1)
+    assert fixed.per_chunk(700) == 4
+
+
+def test_a_wave_probes_one_batch_per_slot_then_cuts_the_rest():
+    from cai_lib.runtime.chunking import probe_batches
+    from cai_lib.runtime.spark_plane import fresh_chunks
+    assert [probe_batches(b, 64, 2, 30) for b in (1, 2, 3, 700)] == [0, 0, 2, 2]
+    assert probe_batches(700, 64, 2, 0) == 0   # a fixed count: chunk_seconds 0
+    assert probe_batches(700, 1, 2, 30) == 0   # a ceiling of one batch: nothing to size
+    # 100 rows in batches of 16 (7 batches, the last of 4 rows): 2 probe chunks, then chunks of 3 batches
+    got = [(c.chunk, c.rows, c.batches) for c in fresh_chunks("p", 100, 16, 2, 3)]
+    assert got == [(0, 16, 1), (1, 16, 1), (2, 48, 3), (3, 20, 2)]
+
+
+def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small_lake, monkeypatch):
+    """local[1]: 3 prompts x 2 samples in batches of 1 at 0.5 s a call, 1.2 s a chunk: the probe (1 batch),
+    then the other 5 batches cut by the measure (2 a chunk: 3 chunks), each cut recorded before it runs."""
+    from deltalake import DeltaTable
+
+    from jobs.sample_pairs import SamplePairsConfig
+    from jobs.sample_pairs import run as sample_pairs
+    from tests.conftest import ROOT
+    cfg = SamplePairsConfig(lake=str(small_lake), backend="fake", policy="fake:latency=0.5", max_new_tokens=24,
+                            batch_size=1, batches_per_commit=64, chunk_seconds=1.2, params="/nonexistent.yaml",
+                            constitution=str(ROOT / "constitutions/default.yaml"))
+    s = sample_pairs(spark, cfg)
+    assert (s["samples"], s["ok"], s["model_calls"]) == (6, 6, 6)
+    commits = [h for h in reversed(DeltaTable(str(small_lake / "generation_events")).history())
+               if h["operation"] == "WRITE"]
+    sizes = [int(h["operationMetrics"]["numOutputRows"]) for h in commits]
+    assert sizes[0] == 1 and sorted(sizes[1:]) == [1, 2, 2]   # the probe first
+    # the wave's plan (6 batches: the probe's chunk, 5 unsized), then the 5 batches' chunks once sized
+    plans = [h for h in reversed(DeltaTable(str(small_lake / "work_batches")).history()) if h["operation"] == "WRITE"]
+    assert [int(h["operationMetrics"]["numOutputRows"]) for h in plans] == [6, 5]
+
+
+def test_a_cut_another_run_recorded_first_is_the_one_that_runs(spark, small_lake, monkeypatch):
+    """Two runs size the same batches at once, each by its own probe: the cut that lands first is read
+    back and run by both, so their appends share app ids. Here the other run's cut (a chunk per batch)
+    lands just before this run's (one chunk of 5), which Delta then skips as the same attempts."""
+    from deltalake import DeltaTable
+    from pyspark.sql import functions as F
+
+    from cai_lib.runtime import spark_plane
+    from jobs.sample_pairs import SamplePairsConfig
+    from jobs.sample_pairs import run as sample_pairs
+    from tests.conftest import ROOT
+    record = spark_plane.record_plan
+
+    def theirs_first(lake, planned, table, sized=False):
+        if sized:
+            record(lake, planned.withColumn("chunk", F.lit(spark_plane.SIZED) + F.col("batch_no")), table, sized=True)
+        record(lake, planned, table, sized)
+
+    monkeypatch.setattr(spark_plane, "record_plan", theirs_first)
+    cfg = SamplePairsConfig(lake=str(small_lake), backend="fake", policy="fake", max_new_tokens=24, batch_size=1,
+                            batches_per_commit=64, params="/nonexistent.yaml",
+                            constitution=str(ROOT / "constitutions/default.yaml"))
+    assert sample_pairs(spark, cfg)["ok"] == 6
+    commits = [h for h in DeltaTable(str(small_lake / "generation_events")).history() if h["operation"] == "WRITE"]
+    assert [int(h["operationMetrics"]["numOutputRows"]) for h in commits] == [1] * 6   # the probe, then theirs
+
+
+def test_label_refuses_chunk_seconds_without_cot():
+    """label sizes only its chains of thought by time (its scorings are cut by count): without --cot the
+    flag would be ignored."""
+    from cai_lib.config import ConfigError, load_config
+    from jobs.label import LabelConfig
+    with pytest.raises(ConfigError, match=r"^flag --chunk-seconds counts only when cot is True, and here cot is "
+                                          r"False: it would be ignored"):
+        load_config(LabelConfig, "label", ["--chunk-seconds", "5", "--params", "/dev/null"])
+    assert load_config(LabelConfig, "label", ["--cot", "--chunk-seconds", "5", "--params", "/dev/null"]).chunk_seconds == 5

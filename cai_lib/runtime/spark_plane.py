@@ -6,6 +6,10 @@ Per wave:
    attempt a stopped run had already planned keeps its batch (`work_batches`), so a resumed run makes
    the model calls an uninterrupted run makes; the rest, and only the rest, is cut into new batches
    (input length, then id) and chunks of whole batches, so an increment fills batches of its own.
+   A chunk carries about `chunk_seconds` of model time (`chunking.py`), at most `batches_per_commit`
+   batches: the wave's first batches (one per slot) are chunks of one batch (the probe) and the others
+   are planned UNSIZED; once the probe (or an earlier wave) has measured the model, `cut_rest` cuts
+   them into chunks and records that cut, which every run then reads back and runs.
 2. `run_wave` runs each chunk as its own Spark job: a `mapInArrow` task generates the chunk's
    batches and Delta's writer appends them (files from a failed or speculative task attempt are
    never committed: Spark's commit protocol adds only the winning attempt's files). As many chunk
@@ -24,63 +28,17 @@ import json
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from cai_lib.backends import Sampling
 from cai_lib.ids import canonical_json
+from cai_lib.runtime.chunking import (SIZED, UNSIZED, Calls, Chunk, Pending, Plane, chunk_batches,  # noqa: F401
+                                      chunk_key, keep_text, probe_batches, rest_layout)
 from cai_lib.runtime.tasks import RunStats, Task, event_rows
 from cai_lib.runtime.worker import backend_for, generate_batch
 from schemas import GENERATION_EVENTS
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One chunk of a cut: the rows of one Spark job and one idempotent Delta append."""
-    plan_id: str
-    chunk: int
-    rows: int
-    batches: int
-
-
-@dataclass(frozen=True)
-class Plane:
-    """What every wave of one job run shares: where it writes, which model it runs under which lineage,
-    and how its work is cut (`slots`: chunk jobs at once, the executors' cores unless given)."""
-    spark: Any
-    lake: Any
-    backend_spec: dict
-    constants: dict
-    job_run_id: str
-    batch_size: int
-    batches_per_commit: int
-    progress: Callable[[str], None] | None = None
-    slots: int = 0
-
-    def __post_init__(self):
-        if not self.slots:
-            object.__setattr__(self, "slots", self.spark.sparkContext.defaultParallelism)
-
-    def say(self, line: str) -> None:
-        if self.progress:
-            self.progress(line)
-
-
-def keep_text(kind: str, text: str) -> str:
-    """The default `parse` of a generation: its text as the model wrote it."""
-    return text
-
-
-@dataclass(frozen=True)
-class Calls:
-    """What a chunk's task needs to call the model and build its rows (picklable: it goes to the executors)."""
-    spec_json: str
-    make_chat: Callable[[dict], list]
-    constants: dict = field(default_factory=dict)
-    job_run_id: str = ""
-    parse: Callable[[str, str], str] = keep_text
 
 
 def successful(events):
@@ -117,23 +75,10 @@ def selected_prompts(lake, splits: list[str], limit: int | None, kinds: tuple[st
     return prompts.withColumn("chosen", rank <= limit)
 
 
-def chunk_batches(batches: int, batches_per_commit: int, slots: int) -> int:
-    """Batches per chunk: at most batches_per_commit, and chunks in a multiple of `slots` when there are
-    enough batches, so the wave's last round of chunk jobs keeps every slot busy.
-
-    >>> chunk_batches(157, 64, 2), chunk_batches(3, 64, 2), chunk_batches(200, 64, 2), chunk_batches(1, 64, 2)
-    (40, 2, 50, 1)
-    """
-    chunks = -(-batches // batches_per_commit)
-    if batches >= slots:
-        chunks = -(-chunks // slots) * slots
-    return -(-batches // chunks)
-
-
 def pending(plane: Plane, inputs, ok, failures, *, table: str, plan_id: str, max_attempts: int, plan_filter=None):
-    """(todo, gave_up, chunks): the rows of `inputs` (event_id, round, input_len, ...) without a
-    successful event in `ok`, with attempt, plan_id, pos, batch_no and chunk; how many are left failed
-    after max_attempts; and their [Chunk] in order.
+    """The wave's Pending work: the rows of `inputs` (event_id, round, input_len, ...) without a successful
+    event in `ok`, with attempt, plan_id, pos, batch_no and chunk; how many are left failed after
+    max_attempts; their chunks in order, and the batches left UNSIZED until the probe has run.
 
     An attempt planned before (by a run that was stopped before committing it) keeps its batch: a
     resumed run makes the same model calls as an uninterrupted one. Attempts never planned are cut into
@@ -142,12 +87,7 @@ def pending(plane: Plane, inputs, ok, failures, *, table: str, plan_id: str, max
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     lake, batch_size = plane.lake, plane.batch_size
-    plans = lake.df("work_batches").where(F.col("target_table") == table)
-    if plan_filter is not None:
-        plans = plans.where(plan_filter)   # lets the read skip files of other rounds
-    # one plan per attempt even if two runs that began at once each recorded one: the same one for every run
-    plans = (plans.groupBy("event_id", "attempt").agg(F.min(F.struct("plan_id", "pos", "batch_no", "chunk")).alias("p"))
-             .select("event_id", "attempt", "p.*"))
+    plans = plans_of(lake, table, plan_filter)
     marked = (inputs.join(ok.select("event_id"), "event_id", "left_anti")
               .join(failures, "event_id", "left").withColumn("tries", F.coalesce("tries", F.lit(0)))
               .withColumn("gave_up", F.col("tries") >= max_attempts)
@@ -166,16 +106,40 @@ def pending(plane: Plane, inputs, ok, failures, *, table: str, plan_id: str, max
               .agg(F.count(F.lit(1)).alias("n"), F.countDistinct("batch_no").alias("batches")).collect())
     gave_up = sum(r["n"] for r in groups if r["gave_up"])
     n_fresh = sum(r["n"] for r in groups if r["fresh"])
-    per_chunk = chunk_batches(max(1, -(-n_fresh // batch_size)), plane.batches_per_commit, plane.slots)
+    fresh_batches = -(-n_fresh // batch_size)
+    probe = probe_batches(fresh_batches, plane.batches_per_commit, plane.slots, plane.chunk_seconds)
     batch_no = F.floor(F.col("pos") / batch_size)
+    fresh_chunk = (F.when(batch_no < probe, batch_no).otherwise(F.lit(UNSIZED)) if probe
+                   else F.floor(batch_no / plane.per_chunk(fresh_batches)))
     todo = (marked.where(~F.col("gave_up"))
             .withColumn("plan_id", F.coalesce("plan_id", F.lit(plan_id)))
             .withColumn("batch_no", F.coalesce("batch_no", batch_no))
-            .withColumn("chunk", F.coalesce("chunk", F.floor(batch_no / per_chunk))))
+            .withColumn("chunk", F.coalesce("chunk", fresh_chunk)))
     if n_fresh:
         record_plan(lake, todo.where("fresh"), table)
-    planned = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups if not r["gave_up"] and not r["fresh"]]
-    return todo, gave_up, sorted(planned + fresh_chunks(plan_id, n_fresh, batch_size, per_chunk), key=chunk_key)
+    kept = [r for r in groups if not r["gave_up"] and not r["fresh"]]
+    layout = fresh_chunks(plan_id, n_fresh, batch_size, probe, 1 if probe else plane.per_chunk(fresh_batches))
+    chunks = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in kept if r["chunk"] != UNSIZED]
+    out = Pending(todo, gave_up, sorted(chunks + (layout[:probe] if probe else layout), key=chunk_key), table,
+                  plan_filter)
+    unsized = [(r["n"], r["batches"]) for r in kept if r["chunk"] == UNSIZED]
+    unsized += [(c.rows, c.batches) for c in layout[probe:]] if probe else []
+    out.unsized_rows, out.unsized_batches = sum(n for n, _ in unsized), sum(b for _, b in unsized)
+    return out
+
+
+def plans_of(lake, table: str, plan_filter=None):
+    """(event_id, attempt, plan_id, pos, batch_no, chunk): the recorded plan of each attempt at `table`'s
+    rows; one per attempt even if two runs that began at once each recorded one: the same for every run.
+    An attempt's chunk is its sized one when its batch's rest was sized (`cut_rest`), else as planned."""
+    from pyspark.sql import functions as F
+    plans = lake.df("work_batches").where(F.col("target_table") == table)
+    if plan_filter is not None:
+        plans = plans.where(plan_filter)   # lets the read skip files of other rounds
+    # of one plan's rows for an attempt, a sized chunk before UNSIZED (false sorts first)
+    plan = F.struct("plan_id", "pos", "batch_no", (F.col("chunk") == UNSIZED).alias("unsized"), "chunk")
+    return (plans.groupBy("event_id", "attempt").agg(F.min(plan).alias("p"))
+            .select("event_id", "attempt", "p.plan_id", "p.pos", "p.batch_no", "p.chunk"))
 
 
 def cut(plane: Plane, rows, plan_id: str):
@@ -190,23 +154,20 @@ def cut(plane: Plane, rows, plan_id: str):
     out = (rows.withColumn("pos", (F.row_number().over(Window.orderBy("input_len", "event_id")) - 1).cast("long"))
            .withColumn("batch_no", batch_no).withColumn("chunk", F.floor(batch_no / per_chunk))
            .withColumn("plan_id", F.lit(plan_id)).localCheckpoint(eager=True))
-    return out, fresh_chunks(plan_id, n, batch_size, per_chunk)
+    return out, fresh_chunks(plan_id, n, batch_size, 0, per_chunk)
 
 
-def fresh_chunks(plan_id: str, n: int, batch_size: int, per_chunk: int) -> list[Chunk]:
-    """The chunks of n rows numbered 0..n-1 (pos) in batches of batch_size and chunks of per_chunk
-    batches: a cut's chunks, known without reading its rows.
+def fresh_chunks(plan_id: str, n: int, batch_size: int, probe: int, per_chunk: int) -> list[Chunk]:
+    """The chunks of n rows numbered 0..n-1 (pos) in batches of batch_size: the first `probe` batches one
+    per chunk, then chunks of per_chunk batches (chunking.rest_layout): known without reading the rows.
 
-    >>> [(c.chunk, c.rows, c.batches) for c in fresh_chunks("p", 300, 64, 2)], fresh_chunks("p", 0, 64, 2)
+    >>> [(c.chunk, c.rows, c.batches) for c in fresh_chunks("p", 300, 64, 0, 2)], fresh_chunks("p", 0, 64, 0, 2)
     ([(0, 128, 2), (1, 128, 2), (2, 44, 1)], [])
+    >>> [(c.chunk, c.rows, c.batches) for c in fresh_chunks("p", 300, 64, 2, 2)]
+    [(0, 64, 1), (1, 64, 1), (2, 128, 2), (3, 44, 1)]
     """
-    rows = batch_size * per_chunk
-    return [Chunk(plan_id, c, min(n, (c + 1) * rows) - c * rows, min(per_chunk, -(-(n - c * rows) // batch_size)))
-            for c in range(-(-n // rows))]
-
-
-def chunk_key(c: Chunk) -> tuple[str, int]:
-    return c.plan_id, c.chunk
+    return [Chunk(plan_id, c, min(n, (first + k) * batch_size) - first * batch_size, k)
+            for c, (first, k) in enumerate(rest_layout(-(-n // batch_size), probe, per_chunk))]
 
 
 def chunk_rows(todo, c: Chunk):
@@ -242,13 +203,15 @@ def rows_app_id(rows, table: str, key: tuple[str, ...] = ("event_id",)) -> str:
     return chunk_app_ids(rows, table, key)[("all", 0)]
 
 
-def record_plan(lake, planned, table: str) -> None:
+def record_plan(lake, planned, table: str, sized: bool = False) -> None:
     """Append the batches just cut to work_batches (one commit), before any of them runs: idempotent on
-    the attempts it plans, so of two runs that cut the same pending rows at once only one plan lands."""
+    the attempts it plans, so of two runs that cut the same pending rows at once only one plan lands.
+    `sized`: the chunks of batches planned UNSIZED, rows of their own (work_id `...#sized`, app id apart)."""
     from pyspark.sql import functions as F
     lake.table("work_batches")
-    app_id = rows_app_id(planned, "work_batches", ("event_id", "attempt"))
-    rows = planned.select(F.concat_ws("#", "event_id", F.col("attempt").cast("string")).alias("work_id"),
+    tag = F.lit("#sized" if sized else "")
+    app_id = rows_app_id(planned.withColumn("tag", tag), "work_batches", ("event_id", "attempt", "tag"))
+    rows = planned.select(F.concat("event_id", F.lit("#"), F.col("attempt").cast("string"), tag).alias("work_id"),
                           F.lit(table).alias("target_table"), "event_id", "attempt",
                           F.col("round").cast("int").alias("round"), "plan_id", "pos", "batch_no", "chunk",
                           F.current_timestamp().alias("created_at"))
@@ -270,8 +233,10 @@ def generate_events(batches: Iterator[pa.RecordBatch], calls: Calls, counters: d
                       r["seed"], r["sampling"], make_chat(r), r["attempt"]) for r in items]
         t0 = time.perf_counter()
         gens = generate_batch(backend, [t.chat for t in tasks], Sampling(**json.loads(key[2])), [t.seed for t in tasks])
-        per_row_ms = (time.perf_counter() - t0) * 1000 / len(items)
+        seconds = time.perf_counter() - t0
+        per_row_ms = seconds * 1000 / len(items)
         counters["calls"].add(1)
+        counters["seconds"].add(seconds)
         results = {i: {"text": parse(t.kind, g.text) if g.text is not None else None, "error": g.error,
                        "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
                        "completion_tokens": g.completion_tokens, "latency_ms": per_row_ms}
@@ -284,30 +249,67 @@ def generate_events(batches: Iterator[pa.RecordBatch], calls: Calls, counters: d
         yield from rows.to_batches()
 
 
-def run_wave(plane: Plane, todo, chunks: list[Chunk], make_chat: Callable[[dict], list],
+def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
              parse: Callable[[str, str], str] = keep_text) -> RunStats:
-    """Generate and append every chunk of `todo`, `plane.slots` chunk jobs at a time; the wave's stats."""
+    """Generate and append every chunk of the wave, chunk jobs running while earlier ones commit; the
+    wave's stats. Its UNSIZED batches are cut by the model's time per batch: measured by an earlier wave,
+    or by this wave's first chunks (the probe), which then run first."""
+    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
     sc, lake = plane.spark.sparkContext, plane.lake
     counters = {k: sc.accumulator(0) for k in ("calls", "ok", "failed", "tokens")}
+    counters["seconds"] = sc.accumulator(0.0)
     calls = Calls(canonical_json(plane.backend_spec), make_chat, plane.constants, plane.job_run_id, parse)
     fn = functools.partial(generate_events, calls=calls, counters=counters)
     out_schema = from_arrow_schema(GENERATION_EVENTS)
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
-    stats = RunStats(tasks=sum(c.rows for c in chunks), batches=sum(c.batches for c in chunks))
-    app_ids = chunk_app_ids(todo, "generation_events")
+    stats = RunStats(tasks=wave.rows, batches=sum(c.batches for c in wave.chunks) + wave.unsized_batches)
 
-    def write(c: Chunk) -> None:
-        lake.idempotent_append("generation_events", chunk_rows(todo, c).mapInArrow(fn, out_schema), app_ids[chunk_key(c)])
+    def write_all(rows, chunks: list[Chunk]) -> int:
+        app_ids = chunk_app_ids(rows, "generation_events")
+        return run_chunks(chunks, lambda c: lake.idempotent_append(
+            "generation_events", chunk_rows(rows, c).mapInArrow(fn, out_schema), app_ids[chunk_key(c)]),
+            plane.slots, plane.progress, "generations")
 
-    done = run_chunks(chunks, write, plane.slots, plane.progress, "generations")
+    if not wave.unsized_rows:
+        done = write_all(wave.todo, wave.chunks)
+    elif plane.meter.per_batch("generate") is not None or not wave.chunks:   # measured before: no barrier
+        rows, chunks = cut_rest(plane, wave)
+        done = write_all(rows.unionByName(wave.todo.where(F.col("chunk") != UNSIZED)), wave.chunks + chunks)
+    else:   # the probe (and kept chunks) first, then the rest cut by their measured time
+        done = write_all(wave.todo, wave.chunks)
+        plane.meter.record("generate", counters["seconds"].value, counters["calls"].value)
+        rows, chunks = cut_rest(plane, wave)
+        done += write_all(rows, chunks)
+    plane.meter.record("generate", counters["seconds"].value, counters["calls"].value)
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
     stats.model_calls, stats.commits = counters["calls"].value, done
     stats.ok, stats.failed, stats.completion_tokens = (counters[k].value for k in ("ok", "failed", "tokens"))
     stats.inserted = stats.ok + stats.failed
     if stats.failed:
-        stats.first_error = first_error(lake, todo, plane.job_run_id)
+        stats.first_error = first_error(lake, wave.todo, plane.job_run_id)
     return stats
+
+
+def cut_rest(plane: Plane, wave: Pending):
+    """(rows, chunks) of the wave's UNSIZED batches: cut into chunks by the measured time, recorded in
+    work_batches (first writer wins: one idempotent append per set of attempts), then read back from it,
+    so two runs that size them at once (each timing its own probe) both run the one cut that landed,
+    and their appends share app ids."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    per_chunk = plane.per_chunk(wave.unsized_batches)
+    rest = wave.todo.where(F.col("chunk") == UNSIZED)
+    first = F.min("batch_no").over(Window.partitionBy("plan_id"))
+    sized = rest.withColumn("chunk", F.lit(SIZED) + F.floor((F.col("batch_no") - first) / per_chunk))
+    record_plan(plane.lake, sized, wave.table, sized=True)
+    kept = plans_of(plane.lake, wave.table, wave.plan_filter)
+    rows = rest.drop("plan_id", "pos", "batch_no", "chunk").join(kept, ["event_id", "attempt"]).localCheckpoint(eager=True)
+    chunks = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in rows.groupBy("plan_id", "chunk").agg(
+        F.count(F.lit(1)).alias("n"), F.countDistinct("batch_no").alias("batches")).collect()]
+    plane.say(f"  {wave.unsized_batches} batches in {len(chunks)} commits "
+              f"({plane.meter.per_batch('generate') or 0:.3f} s a batch measured)")
+    return rows, sorted(chunks, key=chunk_key)
 
 
 def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], max_attempts: int,
@@ -318,13 +320,13 @@ def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Calla
     events = plane.lake.df("generation_events").where(F.col("kind") == kind)
     mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
                        "left_semi").select("target_event_id", "status", "text").localCheckpoint(eager=True)
-    todo, gave_up, chunks = pending(plane, planned, successful(mine), failure_counts(mine), table="generation_events",
-                                    plan_id=plan_id, max_attempts=max_attempts)
-    stats, n = RunStats(), sum(c.rows for c in chunks)
-    if n:
-        plane.say(f"{n} {what} in {len(chunks)} commits")
-        stats = run_wave(plane, todo, chunks, make_chat)
-    return stats, gave_up, most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind))
+    wave = pending(plane, planned, successful(mine), failure_counts(mine), table="generation_events",
+                   plan_id=plan_id, max_attempts=max_attempts)
+    stats = RunStats()
+    if wave.rows:
+        plane.say(f"{wave.rows} {what} in {wave.describe()}")
+        stats = run_wave(plane, wave, make_chat)
+    return stats, wave.gave_up, most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind))
 
 
 def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
