@@ -74,6 +74,7 @@ def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small
     from jobs.sample_pairs import SamplePairsConfig
     from jobs.sample_pairs import run as sample_pairs
     from tests.conftest import ROOT
+    active_after_commit = watch_commits(monkeypatch)
     cfg = SamplePairsConfig(lake=str(small_lake), backend="fake", policy="fake:latency=0.5", max_new_tokens=24,
                             batch_size=1, batches_per_commit=64, chunk_seconds=1.2, params="/nonexistent.yaml",
                             constitution=str(ROOT / "constitutions/default.yaml"))
@@ -83,6 +84,9 @@ def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small
                if h["operation"] == "WRITE"]
     sizes = [int(h["operationMetrics"]["numOutputRows"]) for h in commits]
     assert sizes[0] == 1 and sorted(sizes[1:]) == [1, 2, 2]   # the probe first
+    # one slot, yet when a chunk had committed the next chunk's job was running already (not the probe's:
+    # the rest waits for its measure; not the last)
+    assert active_after_commit == [False, True, True, False]
     # the wave's plan (6 batches: the probe's chunk, 5 unsized), then the 5 batches' chunks once sized
     plans = [h for h in reversed(DeltaTable(str(small_lake / "work_batches")).history()) if h["operation"] == "WRITE"]
     assert [int(h["operationMetrics"]["numOutputRows"]) for h in plans] == [6, 5]
@@ -113,6 +117,32 @@ def test_a_cut_another_run_recorded_first_is_the_one_that_runs(spark, small_lake
     assert sample_pairs(spark, cfg)["ok"] == 6
     commits = [h for h in DeltaTable(str(small_lake / "generation_events")).history() if h["operation"] == "WRITE"]
     assert [int(h["operationMetrics"]["numOutputRows"]) for h in commits] == [1] * 6   # the probe, then theirs
+
+
+def test_with_one_slot_the_next_chunk_runs_while_the_last_one_commits():
+    """run_chunks keeps one chunk job more in flight than there are slots: two writes meet at a barrier,
+    which one write at a time would never pass."""
+    import threading
+
+    from cai_lib.runtime.spark_plane import Chunk, run_chunks
+    meet, lines = threading.Barrier(2, timeout=10), []
+    done = run_chunks([Chunk("p", c, 2, 1) for c in range(4)], lambda c: meet.wait(), 1, lines.append, "rows")
+    assert done == 4 and lines[-1] == "  [####################] 8/8 rows committed in 4 of 4 commits"
+
+
+def watch_commits(monkeypatch) -> list[bool]:
+    """For each generation chunk's append, in the order they return: whether another Spark job (the next
+    chunk's) was active right after it had committed."""
+    from cai_lib.lake.spark_delta import SparkDeltaLake
+    append, seen = SparkDeltaLake.idempotent_append, []
+
+    def watched(self, name, rows, app_id):
+        append(self, name, rows, app_id)
+        if name == "generation_events":
+            seen.append(bool(self.spark.sparkContext.statusTracker().getActiveJobsIds()))
+
+    monkeypatch.setattr(SparkDeltaLake, "idempotent_append", watched)
+    return seen
 
 
 def test_label_refuses_chunk_seconds_without_cot():

@@ -12,9 +12,10 @@ Per wave:
    them into chunks and records that cut, which every run then reads back and runs.
 2. `run_wave` runs each chunk as its own Spark job: a `mapInArrow` task generates the chunk's
    batches and Delta's writer appends them (files from a failed or speculative task attempt are
-   never committed: Spark's commit protocol adds only the winning attempt's files). As many chunk
-   jobs run at once as there are executor slots, each starting when a slot frees, so no barrier
-   holds the cluster and a kill loses only the chunks in flight.
+   never committed: Spark's commit protocol adds only the winning attempt's files). One more chunk
+   job runs at once than there are executor slots, each starting when one ends, so a slot whose task
+   is done takes the next queued task while the driver commits the finished chunk, no barrier holds
+   the cluster, and a kill loses only the chunks in flight.
 3. Each commit is an idempotent append (see `chunk_app_ids`): its cost does not grow with the table (no
    MERGE scans it), and a chunk appended once is never appended again, by a retry or by another run.
 
@@ -331,10 +332,13 @@ def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Calla
 
 def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
                progress: Callable[[str], None] | None, what: str) -> int:
-    """Run `write(chunk)` for every chunk, `slots` at a time, each starting when one ends; the number
-    committed. After a failure the chunks in flight finish (they are committed) and no more start."""
+    """Run `write(chunk)` for every chunk, `slots + 1` at a time, each starting when one ends; the number
+    committed. After a failure the chunks in flight finish (they are committed) and no more start.
+
+    One more than the slots: a chunk's commit runs on the driver after its task has freed the slot, and the
+    extra chunk job's task, queued by then, takes that slot at once instead of waiting for the commit."""
     total, rows, commits = sum(c.rows for c in chunks), 0, 0
-    with ThreadPoolExecutor(max(1, slots)) as pool:
+    with ThreadPoolExecutor(max(1, slots) + 1) as pool:
         futures = {pool.submit(write, c): c for c in chunks}
         remaining = set(futures)
         while remaining:
