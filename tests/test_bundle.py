@@ -156,7 +156,7 @@ def test_every_task_runs_a_cai_job_with_flags_it_accepts(tasks):
         accepted = {s for action in parser._actions for s in action.option_strings}
         unknown = [f for f in flags if f.startswith("--") and f not in accepted]  # exact: no abbreviations
         assert not unknown, f"{key}: `cai {cmd}` has no flag(s) {unknown}"
-        numbers = ("{{input.limit}}", "{{input.seed}}")   # for_each inputs that feed int flags
+        numbers = ("{{input.limit}}", "{{input.seed}}", "${var.gpu_workers}")   # what feeds int flags
         parser.parse_args([re.sub(r"\$\{[^}]+\}|\{\{[^}]+\}\}", lambda m: "0" if m.group(0) in numbers else "X", f)
                            for f in flags])  # values fit
         assert "--lake" in flags and "--params" in flags, f"{key}: every task names the lake and params.yaml"
