@@ -127,17 +127,20 @@ class SparkDeltaLake(LakeBase):
     def replace_df(self, name: str, rows, built_from: str | None = None) -> bool:
         """`replace` for a DataFrame: overwrite a derived table unless it already holds exactly these
         rows (same count and the same order-free checksum of every column) and its last commit says the
-        same `built_from` (the commit's userMetadata: what the rows were derived from); True when it wrote."""
+        same `built_from` (the commit's userMetadata: what the rows were derived from); True when it wrote
+        (created the table, or committed: Delta makes no commit for an empty table overwritten with no rows)."""
         spec = spec_of(name)
         if spec.append_only:
             raise LakeError(f"{name} is an append-only event table: it is never replaced")
         rows = rows.select(*spec.schema.names)
-        if (self.exists(name) and self.built_from(name) == built_from
+        existed = self.exists(name)
+        if (existed and self.built_from(name) == built_from
                 and content_checksum(self.df(name)) == content_checksum(rows)):
             return False
         self.table(name)
+        before = self.version(name)
         self._write(rows, name, "overwrite", built_from)
-        return True
+        return not existed or self.version(name) != before
 
     def append_df(self, name: str, rows, built_from: str | None = None) -> None:
         """Append `rows` to a derived table in one commit that records `built_from` (see replace_df)."""
