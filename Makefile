@@ -46,11 +46,11 @@ run: setup
 	cai status
 	cai sql "SELECT kind, count(*) AS events, sum(completion_tokens) AS tokens FROM generation_events GROUP BY kind ORDER BY kind"
 
-# CI (.ci/run) runs this: the main suite, then the vLLM tests in .venv-vllm (built once, kept by its .ready stamp), whose
-# Spark workers run .venv-vllm's python too. In .venv those tests skip their engine parts; here they run vLLM for real.
-test: setup vllm-env
+# CI (.ci/run) runs this: the main suite. The vLLM tests run in .venv-vllm with `make test-vllm` (its Spark workers run
+# .venv-vllm's python too); they are out of CI until the main suite is back inside its time budget (with them, CI's
+# clean-clone run came too close to its 90-minute limit). In .venv those tests skip their engine parts.
+test: setup
 	$(PY) -m pytest -q
-	$(MAKE) --no-print-directory test-vllm
 
 VLLM_TESTS := tests/test_vllm_cpu.py tests/test_vllm_plane.py
 test-vllm: vllm-env
