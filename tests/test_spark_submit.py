@@ -25,8 +25,11 @@ def test_spark_submit_runs_a_job_and_passes_its_status(small_lake, tmp_path):
            "PYTHONPATH": str(ROOT)}
     flags = ["--lake", str(small_lake), "--params", "/dev/null", "--backend", "fake", "--base-model", "fake",
              "--rounds", "1", "--batch-size", "4", "--constitution", str(ROOT / "constitutions/default.yaml")]
-    proc = subprocess.run([SPARK_SUBMIT, "--master", "local[1]", str(ROOT / "launch/cai_task.py"), "sl-generate",
-                           *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    from cai_lib.lake.spark_delta import DELTA_PACKAGE
+    delta = ["--packages", DELTA_PACKAGE, "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+             "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog"]
+    proc = subprocess.run([SPARK_SUBMIT, "--master", "local[1]", *delta, str(ROOT / "launch/cai_task.py"),
+                           "sl-generate", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sl-generate: prompts=5, generations=11," in proc.stdout   # 3 red-team x (answer, critique, revision) + 2
     events = Lake(small_lake).read("generation_events")
