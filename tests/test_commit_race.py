@@ -80,3 +80,25 @@ def test_two_writers_at_once_land_every_row_once_and_count_their_own_inserts(spa
     ids = Lake(tmp_path).read("quarantine")["event_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 1 + 6 + 6 + 4
     assert inserted["a"] + inserted["b"] == 16   # each shared id counted by the one writer that inserted it
+
+
+def test_a_writer_that_loses_the_race_to_create_a_table_takes_the_winners(spark, tmp_path):
+    """The loser of two creates can find the winner's folder without its version 0 (Delta refuses the create
+    as DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION): it waits for the winner's table, and a folder that never
+    becomes a table is still an error."""
+    path = tmp_path / "quarantine"
+    path.mkdir()
+    (path / "part-in-flight.parquet").write_bytes(b"")          # the winner's first file, before its commit
+    winner = threading.Timer(1.0, lambda: spark.createDataFrame(qrows(["w"])).write.format("delta")
+                             .mode("append").save(str(path)))
+    winner.start()
+    writer(tmp_path).table("quarantine")
+    winner.join()
+    assert Lake(tmp_path).read("quarantine")["event_id"].to_pylist() == ["w"]
+
+    junk = writer(tmp_path / "other")
+    (tmp_path / "other" / "prompts").mkdir(parents=True)
+    (tmp_path / "other" / "prompts" / "notes.txt").write_text("not a table")
+    junk._appears = lambda name, wait_s=0.5: type(junk)._appears(junk, name, wait_s)
+    with pytest.raises(Exception, match="other/prompts` is not a Delta table"):
+        junk.table("prompts")

@@ -89,8 +89,8 @@ class SparkDeltaLake(LakeBase):
                            .property("delta.setTransactionRetentionDuration", TXN_RETENTION))
             try:
                 builder.execute()
-            except Exception:   # another run created it first (both wrote version 0): theirs stands
-                if not self.exists(name):
+            except Exception:   # another writer created it first (both wrote version 0): theirs stands
+                if not self._appears(name):
                     raise
         table = self._DeltaTable.forPath(self.spark, self.path(name))
         stored = {f.name for f in table.toDF().schema.fields}
@@ -101,6 +101,17 @@ class SparkDeltaLake(LakeBase):
             self.spark.sql(f"ALTER TABLE delta.`{self.path(name)}` ADD COLUMNS ({cols})")
             table = self._DeltaTable.forPath(self.spark, self.path(name))   # an object made before would refuse
         return table
+
+    def _appears(self, name: str, wait_s: float = 10.0) -> bool:
+        """Whether table `name` exists or shows up within `wait_s`: a writer that lost the race to create it
+        can look while the winner's folder is there but its version 0 is not yet (Delta then refuses the
+        loser's create as DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION)."""
+        deadline = time.monotonic() + wait_s
+        while not self.exists(name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     def version(self, name: str) -> int | None:
         if not self.exists(name):
