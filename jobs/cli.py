@@ -10,6 +10,7 @@ and keeps its traceback; `cai --debug ...` shows the traceback of expected error
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import sys
@@ -107,5 +108,26 @@ def lake_of(argv: list[str]) -> str:
     return "lake"
 
 
+def console() -> None:
+    """The `cai` program (and `python -m jobs.cli`): main(), Python's own exit clean-up (atexit: MLflow's run,
+    Spark's gateway, logging), then the process ends without running native static destructors. pyarrow's and
+    delta-rs's thread pools can still be tearing down then, and their destructors then abort a process whose
+    work is done and printed ("terminate called without an active exception", exit 134; apache/arrow#34314,
+    delta-io/delta-rs#2184): it hit `cai lineage` once in CI. Tests call main() in process instead."""
+    try:
+        rc = main()
+    except SystemExit as done:   # argparse: --help (0) or a usage error (2)
+        rc = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if not isinstance(done.code, (int, type(None))):
+            print(done.code, file=sys.stderr)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):   # the reader left, or the stream is closed: nothing to save
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

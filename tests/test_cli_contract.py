@@ -173,3 +173,13 @@ def test_tools_take_the_lake_and_metrics_files_from_params(small_lake, tmp_path,
     assert cai(["status", "--params", str(p)]) == 0
     out = capsys.readouterr().out
     assert f"lake {small_lake}" in out and "eval_labeler  human_n=7, human_accuracy=0.625" in out
+
+
+@pytest.mark.parametrize("argv,rc", [(["--help"], 0), (["lineage"], 2), (["lineage", "--depth", "x", "m"], 2)])
+def test_the_cai_program_runs_python_exit_clean_up_and_keeps_the_exit_code(argv, rc, tmp_path):
+    """`cai` ends with os._exit (no native static destructors: see jobs.cli.console), after atexit's work
+    and with the code main() or argparse gave."""
+    code = ("import atexit, sys; atexit.register(lambda: print('clean-up ran', flush=True)); "
+            f"sys.argv = ['cai', *{argv!r}]; from jobs.cli import console; console()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.splitlines()[-1]) == (rc, "clean-up ran"), done.stderr[-2000:]
