@@ -19,7 +19,7 @@ from cai_lib.review.store import ReviewStore
 from cai_lib.review.verdicts import shown_order
 from jobs.cli import main as cai
 from jobs.review import check_host
-from schemas import GENERATION_EVENTS, LABEL_EVENTS, PROMPTS
+from schemas import GATE_EVENTS, GENERATION_EVENTS, LABEL_EVENTS, PROMPTS
 from tests.cdp import CHROMIUM, Browser
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -46,6 +46,19 @@ def rows(pair: str, p_ab: float, p_ba: float) -> tuple[dict, list[dict], list[di
     return prompt, gens, labels
 
 
+def gate(stage: str, verdict: str, day: int) -> dict:
+    """A gate_events row (the gates' verdicts the dashboard plots over time)."""
+    return {"event_id": f"gate-{stage}-{day}", "kind": "gate_verdict", "stage": stage,
+            "passed": verdict in ("passed", "not_promotable"), "verdict": verdict, "promotable": verdict == "passed",
+            "incomplete_checks": [], "waived_checks": [], "promotion_blockers": [], "n_checks": 3,
+            "n_failed": int(verdict == "failed"), "failed_checks": [], "failures": "{}", "n_quarantined": 0,
+            "suite_sha": "s", "input_versions": "{}", "constitution_sha": None, "model_id": None, "docs_path": None,
+            "job_run_id": "t", "created_at": datetime(2026, 1, day, tzinfo=timezone.utc)}
+
+
+GATES = [gate("sl", "failed", 1), gate("sl", "passed", 2), gate("labels", "not_promotable", 3)]
+
+
 @pytest.fixture(scope="module")
 def lake(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("review") / "lake"
@@ -55,6 +68,8 @@ def lake(spark, tmp_path_factory):
                                ("label_events", LABEL_EVENTS, 2)):   # one plain delta-spark commit each: inputs only
         table = pa.Table.from_pylist([r for b in built for r in ([b[0]] if part == 0 else b[part])], schema=schema)
         spark.createDataFrame(table).write.format("delta").save(str(root / name))
+    spark.createDataFrame(pa.Table.from_pylist(GATES, schema=GATE_EVENTS)).write.format("delta").save(
+        str(root / "gate_events"))
     return root
 
 
@@ -116,6 +131,17 @@ def test_queue_verdicts_csrf_and_escaping(spark, lake):
     after = a.get(f"/c/{cid('s')}").text       # now the AI's p in both orders
     assert re.findall(r"<td>(\d\.\d{3})</td>", after) == ["0.900", "0.900", "0.600", "0.400", "0.650"]
     assert queue_ids(a) == [cid("n")]          # what ann judged leaves her queue
+
+    dash = a.get("/dashboard")                 # the figures of this lake (cai_lib/review/dashboard.py's tests: the maths)
+    assert dash.status_code == 200 and dash.headers["content-security-policy"].startswith("default-src 'none';")
+    assert dash.text.count("<svg") == 4 and "<script" not in dash.text
+    assert "no verdicts on audit items yet" in dash.text          # both verdicts were on doubtful items, none audited
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", dash.text)
+    assert cells[cells.index("[0.6, 0.8)"):][:5] == ["[0.6, 0.8)", "0.650", "0.500", "[0.095, 0.905]", "2"]   # A and B
+    assert cells[cells.index("0.667"):][:4] == ["0.667", "[0.208, 0.939]", "3", "0"]   # swap-consistent: n, c of s, n, c
+    assert cells[cells.index("sl"):][:5] == ["sl", "2", "1", "1", "passed 2026-01-02 00:00"]
+    assert [(v, c) for c, v in re.findall(r'fill="(#[0-9a-f]+)" data-verdict="(\w+)"', dash.text)] == [
+        ("not_promotable", "#ef8f00"), ("failed", "#c62828"), ("passed", "#2e7d32")]
 
 
 def test_tokens_name_the_reviewer_and_every_post_needs_the_csrf_token(lake):

@@ -4,5 +4,7 @@
   plus a seeded audit sample; pure functions over label_events rows.
 - verdicts: the page's display order per reviewer and the mapping back to the pair's A/B; review_events rows.
 - store: the app's reads (delta-rs) and its idempotent verdict appends (delta-spark).
+- dashboard: the dashboard's figures (audit agreement, swap consistency, calibration, gate verdicts); pure.
+- charts: those figures as inline SVG strings (no JavaScript); pure.
 - app: the Starlette web app (templates/ holds its Jinja pages); `cai review serve` starts it.
 """

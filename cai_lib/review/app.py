@@ -1,4 +1,5 @@
-"""The review web app (Starlette, server-rendered Jinja templates): the queue, one comparison, a verdict.
+"""The review web app (Starlette, server-rendered Jinja templates): the queue, one comparison, a verdict,
+and the dashboard (/dashboard: agreement on the audit sample, swap consistency, calibration, gate verdicts).
 
     cai review serve --lake lake                       # http://127.0.0.1:8765, reviewer = your user name
     cai review serve --lake lake --host 0.0.0.0 --tokens reviewers.yaml   # beyond loopback: a token each
@@ -20,6 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from jinja2 import Environment, FileSystemLoader
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -29,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from cai_lib.review import charts, dashboard
 from cai_lib.review.queue import QueueItem, rank
 from cai_lib.review.store import ReviewStore
 from cai_lib.review.verdicts import CHOICES, review_row, shown_order
@@ -105,6 +108,11 @@ def build_app(store: ReviewStore, settings: ReviewSettings) -> Starlette:
         await run_in_threadpool(store.append, row)
         return RedirectResponse(f"/c/{c.comparison_id}", 303)
 
+    async def dashboard_page(request: Request) -> Response:
+        if reviewer_of(request, settings) is None:
+            return RedirectResponse("/login", 303)
+        return page("dashboard.html", request, **await run_in_threadpool(dashboard_context, store))
+
     async def login(request: Request) -> Response:
         if settings.tokens is None:
             return RedirectResponse("/", 303)
@@ -122,7 +130,7 @@ def build_app(store: ReviewStore, settings: ReviewSettings) -> Starlette:
                     "page and submit it again.")
 
     routes = [Route("/", queue_page), Route("/c/{cid}", comparison_page, methods=["GET", "POST"]),
-              Route("/login", login, methods=["GET", "POST"])]
+              Route("/dashboard", dashboard_page), Route("/login", login, methods=["GET", "POST"])]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts)),
                   Middleware(SessionMiddleware, secret_key=settings.session_secret, same_site="strict",
                              session_cookie="cai_review")]
@@ -148,6 +156,26 @@ def comparison_context(store: ReviewStore, settings: ReviewSettings, reviewer: s
             "principle_text": principle, "verdict": verdict, "choices": CHOICES,
             "labels": store.label_rows(c) if verdict else None,
             "verdict_at": datetime.now(timezone.utc).isoformat()}
+
+
+def dashboard_context(store: ReviewStore) -> dict:
+    """What dashboard.html shows: the figures (cai_lib.review.dashboard) as tables and inline SVG charts."""
+    comps, verdicts, label_p = store.comparisons(), store.all_verdicts(), store.label_p()
+    names = {c.constitution_sha: c.constitution_id for c in comps}
+
+    def rows(rates: list[dashboard.Rate]) -> list[dict]:
+        return [{"label": f"{r.principle_id} · {names.get(r.constitution_sha, '?')} {r.constitution_sha[:8]}",
+                 "principle": r.principle_id, "constitution": names.get(r.constitution_sha, "?"),
+                 "sha": r.constitution_sha[:12], "value": r.value, "lo": r.interval[0], "hi": r.interval[1],
+                 "n": r.n, "left_out": dict(r.left_out)} for r in rates]
+
+    agree, swap = rows(dashboard.agreement(verdicts, label_p)), rows(dashboard.swap_consistency(comps))
+    calib, timeline = dashboard.calibration(verdicts, label_p), dashboard.gate_timeline(store.gate_events())
+    return {"agreement": agree, "swap": swap, "calibration": calib, "timeline": timeline, "n_verdicts": len(verdicts),
+            "agreement_svg": Markup(charts.interval_chart(agree, title="agreement with reviewers (audit sample)")),
+            "swap_svg": Markup(charts.interval_chart(swap, title="swap consistency of the AI labels")),
+            "calibration_svg": Markup(charts.calibration_chart(calib["bins"], title="calibration")),
+            "timeline_svg": Markup(charts.timeline_chart(timeline, title="gate verdicts over time"))}
 
 
 def reviewer_of(request: Request, settings: ReviewSettings) -> str | None:

@@ -1,7 +1,8 @@
 """The review app's only door to the lake: reads with delta-rs, verdicts appended with delta-spark.
 
 Reads are confined to the lake's own tables by name (label_events, prompts, generation_events,
-review_events): nothing a request sends becomes a path. The comparisons are derived from
+review_events, gate_events): nothing a request sends becomes a path; a request's ids are only
+values a read filters on. The comparisons are derived from
 label_events once per table version (a new labelling run shows up on the next page load).
 A verdict is appended with Delta's idempotent write (txnAppId = its event id) when a delta-rs
 look-up does not find its event id: one form posted twice, or by two threads at once, lands once
@@ -67,6 +68,20 @@ class ReviewStore:
         ids = [c.response_a_id, c.response_b_id]
         found = {r["event_id"]: r["text"] for r in self._where("generation_events", "event_id", ids, ["event_id", "text"])}
         return (prompt[0]["text"] if prompt else None), {i: found.get(i) for i in ids}
+
+    def label_p(self) -> dict[str, float]:
+        """event id -> p_a (P(A better)) of every ok label row: what a verdict's AI label was."""
+        return {e: r["p_a"] for e, r in self._labels()[1].items() if r["status"] == "ok"}
+
+    def all_verdicts(self) -> list[dict]:
+        """Every review_events row (all reviewers), for the dashboard."""
+        return self.lake.read("review_events").to_pylist() if self.lake.exists("review_events") else []
+
+    def gate_events(self) -> list[dict]:
+        """The gates' verdicts (stage, passed, verdict, created_at), for the dashboard's timeline."""
+        if not self.lake.exists("gate_events"):
+            return []
+        return self.lake.read("gate_events", ["event_id", "stage", "passed", "verdict", "created_at"]).to_pylist()
 
     def verdicts(self, reviewer: str) -> list[dict]:
         """The reviewer's review_events rows, oldest first."""
