@@ -46,6 +46,23 @@ def rows(pair: str, p_ab: float, p_ba: float) -> tuple[dict, list[dict], list[di
     return prompt, gens, labels
 
 
+def sl_rows(pair: str) -> list[dict]:
+    """Pair s's prompt went through SL-CAI first: an answer, two critique -> revision rounds, one failed attempt."""
+    steps = [("init", "initial_response", None, 0, None), ("c1", "critique", "init", 1, "harm"),
+             ("r1", "revision", "c1", 1, "harm"), ("c2", "critique", "r1", 2, "honest"),
+             ("r2", "revision", "c2", 2, "honest")]
+    out = [{"event_id": f"{pair}-{e}", "kind": k, "status": "ok", "target_event_id": f"{pair}-{e}", "attempt": 1,
+            "prompt_id": f"prompt-{pair}", "parent_id": parent and f"{pair}-{parent}", "round": r, "principle_id": pr,
+            **CONST, "sampling": "{}", "seed": 1, "text": SL_TEXT.get(e, f"{k} {r} of {pair}"), "finish_reason": "stop",
+            "prompt_tokens": 1, "completion_tokens": 1, "latency_ms": 1.0, "error": None, "job_run_id": "t",
+            "created_at": NOW} for e, k, parent, r, pr in steps]
+    failed = {**out[3], "event_id": f"{pair}-c2-failed", "status": "failed", "text": None, "error": "boom"}
+    return out + [failed]
+
+
+SL_TEXT = {"r1": "I revised it. <script>alert(3)</script>", "c1": "It is harmful & rude."}
+
+
 def gate(stage: str, verdict: str, day: int) -> dict:
     """A gate_events row (the gates' verdicts the dashboard plots over time)."""
     return {"event_id": f"gate-{stage}-{day}", "kind": "gate_verdict", "stage": stage,
@@ -66,7 +83,8 @@ def lake(spark, tmp_path_factory):
     built = [rows(p, *ps) for p, ps in PAIRS.items()]
     for name, schema, part in (("prompts", PROMPTS, 0), ("generation_events", GENERATION_EVENTS, 1),
                                ("label_events", LABEL_EVENTS, 2)):   # one plain delta-spark commit each: inputs only
-        table = pa.Table.from_pylist([r for b in built for r in ([b[0]] if part == 0 else b[part])], schema=schema)
+        table = pa.Table.from_pylist([r for b in built for r in ([b[0]] if part == 0 else b[part])]
+                                     + (sl_rows("s") if part == 1 else []), schema=schema)
         spark.createDataFrame(table).write.format("delta").save(str(root / name))
     spark.createDataFrame(pa.Table.from_pylist(GATES, schema=GATE_EVENTS)).write.format("delta").save(
         str(root / "gate_events"))
@@ -142,6 +160,20 @@ def test_queue_verdicts_csrf_and_escaping(spark, lake):
     assert cells[cells.index("sl"):][:5] == ["sl", "2", "1", "1", "passed 2026-01-02 00:00"]
     assert [(v, c) for c, v in re.findall(r'fill="(#[0-9a-f]+)" data-verdict="(\w+)"', dash.text)] == [
         ("not_promotable", "#ef8f00"), ("failed", "#c62828"), ("passed", "#2e7d32")]
+
+
+def test_the_sl_chain_page_shows_each_round_with_model_text_inert(lake):
+    c = client(ReviewStore(lake))
+    assert 'href="/sl/prompt-s" id="sl-link"' in c.get(f"/c/{cid('s')}").text     # from the comparison's prompt
+    page = c.get("/sl/prompt-s")
+    assert page.status_code == 200 and "<script>" not in page.text
+    assert "1 SL-CAI chain in generation_events; 1 failed attempt not shown." in page.text
+    steps = re.findall(r'<pre class="step" data-kind="(\w+)"(?: data-round="(\d)")?>([^<]*)</pre>', page.text)
+    assert steps == [("initial_response", "", "initial_response 0 of s"), ("critique", "1", "It is harmful &amp; rude."),
+                     ("revision", "1", "I revised it. &lt;script&gt;alert(3)&lt;/script&gt;"),
+                     ("critique", "2", "critique 2 of s"), ("revision", "2", "revision 2 of s")]
+    assert re.findall(r"Round (\d) · principle <code>(\w+)</code>", page.text) == [("1", "harm"), ("2", "honest")]
+    assert c.get("/sl/prompt-none").status_code == 404 and c.get("/sl/" + "x" * 300).status_code == 404
 
 
 def test_tokens_name_the_reviewer_and_every_post_needs_the_csrf_token(lake):

@@ -1,4 +1,5 @@
-"""The review queue's order on known labels (pure: no Spark, no lake), and the verdict mapping."""
+"""The review queue's order on known labels (pure: no Spark, no lake), the verdict mapping, and a
+prompt's SL chains from its generation rows."""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from cai_lib.review.chains import chains, gen
 from cai_lib.review.queue import audit_draw, comparisons, label, rank
 from cai_lib.review.verdicts import review_row, shown_order, stored_verdict
 
@@ -103,3 +105,22 @@ def test_review_events_is_a_registered_append_only_event_table_that_takes_a_verd
     row = review_row(comparisons(both("s1", 0.9, 0.4))[0], ("audit",), reviewer="ann", choice="tie", note=None,
                      verdict_at=t, now=t)
     assert conform("review_events", pa.Table.from_pylist([row])).column("verdict").to_pylist() == ["tie"]
+
+
+def test_sl_chains_follow_parent_links_round_by_round_fork_on_reruns_and_count_failures():
+    rows = [gen("r2", "revision", "c2", 2, "honest"), gen("c2", "critique", "r1", 2, "honest"),
+            gen("r1", "revision", "c1", 1, "harm"), gen("c1", "critique", "a", 1, "harm"),
+            gen("a", "initial_response", created_at=1),
+            gen("c2x", "critique", "r1", 2, "kind", created_at=5),                 # a rerun's other round 2: a fork
+            gen("c2f", "critique", "r1", 2, "honest", status="failed", text=None),  # a failed attempt
+            gen("b", "initial_response", created_at=0), gen("cb", "critique", "b", 1, "harm"),   # stopped early
+            gen("s", "pair_sample", rnd=1), gen("h", "helpful_response", created_at=2)]
+    found, failed = chains(rows)
+    assert failed == 1
+    assert [[s["event_id"] for s in c.steps] for c in found] == [["b", "cb"], ["a", "c1", "r1", "c2", "r2"],
+                                                                 ["a", "c1", "r1", "c2x"], ["h"]]
+    assert [(r.round, r.principle_id, r.critique["event_id"], r.revision and r.revision["event_id"])
+            for r in found[1].rounds] == [(1, "harm", "c1", "r1"), (2, "honest", "c2", "r2")]
+    assert [r.revision for r in found[0].rounds] == [None]
+    assert [c.final["event_id"] for c in found] == ["b", "r2", "r1", "h"]
+    assert chains([]) == ([], 0)

@@ -1,5 +1,6 @@
 """The review web app (Starlette, server-rendered Jinja templates): the queue, one comparison, a verdict,
-and the dashboard (/dashboard: agreement on the audit sample, swap consistency, calibration, gate verdicts).
+the dashboard (/dashboard: agreement on the audit sample, swap consistency, calibration, gate verdicts),
+and a prompt's SL-CAI chain (/sl/PROMPT_ID: first answer, critique -> revision per round).
 
     cai review serve --lake lake                       # http://127.0.0.1:8765, reviewer = your user name
     cai review serve --lake lake --host 0.0.0.0 --tokens reviewers.yaml   # beyond loopback: a token each
@@ -32,6 +33,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from cai_lib.review import charts, dashboard
+from cai_lib.review.chains import chains
 from cai_lib.review.queue import QueueItem, rank
 from cai_lib.review.store import ReviewStore
 from cai_lib.review.verdicts import CHOICES, review_row, shown_order
@@ -39,6 +41,7 @@ from cai_lib.review.verdicts import CHOICES, review_row, shown_order
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_FORM_BYTES = 16_384          # a verdict and a note; anything bigger is not a form of ours
 MAX_NOTE_CHARS = 4_000
+MAX_ID_CHARS = 200               # a prompt id in a URL (ours are 64 hex characters)
 QUEUE_PAGE = 100                 # items listed on the queue page
 HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
                                       "frame-ancestors 'none'; base-uri 'none'",
@@ -113,6 +116,16 @@ def build_app(store: ReviewStore, settings: ReviewSettings) -> Starlette:
             return RedirectResponse("/login", 303)
         return page("dashboard.html", request, **await run_in_threadpool(dashboard_context, store))
 
+    async def sl_page(request: Request) -> Response:
+        if reviewer_of(request, settings) is None:
+            return RedirectResponse("/login", 303)
+        prompt_id = request.path_params["prompt_id"]
+        prompt = store.prompt(prompt_id) if len(prompt_id) <= MAX_ID_CHARS else None
+        if prompt is None:
+            return page("message.html", request, 404, message="No such prompt in this lake's prompts table.")
+        found, failed = await run_in_threadpool(lambda: chains(store.generations(prompt_id)))
+        return page("sl.html", request, prompt=prompt, chains=found, failed=failed)
+
     async def login(request: Request) -> Response:
         if settings.tokens is None:
             return RedirectResponse("/", 303)
@@ -130,7 +143,7 @@ def build_app(store: ReviewStore, settings: ReviewSettings) -> Starlette:
                     "page and submit it again.")
 
     routes = [Route("/", queue_page), Route("/c/{cid}", comparison_page, methods=["GET", "POST"]),
-              Route("/dashboard", dashboard_page), Route("/login", login, methods=["GET", "POST"])]
+              Route("/dashboard", dashboard_page), Route("/sl/{prompt_id}", sl_page), Route("/login", login, methods=["GET", "POST"])]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts)),
                   Middleware(SessionMiddleware, secret_key=settings.session_secret, same_site="strict",
                              session_cookie="cai_review")]

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cai_lib.lake.tables import Lake
+from cai_lib.review.chains import COLUMNS as CHAIN_COLUMNS
 from cai_lib.review.queue import Comparison, comparisons
 from schemas import REVIEW_EVENTS
 
@@ -68,6 +69,15 @@ class ReviewStore:
         ids = [c.response_a_id, c.response_b_id]
         found = {r["event_id"]: r["text"] for r in self._where("generation_events", "event_id", ids, ["event_id", "text"])}
         return (prompt[0]["text"] if prompt else None), {i: found.get(i) for i in ids}
+
+    def prompt(self, prompt_id: str) -> dict | None:
+        """The prompts row (text, kind, category) of one prompt id; None when the lake has none."""
+        found = self._where("prompts", "prompt_id", [prompt_id], ["prompt_id", "text", "kind", "category"])
+        return found[0] if found else None
+
+    def generations(self, prompt_id: str) -> list[dict]:
+        """Every generation_events row of one prompt (the SL chain's columns), for cai_lib.review.chains."""
+        return self._where("generation_events", "prompt_id", [prompt_id], CHAIN_COLUMNS)
 
     def label_p(self) -> dict[str, float]:
         """event id -> p_a (P(A better)) of every ok label row: what a verdict's AI label was."""
