@@ -5,7 +5,8 @@
   are the same list; it covers the wheel's own dependencies and keeps the CPU set's pins;
 - pip's resolver accepts the set (a dry run against the package index: `slow`, about 2
   minutes measured here; it FAILS, never skips, when the index cannot be reached; it skips off Linux x86_64);
-- bench/gpu_check.py needs only torch and transformers and runs every step on CPU.
+- bench/gpu_check.py runs cai_lib's backends and trainers with only torch and transformers (no Spark, Arrow,
+  pandas or MLflow, at import or at run time), and every step runs on CPU.
 """
 from __future__ import annotations
 
@@ -161,17 +162,99 @@ def test_the_gpu_set_resolves(tmp_path):
     assert not absent, f"the resolved GPU set lacks {sorted(absent)}"
 
 
-def test_the_device_check_needs_only_torch_and_transformers():
+# what the device check must never pull in: the GPU machine may have only torch and transformers
+HEAVY = ("pyspark", "pyarrow", "deltalake", "mlflow", "pandas", "duckdb", "great_expectations")
+# the project code each step must run (bench/gpu_check.py calls it rather than writing it again)
+PROJECT_CODE = ("cai_lib.backends.transformers_backend", "cai_lib.training.sft", "cai_lib.training.pm_model",
+                "cai_lib.training.pm_loss", "cai_lib.training.pm_train", "cai_lib.training.ppo",
+                "cai_lib.training.ppo_math", "cai_lib.training.dpo")
+
+
+def _heavy(modules) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in HEAVY)
+
+
+def test_the_device_check_imports_only_torch_transformers_and_what_they_install():
+    """Its own third-party imports are torch, transformers and tokenizers (a hard dependency of transformers)."""
+    from importlib.metadata import requires
     tree = ast.parse((ROOT / "bench/gpu_check.py").read_text())
     tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     tops |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert tops - set(sys.stdlib_module_names) - {"__future__"} == {"torch", "transformers"}
+    assert tops - set(sys.stdlib_module_names) - {"__future__"} == {"torch", "transformers", "tokenizers", "cai_lib"}
+    hard = {norm(Requirement(r).name) for r in requires("transformers") if not Requirement(r).marker}
+    assert "tokenizers" in hard, f"tokenizers is no longer a hard dependency of transformers ({sorted(hard)}): " \
+                                 "add it to requirements-gpu.txt and pyproject's gpu extra"
 
 
-def test_the_device_check_runs_every_step_on_cpu():
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--repeat", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    for step in ("generate", "score", "sft", "pm", "ppo", "dpo"):
-        assert re.search(rf"^  {step} +ok ", done.stdout, re.M), f"{step} did not run:\n{done.stdout}"
-    assert "all steps ran on cpu" in done.stdout and "@cuda" not in done.stdout
+def test_the_device_check_import_closure_has_no_spark_arrow_pandas_or_mlflow():
+    """A fresh interpreter imports gpu_check (and so every cai_lib module it calls) without any of HEAVY."""
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import gpu_check; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('cai_lib', *%r)))))" % (HEAVY,))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not _heavy(loaded), f"importing bench/gpu_check.py loads {_heavy(loaded)}: make that import lazy in " \
+                               "the cai_lib module that pulls it in (python -X importtime shows which)"
+    assert set(PROJECT_CODE) <= set(loaded), f"gpu_check no longer imports {sorted(set(PROJECT_CODE) - set(loaded))}"
+
+
+def test_the_device_check_runs_every_step_on_cpu_with_the_project_code():
+    """Every step ran, on the CPU, through cai_lib; training steps changed weights; and nothing the run
+    imported (-X importtime lists lazy imports too) is one of HEAVY."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "bench/gpu_check.py", "--device", "cpu", "--repeat",
+                           "1", "--rows", "4", "--new-tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-5000:]
+    out = done.stdout
+    models = {"generate": "LlamaForCausalLM", "score": "LlamaForCausalLM", "sft": "LlamaForCausalLM",
+              "pm": "PreferenceModel", "ppo": "ValueHead", "dpo": "LlamaForCausalLM"}
+    for step, model in models.items():
+        line = re.search(rf"^  {step} +ok .*$", out, re.M)
+        assert line, f"{step} did not run:\n{out}"
+        assert f"{model}=model@cpu/float32" in line.group(), line.group()
+    for step in ("sft", "pm", "ppo", "dpo"):
+        assert re.search(rf"^  {step} +ok .* (\d+)/\1 tensors changed", out, re.M), f"{step}: weights unchanged\n{out}"
+    assert "PreferenceModel=model@cpu" in re.search(r"^  ppo .*$", out, re.M).group()   # PMReward scored the rollout
+    assert "all steps ran on cpu" in out and "@cuda" not in out
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert set(PROJECT_CODE) <= imported
+    assert not _heavy(imported), f"running the check imported {_heavy(imported)}: make that import lazy"
+
+
+def _gpu_check():
+    """bench/gpu_check.py as a module (bench/ is not a package), loaded once."""
+    import importlib.util
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench/gpu_check.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module   # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
+
+
+def test_the_device_watch_lists_the_outer_model_and_fails_weights_on_another_device():
+    import torch
+    gc = _gpu_check()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1))
+    with gc.DeviceWatch("cpu") as watch:
+        model(torch.zeros(2, 3))
+    assert watch.lines() == ["Sequential=model@cpu/float32", "Sequential.arg0=tensor@cpu/float32[2, 3]",
+                             "Sequential.out=tensor@cpu/float32[2, 1]"]   # the inner Linear is checked, not listed
+    with gc.DeviceWatch("cuda") as watch:   # no GPU needed: the weights are simply not where asked
+        model(torch.zeros(2, 3))
+    with pytest.raises(gc.CheckFailed, match=r"^asked for cuda but Linear weights is on cpu; Linear.arg0 is on cpu; "
+                                             r"Linear.out is on cpu; Sequential.arg0 is on cpu; Sequential.out is on "
+                                             r"cpu: something moved it"):
+        watch.lines()
+
+
+def test_the_verdict_fails_a_non_finite_loss_and_an_update_that_changed_nothing():
+    import torch
+    gc = _gpu_check()
+    base = {"model.w": torch.zeros(2), "model.b": torch.zeros(1)}
+    assert gc.changed(base, {"w": torch.tensor([0.0, 1.0]), "b": torch.zeros(1)}, prefix="model.") == (1, 2)
+    assert gc.verdict("sft", {"loss": 5.0}, (1, 2)) == "loss 5.000, 1/2 tensors changed"
+    with pytest.raises(gc.CheckFailed, match=r"^pm: non-finite \{'loss': nan\}"):
+        gc.verdict("pm", {"loss": float("nan")}, (1, 2))
+    with pytest.raises(gc.CheckFailed, match="^dpo: the optimizer step changed none of 2 weight tensors"):
+        gc.verdict("dpo", {"loss": 0.7}, (0, 2))

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, dtype_name, resolve_dtype, torch_dtype
-from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.files import atomic_folder, write_json
 from cai_lib.sources.prompts import split_dialogue
 
@@ -66,6 +65,7 @@ def render(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
     if render_mode(tokenizer) == "chat_template":
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     else:   # the HH-RLHF layout, ended by EOS so the last token marks "response finished"
+        from cai_lib.feedback.preferences import dialogue_text   # here: preferences imports pyarrow
         turns = [("human" if m["role"] == "user" else "assistant", m["content"]) for m in messages]
         text = "\n\n" + dialogue_text(turns) + (tokenizer.eos_token or "")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -34,7 +34,6 @@ from torch import Tensor
 from cai_lib.backends.weights import DTYPE_NAMES, resolve_dtype
 from cai_lib.config import check_fields, opt
 from cai_lib.feedback.label_metrics import expected_calibration_error, reliability_curve
-from cai_lib.feedback.preferences import dialogue_text
 from cai_lib.ids import split_heldout
 from cai_lib.training.distributed import Ranks, rank_device, rank_seed, ranks
 from cai_lib.training.pm_loss import pm_accuracy, pm_loss
@@ -323,6 +322,7 @@ def evaluate_pm(pm: PreferenceModel, pairs: Sequence, batch_size: int = 8, bins:
     accuracy (chosen scored strictly higher), mean margin r_chosen - r_rejected, and the
     calibration of sigmoid(margin) as P(first better), each pair counted in both orders
     ((chosen, rejected) -> outcome 1, (rejected, chosen) -> 0) so the outcomes are not all 1."""
+    from cai_lib.feedback.preferences import dialogue_text   # here: preferences imports pyarrow (bench/gpu_check.py)
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty; pass HumanPair objects from eval_data.read_hh_pairs")

@@ -44,7 +44,6 @@ import torch
 from torch import Tensor
 
 from cai_lib.ids import derive_seed
-from cai_lib.quality.signals import boilerplate_rate, is_refusal
 from cai_lib.training.distributed import Ranks, rank_seed, ranks
 from cai_lib.training.policy import (OnStep, RewardFn, RLResult, RLSettings, check_settings, load_policy,
                                      finish, make_optimizer, module_device, record_step, render_chat,
@@ -203,33 +202,32 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
     group = ranks()
     _check_ranks(s, group)
     start = time.perf_counter()
-    tokenizer, policy = load_policy(policy_dir, s, "ppo")
-    # Frozen by use, not by flag: it only ever runs under no_grad and is not in the optimizer.
-    # requires_grad_(False) would send its matmuls down another CPU kernel path, and the
-    # step-0 KL would read ~1e-5 instead of exactly 0.
-    ref = copy.deepcopy(policy)
-    device = module_device(policy)
-    # drawn on the CPU (seeded by load_policy's manual_seed), then moved: the same head on every device
-    value_head = ValueHead(policy.config.hidden_size).to(device)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
-    group.broadcast_(params)
-    optimizer = make_optimizer(params, s)
-    kl_ctl = (FixedKLController(s.kl_beta) if s.kl_mode == "fixed"
-              else AdaptiveKLController(s.kl_beta, s.kl_target, s.kl_horizon))
+    run = _PPORun.start(policy_dir, s, group)
+    tokenizer, policy = run.tokenizer, run.policy
     rendered = [render_chat(tokenizer, p) for p in prompts]
     keep = [i for i, r in enumerate(rendered)
             if len(tokenizer(r, add_special_tokens=False).input_ids) <= s.max_prompt_tokens]
     if not keep:
         raise ValueError(f"all {len(prompts)} prompts are longer than max_prompt_tokens={s.max_prompt_tokens} "
                          "once rendered with the chat template; raise max_prompt_tokens")
-    run = _PPORun(s, tokenizer, policy, ref, value_head, params, optimizer, kl_ctl,
-                  torch.Generator().manual_seed(s.seed), group)
-    result = RLResult("ppo", Path(out_dir), prompts_dropped=len(prompts) - len(keep), device=str(device))
+    result = RLResult("ppo", Path(out_dir), prompts_dropped=len(prompts) - len(keep),
+                      device=str(module_device(policy)))
     for step, batch in enumerate(prompt_batches(len(keep), s.batch_size, s.steps, s.seed)):
         idx = [keep[i] for i in group.shard(batch)]   # this rank's share of the iteration's prompts
         metrics = run.iteration(step, [prompts[i] for i in idx], [rendered[i] for i in idx], reward_fn)
         record_step(result, step, metrics, on_step, group)
     return finish(result, policy, tokenizer, out_dir, start, group)
+
+
+@dataclass
+class _Update:
+    """What one PPO update leaves for the iteration's metrics (and for bench/gpu_check.py to check)."""
+    roll: _Rollout
+    score: Tensor           # [B] reward_fn's scores, on the policy's device
+    old_logprobs: Tensor    # [B, N] before the update
+    ref_logprobs: Tensor    # [B, N] under the frozen reference
+    beta: float             # the KL coefficient the rewards used
+    logs: list[dict]        # per minibatch update: policy_loss, value_loss, approx_kl, clip_fraction
 
 
 @dataclass
@@ -246,9 +244,28 @@ class _PPORun:
     shuffle: torch.Generator
     group: Ranks
 
-    def iteration(self, step: int, prompts: list[str], rendered: list[str], reward_fn: RewardFn) -> dict:
-        """Rollout, score, KL-penalised rewards, GAE, `ppo_epochs` of minibatch updates; the metrics."""
-        s, group, t0 = self.s, self.group, time.perf_counter()
+    @classmethod
+    def start(cls, policy_dir, s: RLSettings, group: Ranks) -> "_PPORun":
+        """The policy (load_policy: float32, on s.device), its frozen reference, a fresh value head,
+        the optimizer and the KL controller."""
+        tokenizer, policy = load_policy(policy_dir, s, "ppo")
+        # Frozen by use, not by flag: it only ever runs under no_grad and is not in the optimizer.
+        # requires_grad_(False) would send its matmuls down another CPU kernel path, and the
+        # step-0 KL would read ~1e-5 instead of exactly 0.
+        ref = copy.deepcopy(policy)
+        # drawn on the CPU (seeded by load_policy's manual_seed), then moved: the same head on every device
+        value_head = ValueHead(policy.config.hidden_size).to(module_device(policy))
+        params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+        group.broadcast_(params)
+        optimizer = make_optimizer(params, s)
+        kl_ctl = (FixedKLController(s.kl_beta) if s.kl_mode == "fixed"
+                  else AdaptiveKLController(s.kl_beta, s.kl_target, s.kl_horizon))
+        return cls(s, tokenizer, policy, ref, value_head, params, optimizer, kl_ctl,
+                   torch.Generator().manual_seed(s.seed), group)
+
+    def update(self, step: int, prompts: list[str], rendered: list[str], reward_fn: RewardFn) -> _Update:
+        """Rollout, score, KL-penalised rewards, GAE, `ppo_epochs` of minibatch updates."""
+        s, group = self.s, self.group
         roll = _rollout(self.policy, self.tokenizer, rendered, s,
                         derive_seed(rank_seed(s.seed, group), "ppo-rollout", step))
         mask = roll.mask
@@ -262,14 +279,24 @@ class _PPORun:
         if s.whiten_advantages:
             advantages = _whiten(advantages, mask, group)
         logs = self._updates(roll, old_logprobs, old_values, advantages, returns)
-        kl_seq = ((old_logprobs - ref_logprobs) * mask).sum(1)
+        return _Update(roll, score, old_logprobs, ref_logprobs, beta, logs)
+
+    def iteration(self, step: int, prompts: list[str], rendered: list[str], reward_fn: RewardFn) -> dict:
+        """One update, then the metrics: the KL controller's step and the Goodhart watch on the texts."""
+        # here, not at the top: signals imports pandas, and bench/gpu_check.py runs `update` without it
+        from cai_lib.quality.signals import boilerplate_rate, is_refusal
+
+        group, t0 = self.group, time.perf_counter()
+        u = self.update(step, prompts, rendered, reward_fn)
+        roll, mask = u.roll, u.roll.mask
+        kl_seq = ((u.old_logprobs - u.ref_logprobs) * mask).sum(1)
         kl_mean = group.sum_(kl_seq.mean().item())[0] / group.world   # equal shares: the mean of means
         self.kl_ctl.update(kl_mean, n_steps=len(prompts) * group.world)
         n_content = mask.sum(1) - roll.ended.long()
         local = {
-            "reward_mean": score.mean().item(), "reward_std": score.std(unbiased=False).item(),
-            "kl_mean": kl_seq.mean().item(), "beta": beta,
-            **{k: sum(d[k] for d in logs) / len(logs) for k in logs[0]},
+            "reward_mean": u.score.mean().item(), "reward_std": u.score.std(unbiased=False).item(),
+            "kl_mean": kl_seq.mean().item(), "beta": u.beta,
+            **{k: sum(d[k] for d in u.logs) / len(u.logs) for k in u.logs[0]},
             "response_len_mean": n_content.float().mean().item(),
             "empty_rate": (n_content == 0).float().mean().item(),
             "truncated_rate": (~roll.ended).float().mean().item(),
