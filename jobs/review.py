@@ -1,23 +1,37 @@
-"""`cai review serve`: people review the AI comparisons the labels leave in doubt; verdicts land in review_events.
+"""`cai review`: people review the AI comparisons the labels leave in doubt; verdicts land in review_events.
 
     cai review serve --lake lake                           # http://127.0.0.1:8765, reviewer = $USER
     cai review serve --lake lake --reviewer ann --port 9000
     cai review serve --lake lake --host 0.0.0.0 --tokens reviewers.yaml    # a team: `ann: <token>` per line
+    cai review export --lake lake --format label-studio --out tasks.json   # + tasks.label_config.xml
+    cai review export --lake lake --format argilla --out records.json
+    cai review import --lake lake --format label-studio export.json --reviewer-field completed_by.email
+    cai review import --lake lake --format argilla records.json --reviewer-field user_id
 
 Loopback by default. Any other --host is refused unless --tokens names a YAML mapping reviewer -> token
 (each at least 16 characters, all different): then every page asks for a token and the reviewer is
 who it belongs to. Put TLS in front (a reverse proxy) when the network is not trusted: the session
 cookie travels in the clear otherwise. Verdicts are written with delta-spark (a local Spark session
 starts with the server); everything else is read with delta-rs.
+
+export writes the whole queue (everyone's, nothing left out for a reviewer) in Label Studio's or
+Argilla's task format; import reads their annotations back (cai_lib/review/exchange.py says how),
+checks every row before Spark starts, and inserts the verdicts review_events lacks: a second import
+of one file adds nothing.
 """
 from __future__ import annotations
 
 import argparse
 import getpass
 import ipaddress
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 
-from cai_lib.review.app import ReviewSettings, build_app
+from cai_lib.files import write_json
+from cai_lib.review.app import ReviewSettings, build_app, queue_for
+from cai_lib.review.exchange import (DEFAULT_REVIEWER_FIELD, FORMATS, LABEL_STUDIO_CONFIG, export_tasks, new_rows,
+                                     read_annotations, review_rows)
 from cai_lib.review.store import ReviewStore
 
 MIN_TOKEN_CHARS = 16
@@ -78,37 +92,101 @@ def principle_texts(files: list[str]) -> dict[tuple[str, str], str]:
     return out
 
 
+def constitution_files(a: argparse.Namespace) -> list[str]:
+    return a.constitution if a.constitution is not None else sorted(map(str, Path("constitutions").glob("*.yaml")))
+
+
 def settings_of(a: argparse.Namespace) -> ReviewSettings:
     tokens = read_tokens(a.tokens)
     hosts = check_host(a.host, tokens)
-    files = a.constitution if a.constitution is not None else sorted(map(str, Path("constitutions").glob("*.yaml")))
     return ReviewSettings(reviewer=a.reviewer or getpass.getuser(), tokens=tokens, seed=a.seed, near=a.near,
                           audit_fraction=a.audit_fraction, audit_every=a.audit_every,
-                          principle_texts=principle_texts(files), allowed_hosts=hosts)
+                          principle_texts=principle_texts(constitution_files(a)), allowed_hosts=hosts)
+
+
+def queue_flags(p: argparse.ArgumentParser) -> None:
+    """What decides the queue: the same for the web app and an export."""
+    p.add_argument("--lake", default="lake", help="the lake folder (default: lake)")
+    p.add_argument("--constitution", action="append", default=None,
+                   help="a constitution file whose principle texts to show (repeatable; default: constitutions/*.yaml)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the audit sample")
+    p.add_argument("--near", type=float, default=0.1, help="queue labels with |p - 0.5| <= this")
+    p.add_argument("--audit-fraction", type=float, default=0.1, help="share of all comparisons in the audit sample")
+    p.add_argument("--audit-every", type=int, default=4, help="one audit item after this many doubtful ones")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cai review", description="People review the AI labels in doubt.")
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("serve", help="the review web app (queue, comparison pages, verdicts -> review_events)")
-    s.add_argument("--lake", default="lake", help="the lake folder (default: lake)")
+    queue_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--reviewer", default=None, help="your name in review_events (default: your user name); "
                    "ignored with --tokens, where the token says who")
     s.add_argument("--tokens", default=None, help="YAML mapping reviewer -> token; required beyond loopback")
-    s.add_argument("--constitution", action="append", default=None,
-                   help="a constitution file whose principle texts to show (repeatable; default: constitutions/*.yaml)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the audit sample")
-    s.add_argument("--near", type=float, default=0.1, help="queue labels with |p - 0.5| <= this")
-    s.add_argument("--audit-fraction", type=float, default=0.1, help="share of all comparisons in the audit sample")
-    s.add_argument("--audit-every", type=int, default=4, help="one audit item after this many doubtful ones")
     s.add_argument("--master", default="local[1]", help="Spark master of the session that writes verdicts")
+    e = sub.add_parser("export", help="the whole queue as Label Studio tasks or an Argilla records file")
+    queue_flags(e)
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--out", required=True, help="the JSON file to write (Label Studio: its labeling config too, "
+                   "as OUT's name with .label_config.xml)")
+    i = sub.add_parser("import", help="Label Studio / Argilla annotations of an export -> review_events")
+    i.add_argument("file", help="the tool's JSON export of the annotated tasks / records")
+    i.add_argument("--lake", default="lake", help="the lake folder (default: lake)")
+    i.add_argument("--format", required=True, choices=FORMATS)
+    i.add_argument("--reviewer-field", default=None, help="dotted path to the reviewer's name in an annotation "
+                   f"(Label Studio, default {DEFAULT_REVIEWER_FIELD['label-studio']}) or a response (Argilla, "
+                   f"default {DEFAULT_REVIEWER_FIELD['argilla']})")
+    i.add_argument("--master", default="local[1]", help="Spark master of the session that writes verdicts")
     return p
 
 
 def review_main(argv=None) -> int:
     a = parser().parse_args(argv)
+    return {"serve": serve, "export": export, "import": import_file}[a.action](a)
+
+
+def export(a: argparse.Namespace) -> int:
+    store = ReviewStore(a.lake)
+    settings = ReviewSettings(seed=a.seed, near=a.near, audit_fraction=a.audit_fraction, audit_every=a.audit_every,
+                              principle_texts=principle_texts(constitution_files(a)))
+    items = queue_for(store, settings, None, None, None)
+    prompts, texts = store.texts_of([i.comparison for i in items])
+    tasks = export_tasks(a.format, items, prompts, texts, settings.principle_texts, datetime.now(timezone.utc))
+    out = Path(a.out)
+    write_json(out, tasks)
+    config = ""
+    if a.format == "label-studio":
+        config = str(out.with_name(out.stem + ".label_config.xml"))
+        Path(config).write_text(LABEL_STUDIO_CONFIG)
+    print(f"cai review export: {len(tasks)} {a.format} tasks -> {out}" + (f" (labeling config: {config})" if config
+                                                                         else ""), flush=True)
+    return 0
+
+
+def import_file(a: argparse.Namespace) -> int:
+    """Every row is read and checked before Spark starts; then the verdicts review_events lacks go in."""
+    store = ReviewStore(a.lake)
+    path = Path(a.file)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); import the tool's JSON export") from None
+    annotations, skipped = read_annotations(a.format, data, a.reviewer_field, str(path))
+    rows = review_rows(annotations, {c.comparison_id: c for c in store.comparisons()}, datetime.now(timezone.utc),
+                       str(path))
+    fresh, present = new_rows(rows, store.stored_verdicts([r["event_id"] for r in rows]), str(path))
+    if fresh:
+        from cai_lib.runtime.session import get_spark
+        store.spark = get_spark(a.master, "cai-review", delta=True)
+        store.insert(fresh)
+    print(f"cai review import: {len(rows)} verdicts in {path} ({skipped} skipped: cancelled or not submitted); "
+          f"{len(fresh)} new in review_events, {present} there already", flush=True)
+    return 0
+
+
+def serve(a: argparse.Namespace) -> int:
     settings = settings_of(a)          # every refusal before Spark or a socket starts
     store = ReviewStore(a.lake)
     from cai_lib.runtime.session import get_spark

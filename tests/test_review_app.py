@@ -78,7 +78,11 @@ GATES = [gate("sl", "failed", 1), gate("sl", "passed", 2), gate("labels", "not_p
 
 @pytest.fixture(scope="module")
 def lake(spark, tmp_path_factory):
-    root = tmp_path_factory.mktemp("review") / "lake"
+    return write_lake(spark, tmp_path_factory.mktemp("review") / "lake")
+
+
+def write_lake(spark, root):
+    """Three pairs' prompts, generations (pair s's prompt with an SL chain) and labels, and three gate verdicts."""
     root.mkdir()
     built = [rows(p, *ps) for p, ps in PAIRS.items()]
     for name, schema, part in (("prompts", PROMPTS, 0), ("generation_events", GENERATION_EVENTS, 1),

@@ -70,6 +70,36 @@ class ReviewStore:
         found = {r["event_id"]: r["text"] for r in self._where("generation_events", "event_id", ids, ["event_id", "text"])}
         return (prompt[0]["text"] if prompt else None), {i: found.get(i) for i in ids}
 
+    def texts_of(self, comps: list[Comparison]) -> tuple[dict[str, str], dict[str, str]]:
+        """(prompt id -> text, response event id -> text) for many comparisons in one read of each table
+        (an export); a comparison whose texts the lake lacks is an error naming it."""
+        prompts = {r["prompt_id"]: r["text"] for r in self._where("prompts", "prompt_id",
+                                                                   sorted({c.prompt_id for c in comps}), ["prompt_id", "text"])}
+        ids = sorted({i for c in comps for i in (c.response_a_id, c.response_b_id)})
+        texts = {r["event_id"]: r["text"] for r in self._where("generation_events", "event_id", ids, ["event_id", "text"])}
+        for c in comps:
+            lacking = [i for i in (c.prompt_id,) if i not in prompts] + \
+                [i for i in (c.response_a_id, c.response_b_id) if texts.get(i) is None]
+            if lacking:
+                raise ValueError(f"comparison {c.comparison_id}: the lake has no text for {lacking} (prompts / "
+                                 "generation_events); it cannot be exported. Fix: check `cai lake check`")
+        return prompts, texts
+
+    def stored_verdicts(self, event_ids: list[str]) -> dict[str, str]:
+        """event id -> verdict of those review_events rows that exist (an import's look-up)."""
+        rows = self._where("review_events", "event_id", sorted(set(event_ids)), ["event_id", "verdict"])
+        return {r["event_id"]: r["verdict"] for r in rows}
+
+    def insert(self, rows: list[dict]) -> int:
+        """Insert verdict rows whose event id review_events lacks (an insert-only MERGE: an import run twice
+        lands once); how many it inserted. The web app's single verdicts go through append()."""
+        from cai_lib.lake.spark_delta import SparkDeltaLake
+        if self.spark is None:
+            raise ValueError("this review store was opened read-only (no Spark session): verdicts are written "
+                             "with delta-spark. Fix: import through `cai review import`, which opens one")
+        return SparkDeltaLake(self.spark, self.lake.root).insert_new(
+            "review_events", pa.Table.from_pylist(rows, schema=REVIEW_EVENTS))
+
     def prompt(self, prompt_id: str) -> dict | None:
         """The prompts row (text, kind, category) of one prompt id; None when the lake has none."""
         found = self._where("prompts", "prompt_id", [prompt_id], ["prompt_id", "text", "kind", "category"])

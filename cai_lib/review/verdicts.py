@@ -43,9 +43,10 @@ def review_event_id(reviewer: str, comparison_id: str, verdict_at: datetime) -> 
 
 
 def review_row(comparison, item_reasons: tuple[str, ...], *, reviewer: str, choice: str, note: str | None,
-               verdict_at: datetime, now: datetime) -> dict:
-    """The review_events row of one verdict on a `queue.Comparison`."""
-    order = shown_order(reviewer, comparison.comparison_id)
+               verdict_at: datetime, now: datetime, order: str | None = None) -> dict:
+    """The review_events row of one verdict on a `queue.Comparison`; `order` is the shown order when the
+    page was not this app's (an exported task), else the reviewer's own (`shown_order`)."""
+    order = order or shown_order(reviewer, comparison.comparison_id)
     verdict = stored_verdict(choice, order)
     assert verdict in VERDICTS
     row = {"event_id": review_event_id(reviewer, comparison.comparison_id, verdict_at), "kind": "review_verdict",
