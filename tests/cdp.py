@@ -121,7 +121,13 @@ class Browser:
                       windowsVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
         self.wait_load()
 
-    def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", session=True, format="png")["data"]
+    def screenshot(self, path: Path, full_page: bool = False) -> Path:
+        """A PNG of the window, or of the whole page however long (full_page: the layout's content size)."""
+        extra = {}
+        if full_page:
+            size = self.send("Page.getLayoutMetrics", session=True)["cssContentSize"]
+            extra = {"captureBeyondViewport": True,
+                     "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}
+        data = self.send("Page.captureScreenshot", session=True, format="png", **extra)["data"]
         path.write_bytes(base64.b64decode(data))
         return path

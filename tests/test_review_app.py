@@ -3,6 +3,7 @@ the queue's order, a verdict mapped back to the pair's A/B, one row per form how
 posted, CSRF, escaped model text, tokens, and the loopback rule."""
 from __future__ import annotations
 
+import os
 import re
 import threading
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from jobs.cli import main as cai
 from jobs.review import check_host
 from schemas import GATE_EVENTS, GENERATION_EVENTS, LABEL_EVENTS, PROMPTS
 from tests.cdp import CHROMIUM, Browser
+from tests.conftest import ROOT
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 CONST = {"constitution_id": "default", "constitution_sha": "c" * 64, "model_id": "m", "model_fingerprint": "f" * 16,
@@ -205,10 +207,11 @@ def test_beyond_loopback_only_with_tokens(lake, tmp_path, capsys):
 
 @pytest.fixture
 def served(spark, lake):
-    """The app under a real uvicorn server on a free loopback port, for a browser."""
+    """The app under a real uvicorn server on a free loopback port, for a browser; every comparison is in
+    the audit sample, so the reviewer's verdicts count in the dashboard's agreement."""
     import uvicorn
     store = ReviewStore(lake, spark)
-    server = uvicorn.Server(uvicorn.Config(build_app(store, ReviewSettings(reviewer="zed", audit_fraction=0.0)),
+    server = uvicorn.Server(uvicorn.Config(build_app(store, ReviewSettings(reviewer="zed", audit_fraction=1.0)),
                                            host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -219,22 +222,44 @@ def served(spark, lake):
     thread.join(10)
 
 
+def shots(tmp_path) -> list:
+    """Where screenshots go: the test's tmp dir, and docs/img too when CAI_DOCS_SCREENSHOTS=1 (how the
+    pictures in docs/review.md were made; a plain test run leaves the tracked files alone)."""
+    return [tmp_path] + ([ROOT / "docs" / "img"] if os.environ.get("CAI_DOCS_SCREENSHOTS") == "1" else [])
+
+
+AGREEMENT_CELLS = "[...document.querySelectorAll('tr.agreement-row td')].map(td => td.textContent.trim())"
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: `make browser` installs it")
 def test_a_reviewer_in_headless_chromium_judges_with_the_mouse_and_the_keyboard(served, lake, tmp_path):
+    zed_s = {"ab": "B", "ba": "A"}[shown_order("zed", cid("s"))]      # "second" on s, as stored
     with Browser() as b:
         b.open(served + "/")
-        assert b.js("[...document.querySelectorAll('tr.item')].map(r => r.dataset.comparison)") == [cid("s"), cid("n")]
-        assert b.screenshot(tmp_path / "queue.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b.js("[...document.querySelectorAll('tr.item')].map(r => r.dataset.comparison)") == [
+            cid("s"), cid("n"), cid("c")]
+        for folder in shots(tmp_path):
+            assert b.screenshot(folder / "review_queue.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        b.click("#to-dashboard")
+        assert b.js(AGREEMENT_CELLS) == [] and b.js("document.querySelectorAll('svg').length") == 4
+        b.open(served + "/")
         b.click(f"a[href='/c/{cid('s')}']")
         assert b.js("document.querySelector('#second, #first') && document.scripts.length") == 0   # EVIL stayed text
         b.click("button[value=second]")                       # the mouse
-        assert b.js("document.querySelector('#your-verdict').textContent") == {"ab": "B", "ba": "A"}[
-            shown_order("zed", cid("s"))]
+        assert b.js("document.querySelector('#your-verdict').textContent") == zed_s
         b.screenshot(tmp_path / "verdict.png")
         b.open(f"{served}/c/{cid('n')}")
         b.press_enter("button[value=tie]")                    # the keyboard
         assert b.js("document.querySelector('#your-verdict').textContent") == "tie"
         b.open(served + "/")
-        assert b.js("document.querySelector('#total').textContent") == "0 comparisons to review."
-    mine = sorted((r["pair_id"], r["verdict"]) for r in review_rows(lake) if r["reviewer"] == "zed")
-    assert mine == [("n", "tie"), ("s", {"ab": "B", "ba": "A"}[shown_order("zed", cid("s"))])]
+        assert b.js("document.querySelector('#total').textContent") == "1 comparisons to review."
+        b.click("#to-dashboard")                              # the audit verdicts are in: s agrees when zed said A
+        agree = zed_s == "A"                                  # the AI's p on s is 0.65: A
+        assert b.js(AGREEMENT_CELLS) == ["harm", "default " + "c" * 12, "1.000" if agree else "0.000",
+                                         "[0.207, 1.000]" if agree else "[0.000, 0.793]", "1", "1", "0"]
+        assert b.js("document.querySelectorAll('#agreement svg circle').length") == 1
+        assert b.js("document.scripts.length") == 0
+        for folder in shots(tmp_path):
+            b.screenshot(folder / "review_dashboard.png", full_page=True)
+    mine = sorted((r["pair_id"], r["verdict"], r["queue_reasons"]) for r in review_rows(lake) if r["reviewer"] == "zed")
+    assert mine == [("n", "tie", ["near_half", "audit"]), ("s", zed_s, ["swap_inconsistent", "audit"])]
