@@ -42,7 +42,9 @@ class ReviewConfigError(ValueError):
 
 
 def is_loopback(host: str) -> bool:
-    """>>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback("0.0.0.0")
+    """Whether `host` is this machine only (a name other than localhost may resolve to anything).
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback("0.0.0.0")
     (True, True, True, False)
     """
     if host == "localhost":
