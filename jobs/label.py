@@ -82,6 +82,44 @@ def policy_fingerprint(cfg: LabelConfig) -> str | None:
     return model_fingerprint(cfg.backend, backend_model(cfg, cfg.policy)[1])
 
 
+def cot_wave(plane, todo, cot_sampling: str, make_chat, max_attempts: int):
+    """The chains of thought of the comparisons `todo` still needs, as one generation wave; `todo` with each
+    successful chain joined (a failed one is an event; its label waits), its Failures, gave-up and call counts."""
+    from pyspark.sql import functions as F
+
+    from cai_lib.feedback import spark_labels as sl
+    from cai_lib.runtime import spark_plane as plane_mod
+    events = plane.lake.df("generation_events")
+    cots = events.where(F.col("kind") == "cot").join(todo.select(F.col("cot_id").alias("target_event_id")),
+                                                     "target_event_id", "left_semi")
+    cots = cots.select("target_event_id", "status", "text").localCheckpoint(eager=True)
+    gen = plane_mod.pending(plane, sl.cot_inputs(todo, cot_sampling), plane_mod.successful(cots),
+                            plane_mod.failure_counts(cots), table="generation_events",
+                            plan_id=f"{plane.job_run_id}/cot", max_attempts=max_attempts)
+    stats = None
+    if gen.rows:
+        plane.say(f"chain of thought for {gen.rows} comparisons in {gen.describe()}")
+        stats = plane_mod.run_wave(plane, gen, make_chat)
+    cots = plane.lake.df("generation_events").where(F.col("kind") == "cot")
+    fails = Failures.of("chains of thought", stats, gen.gave_up, max_attempts,
+                        plane_mod.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots))
+    return (sl.with_cot(todo, plane_mod.successful(cots)), fails, gen.gave_up,
+            stats.model_calls if stats else 0)
+
+
+def preference_table(lake, jobs, samples, chosen, human_pairs: list):
+    """preference_dataset's rows (this run's comparisons' labels and the human pairs), the pair ids it
+    covers, the human rows, how many human rows were rejected, and how many AI pairs are incomplete."""
+    from cai_lib.feedback import spark_labels as sl
+    from cai_lib.feedback.preferences import human_rows
+    labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
+    human, rejected = human_rows(human_pairs)
+    dataset, incomplete = sl.preference_rows(labels, samples, chosen, sl.human_table(human))
+    selected = jobs.select("pair_id").unionByName(
+        lake.spark.createDataFrame([(r["pair_id"],) for r in human], "pair_id string")).distinct()
+    return dataset.localCheckpoint(eager=True), selected, human, rejected, incomplete
+
+
 def run(spark, cfg: LabelConfig, progress=None) -> dict:
     """Labels and preference_dataset on the Spark-native data plane (cai_lib/feedback/spark_labels.py):
     pairs, plan and pending in Spark, chains of thought a generation wave, the executors score and append."""
@@ -90,7 +128,6 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     from pyspark.sql import functions as F
 
     from cai_lib.feedback import spark_labels as sl
-    from cai_lib.feedback.preferences import human_rows
     from cai_lib.lake.locks import job_lock
     from cai_lib.runtime import spark_plane as plane_mod
     lake = open_lake(cfg.lake, spark)
@@ -117,32 +154,13 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
         todo = jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
         todo = sl.with_texts(todo, chosen, samples).localCheckpoint(eager=True)
         if s.cot and not todo.isEmpty():
-            cots = events.where(F.col("kind") == "cot").join(todo.select(F.col("cot_id").alias("target_event_id")),
-                                                             "target_event_id", "left_semi")
-            cots = cots.select("target_event_id", "status", "text").localCheckpoint(eager=True)
-            gen = plane_mod.pending(plane, sl.cot_inputs(todo, cot_sampling), plane_mod.successful(cots),
-                                    plane_mod.failure_counts(cots), table="generation_events",
-                                    plan_id=f"{job_run_id}/cot", max_attempts=cfg.max_attempts)
-            stats, cot_gave_up = None, gen.gave_up
-            if gen.rows:
-                plane.say(f"chain of thought for {gen.rows} comparisons in {gen.describe()}")
-                stats = plane_mod.run_wave(plane, gen, make_chat)
-            cot_calls = stats.model_calls if stats else 0
-            cots = lake.df("generation_events").where(F.col("kind") == "cot")
-            cot_fails = Failures.of("chains of thought", stats, cot_gave_up, cfg.max_attempts,
-                                    plane_mod.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots))
-            todo = sl.with_cot(todo, plane_mod.successful(cots))   # a failed CoT is an event; its label waits
+            todo, cot_fails, cot_gave_up, cot_calls = cot_wave(plane, todo, cot_sampling, make_chat, cfg.max_attempts)
         todo, chunks = plane_mod.cut(plane, todo, f"{job_run_id}/labels")
         if chunks:
             plane.say(f"scoring {sum(c.rows for c in chunks)} comparisons in {len(chunks)} commits")
         scoring, quarantined = sl.run_scoring(plane, todo, chunks, make_chat=make_chat, settings=s)
         score_fails = Failures.of("scorings", scoring)
-        labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
-        human, rejected = human_rows(cfg.human_pairs)
-        dataset, incomplete = sl.preference_rows(labels, samples, chosen, sl.human_table(human))
-        dataset = dataset.localCheckpoint(eager=True)
-        selected = jobs.select("pair_id").unionByName(
-            spark.createDataFrame([(r["pair_id"],) for r in human], "pair_id string")).distinct()
+        dataset, selected, human, rejected, incomplete = preference_table(lake, jobs, samples, chosen, cfg.human_pairs)
         changed, errors, warnings = guarded_replace_df(lake, "preference_dataset", dataset, selected,
                                                        cfg.allow_shrink, lambda ids: lacking_labels(score_fails, cot_fails))
         mine_sha = sl.labels_sha(jobs)

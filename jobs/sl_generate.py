@@ -74,10 +74,98 @@ def incomplete_chains(mine: int, total: int, fails: Failures) -> str:
             f"{total - mine} were not (outside --limit)")
 
 
+@dataclass(frozen=True)
+class SLPlan:
+    """What this run plans: the selected prompts, those it opens (all of them unless sl_dataset stands),
+    their chain steps, and the plan's identity (`built`)."""
+    prompts: object
+    opened: object
+    steps: object
+    stands: bool
+    built: str
+
+
+@dataclass(frozen=True)
+class Increment:
+    """The chosen steps without a success (`left`), their waves, and `only`: a filter to their prompts."""
+    left: object
+    waves: set
+    only: object
+    work: object
+    work_prompts: object
+
+
+def plan_of(spark, lake, ctx: SLContext, cfg: SLGenerateConfig) -> SLPlan:
+    # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it. (unpersist
+    # does not free a local checkpoint; Spark's ContextCleaner drops its blocks once the DataFrame is unreferenced)
+    prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
+    built = built_from(ctx, cfg.splits)
+    # sl_dataset's rows stand when it was built from this plan and their final events exist (a restore may
+    # have set some aside): only the prompts without a row are planned; else every prompt, and it is rebuilt
+    opened, stands = open_prompts(lake, prompts, built)
+    opened = opened.localCheckpoint(eager=True) if stands else prompts
+    return SLPlan(prompts, opened, plan_steps(spark, ctx, opened).localCheckpoint(eager=True), stands, built)
+
+
+def increment_of(lake, plan: SLPlan, n_chosen: int) -> Increment:
+    """One pass over the events: the waves with a step still to do, and the prompts they belong to. A rerun
+    with nothing left does no wave; an increment's waves join only its own prompts' steps."""
+    from pyspark.sql import functions as F
+    chosen = plan.steps.where("chosen")
+    left = chosen.select("event_id", "wave", "prompt_id").join(
+        successful(lake.df("generation_events")), "event_id", "left_anti").localCheckpoint(eager=True)
+    waves = {r["wave"] for r in left.select("wave").distinct().collect()}
+    live = left.select("prompt_id").distinct().localCheckpoint(eager=True)
+    n_live = live.count()
+    only = (lambda df: df) if n_live == n_chosen else (   # noqa: E731
+        lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
+    work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, plan.prompts))
+    return Increment(left, waves, only, work, work_prompts)
+
+
+def run_waves(plane: Plane, ctx: SLContext, inc: Increment, rounds: int, max_attempts: int) -> tuple[RunStats, int]:
+    """Each wave's pending generations through the plane: the run's stats and how many steps gave up."""
+    from pyspark.sql import functions as F
+    lake, total, exhausted = plane.lake, RunStats(), 0
+    for wave in sorted(inc.waves):
+        # a wave reads its own round and the one before (its parents) once: Delta skips the other files
+        # by their min/max stats (each commit holds one wave), so a small increment scans little
+        r = (wave + 1) // 2
+        events = inc.only(lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))).select(
+            "target_event_id", "status", "text").localCheckpoint(eager=True)
+        ok = successful(events)
+        todo = pending(plane, wave_inputs(inc.work, ok, inc.work_prompts, wave), ok, failure_counts(events),
+                       table="generation_events", plan_id=f"{plane.job_run_id}/{wave}", max_attempts=max_attempts,
+                       plan_filter=F.col("round") == r)
+        exhausted += todo.gave_up
+        if todo.rows:
+            plane.say(f"wave {wave}/{2 * rounds}: {todo.rows} generations in {todo.describe()}")
+            total.add(run_wave(plane, todo, step_chat_of(ctx), parse_output))
+    return total, exhausted
+
+
+def write_sl_dataset(lake, ctx: SLContext, plan: SLPlan, fails: Failures, allow_shrink: bool) -> tuple[bool, list, list]:
+    """sl_dataset from the successful events: the open prompts' complete chains appended when the table
+    stands, else the whole table replaced, never smaller (guarded_replace_df): (changed, errors, warnings)."""
+    ok = successful(lake.df("generation_events"))
+    if plan.stands:
+        new = sl_dataset_df(ctx, plan.steps, ok, plan.opened).localCheckpoint(eager=True)
+        changed = new.count() > 0
+        if changed:
+            lake.append_df("sl_dataset", new, plan.built)
+        return changed, [], []
+    prompts = plan.prompts
+
+    def why(unexplained) -> str:
+        mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()
+        return incomplete_chains(mine, unexplained.count(), fails)
+    return guarded_replace_df(lake, "sl_dataset", sl_dataset_df(ctx, plan.steps, ok, prompts), prompts, allow_shrink,
+                              why, plan.built)
+
+
 def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     """The plan, the pending anti-join and each wave's inputs are Spark DataFrames; nothing per event runs
     on the driver (see cai_lib/runtime/spark_plane.py)."""
-    from pyspark.sql import functions as F
     lake = open_lake(cfg.lake, spark)
     constitution = load_constitution(cfg.constitution)
     fp = model_fingerprint(cfg.backend, cfg.base_model)
@@ -85,61 +173,16 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     job_run_id = new_job_run_id()
     # held from the first read: sl_dataset decides what is planned, and another run could change it
     with job_lock(cfg.lake, "sl-generate", job_run_id):
-        # checkpointed, not cached: a cached plan that reads a table is re-run after each write to it. (unpersist
-        # does not free a local checkpoint; Spark's ContextCleaner drops its blocks once the DataFrame is unreferenced)
-        prompts = selected_prompts(lake, cfg.splits, cfg.limit).localCheckpoint(eager=True)
-        built = built_from(ctx, cfg.splits)
-        # sl_dataset's rows stand when it was built from this plan and their final events exist (a restore may
-        # have set some aside): only the prompts without a row are planned; else every prompt, and it is rebuilt
-        opened, stands = open_prompts(lake, prompts, built)
-        opened = opened.localCheckpoint(eager=True) if stands else prompts
-        steps = plan_steps(spark, ctx, opened).localCheckpoint(eager=True)
-        n_planned = opened.count()
-        chosen = steps.where("chosen")
-        total, exhausted = RunStats(), 0
-        n_chosen = prompts.where("chosen").count()
-        # One pass over the events first: the waves with a step still to do, and the prompts they belong to.
-        # A rerun with nothing left does no wave; an increment's waves join only its own prompts' steps.
-        left = chosen.select("event_id", "wave", "prompt_id").join(
-            successful(lake.df("generation_events")), "event_id", "left_anti").localCheckpoint(eager=True)
-        waves = {r["wave"] for r in left.select("wave").distinct().collect()}
-        live = left.select("prompt_id").distinct().localCheckpoint(eager=True)
-        n_live = live.count()
-        only = (lambda df: df) if n_live == n_chosen else (   # noqa: E731
-            lambda df: df.join(F.broadcast(live) if n_live <= 100_000 else live, "prompt_id", "left_semi"))
-        work, work_prompts = (only(df).localCheckpoint(eager=True) for df in (chosen, prompts))
+        plan = plan_of(spark, lake, ctx, cfg)
+        n_planned, n_chosen = plan.opened.count(), plan.prompts.where("chosen").count()
+        inc = increment_of(lake, plan, n_chosen)
         plane = Plane(spark, lake, cfg.backend_spec(cfg.base_model), ctx.constants(), job_run_id, cfg.batch_size,
                       cfg.batches_per_commit, cfg.chunk_seconds, progress)
-        for wave in sorted(waves):
-            # a wave reads its own round and the one before (its parents) once: Delta skips the other files
-            # by their min/max stats (each commit holds one wave), so a small increment scans little
-            r = (wave + 1) // 2
-            events = only(lake.df("generation_events").where(F.col("round").between(max(r - 1, 0), r))).select(
-                "target_event_id", "status", "text").localCheckpoint(eager=True)
-            ok = successful(events)
-            todo = pending(plane, wave_inputs(work, ok, work_prompts, wave), ok, failure_counts(events),
-                           table="generation_events", plan_id=f"{job_run_id}/{wave}", max_attempts=cfg.max_attempts,
-                           plan_filter=F.col("round") == r)
-            exhausted += todo.gave_up
-            if todo.rows:
-                plane.say(f"wave {wave}/{2 * cfg.rounds}: {todo.rows} generations in {todo.describe()}")
-                total.add(run_wave(plane, todo, step_chat_of(ctx), parse_output))
-        events = lake.df("generation_events")
-        ok = successful(events)
+        total, exhausted = run_waves(plane, ctx, inc, cfg.rounds, cfg.max_attempts)
         # every chosen step without a success was in `left`, and there is none when no wave had work
         fails = Failures.of("generations", total, exhausted, cfg.max_attempts,
-                            most_tries(left, events) if waves else 0)
-        if stands:   # the rows of the open prompts whose chains are complete now, appended
-            new = sl_dataset_df(ctx, steps, ok, opened).localCheckpoint(eager=True)
-            changed, errors, warnings = new.count() > 0, [], []
-            if changed:
-                lake.append_df("sl_dataset", new, built)
-        else:
-            def why(unexplained) -> str:
-                mine = unexplained.join(prompts.where("chosen").select("prompt_id"), "prompt_id", "left_semi").count()
-                return incomplete_chains(mine, unexplained.count(), fails)
-            changed, errors, warnings = guarded_replace_df(lake, "sl_dataset", sl_dataset_df(ctx, steps, ok, prompts),
-                                                           prompts, cfg.allow_shrink, why, built)
+                            most_tries(inc.left, lake.df("generation_events")) if inc.waves else 0)
+        changed, errors, warnings = write_sl_dataset(lake, ctx, plan, fails, cfg.allow_shrink)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
                   {"constitution_sha": constitution.sha256, "model_fingerprint": fp})
     return {"prompts": n_chosen, "generations": total.tasks,
