@@ -46,7 +46,7 @@ class GateConfig(LakeConfig, PointerConfig):
                                            "max_red_team_refusal", "max_over_refusal", "refusal_min_n")},
         **{k: ("stage", ("labels",)) for k in ("eval_metrics", "clamp_lo", "clamp_hi", "rate_min_n", "max_label_skew",
                                                "max_position_bias", "min_swap_consistency", "min_human_agreement",
-                                               "max_ece", "min_label_spread")}}
+                                               "max_ece", "min_label_spread", "max_injection_rate")}}
     stage: str | None = opt(None, "prompts | sl | labels (also the first positional argument)")
     verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
     docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")
@@ -74,6 +74,9 @@ class GateConfig(LakeConfig, PointerConfig):
     max_ece: float = opt(0.15, "labeller's expected calibration error", lo=0.0, hi=1.0)
     min_label_spread: float = opt(0.02, "std of p_a below this = a (nearly) constant labeller (a std of values in "
                                         "[0, 1] is at most 0.5)", lo=0.0, hi=0.5)
+    max_injection_rate: float = opt(0.0, "share of AI-labelled comparisons allowed to have a response that addresses "
+                                          "the labeller (cai_lib/quality/injection.py); failing ones are quarantined",
+                                     lo=0.0, hi=1.0)
     waive: list = opt([], "required checks allowed to be INCOMPLETE (could not run), by name; kept in the verdict")
 
     def __post_init__(self):

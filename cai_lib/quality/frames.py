@@ -4,7 +4,8 @@ Each gate stage (`prompts`, `sl`, `labels`) reads the latest version of its tabl
 rows an earlier gate run already quarantined (they never train), and adds what the
 expectations in `schemas.suites` look at: a refusal flag, a boilerplate flag and a revision
 change per SL response, refusal rates per prompt category, swap consistency per AI
-comparison, and the labeller's evaluation metrics when `cai eval-labeler` has run.
+comparison, responses of AI-labelled comparisons that address the labeller (prompt injection),
+and the labeller's evaluation metrics when `cai eval-labeler` has run.
 A frame that is None has nothing to check (no CoT labels, no evaluation, ...): its checks
 are reported as skipped, never as passed.
 """
@@ -21,6 +22,7 @@ from cai_lib.ids import sha256_text
 from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.tables import Lake
 from cai_lib.quality import signals as quality
+from cai_lib.quality.injection import addresses_evaluator
 from cai_lib.quality.stats import wilson_interval
 from schemas.suites import AI_LABEL_KINDS, ROW_KEYS
 
@@ -178,6 +180,23 @@ def label_summary(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
     return pd.DataFrame([{"n": n, "swap_consistency": k / n, "swap_ci_low": lo, "swap_ci_high": hi}])
 
 
+def injection_frame(prefs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """One row per AI-labelled comparison (preference_dataset, source ai_harmless): does either
+    response address the labeller (`addresses_evaluator`)? `injection` says which side and phrase."""
+    ai = prefs[prefs["source"] == "ai_harmless"]
+    if ai.empty:
+        return None, "no AI-labelled comparisons in preference_dataset"
+    found = [[(side, addresses_evaluator(text or "")) for side, text in (("A", a), ("B", b))]
+             for a, b in zip(ai["response_a"], ai["response_b"])]
+    phrases = ["; ".join(f"{side}: {hit!r}" for side, hit in sides if hit) or None for sides in found]
+    df = pd.DataFrame({"pair_id": ai["pair_id"].to_numpy(), "injection": phrases,
+                       "flagged": [p is not None for p in phrases]})
+    hits = df[df["flagged"]]
+    shown = "; ".join(f"{pid[:12]} {ph}" for pid, ph in zip(hits["pair_id"][:3], hits["injection"][:3]))
+    return df, (f"{len(hits)} of {len(df)} AI-labelled comparisons have a response that addresses the labeller"
+                + (f" ({shown}{'; ...' if len(hits) > 3 else ''})" if len(hits) else ""))
+
+
 def label_frames(lake: Lake, t, bad) -> Frames:
     events = lake.read("label_events").to_pandas()
     labels = without_quarantined(events[events["kind"] != "eval_label"].reset_index(drop=True), "label_events", bad)
@@ -197,9 +216,10 @@ def label_frames(lake: Lake, t, bad) -> Frames:
         "preference_dataset": _read(lake, "preference_dataset", "preference_dataset", bad),
         "labeller_eval": ev,
     }
+    frames["label_injection"], injection_note = injection_frame(frames["preference_dataset"])
     frames["contamination"], contamination_note = contamination(t.eval_metrics, lake)
     n_pairs = 0 if pairs is None else len(pairs)
-    notes = {"labeller_eval": note, "contamination": contamination_note,
+    notes = {"labeller_eval": note, "contamination": contamination_note, "label_injection": injection_note,
              "label_rates": (f"{len(valid)} AI labels, mean p_a {valid['p_a'].mean():.3f}, mean p_shown_a "
                              f"{valid['p_shown_a'].mean():.3f}, spread (std of p_a) {valid['p_a'].std():.3f}"
                              if frames["label_rates"] is not None else
