@@ -93,12 +93,16 @@ class ReviewStore:
     def insert(self, rows: list[dict]) -> int:
         """Insert verdict rows whose event id review_events lacks (an insert-only MERGE: an import run twice
         lands once); how many it inserted. The web app's single verdicts go through append()."""
+        return self._writer("import through `cai review import`").insert_new(
+            "review_events", pa.Table.from_pylist(rows, schema=REVIEW_EVENTS))
+
+    def _writer(self, fix: str):
+        """The lake's delta-spark writer; an error saying how to get one when this store has no Spark session."""
         from cai_lib.lake.spark_delta import SparkDeltaLake
         if self.spark is None:
             raise ValueError("this review store was opened read-only (no Spark session): verdicts are written "
-                             "with delta-spark. Fix: import through `cai review import`, which opens one")
-        return SparkDeltaLake(self.spark, self.lake.root).insert_new(
-            "review_events", pa.Table.from_pylist(rows, schema=REVIEW_EVENTS))
+                             f"with delta-spark. Fix: {fix}, which opens one")
+        return SparkDeltaLake(self.spark, self.lake.root)
 
     def prompt(self, prompt_id: str) -> dict | None:
         """The prompts row (text, kind, category) of one prompt id; None when the lake has none."""
@@ -137,13 +141,9 @@ class ReviewStore:
 
     def append(self, row: dict) -> None:
         """Append one verdict row once, whoever else posts it (see the module docstring)."""
-        if self.spark is None:
-            raise ValueError("this review store was opened read-only (no Spark session): verdicts are written "
-                             "with delta-spark. Fix: start it through `cai review serve`, which opens one")
+        lake = self._writer("start it through `cai review serve`")
         if self._where("review_events", "event_id", [row["event_id"]], ["event_id"]):
             return
-        from cai_lib.lake.spark_delta import SparkDeltaLake
-        lake = SparkDeltaLake(self.spark, self.lake.root)
         if not self._created:
             lake.table("review_events")
             self._created = True
