@@ -11,6 +11,12 @@ reliability curve to a PNG. The sample is drawn (seeded) only from pairs whose p
 of the lake's training prompts (`excluded_training_prompts` says how many were set aside), and
 the prompts it used are recorded (`eval_prompt_shas`) for the labels gate's contamination check.
 
+Beside the human figures: agreement with the lake's reviewers (`cai review serve`, review_events) on
+the review queue's seeded random audit sample, for this labeller's AI labels (its constitution sha and
+feedback model): `review_agreement` with `review_agreement_ci` (Wilson 95%) over `review_n` A/B
+verdicts, ties and both_bad counted beside n (`review_tie`, `review_both_bad`: they name no side), and
+`review_by_principle`. The labels gate computes the same figures from the lake (labels.review_agreement).
+
 The comparisons run on the Spark-native data plane: the plan is computed in the executors, what is
 pending is an anti-join on `label_events`, and the executors score and append the labels (and any
 failed scoring's `quarantine` row) with delta-spark. The HHH items are scored on Spark and not stored.
@@ -37,10 +43,12 @@ from cai_lib.ids import sha256_text, stable_id
 from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.quality.stats import bootstrap_interval, wilson_interval
+from cai_lib.review.dashboard import agreement_figures
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.eval_data import pair_prompt, read_disjoint_pairs, read_hhh
 from jobs.common import FeedbackFields, JobFailed, ModelJobConfig, spark_job_main
+from schemas.suites import AI_LABEL_KINDS
 
 
 @dataclass
@@ -100,27 +108,27 @@ def quarantine_id(label_event_id: str) -> str:
     return stable_id("quarantine", stage="eval_labeler", label=label_event_id)
 
 
-def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, constants, job_run_id,
-                   progress=None) -> Scored:
-    """The label rows on the Spark-native data plane: the plan in the executors, what is pending an anti-join
-    on label_events, the executors score and append (spark_labels.run_scoring)."""
+def score_on_plane(ctx, cfg, sample: HumanSample, constitution, s) -> Scored:
+    """The label rows on the Spark-native data plane `ctx` (a spark_plane.Plane: its constants hold the
+    feedback model's fingerprint): the plan in the executors, what is pending an anti-join on label_events,
+    the executors score and append (spark_labels.run_scoring)."""
     import functools
 
     from cai_lib.feedback import spark_labels as sl
     from cai_lib.lake.locks import job_lock
     from cai_lib.runtime import spark_plane as plane
+    spark, lake, job_run_id = ctx.spark, ctx.lake, ctx.job_run_id
     rows = pa.Table.from_pylist([
         {"pair_id": pair_id, "prompt_id": pid, "a_id": a, "b_id": b, "prompt_text": sample.contexts[pid],
          "a_text": sample.texts[a], "b_text": sample.texts[b]} for pair_id, pid, a, b in sample.plan],
         schema=pa.schema([(c, pa.string()) for c in ("pair_id", "prompt_id", "a_id", "b_id", "prompt_text", "a_text",
                                                      "b_text")]))
     pairs = spark.createDataFrame(rows).localCheckpoint(eager=True)
-    jobs = sl.plan_jobs(pairs.select("pair_id", "prompt_id", "a_id", "b_id"), constitution, fp, s, "")
+    jobs = sl.plan_jobs(pairs.select("pair_id", "prompt_id", "a_id", "b_id"), constitution,
+                        ctx.constants["model_fingerprint"], s, "")
     jobs = jobs.localCheckpoint(eager=True)
     make_chat = functools.partial(sl.label_chat, template=effective_templates(constitution)["comparison"],
                                   constitution=constitution, dialogue=True)
-    ctx = plane.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id, cfg.batch_size,
-                      cfg.batches_per_commit, 0.0, progress)   # scoring: cut by count (spark_plane.cut)
     with job_lock(cfg.lake, "eval-labeler", job_run_id):
         todo = sl.with_input_len(jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
                                  .join(pairs.select("pair_id", "prompt_text", "a_text", "b_text"), "pair_id"))
@@ -131,11 +139,13 @@ def score_on_plane(spark, lake, cfg, sample: HumanSample, constitution, fp, s, c
     return Scored(labels.toArrow().to_pylist(), jobs.count(), stats.failed, stats.first_error, stats.model_calls)
 
 
-def eval_human_pairs(spark, lake, cfg, constitution, fp, constants, job_run_id, progress=None) -> dict:
+def eval_human_pairs(spark, lake, cfg, constitution, constants, progress=None) -> dict:
+    from cai_lib.runtime.chunking import Plane
     sample = human_sample(lake, cfg)
     s = settings_from(cfg, LabelSettings)   # no CoT: eval-labeler has no cot field, so the default (False)
-    scored = score_on_plane(spark, lake, cfg, sample, constitution, fp, s, constants, job_run_id, progress)
-    return human_metrics(cfg, sample, scored)
+    ctx = Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, new_job_run_id(), cfg.batch_size,
+                cfg.batches_per_commit, 0.0, progress)   # scoring: cut by count (spark_plane.cut)
+    return human_metrics(cfg, sample, score_on_plane(ctx, cfg, sample, constitution, s))
 
 
 def human_metrics(cfg, sample: HumanSample, scored: Scored) -> dict:
@@ -192,6 +202,25 @@ def label_intervals(probs: list[float], outcomes: list[int], consistent: list[bo
             "swap_consistency_ci": list(wilson_interval(sum(consistent), len(consistent)))}
 
 
+REVIEWED_LABEL_COLUMNS = ["event_id", "kind", "status", "p_a", "constitution_sha", "model_fingerprint"]
+
+
+def read_reviews(lake) -> list[dict]:
+    """Every review_events row (`cai review serve` / `cai review import`); none when the lake has no table."""
+    return lake.read("review_events").to_pylist() if lake.exists("review_events") else []
+
+
+def review_metrics(review_rows: list[dict], label_rows: list[dict], constitution_sha: str, fp: str) -> dict:
+    """Agreement with people's verdicts (review_events) on the review queue's seeded random audit sample,
+    for this labeller only: verdicts on AI labels (label_events kinds ai_label, ai_label_cot) of this
+    constitution sha and feedback model fingerprint; the verdicts on another labeller's labels are
+    `review_set_aside`. Ties and both_bad name no side: counted in `review_tie` / `review_both_bad`, not
+    in `review_n` (cai_lib/review/dashboard.py agreement_figures, which the dashboard's table shares)."""
+    mine = [r for r in label_rows if r["kind"] in AI_LABEL_KINDS and r["status"] == "ok"
+            and r["constitution_sha"] == constitution_sha and r["model_fingerprint"] == fp]
+    return agreement_figures(review_rows, mine)
+
+
 def eval_hhh(spark, cfg) -> dict:
     items = read_hhh(cfg.hhh)
     chats = []
@@ -226,7 +255,9 @@ def run(spark, cfg: EvalLabelerConfig, progress=None) -> dict:
                  "template_sha": settings_from(cfg, LabelSettings).template_sha(constitution)}
     out: dict = {"feedback_model": fb_model, "model_fingerprint": fp, "constitution_sha": constitution.sha256}
     if cfg.human:
-        out.update(eval_human_pairs(spark, lake, cfg, constitution, fp, constants, new_job_run_id(), progress))
+        out.update(eval_human_pairs(spark, lake, cfg, constitution, constants, progress))
+    out.update(review_metrics(read_reviews(lake), lake.read("label_events", REVIEWED_LABEL_COLUMNS).to_pylist(),
+                              constitution.sha256, fp))
     if cfg.hhh:
         out.update(eval_hhh(spark, cfg))
     write_json(cfg.metrics, out)

@@ -65,6 +65,7 @@ def test_metrics_match_the_answer_key_and_the_events(spark, tmp_path, backend, m
     assert m["human_accuracy_ci"] == pytest.approx(list(wilson_interval(right, 4)))
     assert m["swap_consistency_ci"] == pytest.approx(list(wilson_interval(sum(agree), 4)))
     assert (m["comparisons"], m["failed_scorings"], m["incomplete_pairs"], m["hhh_n"], m["hhh_failed"]) == (8, 0, 0, 2, 0)
+    assert (m["review_n"], m["review_agreement"], m["review_by_principle"]) == (0, None, {})   # no reviewers yet
     again = run(spark, cfg)  # the comparisons are events: a rerun scores nothing new
     assert again["model_calls"] == 0 and again["human_accuracy"] == out["human_accuracy"]
 
@@ -148,3 +149,32 @@ def test_failed_scorings_are_recorded_and_counted_not_dropped_and_a_rerun_retrie
     assert len(q) == 4 and {r["stage"] for r in q} == {"eval_labeler"} and {r["reason"] for r in q} == {m["first_error"]}
     ops = [h["operation"] for h in reversed(DeltaTable(str(lake / "label_events")).history())]
     assert ops == ["CREATE TABLE"] + ["WRITE"] * 6   # the rerun's chunk, all failed, appends no file: no commit
+
+
+def test_review_agreement_is_on_the_audit_sample_of_this_labeller_with_ties_and_both_bad_beside_n():
+    from cai_lib.review.dashboard import review
+    from jobs.eval_labeler import review_metrics
+    sha, fp = "c" * 64, "f" * 16
+
+    def lab(cid, p, fp=fp, kind="ai_label"):
+        return {"event_id": f"label-{cid}", "kind": kind, "status": "ok", "p_a": p, "constitution_sha": sha,
+                "model_fingerprint": fp}
+    labels = [lab("c1", 0.8), lab("c2", 0.3), lab("c3", 0.6), lab("c5", 0.5), lab("c6", 0.9, fp="e" * 16),
+              lab("c7", 0.9), lab("c8", 0.9, kind="eval_label")]
+    reviews = [review("c1", "A", 0.8), review("c1", "tie", 0.8, reviewer="bob"),   # AI says A: agrees; bob: a tie
+               review("c2", "B", 0.3), review("c2", "A", 0.3, at=1),              # ann changed her mind: A, disagrees
+               review("c3", "B", 0.6, principle="help"),                           # disagrees
+               review("c5", "both_bad", 0.5, principle="help"),
+               review("c6", "A", 0.9), review("c8", "A", 0.9),                     # other labellers: set aside
+               review("c7", "B", 0.9, reasons=("near_half",))]                     # not in the audit sample
+    m = review_metrics(reviews, labels, sha, fp)
+    assert (m["review_n"], m["review_agreement"], m["review_tie"], m["review_both_bad"], m["review_set_aside"]) == \
+        (3, pytest.approx(1 / 3), 1, 1, 2)
+    assert m["review_agreement_ci"] == pytest.approx([0.0615, 0.7923], abs=1e-4)
+    assert m["review_by_principle"] == {
+        "harm": {"n": 2, "agreement": 0.5, "agreement_ci": pytest.approx([0.0945, 0.9055], abs=1e-4), "tie": 1,
+                 "both_bad": 0},
+        "help": {"n": 1, "agreement": 0.0, "agreement_ci": pytest.approx([0.0, 0.7935], abs=1e-4), "tie": 0,
+                 "both_bad": 1}}
+    none = review_metrics([], labels, sha, fp)   # no reviews: nothing to report, not a rate of 0
+    assert (none["review_n"], none["review_agreement"], none["review_by_principle"]) == (0, None, {})

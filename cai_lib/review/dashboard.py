@@ -116,6 +116,41 @@ def agreement(review_rows: Iterable[dict], label_p: Mapping[str, float]) -> list
     return _rates(groups, left, ("tie", "both_bad"))
 
 
+def agreement_figures(review_rows: Iterable[dict], label_rows: Iterable[dict]) -> dict:
+    """What `cai eval-labeler` reports and the labels gate judges: `agreement` over the verdicts whose
+    label rows are all among `label_rows` (the labeller being judged), pooled overall and per principle
+    (over constitution versions), with Wilson 95% intervals. Ties and both_bad are not in n: they are
+    counted beside it (`review_tie`, `review_both_bad`); `review_set_aside` counts the audit verdicts on
+    labels not in `label_rows` (another labeller, or labels the gate quarantined).
+
+    >>> r = [review("c1", "A", 0.9), review("c2", "B", 0.8), review("c3", "tie", 0.7), review("c4", "A", 0.6)]
+    >>> labels = [{"event_id": f"label-{c}", "p_a": p} for c, p in (("c1", 0.9), ("c2", 0.8), ("c3", 0.7))]
+    >>> f = agreement_figures(r, labels)
+    >>> (f["review_n"], f["review_agreement"], f["review_tie"], f["review_set_aside"])
+    (2, 0.5, 1, 1)
+    """
+    label_p = {r["event_id"]: r["p_a"] for r in label_rows}
+    audit = [r for r in review_rows if "audit" in r["queue_reasons"]]
+    mine = [r for r in audit if r["label_event_ids"] and all(e in label_p for e in r["label_event_ids"])]
+    rates = agreement(mine, label_p)
+    by_principle: dict[str, list[Rate]] = defaultdict(list)
+    for rate in rates:
+        by_principle[rate.principle_id].append(rate)
+    set_aside = len({(r["reviewer"], r["comparison_id"]) for r in audit}) - \
+        len({(r["reviewer"], r["comparison_id"]) for r in mine})
+    return {**_pooled(rates, "review_"), "review_set_aside": set_aside,
+            "review_by_principle": {p: _pooled(rs, "") for p, rs in sorted(by_principle.items())}}
+
+
+def _pooled(rates: list[Rate], prefix: str) -> dict:
+    """The Rates' successes and n summed: agreement (None when n is 0), its Wilson interval, ties, both_bad."""
+    k, n = sum(r.successes for r in rates), sum(r.n for r in rates)
+    left = {name: sum(dict(r.left_out).get(name, 0) for r in rates) for name in ("tie", "both_bad")}
+    return {f"{prefix}n": n, f"{prefix}agreement": k / n if n else None,
+            f"{prefix}agreement_ci": list(wilson_interval(k, n)),
+            f"{prefix}tie": left["tie"], f"{prefix}both_bad": left["both_bad"]}
+
+
 def swap_consistency(comparisons: Iterable) -> list[Rate]:
     """Share of comparisons (queue.Comparison) whose two orders agree on the side, per principle and sha."""
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
