@@ -46,7 +46,8 @@ class GateConfig(LakeConfig, PointerConfig):
                                            "max_red_team_refusal", "max_over_refusal", "refusal_min_n")},
         **{k: ("stage", ("labels",)) for k in ("eval_metrics", "clamp_lo", "clamp_hi", "rate_min_n", "max_label_skew",
                                                "max_position_bias", "min_swap_consistency", "min_human_agreement",
-                                               "max_ece", "min_label_spread", "max_injection_rate")}}
+                                               "max_ece", "min_label_spread", "max_injection_rate", "review_min_n",
+                                               "min_review_agreement")}}
     stage: str | None = opt(None, "prompts | sl | labels (also the first positional argument)")
     verbose: bool = opt(False, "print passed checks too (failed and skipped ones are always printed)")
     docs_dir: str = opt("reports/gates", "Great Expectations project + HTML data docs folder")
@@ -71,6 +72,10 @@ class GateConfig(LakeConfig, PointerConfig):
                                       lo=0.0, hi=1.0)
     min_human_agreement: float = opt(0.5, "the lower end of the 95% interval of the agreement must be above this",
                                      lo=0.0, hi=1.0)
+    review_min_n: int = opt(20, "labels: fewer audit verdicts naming a side (cai review serve) than this: reviewer "
+                                "agreement is not judged (skipped, never passed)", lo=1)
+    min_review_agreement: float = opt(0.5, "the lower end of the 95% interval of the agreement with reviewers on "
+                                           "the audit sample must be above this", lo=0.0, hi=1.0)
     max_ece: float = opt(0.15, "labeller's expected calibration error", lo=0.0, hi=1.0)
     min_label_spread: float = opt(0.02, "std of p_a below this = a (nearly) constant labeller (a std of values in "
                                         "[0, 1] is at most 0.5)", lo=0.0, hi=0.5)
@@ -133,6 +138,8 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     inputs = dict(versions)
     if stage == "labels" and built.frames.get("labeller_eval") is not None:
         inputs["eval_metrics_sha"] = sha256_text(open(cfg.eval_metrics).read())[:16]
+    if stage == "labels" and lake.exists("review_events"):   # reviewers' verdicts judged too (an absent
+        inputs["review_events"] = lake.version("review_events")   # table keeps earlier verdicts' ids)
     sha = suite_sha(checks)
     failures = [{"check": r.name, "status": r.status, "blocks": r.blocks, "expectation": r.expectation,
                  "observed": r.observed, "bad_rows": r.unexpected_count, "note": r.note}
@@ -169,7 +176,7 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     return j.passed, summary
 
 
-UNINFORMATIVE = ("labels.human_agreement", "labels.swap_consistency", "labels.spread")
+UNINFORMATIVE = ("labels.human_agreement", "labels.review_agreement", "labels.swap_consistency", "labels.spread")
 
 
 def verdict_line(stage: str, s: dict) -> str:

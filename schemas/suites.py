@@ -160,6 +160,11 @@ def label_checks(t) -> list[Check]:
                "strict_min": True},
               "lower end of the 95% interval of the agreement with held-out human harmlessness labels "
               "(cai eval-labeler) must be above chance", blocks="promotion", required=True),
+        Check("labels.review_agreement", "review_agreement", "ExpectColumnValuesToBeBetween",
+              {"column": "review_ci_low", "min_value": t.min_review_agreement, "max_value": 1.0, "strict_min": True},
+              "lower end of the 95% interval of the AI labels' agreement with reviewers' verdicts on the review "
+              "queue's random audit sample (cai review serve); judged once review_min_n such verdicts exist, "
+              "not judged (skipped, not passed) below", blocks="promotion"),
         Check("labels.contamination", "contamination", "ExpectTableRowCountToBeBetween",
               {"min_value": 0, "max_value": 0},
               "a prompt the labeller was evaluated on must not be a training prompt (normalised text): "

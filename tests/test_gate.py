@@ -270,3 +270,58 @@ def test_status_shows_the_last_verdict_per_stage(lake, tmp_path, capsys):
     assert cai(["status", "--lake", str(lake.root)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"labels +PASSED", out) and re.search(r"sl +FAILED", out) and "failed: sl.sl_dataset.rows" in out
+
+
+def audit_verdicts(lake, agree: int, n: int = 20, at: int = 0) -> pa.Table:
+    """One reviewer's verdicts on `n` of the lake's comparisons, all in the audit sample, naming the AI's side
+    on the first `agree` of them and the other side on the rest."""
+    from datetime import datetime, timezone
+
+    from cai_lib.review.queue import comparisons
+    from cai_lib.review.verdicts import review_row
+    from schemas import REVIEW_EVENTS
+    when = datetime(2026, 12, 1, 12, at, tzinfo=timezone.utc)
+    rows = [review_row(c, ("audit",), reviewer="ann", choice="first" if (c.p_a > 0.5) == (i < agree) else "second",
+                       note=None, verdict_at=when, now=when, order="ab")
+            for i, c in enumerate(comparisons(lake.read("label_events").to_pylist())[:n])]
+    return pa.Table.from_pylist(rows, schema=REVIEW_EVENTS)
+
+
+def test_review_agreement_fails_then_passes_on_the_reviewers_audit_verdicts(tmp_path, capsys):
+    lake = build_clean_lake(tmp_path / "lake", p_shown=informative())   # every AI label 0.75 or 0.25: a side
+    with_eval(tmp_path)
+    lake.insert_new("review_events", audit_verdicts(lake, agree=12))    # 12 of 20: 0.6 [0.387, 0.781]
+    rc, row = gate(lake, "labels", tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 0 and row["verdict"] == "not_promotable" and row["promotion_blockers"] == ["labels.review_agreement"]
+    assert "FAILED     labels.review_agreement (blocks promotion)" in out   # its one row: lower end 0.387 <= 0.5
+    assert "measured review_agreement: AI labels vs 20 reviewers' audit verdicts: agreement 0.600 [0.387, 0.781]; " \
+           "0 ties and 0 both bad (not in n), 0 on other labels set aside; per principle: harm 0.600 (n=20)" in out
+    assert "the labels are uninformative" in out
+    lake.insert_new("review_events", audit_verdicts(lake, agree=20, at=1))   # ann's later verdicts replace hers
+    rc, row = gate(lake, "labels", tmp_path, "--verbose")
+    assert rc == 0 and row["verdict"] == "passed" and row["promotion_blockers"] == []
+    assert "agreement 1.000 [0.839, 1.000]" in capsys.readouterr().out
+    assert json.loads(row["input_versions"])["review_events"] == 2   # created, then two appends: in the verdict id
+
+
+def test_review_agreement_below_review_min_n_is_not_judged():
+    import pandas as pd
+
+    from cai_lib.quality.frames import review_frame
+    from cai_lib.review.dashboard import review
+    ai = pd.DataFrame({"event_id": [f"label-c{i}" for i in range(4)], "p_a": [0.9, 0.8, 0.2, 0.5],
+                       "status": ["ok"] * 4})
+    reviews = [review("c0", "A", 0.9), review("c1", "B", 0.8), review("c2", "B", 0.2), review("c3", "both_bad", 0.5)]
+
+    class T:
+        review_min_n = 4
+    frame, note = review_frame(reviews, ai, T)
+    assert frame is None   # skipped by the gate: reported, never passed
+    assert note == ("3 audit verdicts naming a side (< review_min_n 4): not judged; 0 ties and 1 both bad "
+                    "(not in n), 0 on other labels set aside")
+    T.review_min_n = 3
+    frame, note = review_frame(reviews, ai, T)
+    assert frame.to_dict("records") == [{"review_n": 3, "review_agreement": pytest.approx(2 / 3),
+                                         "review_ci_low": pytest.approx(0.2077, abs=1e-4),
+                                         "review_ci_high": pytest.approx(0.9385, abs=1e-4)}]

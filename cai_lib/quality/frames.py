@@ -24,6 +24,7 @@ from cai_lib.lake.tables import Lake
 from cai_lib.quality import signals as quality
 from cai_lib.quality.injection import addresses_evaluator
 from cai_lib.quality.stats import wilson_interval
+from cai_lib.review.dashboard import agreement_figures
 from schemas.suites import AI_LABEL_KINDS, ROW_KEYS
 
 STAGE_TABLES = {
@@ -197,6 +198,24 @@ def injection_frame(prefs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
                 + (f" ({shown}{'; ...' if len(hits) > 3 else ''})" if len(hits) else ""))
 
 
+def review_frame(review_rows: list[dict], ai: pd.DataFrame, t) -> tuple[pd.DataFrame | None, str]:
+    """One row: the AI labels' agreement with reviewers' A/B verdicts on the review queue's audit sample
+    (cai_lib/review/dashboard.py agreement_figures, as `cai eval-labeler` reports it), over the verdicts on
+    `ai` (the gate's non-quarantined AI labels); None (not judged) below `review_min_n` such verdicts."""
+    ok = ai[ai["status"] == "ok"]
+    f = agreement_figures(review_rows, ok[["event_id", "p_a"]].to_dict("records"))
+    n, (lo, hi) = f["review_n"], f["review_agreement_ci"]
+    beside = (f"; {f['review_tie']} ties and {f['review_both_bad']} both bad (not in n), "
+              f"{f['review_set_aside']} on other labels set aside")
+    if n < t.review_min_n:
+        return None, f"{n} audit verdicts naming a side (< review_min_n {t.review_min_n}): not judged{beside}"
+    principles = ", ".join(f"{p} {_fmt(v['agreement'])} (n={v['n']})" for p, v in f["review_by_principle"].items())
+    return (pd.DataFrame([{"review_n": n, "review_agreement": f["review_agreement"], "review_ci_low": lo,
+                           "review_ci_high": hi}]),
+            f"AI labels vs {n} reviewers' audit verdicts: agreement {f['review_agreement']:.3f} [{lo:.3f}, {hi:.3f}]"
+            f"{beside}; per principle: {principles}")
+
+
 def label_frames(lake: Lake, t, bad) -> Frames:
     events = lake.read("label_events").to_pandas()
     labels = without_quarantined(events[events["kind"] != "eval_label"].reset_index(drop=True), "label_events", bad)
@@ -218,8 +237,11 @@ def label_frames(lake: Lake, t, bad) -> Frames:
     }
     frames["label_injection"], injection_note = injection_frame(frames["preference_dataset"])
     frames["contamination"], contamination_note = contamination(t.eval_metrics, lake)
+    reviews = lake.read("review_events").to_pylist() if lake.exists("review_events") else []
+    frames["review_agreement"], review_note = review_frame(reviews, ai, t)
     n_pairs = 0 if pairs is None else len(pairs)
     notes = {"labeller_eval": note, "contamination": contamination_note, "label_injection": injection_note,
+             "review_agreement": review_note,
              "label_rates": (f"{len(valid)} AI labels, mean p_a {valid['p_a'].mean():.3f}, mean p_shown_a "
                              f"{valid['p_shown_a'].mean():.3f}, spread (std of p_a) {valid['p_a'].std():.3f}"
                              if frames["label_rates"] is not None else
