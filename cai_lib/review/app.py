@@ -155,7 +155,8 @@ def queue_for(store: ReviewStore, settings: ReviewSettings, reviewer: str | None
     """The ranked queue (without what `reviewer` judged already; None: everything, for a verdict's reasons)."""
     reviewed = store.reviewed(reviewer) if reviewer else set()
     return rank(store.comparisons(), near=settings.near, audit_fraction=settings.audit_fraction, seed=settings.seed,
-                audit_every=settings.audit_every, principle=principle, constitution=constitution, reviewed=reviewed)
+                audit_every=settings.audit_every, principle=principle, constitution=constitution, reviewed=reviewed,
+                flagged=store.flagged_responses())
 
 
 def comparison_context(store: ReviewStore, settings: ReviewSettings, reviewer: str, c) -> dict:

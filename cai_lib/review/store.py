@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cai_lib.lake.tables import Lake
+from cai_lib.quality.injection import addresses_evaluator
 from cai_lib.review.chains import COLUMNS as CHAIN_COLUMNS
 from cai_lib.review.queue import Comparison, comparisons
 from schemas import REVIEW_EVENTS
@@ -36,6 +37,7 @@ class ReviewStore:
         self._cache: tuple[int | None, list[Comparison], dict[str, dict]] | None = None
         self._lock = threading.Lock()
         self._created = False
+        self._flagged: tuple[tuple, frozenset[str]] | None = None
 
     def _labels(self) -> tuple[list[Comparison], dict[str, dict]]:
         """The comparisons and the label rows by event id, recomputed when label_events has a new version."""
@@ -48,6 +50,19 @@ class ReviewStore:
 
     def comparisons(self) -> list[Comparison]:
         return self._labels()[0]
+
+    def flagged_responses(self) -> frozenset[str]:
+        """The comparisons' response ids (generation_events) whose text addresses the labeller
+        (`addresses_evaluator`): the queue's addresses_labeller reason. Recomputed when label_events or
+        generation_events has a new version; responses the lake has no text for are not flagged."""
+        key = (self.lake.version("label_events"), self.lake.version("generation_events"))
+        if self._flagged is not None and self._flagged[0] == key:
+            return self._flagged[1]
+        ids = sorted({i for c in self.comparisons() for i in (c.response_a_id, c.response_b_id)})
+        rows = self._where("generation_events", "event_id", ids, ["event_id", "text"])
+        found = frozenset(r["event_id"] for r in rows if r["text"] and addresses_evaluator(r["text"]))
+        self._flagged = (key, found)   # one tuple replaced at once: a thread reads the old or the new pair
+        return found
 
     def comparison(self, comparison_id: str) -> Comparison | None:
         return next((c for c in self.comparisons() if c.comparison_id == comparison_id), None)
