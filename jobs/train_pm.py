@@ -3,6 +3,7 @@
     cai train-pm --lake lake
     cai train-pm --train-backbone --max-steps 200 --eval-limit 500
     cai train-pm --num-processes 2                  data-parallel on 2 processes (TorchDistributor)
+    cai train-pm --train-backbone --checkpoint-every 50 --checkpoint-dir checkpoints/pm   killed? run it again
 
 A backbone (the base model) + a scalar head; loss = binary cross-entropy of
 sigmoid(r_A - r_B) against the soft AI harmlessness label p_A (hard 0/1 for human pairs).
@@ -11,6 +12,8 @@ then reports accuracy and calibration on held-out human HH-RLHF harmless and hel
 The MLflow run logs params, per-step loss, the Delta versions read, the gate verdict,
 the constitution and git commit; the model (safetensors) is registered as `cai-pm`. The run
 is tagged with `device` (--device) and `pm_dtype` (what the trained PM's backbone computes in).
+With --checkpoint-every N a checkpoint is written every N steps (cai_lib.training.checkpoint); the
+same command resumes a killed run, and the checkpoints are removed once the PM is registered.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from cai_lib.ids import normalise_text
 from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.tables import Lake
 from cai_lib.sources.eval_data import read_disjoint_pairs
+from cai_lib.training.checkpoint import clear_checkpoints
 from cai_lib.training.distributed import DistributedConfig
 from cai_lib.training.inputs import preference_rows
 from cai_lib.training.pm_train import PMSettings, PreferenceModel, evaluate_pm, train_pm
@@ -68,6 +72,8 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
         progress(f"training the PM on {len(data.rows)} pairs ({data.excluded} quarantined pairs left out) on {device}"
                  f"{cfg.describe_processes()}")
         result = cfg.launch(train_pm, folder, data.rows, settings, out_dir, cfg.step_logger())
+        if result.resumed_from_step:
+            progress(f"resumed from the step-{result.resumed_from_step} checkpoint in {settings.checkpoint_dir}")
         # distributed: rank 0 saved it and returned no in-memory model
         pm = result.pm if result.pm is not None else PreferenceModel.load(out_dir, device=str(device))
         mlflow.set_tag("pm_dtype", module_dtype(pm.backbone))   # the dtype train_pm chose for the device
@@ -86,6 +92,8 @@ def run(cfg: TrainPMConfig, progress=print) -> dict:
                 metrics[f"{name}_rejected_by_reader"] = len(rejected)
                 mlflow.set_tag(f"eval.{name}", str(Path(path)))
         pointer = register_trained(cfg, run, out_dir, "pm", metrics, lake=lake)
+    if settings.checkpoint_every:   # registered: the next run starts fresh (a killed one resumed above)
+        clear_checkpoints(settings.checkpoint_dir)
     return {**pointer, **{k: v for k, v in metrics.items() if not k.startswith(("n_zero",))}}
 
 

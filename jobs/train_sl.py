@@ -3,13 +3,16 @@
     cai train-sl --lake lake
     cai train-sl --method lora --epochs 2
     cai train-sl --num-processes 2                  data-parallel on 2 processes (TorchDistributor, gloo on CPU)
+    cai train-sl --checkpoint-every 50 --checkpoint-dir checkpoints/sl   killed? the same command resumes
 
 Loss on the response tokens only; a deterministic share of prompts is held out and its loss
 is reported before and after. Trains only on what the last passing `sl` gate verdict covers,
 minus chains a gate quarantined. The MLflow run logs params, per-step loss, the Delta
 versions read, the gate verdict, the constitution and git commit; the model (safetensors,
 LoRA merged) is registered as `cai-sl`. The run is tagged with `device` (--device) and
-`policy_dtype` (--train-dtype, what the weights train in).
+`policy_dtype` (--train-dtype, what the weights train in). With --checkpoint-every N a checkpoint
+is written every N steps (cai_lib.training.checkpoint); a run killed mid-way is resumed by the same
+command, and the checkpoints are removed once the model is registered (never registered themselves).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from cai_lib.config import load_config, opt, settings_from
 from cai_lib.lake.tables import Lake
+from cai_lib.training.checkpoint import clear_checkpoints
 from cai_lib.training.distributed import DistributedConfig
 from cai_lib.training.inputs import sl_rows
 from cai_lib.training.policy import resolve_device
@@ -66,10 +70,15 @@ def run(cfg: TrainSLConfig, progress=print) -> dict:
                    "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after,
                    "train_loss_first": result.train_losses[0] if result.train_losses else None,
                    "train_loss_last": result.train_losses[-1] if result.train_losses else None,
-                   "changed_params": result.changed_params, "seconds": result.seconds}
+                   "changed_params": result.changed_params, "seconds": result.seconds,
+                   "resumed_from_step": result.resumed_from_step}
+        if result.resumed_from_step:
+            progress(f"resumed from the step-{result.resumed_from_step} checkpoint in {settings.checkpoint_dir}")
         for d in result.dropped:
             print(f"warning: row {d.key} not trained on: {d.reason} ({d.detail})", file=sys.stderr)
         pointer = register_trained(cfg, run, out_dir, "sl", metrics, lake=lake)
+    if settings.checkpoint_every:   # registered: the next run starts fresh (a killed one resumed above)
+        clear_checkpoints(settings.checkpoint_dir)
     return {**pointer, **metrics}
 
 

@@ -22,6 +22,7 @@ turn, and cut from the LEFT so the end of the response (what is being judged) al
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +36,7 @@ from cai_lib.backends.weights import DTYPE_NAMES, resolve_dtype
 from cai_lib.config import check_fields, opt
 from cai_lib.feedback.label_metrics import expected_calibration_error, reliability_curve
 from cai_lib.ids import split_heldout
+from cai_lib.training.checkpoint import Checkpointer, check_checkpoint_fields, dir_field, every_field, fingerprint
 from cai_lib.training.distributed import Ranks, rank_device, rank_seed, ranks
 from cai_lib.training.pm_loss import pm_accuracy, pm_loss
 from cai_lib.training.pm_model import HEAD_FILE, PM_CONFIG, PreferenceModel, check_out_dir, prompt_turns, render
@@ -73,10 +75,13 @@ class PMSettings:
     weight_ai: float = opt(1.0, "loss weight of ai_harmless rows", lo=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", lo=0.0)
     max_grad_norm: float | None = opt(1.0, "clip the gradient norm (None = no clipping)", gt=0.0)
+    checkpoint_every: int = every_field()       # cai_lib.training.checkpoint: resume a killed run
+    checkpoint_dir: str | None = dir_field()
 
     def __post_init__(self):
         check_fields(self)   # the bounds above, for settings built in code as for params and flags
         check_device_name(self.device, "PMSettings.device")
+        check_checkpoint_fields(self)
 
 
 @dataclass
@@ -92,6 +97,7 @@ class PMResult:
     steps: int
     seconds: float
     train_losses: list[float] = field(default_factory=list)
+    resumed_from_step: int = 0           # the checkpoint's step this run continued from (0 = a fresh start)
     pm: PreferenceModel | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def metrics(self) -> dict[str, float]:
@@ -242,17 +248,23 @@ def _step_groups(n: int, size: int, gen: torch.Generator):
             yield order[start:start + size]
 
 
-def _fit(scorer, data: _PMData, settings: PMSettings, on_step, group: Ranks) -> list[float]:
-    """The optimizer steps. Every rank draws the same step groups and runs its share; the loss is
-    the weighted mean over the whole step and the gradients are summed over the ranks."""
+def _fit(scorer, data: _PMData, settings: PMSettings, on_step, group: Ranks,
+         ckpt: Checkpointer) -> tuple[list[float], int]:
+    """The optimizer steps: (the loss of each, the step resumed from). Every rank draws the same
+    step groups and runs its share; the loss is the weighted mean over the whole step and the
+    gradients are summed over the ranks. With checkpoints on, a run starts from the latest one
+    and writes one every checkpoint_every steps (cai_lib.training.checkpoint)."""
     params = [p for g in scorer.params for p in g["params"]]
+    named = {name: p for name, p in scorer.pm.named_parameters() if p.requires_grad}
     group.broadcast_(params)   # rank 0's head init (and backbone) on every rank
     optimizer = torch.optim.AdamW(scorer.params, weight_decay=settings.weight_decay)
     per_epoch, total = _total_steps(data.n, settings)
     per_rank = math.ceil(settings.batch_size / group.world)   # the same global batch, split N ways
     gen = torch.Generator().manual_seed(settings.seed)
-    losses: list[float] = []
-    for step, step_idx in zip(range(total), _step_groups(data.n, settings.batch_size * settings.grad_accum, gen)):
+    resume = ckpt.restore(named, optimizer)
+    losses = list(resume.losses)
+    groups = _step_groups(data.n, settings.batch_size * settings.grad_accum, gen)
+    for step, step_idx in zip(range(resume.step, total), itertools.islice(groups, resume.step, None)):
         step_weight = data.weight[step_idx].sum()
         mine, loss_value = group.shard(step_idx), 0.0
         for mb in range(0, len(mine), per_rank):
@@ -269,7 +281,8 @@ def _fit(scorer, data: _PMData, settings: PMSettings, on_step, group: Ranks) -> 
         losses.append(group.sum_(loss_value)[0])
         if on_step is not None and group.main:
             on_step(step + 1, {"loss": losses[-1], "epoch": (step + 1) / per_epoch})
-    return losses
+        ckpt.save(step + 1, named, optimizer, losses, {"step_groups_drawn": step + 1, "seed": settings.seed})
+    return losses, resume.step
 
 
 def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSettings, out_dir: str | Path,
@@ -302,7 +315,9 @@ def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSetting
     if group.world > 1:
         torch.manual_seed(rank_seed(settings.seed, group))   # dropout differs per rank
     pm.train(settings.train_backbone)        # dropout only where the backbone trains
-    train_losses = _fit(scorer, data, settings, on_step, group)
+    # a checkpoint continues only the run that wrote it: same settings, rows, base weights and ranks
+    fp = fingerprint("pm", settings, rows, model_dir, group.world) if settings.checkpoint_every else {}
+    train_losses, resumed = _fit(scorer, data, settings, on_step, group, Checkpointer(settings, fp, group))
     pm.eval()
     pm.backbone.requires_grad_(False)
     loss_after, acc_after = _heldout(scorer, data, group)
@@ -312,7 +327,7 @@ def train_pm(model_dir: str | Path, rows: Sequence[Mapping], settings: PMSetting
                     heldout_loss_before=loss_before, heldout_loss_after=loss_after,
                     heldout_accuracy_before=acc_before, heldout_accuracy_after=acc_after,
                     steps=len(train_losses), seconds=time.perf_counter() - t0, train_losses=train_losses,
-                    pm=pm if group.world == 1 else None)
+                    resumed_from_step=resumed, pm=pm if group.world == 1 else None)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -31,6 +31,7 @@ Choices (and why):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -44,6 +45,7 @@ from cai_lib.backends.weights import DTYPE_NAMES, assert_no_pickles, torch_dtype
 from cai_lib.config import check_fields, opt
 from cai_lib.files import atomic_folder, write_json
 from cai_lib.ids import split_heldout
+from cai_lib.training.checkpoint import Checkpointer, check_checkpoint_fields, dir_field, every_field, fingerprint
 from cai_lib.training.distributed import Ranks, rank_device, rank_seed, ranks
 from cai_lib.training.policy import DEVICE_HELP, check_device_name, resolve_device
 from cai_lib.training.sft_examples import IGNORE, Dropped, Example, build_examples, end_of_turn_ids
@@ -75,6 +77,8 @@ class SFTSettings:
     save_dtype: str = opt("auto", "auto = the base folder's dtype", choices=("auto", *DTYPE_NAMES))
     torch_threads: int | None = opt(None, "torch CPU threads; None = torch's default", lo=1, hi=1024)
     device: str | None = opt(None, "where the model trains: " + DEVICE_HELP)
+    checkpoint_every: int = every_field()       # cai_lib.training.checkpoint: resume a killed run
+    checkpoint_dir: str | None = dir_field()
     lora_r: int = opt(16, "LoRA rank", lo=1, hi=4096)
     lora_alpha: int = opt(32, "LoRA scale numerator (the update is scaled by alpha / r)", gt=0)
     lora_dropout: float = opt(0.05, "dropout on the LoRA input", lo=0.0, lt=1.0)
@@ -87,6 +91,7 @@ class SFTSettings:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         check_fields(self)   # the bounds above, for settings built in code as for params and flags
         check_device_name(self.device, "SFTSettings.device")
+        check_checkpoint_fields(self)
         if self.method == "lora" and not self.target_modules:
             raise ValueError("SFTSettings.target_modules is empty: name the modules LoRA adapts "
                              "(e.g. q_proj, k_proj, v_proj, o_proj)")
@@ -109,6 +114,7 @@ class SFTResult:
     changed_params: int                 # parameter tensors that differ from the base, as saved
     total_params: int                   # parameter tensors in the model
     heldout_keys: list[str]
+    resumed_from_step: int = 0          # the checkpoint's step this run continued from (0 = a fresh start)
 
 
 # ---------------------------------------------------------------- safetensors only
@@ -265,8 +271,10 @@ def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> S
     group.broadcast_(params)   # every rank starts from rank 0's weights (the LoRA init too)
     if group.world > 1:
         torch.manual_seed(rank_seed(settings.seed, group))   # dropout differs per rank; the schedule does not
+    # a checkpoint continues only the run that wrote it: same settings, rows, base weights and ranks
+    fp = fingerprint("sft", settings, rows, model_dir, group.world) if settings.checkpoint_every else {}
     t0 = time.perf_counter()
-    losses = _fit(model, params, train, settings, pad_id, device, on_step, group)
+    losses, resumed = _fit(model, train, settings, pad_id, device, on_step, group, Checkpointer(settings, fp, group))
     train_seconds = time.perf_counter() - t0
 
     if settings.method == "lora":
@@ -279,16 +287,21 @@ def _train(model_dir, rows, settings, out_dir, on_step, device, save_dtype) -> S
         n_truncated=sum(e.truncated for e in examples), dropped=dropped,
         heldout_loss_before=loss_before, heldout_loss_after=loss_after, train_losses=losses,
         steps=len(losses), seconds=0.0, train_seconds=train_seconds, changed_params=0,
-        total_params=0, heldout_keys=[e.key for e in heldout])
+        total_params=0, heldout_keys=[e.key for e in heldout], resumed_from_step=resumed)
     if group.main:   # one writer: rank 0 saves; the others' weights are the same
         _save(model, tokenizer, model_dir, out_dir, settings, save_dtype, base, result)
     return result
 
 
-def _fit(model, params, train, settings, pad_id, device, on_step, group: Ranks) -> list[float]:
-    """The optimizer steps; returns the loss of each. Every rank draws the same global step
-    groups and trains on its share, the loss normalised by the whole step's token count, the
-    gradients summed over ranks: N ranks take the step one process would."""
+def _fit(model, train, settings, pad_id, device, on_step, group: Ranks,
+         ckpt: Checkpointer) -> tuple[list[float], int]:
+    """The optimizer steps: (the loss of each, the step resumed from). Every rank draws the same
+    global step groups and trains on its share, the loss normalised by the whole step's token
+    count, the gradients summed over ranks: N ranks take the step one process would. With
+    checkpoints on, a run starts from the latest one (weights, optimizer, RNGs, the data order
+    drawn up to its step) and writes one every checkpoint_every steps."""
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     # fused AdamW: one kernel over all tensors; on 2 CPU cores ~5x faster than foreach for 135M.
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
@@ -297,8 +310,10 @@ def _fit(model, params, train, settings, pad_id, device, on_step, group: Ranks) 
     per_rank = math.ceil(settings.batch_size / group.world)   # the same global batch, split N ways
     model.train()
     generator = torch.Generator().manual_seed(settings.seed)
-    losses: list[float] = []
-    for step, group_rows in zip(range(total), _step_groups(len(train), settings, generator)):
+    resume = ckpt.restore(named, optimizer)
+    losses = list(resume.losses)
+    groups = itertools.islice(_step_groups(len(train), settings, generator), resume.step, None)   # replay the order
+    for step, group_rows in zip(range(resume.step, total), groups):
         lr = _lr_at(step, total, settings)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -317,7 +332,8 @@ def _fit(model, params, train, settings, pad_id, device, on_step, group: Ranks) 
         losses.append(group.sum_(step_loss)[0] / n_tokens)
         if on_step is not None and group.main:
             on_step(step + 1, {"loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm)})
-    return losses
+        ckpt.save(step + 1, named, optimizer, losses, {"step_groups_drawn": step + 1, "seed": settings.seed})
+    return losses, resume.step
 
 
 def _n_labelled(e: Example) -> int:
