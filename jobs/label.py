@@ -10,7 +10,10 @@
 Every scoring is a `label_events` row (raw log-probs, p_shown_a, p_a, order, principle,
 constitution sha, feedback model, template sha); a CoT is a `generation_events` row. Then
 `preference_dataset` is rebuilt: the AI harmlessness pairs (target = mean over principles of
-the order-debiased p) plus the human helpfulness pairs listed in params (hard targets).
+the order-debiased p) plus the human helpfulness pairs listed in params (hard targets). With
+`--reviewed-verdicts prefer` (params [label] reviewed_verdicts), the pairs people judged in `cai review`
+take their verdicts instead (A 1.0, B 0.0, tie 0.5, several reviewers averaged, both_bad dropped, counts
+printed) and the row's `origin` names the review_events; the default, ignore, uses the AI labels alone.
 
 Exit status: 1 when more than max_failed_fraction of this run's chains of thought (failed, or
 given up after max_attempts: `--max-attempts N` retries them) or of its scorings (failed:
@@ -34,6 +37,7 @@ from cai_lib.config import PointerConfig, RegistryConfig, opt, settings_from
 from cai_lib.constitution.load import load_constitution
 from cai_lib.constitution.templates import effective_templates
 from cai_lib.feedback.labels import LabelSettings
+from cai_lib.feedback.preferences import REVIEWED_VERDICTS, reviewed_targets
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import (MAX_NEW_TOKENS, Failures, FeedbackFields, GenerationConfig, guarded_replace_df, spark_job_main,
@@ -55,6 +59,10 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
     human_pairs: list = opt([], "params only: [{path, limit, seed}] HH-RLHF helpfulness files -> human_helpful rows",
                             flag=False)
     allow_shrink: bool = opt(False, "replace preference_dataset even when pairs lacking labels would make it smaller")
+    reviewed_verdicts: str = opt("ignore", "prefer: reviewers' verdicts (cai review, review_events) replace the AI "
+                                           "target of the pairs they judged (A 1.0, B 0.0, tie 0.5, reviewers "
+                                           "averaged; both_bad drops the pair); ignore: the AI labels alone",
+                                 choices=REVIEWED_VERDICTS)
 
     def settings(self) -> LabelSettings:
         return settings_from(self, LabelSettings)
@@ -107,9 +115,10 @@ def cot_wave(plane, todo, cot_sampling: str, make_chat, max_attempts: int):
             stats.model_calls if stats else 0)
 
 
-def preference_table(lake, jobs, samples, chosen, human_pairs: list):
-    """preference_dataset's rows (this run's comparisons' labels and the human pairs), the pair ids it
-    covers, the human rows, how many human rows were rejected, and how many AI pairs are incomplete."""
+def preference_table(lake, jobs, samples, chosen, human_pairs: list, reviewed: str = "ignore"):
+    """preference_dataset's rows (this run's comparisons' labels and the human pairs; with reviewed 'prefer',
+    reviewers' verdicts over the AI targets), the pair ids it covers (less the pairs reviewers dropped), the
+    human rows, how many human rows were rejected, and how many AI pairs are incomplete."""
     from cai_lib.feedback import spark_labels as sl
     from cai_lib.feedback.preferences import human_rows
     labels = lake.df("label_events").join(jobs.select("event_id"), "event_id", "left_semi")
@@ -117,7 +126,31 @@ def preference_table(lake, jobs, samples, chosen, human_pairs: list):
     dataset, incomplete = sl.preference_rows(labels, samples, chosen, sl.human_table(human))
     selected = jobs.select("pair_id").unionByName(
         lake.spark.createDataFrame([(r["pair_id"],) for r in human], "pair_id string")).distinct()
+    if reviewed == "prefer":
+        reviews = lake.read("review_events").to_pylist() if lake.exists("review_events") else []
+        dataset, selected = with_reviews(dataset, selected, *reviewed_targets(reviews))
     return dataset.localCheckpoint(eager=True), selected, human, rejected, incomplete
+
+
+def with_reviews(dataset, selected, targets: dict, dropped: dict):
+    """The AI rows (source ai_harmless) of the reviewed pairs take the reviewers' target and origin
+    (`reviewed_targets`), those of the dropped pairs go (from `selected` too: not a shrink to refuse);
+    both counts are printed. Human rows are never touched."""
+    from pyspark.sql import functions as F
+    spark = dataset.sparkSession
+    rows = [(p, t, o, False) for p, (t, o) in targets.items()] + [(p, None, o, True) for p, o in dropped.items()]
+    verdicts = spark.createDataFrame(rows, "pair_id string, r_target double, r_origin string, r_drop boolean")
+    ai = F.col("source") == "ai_harmless"
+    joined = dataset.join(F.broadcast(verdicts), "pair_id", "left").persist()
+    reviewed = ai & F.col("r_target").isNotNull()
+    gone = ai & F.coalesce(F.col("r_drop"), F.lit(False))
+    n_reviewed, n_dropped = joined.where(reviewed).count(), joined.where(gone).count()
+    print(f"preference_dataset: {n_reviewed} AI pairs take reviewers' verdicts as targets (origin review_events:...); "
+          f"{n_dropped} dropped from training because a reviewer called both responses bad")
+    out = (joined.where(~gone).withColumn("target", F.when(reviewed, F.col("r_target")).otherwise(F.col("target")))
+           .withColumn("origin", F.when(reviewed, F.col("r_origin")).otherwise(F.col("origin"))))
+    drop_ids = spark.createDataFrame([(p,) for p in dropped], "pair_id string")
+    return out.select(*dataset.columns), selected.join(drop_ids, "pair_id", "left_anti")
 
 
 def run(spark, cfg: LabelConfig, progress=None) -> dict:
@@ -160,7 +193,8 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
             plane.say(f"scoring {sum(c.rows for c in chunks)} comparisons in {len(chunks)} commits")
         scoring, quarantined = sl.run_scoring(plane, todo, chunks, make_chat=make_chat, settings=s)
         score_fails = Failures.of("scorings", scoring)
-        dataset, selected, human, rejected, incomplete = preference_table(lake, jobs, samples, chosen, cfg.human_pairs)
+        dataset, selected, human, rejected, incomplete = preference_table(lake, jobs, samples, chosen, cfg.human_pairs,
+                                                                          cfg.reviewed_verdicts)
         changed, errors, warnings = guarded_replace_df(lake, "preference_dataset", dataset, selected,
                                                        cfg.allow_shrink, lambda ids: lacking_labels(score_fails, cot_fails))
         mine_sha = sl.labels_sha(jobs)
