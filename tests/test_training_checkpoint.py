@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from cai_lib.training.checkpoint import CheckpointMismatch, clear_checkpoints, latest_checkpoint
+from cai_lib.training.dpo import train_dpo
+from cai_lib.training.policy import RLSettings
 from cai_lib.training.pm_train import PMSettings, train_pm
 from cai_lib.training.sft import SFTSettings, train_sft
 
@@ -132,6 +134,35 @@ def test_pm_resumed_from_step_4_ends_with_the_uninterrupted_weights_and_losses(t
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert any(k.startswith("score_head") for k in a) and any(k.startswith("model") for k in a)
     assert max_abs_diff(a, b) == 0.0
+
+
+def test_dpo_resumed_from_step_4_ends_with_the_uninterrupted_weights_and_metrics(tiny, tmp_path):
+    """DPO's reference log-probs are the starting policy's: the resumed run computes them again before
+    loading the checkpoint, so its steps 5 and 6 see the same reference as the run never stopped."""
+    pairs = [{"prompt": p, "chosen": c, "rejected": c[::-1], "weight": 0.5 + i / 10}
+             for i, (p, c) in enumerate(zip(_gpu_check().texts(8), _gpu_check().texts(8, 1)))]
+    base = {"algorithm": "dpo", "batch_size": 2, "mini_batch_size": 2, "dpo_epochs": 2, "dpo_max_steps": STEPS,
+            "max_length": 64, "learning_rate": 1e-3, "seed": 3, "torch_threads": 1}
+    on = RLSettings(**base, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    whole = train_dpo(tiny, pairs, RLSettings(**base), tmp_path / "whole")
+
+    def stop(step, metrics):   # DPO counts its steps from 0: step 4 is the fifth
+        if step == 4:
+            raise Stop("stopped in the fifth step")
+    with pytest.raises(Stop):
+        train_dpo(tiny, pairs, on, tmp_path / "cut", on_step=stop)
+    resumed = train_dpo(tiny, pairs, on, tmp_path / "cut")
+    assert resumed.resumed_from_step == 4 and len(whole.metrics) == STEPS
+
+    def untimed(ms):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+    assert untimed(resumed.metrics) == untimed(whole.metrics)
+    assert max_abs_diff(weights(tmp_path / "whole"), weights(tmp_path / "cut")) == 0.0
+
+
+def test_ppo_refuses_checkpoints_rather_than_ignoring_them():
+    with pytest.raises(ValueError, match="RLSettings.checkpoint_every is 5 but PPO does not checkpoint"):
+        RLSettings(algorithm="ppo", checkpoint_every=5, checkpoint_dir="ckpt")
 
 
 # ---------------------------------------------------------------- a real kill

@@ -6,15 +6,16 @@
     python -m pytest -q tests/test_training_checkpoint.py
 
 A checkpoint is the folder `<checkpoint_dir>/step-00000150/` holding
-- `state.safetensors`: the trainable tensors (all weights for a full fine-tune, the LoRA adapter, the
-  PM's head and, when it trains, its backbone), the optimizer's tensors (AdamW's moments and step
-  counts) and each rank's torch RNG state (CPU, and CUDA where used);
-- `checkpoint.json`: the step, the losses so far, the optimizer's hyper-parameters, each rank's
-  Python and NumPy RNG states, the data-order position, and the run's fingerprint (the settings that
-  shape the result, a digest of the rows and of the base model's files, the number of ranks).
+- `state.safetensors`: the trainable tensors (all weights for a full fine-tune or DPO, the LoRA adapter,
+  the PM's head and, when it trains, its backbone) and the optimizer's tensors (AdamW's moments and
+  step counts);
+- `checkpoint.json`: the step, the per-step history so far (losses; DPO's metric dicts), the
+  optimizer's hyper-parameters, each rank's torch (CPU, and CUDA where used), Python and NumPy RNG
+  states, the data-order position, and the run's fingerprint (the settings that shape the result, a
+  digest of the rows and of the base model's files, the number of ranks).
 No pickle anywhere: loading a checkpoint runs no code (the project's rule for weights).
-The learning rate is a function of the step (sft.py's `_lr_at`), so the step is the LR schedule's
-whole state. The data order is a pure function of the seed (a seeded shuffle per epoch, cut into
+SFT's learning rate is a function of the step (sft.py's `_lr_at`), so the step is its LR schedule's
+whole state; the PM and DPO keep constant rates (restored with the optimizer's parameter groups). The data order is a pure function of the seed (a seeded shuffle per epoch, cut into
 steps): the position is the number of step groups drawn, and a resume draws them again (a randperm
 per epoch, microseconds) rather than storing the permutation.
 
@@ -191,9 +192,10 @@ def _gather_rng(group: Ranks) -> list[dict]:
 
 @dataclass
 class Resume:
-    """Where a run starts: step 0 and no losses, or a checkpoint's step and the losses up to it."""
+    """Where a run starts: step 0 and no history, or a checkpoint's step and the per-step history
+    (losses, or metric dicts) up to it."""
     step: int = 0
-    losses: tuple[float, ...] = ()
+    history: tuple = ()
     path: Path | None = None
 
 
@@ -227,9 +229,9 @@ class Checkpointer:
                 p.copy_(tensors[f"param.{name}"])
         optimizer.load_state_dict(_optimizer_state(meta["optimizer"], tensors))
         _set_rng_state(meta["rng"][self.group.rank])
-        return Resume(int(meta["step"]), tuple(meta["losses"]), path)
+        return Resume(int(meta["step"]), tuple(meta["history"]), path)
 
-    def save(self, step: int, params: Mapping[str, torch.Tensor], optimizer, losses: Sequence[float],
+    def save(self, step: int, params: Mapping[str, torch.Tensor], optimizer, history: Sequence,
              position: Mapping[str, Any]) -> Path | None:
         """At every `every`-th step: rank 0 writes the checkpoint (all ranks must call this)."""
         if not self.every or step % self.every:
@@ -248,7 +250,7 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / STATE))
         (tmp / META).write_text(json.dumps({
-            "format": FORMAT, "step": step, "losses": list(losses), "optimizer": opt_meta, "rng": rng,
+            "format": FORMAT, "step": step, "history": list(history), "optimizer": opt_meta, "rng": rng,
             "data_position": dict(position), "fingerprint": self.fp}, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)   # the same step written again (a resumed run that was killed before it)

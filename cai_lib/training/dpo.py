@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cai_lib.training.checkpoint import Checkpointer, fingerprint
 from cai_lib.training.distributed import ranks
 from cai_lib.training.policy import (OnStep, RLResult, RLSettings, check_settings, load_policy, make_optimizer,
                                      finish, module_device, record_step, render_chat)
@@ -105,7 +106,9 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
     chosen and rejected, their mean margin, and accuracy = share of pairs with margin > 0
     (all measured before the step's update, so step 0 shows loss log 2 and margin 0).
     Data-parallel (cai_lib.training.distributed): each rank encodes, scores the reference on,
-    and trains on only its share of every step's pairs; the gradients are summed.
+    and trains on only its share of every step's pairs; the gradients are summed. With
+    checkpoint_every > 0 a killed run resumes from its last checkpoint (cai_lib.training.checkpoint):
+    the reference log-probs are the starting policy's, computed again before the weights are loaded.
     """
     s = check_settings(settings or RLSettings(algorithm="dpo"), "dpo")
     rows, weights = _pairs(pairs)
@@ -113,7 +116,8 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
     tokenizer, policy = load_policy(policy_dir, s, "dpo")
     device = module_device(policy)
     weights = weights.to(device)   # multiplies the per-pair losses, which are on the policy's device
-    params = [p for p in policy.parameters() if p.requires_grad]
+    named = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    params = list(named.values())
     group.broadcast_(params)
     optimizer = make_optimizer(params, s)
     schedule = _schedule(len(rows), s)
@@ -124,7 +128,12 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
     truncated = int(group.sum_(truncated)[0])
     result = RLResult("dpo", Path(out_dir), pairs_truncated=truncated, device=str(device))
     chunk_size = math.ceil(s.mini_batch_size / group.world)
-    for step, batch in enumerate(schedule):
+    fp = fingerprint("dpo", s, rows, policy_dir, group.world) if s.checkpoint_every else {}
+    ckpt = Checkpointer(s, fp, group)
+    resume = ckpt.restore(named, optimizer)   # after the reference: it is the starting policy's
+    result.metrics, result.resumed_from_step = list(resume.history), resume.step
+    for step in range(resume.step, len(schedule)):
+        batch = schedule[step]
         t0 = time.perf_counter()
         sums = _dpo_step(policy, logps, ref, group.shard(batch), weights, weights[batch].sum(), chunk_size, s)
         group.sum_grads_(params)
@@ -138,6 +147,7 @@ def train_dpo(policy_dir, pairs: Sequence[Mapping], settings: RLSettings | None 
                    "margin": margin / n, "accuracy": correct / n, "pairs": float(n),
                    "seconds": time.perf_counter() - t0}
         record_step(result, step, metrics, on_step, group)
+        ckpt.save(step + 1, named, optimizer, result.metrics, {"schedule_steps_done": step + 1, "seed": s.seed})
     return finish(result, policy, tokenizer, out_dir, start, group)
 
 

@@ -262,7 +262,7 @@ def _fit(scorer, data: _PMData, settings: PMSettings, on_step, group: Ranks,
     per_rank = math.ceil(settings.batch_size / group.world)   # the same global batch, split N ways
     gen = torch.Generator().manual_seed(settings.seed)
     resume = ckpt.restore(named, optimizer)
-    losses = list(resume.losses)
+    losses = list(resume.history)
     groups = _step_groups(data.n, settings.batch_size * settings.grad_accum, gen)
     for step, step_idx in zip(range(resume.step, total), itertools.islice(groups, resume.step, None)):
         step_weight = data.weight[step_idx].sum()

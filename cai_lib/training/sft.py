@@ -311,7 +311,7 @@ def _fit(model, train, settings, pad_id, device, on_step, group: Ranks,
     model.train()
     generator = torch.Generator().manual_seed(settings.seed)
     resume = ckpt.restore(named, optimizer)
-    losses = list(resume.losses)
+    losses = list(resume.history)
     groups = itertools.islice(_step_groups(len(train), settings, generator), resume.step, None)   # replay the order
     for step, group_rows in zip(range(resume.step, total), groups):
         lr = _lr_at(step, total, settings)
