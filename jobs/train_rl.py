@@ -4,7 +4,7 @@
     cai train-rl --algorithm dpo                    DPO on preference_dataset (cheaper, offline)
     cai train-rl --policy cai-sl:3 --reward-model cai-pm@champion --kl-mode adaptive
     cai train-rl --num-processes 2                  data-parallel on 2 processes (TorchDistributor)
-    cai train-rl --algorithm dpo --checkpoint-every 20 --checkpoint-dir checkpoints/rl   killed? run it again
+    cai train-rl --checkpoint-every 20 --checkpoint-dir checkpoints/rl   killed? the same command resumes
 
 PPO: the policy samples answers to red-team and helpful training prompts, the PM scores them,
 reward = score - beta * KL(policy || frozen SL-CAI reference) per token, value head, GAE,
@@ -118,8 +118,8 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
             progress(f"DPO on {len(pairs)} pairs ({ties} ties skipped, {data.excluded} quarantined) on {device}"
                      f"{cfg.describe_processes()}")
             result = cfg.launch(train_dpo, policy_dir, pairs, settings, out_dir, _logged(cfg, progress))
-            if result.resumed_from_step:
-                progress(f"resumed from the step-{result.resumed_from_step} checkpoint in {settings.checkpoint_dir}")
+        if result.resumed_from_step:
+            progress(f"resumed from the step-{result.resumed_from_step} checkpoint in {settings.checkpoint_dir}")
         steps = result.metrics
         keys = ("reward_mean", "kl_mean", "beta", "refusal_rate", "boilerplate_rate", "loss", "margin", "accuracy")
         summary = {"algorithm": cfg.algorithm, "steps": len(steps), "seconds": round(result.seconds, 1),
@@ -127,7 +127,7 @@ def run(cfg: TrainRLConfig, progress=print) -> dict:
                    **{f"first_{k}": steps[0][k] for k in keys if k in steps[0]},
                    **{f"last_{k}": steps[-1][k] for k in keys if k in steps[-1]}}
         pointer = register_trained(cfg, run, out_dir, "rl", summary, {"parents": parents}, lake=lake)
-    if settings.checkpoint_every:   # DPO, registered: the next run starts fresh (a killed one resumed above)
+    if settings.checkpoint_every:   # registered: the next run starts fresh (a killed one resumed above)
         clear_checkpoints(settings.checkpoint_dir)
     write_json(cfg.curve, [{"step": i, **m} for i, m in enumerate(steps)])
     return {k: v for k, v in {**pointer, **summary}.items() if not isinstance(v, dict)}

@@ -4,7 +4,9 @@ On the tiny random Llama and in-process BPE tokenizer of bench/gpu_check.py (a f
 - a run stopped after step 5 (checkpoints every 2 steps) and started again continues from step 4 and
   ends with exactly the weights and loss trajectory of a run never stopped (CPU fp32, one thread:
   max abs diff 0, asserted with torch.equal), for SFT with LoRA (its dropout draws from the restored
-  RNG) and for the PM with its backbone training;
+  RNG), for the PM with its backbone training, for DPO and for PPO (metrics compared without their
+  wall-clock `seconds`); a 2-rank SFT run (slow: TorchDistributor) does the same, every rank's RNG
+  restored;
 - a real kill: SFT in a subprocess is SIGKILLed once its step-2 checkpoint has landed (the test polls
   for the file; the child is parked in step 3 so the kill always falls mid-run), the same command
   again resumes from step 2 and ends with the uninterrupted run's weights (max abs diff <= 1e-6);
@@ -30,6 +32,7 @@ from safetensors.torch import load_file
 from cai_lib.training.checkpoint import CheckpointMismatch, clear_checkpoints, latest_checkpoint
 from cai_lib.training.dpo import train_dpo
 from cai_lib.training.policy import RLSettings
+from cai_lib.training.ppo import train_ppo
 from cai_lib.training.pm_train import PMSettings, train_pm
 from cai_lib.training.sft import SFTSettings, train_sft
 
@@ -160,9 +163,33 @@ def test_dpo_resumed_from_step_4_ends_with_the_uninterrupted_weights_and_metrics
     assert max_abs_diff(weights(tmp_path / "whole"), weights(tmp_path / "cut")) == 0.0
 
 
-def test_ppo_refuses_checkpoints_rather_than_ignoring_them():
-    with pytest.raises(ValueError, match="RLSettings.checkpoint_every is 5 but PPO does not checkpoint"):
-        RLSettings(algorithm="ppo", checkpoint_every=5, checkpoint_dir="ckpt")
+def reply_length(prompts, responses):   # a deterministic reward: PPO needs no PM to be checked
+    return [float(len(r)) for r in responses]
+
+
+def test_ppo_resumed_from_iteration_4_ends_with_the_uninterrupted_weights_and_metrics(tiny, tmp_path):
+    """PPO also keeps the value head, the adaptive KL coefficient and the minibatch-order generator;
+    the rollout seeds are a function of the iteration, the reference is the starting policy."""
+    base = {"algorithm": "ppo", "steps": STEPS, "batch_size": 2, "mini_batch_size": 1, "ppo_epochs": 2,
+            "max_new_tokens": 6, "learning_rate": 1e-3, "kl_mode": "adaptive", "kl_horizon": 10.0,
+            "seed": 3, "torch_threads": 1}
+    on = RLSettings(**base, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    prompts = _gpu_check().texts(4)
+    whole = train_ppo(tiny, prompts, reply_length, RLSettings(**base), tmp_path / "whole")
+
+    def stop(step, metrics):   # PPO counts its iterations from 0: step 4 is the fifth
+        if step == 4:
+            raise Stop("stopped in the fifth iteration")
+    with pytest.raises(Stop):
+        train_ppo(tiny, prompts, reply_length, on, tmp_path / "cut", on_step=stop)
+    resumed = train_ppo(tiny, prompts, reply_length, on, tmp_path / "cut")
+    assert resumed.resumed_from_step == 4 and len(whole.metrics) == STEPS
+
+    def untimed(ms):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+    assert untimed(resumed.metrics) == untimed(whole.metrics)
+    assert len({m["beta"] for m in whole.metrics}) > 1   # the adaptive beta moved: its restore is checked
+    assert max_abs_diff(weights(tmp_path / "whole"), weights(tmp_path / "cut")) == 0.0
 
 
 # ---------------------------------------------------------------- a real kill

@@ -11,5 +11,5 @@ policy        what PPO and DPO share: settings, policy loading, optimizer step, 
 ppo           the PPO loop of RL-CAI against a reward function (the PM), KL to the SL reference
 dpo           weighted DPO on preference pairs (offline alternative)
 distributed   data-parallel training through Spark's TorchDistributor: ranks, shards, all-reduces, rank 0 writes
-checkpoint    step checkpoints (weights, optimizer, RNGs, data position) a killed SFT, PM or DPO run resumes from
+checkpoint    step checkpoints (weights, optimizer, RNGs, data position) a killed SFT, PM, PPO or DPO run resumes from
 """

@@ -6,16 +6,17 @@
     python -m pytest -q tests/test_training_checkpoint.py
 
 A checkpoint is the folder `<checkpoint_dir>/step-00000150/` holding
-- `state.safetensors`: the trainable tensors (all weights for a full fine-tune or DPO, the LoRA adapter,
-  the PM's head and, when it trains, its backbone) and the optimizer's tensors (AdamW's moments and
-  step counts);
-- `checkpoint.json`: the step, the per-step history so far (losses; DPO's metric dicts), the
+- `state.safetensors`: the trainable tensors (all weights for a full fine-tune, PPO or DPO, the LoRA
+  adapter, the PM's head and, when it trains, its backbone, PPO's value head) and the optimizer's
+  tensors (AdamW's moments and step counts);
+- `checkpoint.json`: the step, the per-step history so far (losses; PPO's and DPO's metric dicts), the
   optimizer's hyper-parameters, each rank's torch (CPU, and CUDA where used), Python and NumPy RNG
-  states, the data-order position, and the run's fingerprint (the settings that shape the result, a
-  digest of the rows and of the base model's files, the number of ranks).
+  states, the data-order position (with PPO's KL coefficient and minibatch-order generator), and
+  the run's fingerprint (the settings that shape the result, a digest of the rows and of the base
+  model's files, PPO's reward model's too, the number of ranks).
 No pickle anywhere: loading a checkpoint runs no code (the project's rule for weights).
 SFT's learning rate is a function of the step (sft.py's `_lr_at`), so the step is its LR schedule's
-whole state; the PM and DPO keep constant rates (restored with the optimizer's parameter groups). The data order is a pure function of the seed (a seeded shuffle per epoch, cut into
+whole state; the PM, PPO and DPO keep constant rates (restored with the optimizer's parameter groups). The data order is a pure function of the seed (a seeded shuffle per epoch, cut into
 steps): the position is the number of step groups drawn, and a resume draws them again (a randperm
 per epoch, microseconds) rather than storing the permutation.
 
@@ -34,7 +35,7 @@ import hashlib
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -95,12 +96,14 @@ def _model_digest(model_dir) -> str:
     return _sha256_files(sorted([*folder.glob("*.safetensors"), *folder.glob("config.json")]))
 
 
-def fingerprint(kind: str, settings, rows: Sequence[Mapping], model_dir, world: int) -> dict[str, Any]:
-    """What must be equal for a checkpoint to continue this run (JSON-normalised, for comparison)."""
+def fingerprint(kind: str, settings, rows: Sequence, model_dir, world: int, **models) -> dict[str, Any]:
+    """What must be equal for a checkpoint to continue this run (JSON-normalised, for comparison);
+    `models` names other model folders the run depends on (PPO's reward model), digested alike."""
     shaped = {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED}
     data = hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
+    others = {f"{name}_sha256": _model_digest(folder) for name, folder in models.items()}
     return json.loads(json.dumps({"kind": kind, "settings": shaped, "rows_sha256": data, "n_rows": len(rows),
-                                  "base_model_sha256": _model_digest(model_dir), "ranks": world}))
+                                  "base_model_sha256": _model_digest(model_dir), "ranks": world, **others}))
 
 
 def _differences(saved: Mapping, current: Mapping) -> list[str]:
@@ -197,6 +200,7 @@ class Resume:
     step: int = 0
     history: tuple = ()
     path: Path | None = None
+    position: dict = field(default_factory=dict)   # what save() was given as the data position (and loop state)
 
 
 class Checkpointer:
@@ -229,7 +233,7 @@ class Checkpointer:
                 p.copy_(tensors[f"param.{name}"])
         optimizer.load_state_dict(_optimizer_state(meta["optimizer"], tensors))
         _set_rng_state(meta["rng"][self.group.rank])
-        return Resume(int(meta["step"]), tuple(meta["history"]), path)
+        return Resume(int(meta["step"]), tuple(meta["history"]), path, dict(meta["data_position"]))
 
     def save(self, step: int, params: Mapping[str, torch.Tensor], optimizer, history: Sequence,
              position: Mapping[str, Any]) -> Path | None:

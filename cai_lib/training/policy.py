@@ -128,15 +128,12 @@ class RLSettings:
     max_length: int = opt(1024, "DPO: prompt + response tokens; longer pairs lose response tokens first "
                                 "(at least 2: one prompt and one response token)", lo=2, hi=131_072)
     device: str | None = opt(None, "where the policy, the reference and the value head run: " + DEVICE_HELP)
-    checkpoint_every: int = every_field()       # DPO only (cai_lib.training.checkpoint); PPO refuses it
+    checkpoint_every: int = every_field()       # cai_lib.training.checkpoint: resume a killed PPO or DPO run
     checkpoint_dir: str | None = dir_field()
 
     def __post_init__(self):
         check_fields(self)   # the bounds above, for settings built in code as for params and flags
         check_checkpoint_fields(self)
-        if self.algorithm == "ppo" and self.checkpoint_every:
-            raise ValueError(f"RLSettings.checkpoint_every is {self.checkpoint_every} but PPO does not checkpoint "
-                             "(SFT, the PM and DPO do): set checkpoint_every 0, or train with algorithm dpo")
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"RLSettings.mini_batch_size must be <= batch_size ({self.batch_size}), "
                              f"got {self.mini_batch_size}")
@@ -155,7 +152,7 @@ class RLResult:
     prompts_dropped: int = 0                             # PPO: over max_prompt_tokens
     pairs_truncated: int = 0                             # DPO: cut to max_length
     device: str = ""                                     # where the policy (and reference, value head) ran
-    resumed_from_step: int = 0                           # DPO: the checkpoint's step it continued from
+    resumed_from_step: int = 0                           # the checkpoint's step it continued from (0 = fresh)
 
 
 

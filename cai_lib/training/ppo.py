@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from cai_lib.ids import derive_seed
+from cai_lib.training.checkpoint import Checkpointer, Resume, fingerprint
 from cai_lib.training.distributed import Ranks, rank_seed, ranks
 from cai_lib.training.policy import (OnStep, RewardFn, RLResult, RLSettings, check_settings, load_policy,
                                      finish, make_optimizer, module_device, record_step, render_chat,
@@ -194,6 +195,8 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
     Data-parallel (cai_lib.training.distributed): each rank samples its share of every
     iteration's prompts with its own seed, scores them with its own reward_fn, keeps its own
     reference, and the gradients are averaged; metrics are the mean of the ranks' values.
+    With checkpoint_every > 0 a killed run resumes from its last checkpoint (policy, value head,
+    optimizer, KL coefficient, minibatch order, RNGs; cai_lib.training.checkpoint).
     """
     s = check_settings(settings or RLSettings(), "ppo")
     prompts = text_list(prompts, "prompts")
@@ -212,10 +215,17 @@ def train_ppo(policy_dir, prompts: Sequence[str], reward_fn: RewardFn, settings:
                          "once rendered with the chat template; raise max_prompt_tokens")
     result = RLResult("ppo", Path(out_dir), prompts_dropped=len(prompts) - len(keep),
                       device=str(module_device(policy)))
-    for step, batch in enumerate(prompt_batches(len(keep), s.batch_size, s.steps, s.seed)):
-        idx = [keep[i] for i in group.shard(batch)]   # this rank's share of the iteration's prompts
+    reward = {"reward_model": reward_fn.pm_dir} if isinstance(reward_fn, PMReward) else {}
+    fp = fingerprint("ppo", s, prompts, policy_dir, group.world, **reward) if s.checkpoint_every else {}
+    ckpt = Checkpointer(s, fp, group)
+    resume = run.resume(ckpt)   # after start(): the reference is the starting policy
+    result.metrics, result.resumed_from_step = list(resume.history), resume.step
+    batches = prompt_batches(len(keep), s.batch_size, s.steps, s.seed)
+    for step in range(resume.step, len(batches)):   # rollout seeds are a function of the step
+        idx = [keep[i] for i in group.shard(batches[step])]   # this rank's share of the iteration's prompts
         metrics = run.iteration(step, [prompts[i] for i in idx], [rendered[i] for i in idx], reward_fn)
         record_step(result, step, metrics, on_step, group)
+        run.checkpoint(ckpt, step + 1, result.metrics)
     return finish(result, policy, tokenizer, out_dir, start, group)
 
 
@@ -262,6 +272,24 @@ class _PPORun:
                   else AdaptiveKLController(s.kl_beta, s.kl_target, s.kl_horizon))
         return cls(s, tokenizer, policy, ref, value_head, params, optimizer, kl_ctl,
                    torch.Generator().manual_seed(s.seed), group)
+
+    def trained(self) -> dict[str, Tensor]:
+        """The named tensors a checkpoint keeps: the policy's and the value head's."""
+        return {**{f"policy.{n}": p for n, p in self.policy.named_parameters() if p.requires_grad},
+                **{f"value_head.{n}": p for n, p in self.value_head.named_parameters()}}
+
+    def resume(self, ckpt: Checkpointer) -> Resume:
+        """The latest checkpoint's weights, optimizer and RNGs, its KL coefficient and minibatch order."""
+        resume = ckpt.restore(self.trained(), self.optimizer)
+        if resume.step:
+            self.kl_ctl.value = float(resume.position["kl_beta"])
+            self.shuffle.set_state(torch.tensor(resume.position["minibatch_order_state"], dtype=torch.uint8))
+        return resume
+
+    def checkpoint(self, ckpt: Checkpointer, step: int, history: list) -> None:
+        ckpt.save(step, self.trained(), self.optimizer, history, {
+            "iterations_done": step, "seed": self.s.seed, "kl_beta": self.kl_ctl.value,
+            "minibatch_order_state": self.shuffle.get_state().tolist()})
 
     def update(self, step: int, prompts: list[str], rendered: list[str], reward_fn: RewardFn) -> _Update:
         """Rollout, score, KL-penalised rewards, GAE, `ppo_epochs` of minibatch updates."""
