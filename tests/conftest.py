@@ -69,6 +69,19 @@ def make_small_lake(tmp_path: Path) -> Path:
     return cached(tmp_path / "lake", "small_lake", build)
 
 
+def make_tiny_pm(path: Path) -> Path:
+    """A preference model with a 1-layer random backbone on the default tokenizer (seconds, not minutes),
+    saved at `path`: for jobs that need a PM's scores but not good ones (evaluate)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    from cai_lib.backends.models import resolve_model
+    from cai_lib.training.pm_model import PreferenceModel
+    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
+    backbone = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    return PreferenceModel(backbone, tok, max_length=64).save(path)
+
+
 def copy_lake(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -11,7 +11,7 @@ from cai_lib.lake.tables import Lake
 from jobs.cli import COMMANDS
 from jobs.cli import main as cai
 from jobs.common import Failures, report
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_tiny_pm
 
 DEFAULT = str(ROOT / "constitutions/default.yaml")
 MEDICAL = str(ROOT / "constitutions/medical_information.yaml")
@@ -158,15 +158,7 @@ def test_sample_pairs_and_label_fail_loudly_and_keep_the_preference_dataset(spar
 
 @pytest.fixture
 def tiny_pm(tmp_path):
-    """A preference model with a 1-layer random backbone on the default tokenizer (seconds, not minutes)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
-
-    from cai_lib.backends.models import resolve_model
-    from cai_lib.training.pm_model import PreferenceModel
-    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
-    backbone = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2))
-    return PreferenceModel(backbone, tok, max_length=64).save(tmp_path / "pm")
+    return make_tiny_pm(tmp_path / "pm")
 
 
 def test_evaluate_counts_failed_and_given_up_answers(spark, small_lake, tiny_pm, tmp_path, capsys):

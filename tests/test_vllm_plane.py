@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from cai_lib.lake.tables import Lake
-from tests.conftest import ROOT, copy_lake, make_small_lake
+from tests.conftest import ROOT, copy_lake, make_small_lake, make_tiny_pm, write_jsonl
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed here: `make test-vllm` runs this in .venv-vllm")
@@ -23,11 +24,18 @@ BASE = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/d
             dtype="float32", limit=1)   # one red-team (and one helpful) prompt: the transformers side is the slow one
 SL = dict(rounds=1, batches_per_commit=1, answer_max_new_tokens=16, critique_max_new_tokens=12,
           revision_max_new_tokens=12, temperature=0.0)
+HUMAN = {"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: Call a locksmith.",
+         "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Use a tension wrench on a neighbour's door."}
 COT = dict(cot=True, cot_max_new_tokens=16, temperature=0.0)
 
 
-def run_all(spark, lakes: dict, backend: str) -> dict:
-    """sl-generate, label (both orders, 2 principles), label --cot and, for vLLM, sample-pairs: one backend."""
+def run_all(spark, lakes: dict, backend: str, work: Path) -> dict:
+    """sl-generate, label (both orders, 2 principles), label --cot, eval-labeler, evaluate and, for vLLM,
+    sample-pairs: one backend."""
+    from jobs.eval_labeler import EvalLabelerConfig
+    from jobs.eval_labeler import run as eval_labeler
+    from jobs.evaluate import EvaluateConfig
+    from jobs.evaluate import run as evaluate
     from jobs.label import LabelConfig
     from jobs.label import run as label
     from jobs.sample_pairs import SamplePairsConfig
@@ -42,6 +50,14 @@ def run_all(spark, lakes: dict, backend: str) -> dict:
             copy_lake(lakes["pairs"], lakes[name])
     out["label"] = label(spark, LabelConfig(lake=str(lakes[f"label_{backend}"]), ensemble=2, backend=backend, **BASE))
     out["cot"] = label(spark, LabelConfig(lake=str(lakes[f"cot_{backend}"]), backend=backend, **COT, **BASE))
+    files = dict(metrics=str(work / f"{backend}-eval.json"), plot=str(work / f"{backend}-eval.png"))
+    out["eval_labeler"] = eval_labeler(spark, EvalLabelerConfig(
+        lake=str(lakes[f"eval_{backend}"]), backend=backend, human=str(work / "human.jsonl"), sample_size=1,
+        **files, **{k: v for k, v in BASE.items() if k != "limit"}))
+    files = dict(metrics=str(work / f"{backend}-evaluate.json"), plot=str(work / f"{backend}-evaluate.png"))
+    out["evaluate"] = evaluate(spark, EvaluateConfig(
+        lake=str(lakes[f"evaluate_{backend}"]), backend=backend, policies=["base=default", "again=default"],
+        reward_model=str(work / "pm"), splits=["train"], max_new_tokens=8, **files, **BASE))
     if backend == "vllm":
         out["pairs"] = sample_pairs(spark, SamplePairsConfig(lake=str(lakes["pairs_vllm"]), max_new_tokens=16,
                                                              policy="default", backend="vllm", **BASE))
@@ -69,10 +85,15 @@ def worker_state(spark) -> dict:
 def runs(spark, tmp_path_factory):
     base = make_small_lake(tmp_path_factory.mktemp("vllm-plane"))
     lakes = {n: base.parent / n for n in ("sl_transformers", "sl_vllm", "pairs", "pairs_vllm", "label_transformers",
-                                          "label_vllm", "cot_transformers", "cot_vllm")}
-    for n in ("sl_transformers", "sl_vllm", "pairs", "pairs_vllm"):
+                                          "label_vllm", "cot_transformers", "cot_vllm", "eval_transformers",
+                                          "eval_vllm", "evaluate_transformers", "evaluate_vllm")}
+    for n in ("sl_transformers", "sl_vllm", "pairs", "pairs_vllm", "eval_transformers", "eval_vllm",
+              "evaluate_transformers", "evaluate_vllm"):
         copy_lake(base, lakes[n])
-    got = {b: run_all(spark, lakes, b) for b in ("transformers", "vllm")}
+    work = base.parent
+    write_jsonl(work / "human.jsonl", [HUMAN])
+    make_tiny_pm(work / "pm")
+    got = {b: run_all(spark, lakes, b, work) for b in ("transformers", "vllm")}
     return got, {n: Lake(p) for n, p in lakes.items()}, worker_state(spark)
 
 
@@ -82,7 +103,7 @@ def rows(lake: Lake, table: str, kind: str | None = None) -> dict[str, dict]:
 
 def test_one_engine_per_worker_loaded_once_and_in_process(runs):
     _, _, state = runs
-    # transformers for its four jobs, then vLLM for its four: one load each, no engine process beside the worker
+    # transformers for its jobs, then vLLM for its jobs: one load each, no engine process beside the worker
     assert state["loads"] == ["transformers", "vllm"]
     assert not [k for k in state["kids"] if "EngineCore" in k or "VLLM" in k], state
 
@@ -125,3 +146,24 @@ def test_sample_pairs_on_vllm_plans_the_same_events(runs):
     want = {e for e, r in rows(lakes["pairs"], "generation_events").items() if r["kind"] in kinds}
     have = {e for e, r in rows(lakes["pairs_vllm"], "generation_events").items() if r["kind"] in kinds}
     assert have == want and len(want) == 2
+
+
+def test_eval_labeler_scores_the_human_pairs_as_transformers(runs):
+    got, lakes, _ = runs
+    for b in ("transformers", "vllm"):
+        assert (got[b]["eval_labeler"]["human_n"], got[b]["eval_labeler"]["model_calls"]) == (1, 1), b
+    kinds = ("eval_label",)
+    want, have = ({e: r for e, r in rows(lakes[f"eval_{b}"], "label_events").items() if r["kind"] in kinds}
+                  for b in ("transformers", "vllm"))
+    assert len(want) == 2   # the one pair in both orders
+    assert labels_agree(want, have) < 1e-3
+
+
+def test_evaluate_answers_and_compares_as_transformers(runs):
+    got, lakes, _ = runs
+    for b in ("transformers", "vllm"):
+        assert (got[b]["evaluate"]["prompts"], got[b]["evaluate"]["failed"]) == (2, 0), b
+    want, have = (rows(lakes[f"evaluate_{b}"], "generation_events", "eval_response") for b in ("transformers", "vllm"))
+    assert len(want) == 2 and {e: r["text"] for e, r in have.items()} == {e: r["text"] for e, r in want.items()}
+    # 2 prompts x 1 pair of policies, each scored in both orders by the feedback model on the same backend
+    assert got["vllm"]["evaluate"]["comparisons"] == got["transformers"]["evaluate"]["comparisons"] == 2
