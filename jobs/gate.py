@@ -33,7 +33,7 @@ from cai_lib.quality.frames import STAGE_TABLES, build_frames
 from cai_lib.quality.gates import judge, suite_sha, validate
 from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import write_pointer, writer_lake
-from schemas.suites import ROW_KEYS, SUITES
+from schemas.suites import ROW_KEYS, SUITES, UNINFORMATIVE
 
 
 @dataclass
@@ -176,9 +176,6 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     return j.passed, summary
 
 
-UNINFORMATIVE = ("labels.human_agreement", "labels.review_agreement", "labels.swap_consistency", "labels.spread")
-
-
 def verdict_line(stage: str, s: dict) -> str:
     """The gate's one-line verdict: what it blocks, and why in words for the labeller checks."""
     if s["verdict"] == "failed":
@@ -190,7 +187,7 @@ def verdict_line(stage: str, s: dict) -> str:
                "need or waive them by name in params.yaml [gate] waive"
     elif s["verdict"] == "not_promotable":
         why = ", ".join(s["promotion_blockers"])
-        plain = (" the labels are uninformative (no better than chance against human labels or across A/B order);"
+        plain = (" the labels are uninformative (no better than chance against human labels, reviewers or across A/B order);"
                  if any(b in UNINFORMATIVE for b in s["promotion_blockers"]) else "")
         head = f"PASSED for training, NOT PROMOTABLE ({why}):{plain} no model trained on them can become champion"
     else:

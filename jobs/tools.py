@@ -11,6 +11,7 @@ from pathlib import Path
 from cai_lib.config import DEFAULT_PARAMS, PARAMS_ENV, LakeConfig, RegistryConfig, default_params, read_params
 from cai_lib.lake.tables import Lake
 from schemas import TABLES
+from schemas.suites import UNINFORMATIVE
 
 
 def add_common(p: argparse.ArgumentParser, registry: bool = False) -> None:
@@ -127,8 +128,7 @@ def verdict_summary(v: dict) -> str:
         line += f"; waived: {', '.join(v['waived_checks'])}"
     if v.get("verdict") == "not_promotable":
         blockers = list(v.get("promotion_blockers") or [])
-        plain = ("the labels are uninformative; " if any(b in ("labels.human_agreement", "labels.swap_consistency",
-                                                              "labels.spread") for b in blockers) else "")
+        plain = "the labels are uninformative; " if any(b in UNINFORMATIVE for b in blockers) else ""
         line += (f"\n            NOT PROMOTABLE ({', '.join(blockers)}): {plain}nothing trained on this data can "
                  "be promoted to champion")
     return line

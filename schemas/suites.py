@@ -176,6 +176,8 @@ def label_checks(t) -> list[Check]:
     ]
 
 
+# the labeller checks whose failure means the AI labels carry no signal (said in words by `cai gate` and `cai status`)
+UNINFORMATIVE = ("labels.human_agreement", "labels.review_agreement", "labels.swap_consistency", "labels.spread")
 SUITES = {"prompts": prompt_checks, "sl": lambda t: prompt_checks(t) + sl_checks(t), "labels": label_checks}
 ROW_KEYS = {  # frame -> (key column, the lake table that key belongs to)
     "prompts": ("prompt_id", "prompts"),
