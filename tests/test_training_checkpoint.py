@@ -10,7 +10,9 @@ On the tiny random Llama and in-process BPE tokenizer of bench/gpu_check.py (a f
 - a real kill: SFT in a subprocess is SIGKILLed once its step-2 checkpoint has landed (the test polls
   for the file; the child is parked in step 3 so the kill always falls mid-run), the same command
   again resumes from step 2 and ends with the uninterrupted run's weights (max abs diff <= 1e-6);
-- a checkpoint of other settings or other rows is refused with an error naming it and the fix.
+- a checkpoint of other settings or other rows is refused with an error naming it and the fix;
+- the job (slow: a lake and MLflow): `cai train-sl` dying in step 2 registers nothing and keeps its
+  step-1 checkpoint; the same command resumes from it, registers version 1 and removes the checkpoints.
 
     python -m pytest -q tests/test_training_checkpoint.py
 """
@@ -311,3 +313,51 @@ def test_two_ranks_resume_to_the_uninterrupted_two_rank_weights(tiny, tmp_path, 
     with pytest.raises(CheckpointMismatch, match=r"checkpoint .*step-00000006 was written by another run "
                                                  r"\(ranks 2 -> 1\)"):
         train_sft(tiny, sft_rows(), on, tmp_path / "one")
+
+
+# ---------------------------------------------------------------- the job: nothing half-trained is registered
+
+class Killed(RuntimeError):
+    """Not a ValueError: the job's error handler does not turn it into exit 1, it ends the job like a crash."""
+
+
+@pytest.mark.slow
+def test_a_train_sl_job_stopped_mid_run_registers_nothing_and_the_rerun_resumes(tiny, tmp_path, monkeypatch, capsys,
+                                                                              spark):
+    from synthetic_lake import build_clean_lake
+
+    from mlflow.tracking import MlflowClient
+
+    from cai_lib.training.distributed import DistributedConfig
+    from jobs.cli import main as cai
+    lake = build_clean_lake(tmp_path / "lake")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    ckpt = tmp_path / "ckpt"
+    argv = ["train-sl", "--lake", str(lake.root), "--params", str(tmp_path / "params.yaml"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--artifact-dir", str(tmp_path / "artifacts"),
+            "--base-model", str(tiny), "--torch-threads", "1", "--max-steps", "3", "--batch-size", "2",
+            "--max-length", "512", "--checkpoint-every", "1", "--checkpoint-dir", str(ckpt),
+            "--metrics", str(tmp_path / "metrics.json"), "--no-require-gates"]   # the gates are tested elsewhere
+    logger = DistributedConfig.step_logger
+
+    def dies_in_step_2(self):
+        log = logger(self)
+
+        def on_step(step, metrics):
+            log(step, metrics)
+            if step == 2:
+                raise Killed("the job died in step 2")
+        return on_step
+    monkeypatch.setattr(DistributedConfig, "step_logger", dies_in_step_2)
+    with pytest.raises(Killed, match="the job died in step 2"):
+        cai(argv)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.search_model_versions("name='cai-sl'") == []          # nothing registered
+    assert latest_checkpoint(ckpt) == ckpt / "step-00000001"
+    monkeypatch.setattr(DistributedConfig, "step_logger", logger)
+    assert cai(argv) == 0
+    assert "resumed from the step-1 checkpoint" in capsys.readouterr().out
+    assert [int(v.version) for v in client.search_model_versions("name='cai-sl'")] == [1]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["resumed_from_step"], metrics["steps"]) == (1, 3)
+    assert not ckpt.exists()   # registered: the checkpoints are gone
