@@ -7,44 +7,22 @@ chunk's first task attempt is slow (`fake:slow=S`), so Spark launches a copy of 
 (127.0.0.2: a copy never runs on the host of the original), the copy wins, and each id still lands once."""
 from __future__ import annotations
 
-import contextlib
-import os
+import json
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cai_lib.lake.tables import Lake
 from jobs.sl_generate import SLGenerateConfig, run
+from tests.cluster import StandaloneCluster
 from tests.conftest import ROOT, copy_lake
 
 SLOW_S = 4   # a first task attempt's sleep per model call; a speculative copy starts after 0.5 s
 SETTINGS = dict(backend="fake", base_model="fake", rounds=1, batch_size=2, batches_per_commit=1,
                 params="/dev/null", constitution=str(ROOT / "constitutions/default.yaml"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc, log: Path, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"port {port} never opened: {log.read_text()[-2000:]}")
 
 
 def flags(settings: dict) -> list[str]:
@@ -54,53 +32,40 @@ def flags(settings: dict) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One cluster for every test here: starting the JVMs is most of a test's time."""
+    running = StandaloneCluster(tmp_path_factory.mktemp("standalone")).start()
+    yield running
+    running.stop()
+
+
+def new_app(cluster: StandaloneCluster, before: set[str]) -> str:
+    """The one application the workers served since `before` (the job just run)."""
+    (app,) = cluster.apps() - before
+    return app
+
+
 @pytest.mark.slow
-def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, small_lake, tmp_path):
-    import pyspark
-    home = Path(pyspark.__file__).parent
-    # SPARK_SCALA_VERSION: the worker's launcher of executors otherwise looks for a source build's folders
-    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_SCALA_VERSION": "2.13"}
-    launcher = [shutil.which("java"), "-Xmx512m", "-cp", f"{home}/jars/*"]
-    port, procs = free_port(), []
-
-    def start(name: str, *args: str):
-        log = tmp_path / f"{name}.log"
-        procs.append(subprocess.Popen([*launcher, *args], env=env, start_new_session=True,
-                                      stdout=log.open("w"), stderr=subprocess.STDOUT))
-        return procs[-1], log
-
-    try:
-        master, log = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                            "--port", str(port), "--webui-port", str(free_port()))
-        wait_for_port(port, master, log)
-        for i in range(2):
-            host = f"127.0.0.{i + 1}"   # two hosts: a speculative copy runs on another host than its original
-            env = {**env, "SPARK_LOCAL_IP": host}
-            start(f"worker{i}", "org.apache.spark.deploy.worker.Worker", "--host", host, "--cores", "1",
-                  "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / f"work{i}"),
-                  f"spark://127.0.0.1:{port}")
-        env["SPARK_LOCAL_IP"] = "127.0.0.1"
-        on_cluster = copy_lake(small_lake, tmp_path / "cluster")
-        speculation = {"spark.speculation": "true", "spark.speculation.task.duration.threshold": "500ms",
-                       "spark.speculation.interval": "100ms"}
-        submit = " ".join(f"--conf {k}={v}" for k, v in speculation.items()) + " pyspark-shell"
-        job = subprocess.run([sys.executable, "-m", "jobs.cli", "sl-generate", "--lake", str(on_cluster),
-                              "--spark-master", f"spark://127.0.0.1:{port}",
-                              *flags({**SETTINGS, "base_model": f"fake:slow={SLOW_S}"})], cwd=ROOT,
-                             env={**env, "PYSPARK_SUBMIT_ARGS": submit}, capture_output=True, text=True, timeout=600)
-        assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
-        assert "sl-generate: prompts=5, generations=11, model_calls=7, ok=11, failed=0" in job.stdout
-        # each worker started an executor for the job, and each executor ran Python tasks
-        logs = {i: " ".join(p.read_text() for p in (tmp_path / f"work{i}").glob("app-*/*/stderr")) for i in range(2)}
-        for i in range(2):
-            assert "Running task" in logs[i], i
-        # speculative copies ran (attempt 1 of a task that never failed: nothing failed in this run)
-        assert re.search(r"Running task \d+\.1 in stage", logs[0] + logs[1]), "no speculative attempt ran"
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, small_lake, tmp_path, cluster):
+    before = cluster.apps()
+    on_cluster = copy_lake(small_lake, tmp_path / "cluster")
+    speculation = {"spark.speculation": "true", "spark.speculation.task.duration.threshold": "500ms",
+                   "spark.speculation.interval": "100ms"}
+    submit = " ".join(f"--conf {k}={v}" for k, v in speculation.items()) + " pyspark-shell"
+    job = subprocess.run([sys.executable, "-m", "jobs.cli", "sl-generate", "--lake", str(on_cluster),
+                          "--spark-master", cluster.master,
+                          *flags({**SETTINGS, "base_model": f"fake:slow={SLOW_S}"})], cwd=ROOT,
+                         env={**cluster.env(), "PYSPARK_SUBMIT_ARGS": submit}, capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    assert "sl-generate: prompts=5, generations=11, model_calls=7, ok=11, failed=0" in job.stdout
+    # each worker started an executor for the job, and each executor ran Python tasks
+    logs = cluster.executor_logs(new_app(cluster, before))
+    for i in range(2):
+        assert "Running task" in logs[i], i
+    # speculative copies ran (attempt 1 of a task that never failed: nothing failed in this run)
+    assert re.search(r"Running task \d+\.1 in stage", logs[0] + logs[1]), "no speculative attempt ran"
 
     local = copy_lake(small_lake, tmp_path / "local")   # the same job on local[1]
     run(spark, SLGenerateConfig(lake=str(local), **SETTINGS))
@@ -112,3 +77,78 @@ def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, sma
     rows = lambda lake: Lake(lake).read("sl_dataset").drop_columns(["model_id"]).sort_by("prompt_id")  # noqa: E731
     assert rows(on_cluster).equals(rows(local)) and rows(local).num_rows == 5
     assert set(Lake(on_cluster).read("sl_dataset")["model_id"].to_pylist()) == {f"fake:slow={SLOW_S}"}
+
+
+# ---------------------------------------------------------------- train-sl on the cluster's executors
+
+SFT = ["--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--torch-threads", "1", "--seed", "7",
+       "--learning-rate", "3e-3"]
+TOL = 1e-4   # tests/test_distributed_training.py's: the ranks sum the same per-row gradients in another order
+# what TorchDistributor's barrier stage of 2 tasks needs on this cluster (docs/clusters.md, Standalone):
+# both executors registered before the job starts (2 workers x 1 core = 2 slots, 1 core per task)
+CLUSTER_CONF = {"spark.cores.max": "2", "spark.executor.cores": "1", "spark.task.cpus": "1",
+                "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+                "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s"}
+
+
+def tiny_causal_lm(folder: Path) -> Path:
+    """A 1-layer random Llama (hidden 16) on the default tokenizer: a model folder train-sl loads in a second."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from cai_lib.backends.models import resolve_model
+    tok = AutoTokenizer.from_pretrained(resolve_model("default"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def losses(uri: str) -> list[float]:
+    """The step losses the one train-sl run in MLflow at `uri` logged, in step order, once per step."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri, registry_uri=uri)   # not the registry the in-process run configured
+    (version,) = client.search_model_versions("name='cai-sl'")   # one registered version
+    history = sorted(client.get_metric_history(version.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3], "each step's loss logged once (by rank 0 alone)"
+    return [m.value for m in history]
+
+
+@pytest.mark.slow
+def test_train_sl_runs_its_ranks_on_the_cluster_executors(spark, tmp_path, cluster):
+    from synthetic_lake import build_clean_lake
+
+    from jobs.cli import main as cai
+    lake = build_clean_lake(tmp_path / "lake")
+    assert cai(["gate", "sl", "--lake", str(lake.root), "--docs-dir", str(tmp_path / "docs")]) == 0
+    (tmp_path / "params.yaml").write_text("{}\n")   # the job's own defaults
+    common = ["--lake", str(lake.root), "--params", str(tmp_path / "params.yaml"), "--artifact-dir",
+              str(tmp_path / "artifacts"), "--base-model", str(tiny_causal_lm(tmp_path / "tiny")), *SFT]
+    cluster_uri, one_uri = f"sqlite:///{tmp_path}/cluster.db", f"sqlite:///{tmp_path}/one.db"
+    before = cluster.apps()
+    confs = [a for k, v in CLUSTER_CONF.items() for a in ("--conf", f"{k}={v}")]
+    job = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", cluster.master, *confs,
+                          "launch/cai_task.py", "train-sl", *common, "--tracking-uri", cluster_uri,
+                          "--num-processes", "2", "--distributed", "cluster", "--work-dir", str(tmp_path / "work"),
+                          "--metrics", str(tmp_path / "cluster.json")],
+                         cwd=ROOT, env=cluster.env(), capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-5000:]
+    assert "on 2 processes (cluster)" in job.stdout
+    # the barrier stage's two tasks (task r = rank r: TorchDistributor sets RANK to the partition id) ran one
+    # on each worker's executor, 127.0.0.1 and 127.0.0.2, and each loaded the model there
+    logs = cluster.executor_logs(new_app(cluster, before))
+    hosts = {i: re.findall(r"Starting executor ID \d+ on host (\S+)", logs[i]) for i in range(2)}
+    assert hosts == {0: ["127.0.0.1"], 1: ["127.0.0.2"]}, hosts
+    ranks = {i: re.findall(r"BarrierTaskContext: Task (\d+) from Stage \d+\(Attempt 0\) finished global sync",
+                           logs[i]) for i in range(2)}
+    assert sorted(ranks[0] + ranks[1]) == ["0", "1"] and len(ranks[0]) == len(ranks[1]) == 1, ranks
+    assert all(logs[i].count("Loading weights: 100%") == 1 for i in range(2)), "a rank loaded no model"
+    assert cai(["train-sl", *common, "--tracking-uri", one_uri, "--metrics", str(tmp_path / "one.json")]) == 0
+    two, one = losses(cluster_uri), losses(one_uri)
+    print(f"\nSFT losses 1 process: {one}\nSFT losses 2 ranks on the cluster: {two}")
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOL and one[-1] < one[0] - 0.01   # it trained
+    cluster_metrics, one_metrics = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cluster", "one"))
+    assert (cluster_metrics["n_train"], cluster_metrics["n_heldout"], cluster_metrics["steps"]) == (31, 5, 3)
+    assert abs(cluster_metrics["heldout_loss_after"] - one_metrics["heldout_loss_after"]) < TOL
