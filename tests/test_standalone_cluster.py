@@ -1,10 +1,16 @@
-"""The Spark-native sl-generate, unchanged, on a Spark standalone cluster: a master and two workers on
-loopback, started from pyspark's own launcher classes, and `--master spark://127.0.0.1:PORT`. It writes
-the ids, texts and sl_dataset a `local[1]` run writes, and both workers' executors do the work.
+"""Jobs, unchanged, on a Spark standalone cluster: a master and two workers on loopback (127.0.0.1 and
+127.0.0.2, 1 core each; tests/cluster.py), started once for this module from pyspark's own launcher classes.
 
-The run has speculative execution on (Spark runs it only on a cluster, never in local mode): every
-chunk's first task attempt is slow (`fake:slow=S`), so Spark launches a copy of it on the other worker
-(127.0.0.2: a copy never runs on the host of the original), the copy wins, and each id still lands once."""
+sl-generate with `--master spark://127.0.0.1:PORT` writes the ids, texts and sl_dataset a `local[1]` run
+writes, and both workers' executors do the work. The run has speculative execution on (Spark runs it only
+on a cluster, never in local mode): every chunk's first task attempt is slow (`fake:slow=S`), so Spark
+launches a copy of it on the other worker (a copy never runs on the host of the original), the copy wins,
+and each id still lands once.
+
+train-sl through `spark-submit launch/cai_task.py` with `--num-processes 2 --distributed cluster` runs its
+two ranks as TorchDistributor's barrier tasks, one on each worker's executor (gloo over loopback), on a tiny
+random Llama: each step's loss is logged once (by rank 0), one version is registered, and the losses equal a
+1-process run's with the same global batch within tests/test_distributed_training.py's 1e-4."""
 from __future__ import annotations
 
 import json
