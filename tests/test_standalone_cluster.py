@@ -143,14 +143,13 @@ def test_train_sl_runs_its_ranks_on_the_cluster_executors(spark, tmp_path, clust
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-5000:]
     assert "on 2 processes (cluster)" in job.stdout
     # the barrier stage's two tasks (task r = rank r: TorchDistributor sets RANK to the partition id) ran one
-    # on each worker's executor, 127.0.0.1 and 127.0.0.2, and each loaded the model there
+    # on each worker's executor, 127.0.0.1 and 127.0.0.2; neither could finish unless both joined the gloo group
     logs = cluster.executor_logs(new_app(cluster, before))
     hosts = {i: re.findall(r"Starting executor ID \d+ on host (\S+)", logs[i]) for i in range(2)}
     assert hosts == {0: ["127.0.0.1"], 1: ["127.0.0.2"]}, hosts
     ranks = {i: re.findall(r"BarrierTaskContext: Task (\d+) from Stage \d+\(Attempt 0\) finished global sync",
                            logs[i]) for i in range(2)}
     assert sorted(ranks[0] + ranks[1]) == ["0", "1"] and len(ranks[0]) == len(ranks[1]) == 1, ranks
-    assert all(logs[i].count("Loading weights: 100%") == 1 for i in range(2)), "a rank loaded no model"
     assert cai(["train-sl", *common, "--tracking-uri", one_uri, "--metrics", str(tmp_path / "one.json")]) == 0
     two, one = losses(cluster_uri), losses(one_uri)
     print(f"\nSFT losses 1 process: {one}\nSFT losses 2 ranks on the cluster: {two}")
