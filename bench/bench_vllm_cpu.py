@@ -6,6 +6,9 @@ Run it from the vLLM environment (`make vllm-env`), whose python the Spark worke
 backend, each repeated --repeats times after a warm-up (median and min-max shown):
   bare gen      completion tokens/s of one batched greedy `generate` (the backend in this process);
   bare score    seconds of `choice_logprobs` of the --prompts comparison prompts x (" (A)", " (B)");
+  bare judge    seconds of a generative judge on the same comparisons: greedy `generate` of up to 24 tokens
+                each (what a labeller that writes its verdict costs; its mean length shown), and judge/score,
+                the speed-up of scoring;
   plane gen     `sl-generate` (rounds 1) through the Spark plane on a fresh lake copy: completion tokens/s
                 over the job's wall time (what `cai sl-generate --backend B` runs, minus the CLI's session start);
   plane label   `label` (both orders) of --prompts pairs through the plane: seconds per comparison.
@@ -55,22 +58,32 @@ def timed(fn) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
+JUDGE_TOKENS = 24
+
+
 def bare(name: str, chats, prompts, tokens: int, repeats: int) -> dict:
-    """One backend in this process: start time, generation tok/s and scoring seconds, repeated."""
+    """One backend in this process: start time, generation tok/s, scoring seconds and a 24-token generative
+    judge's seconds on the same comparisons, repeated."""
     backend, start = timed(lambda: load_backend(name, "default", dtype="float32", max_model_len=2048,
                                                 max_prompt_tokens=1024) if name == "vllm"
                            else load_backend(name, "default", dtype="float32", threads=os.cpu_count(), batch_size=16))
     s = Sampling(temperature=0, max_new_tokens=tokens)
     backend.generate(chats[:2], s, [0, 1])
     backend.choice_logprobs(prompts[:2], [" (A)", " (B)"])
-    gen, score = [], []
+    judges = [[{"role": "user", "content": p}] for p in prompts]
+    judge = Sampling(temperature=0, max_new_tokens=JUDGE_TOKENS)
+    gen, score, judged, judge_tokens = [], [], [], []
     for _ in range(repeats):
         out, dt = timed(lambda: backend.generate(chats, s, list(range(len(chats)))))
         gen.append(sum(g.completion_tokens for g in out) / dt)
         score.append(timed(lambda: backend.choice_logprobs(prompts, [" (A)", " (B)"]))[1])
+        verdicts, dt = timed(lambda: backend.generate(judges, judge, list(range(len(judges)))))
+        judged.append(dt)
+        judge_tokens.append(statistics.mean(g.completion_tokens for g in verdicts))
     if hasattr(backend, "close"):
         backend.close()
-    return {"start_s": round(start, 1), "gen_tok_s": spread(gen, 1), "score_s": spread(score)}
+    return {"start_s": round(start, 1), "gen_tok_s": spread(gen, 1), "score_s": spread(score),
+            "judge_s": spread(judged), "judge_mean_tokens": spread(judge_tokens, 1), "judge_over_score": round(statistics.median(judged) / statistics.median(score), 2)}
 
 
 def plane(spark, name: str, base: Path, pairs: Path, work: Path, n: int, tokens: int, repeats: int) -> dict:
