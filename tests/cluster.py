@@ -55,7 +55,10 @@ class StandaloneCluster:
     def env(self, host: str = "127.0.0.1") -> dict:
         import pyspark
         # SPARK_SCALA_VERSION: the worker's launcher of executors otherwise looks for a source build's folders
-        return {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent), "SPARK_LOCAL_IP": host,
+        # MLflow's URIs go: an in-process run of an earlier test exported them (mlflow.set_tracking_uri does),
+        # and in a child they would read as the user's choice and win over the job's --tracking-uri
+        inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        return {**inherited, "SPARK_HOME": str(Path(pyspark.__file__).parent), "SPARK_LOCAL_IP": host,
                 "SPARK_SCALA_VERSION": "2.13"}
 
     def apps(self) -> set[str]:
