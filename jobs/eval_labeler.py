@@ -44,6 +44,7 @@ from cai_lib.lake.queries import training_prompt_texts
 from cai_lib.lake.spark_delta import open_lake
 from cai_lib.quality.stats import bootstrap_interval, wilson_interval
 from cai_lib.review.dashboard import agreement_figures
+from cai_lib.review.store import read_reviews
 from cai_lib.runtime.scoring import score_on_spark
 from cai_lib.runtime.tasks import new_job_run_id
 from cai_lib.sources.eval_data import pair_prompt, read_disjoint_pairs, read_hhh
@@ -203,11 +204,6 @@ def label_intervals(probs: list[float], outcomes: list[int], consistent: list[bo
 
 
 REVIEWED_LABEL_COLUMNS = ["event_id", "kind", "status", "p_a", "constitution_sha", "model_fingerprint"]
-
-
-def read_reviews(lake) -> list[dict]:
-    """Every review_events row (`cai review serve` / `cai review import`); none when the lake has no table."""
-    return lake.read("review_events").to_pylist() if lake.exists("review_events") else []
 
 
 def review_metrics(review_rows: list[dict], label_rows: list[dict], constitution_sha: str, fp: str) -> dict:

@@ -39,6 +39,7 @@ from cai_lib.constitution.templates import effective_templates
 from cai_lib.feedback.labels import LabelSettings
 from cai_lib.feedback.preferences import REVIEWED_VERDICTS, reviewed_targets
 from cai_lib.lake.spark_delta import open_lake
+from cai_lib.review.store import read_reviews
 from cai_lib.runtime.tasks import new_job_run_id
 from jobs.common import (MAX_NEW_TOKENS, Failures, FeedbackFields, GenerationConfig, guarded_replace_df, spark_job_main,
                          write_pointer)
@@ -127,8 +128,7 @@ def preference_table(lake, jobs, samples, chosen, human_pairs: list, reviewed: s
     selected = jobs.select("pair_id").unionByName(
         lake.spark.createDataFrame([(r["pair_id"],) for r in human], "pair_id string")).distinct()
     if reviewed == "prefer":
-        reviews = lake.read("review_events").to_pylist() if lake.exists("review_events") else []
-        dataset, selected = with_reviews(dataset, selected, *reviewed_targets(reviews))
+        dataset, selected = with_reviews(dataset, selected, *reviewed_targets(read_reviews(lake)))
     return dataset.localCheckpoint(eager=True), selected, human, rejected, incomplete
 
 

@@ -25,6 +25,7 @@ from cai_lib.quality import signals as quality
 from cai_lib.quality.injection import addresses_evaluator
 from cai_lib.quality.stats import wilson_interval
 from cai_lib.review.dashboard import agreement_figures
+from cai_lib.review.store import read_reviews
 from schemas.suites import AI_LABEL_KINDS, ROW_KEYS
 
 STAGE_TABLES = {
@@ -237,8 +238,7 @@ def label_frames(lake: Lake, t, bad) -> Frames:
     }
     frames["label_injection"], injection_note = injection_frame(frames["preference_dataset"])
     frames["contamination"], contamination_note = contamination(t.eval_metrics, lake)
-    reviews = lake.read("review_events").to_pylist() if lake.exists("review_events") else []
-    frames["review_agreement"], review_note = review_frame(reviews, ai, t)
+    frames["review_agreement"], review_note = review_frame(read_reviews(lake), ai, t)
     n_pairs = 0 if pairs is None else len(pairs)
     notes = {"labeller_eval": note, "contamination": contamination_note, "label_injection": injection_note,
              "review_agreement": review_note,

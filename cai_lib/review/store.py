@@ -30,6 +30,12 @@ LABEL_COLUMNS = ["event_id", "kind", "status", "pair_id", "prompt_id", "response
                  "model_fingerprint", "created_at"]
 
 
+def read_reviews(lake) -> list[dict]:
+    """Every review_events row (`cai review serve` / `cai review import`), all reviewers; none when the lake
+    has no such table yet. `lake`: a Lake or a SparkDeltaLake (anything with exists and read)."""
+    return lake.read("review_events").to_pylist() if lake.exists("review_events") else []
+
+
 class ReviewStore:
     def __init__(self, root: str | Path, spark=None):
         self.lake = Lake(root, mode="read")   # a clear error now if --lake is not a lake
@@ -134,7 +140,7 @@ class ReviewStore:
 
     def all_verdicts(self) -> list[dict]:
         """Every review_events row (all reviewers), for the dashboard."""
-        return self.lake.read("review_events").to_pylist() if self.lake.exists("review_events") else []
+        return read_reviews(self.lake)
 
     def gate_events(self) -> list[dict]:
         """The gates' verdicts (stage, passed, verdict, created_at), for the dashboard's timeline."""
