@@ -16,11 +16,15 @@ from cai_lib.constitution.model import Constitution
 from cai_lib.constitution.templates import effective_templates, template_sha
 from cai_lib.feedback.label_metrics import clamp, debias, normalise_choice, swap_consistent
 from cai_lib.ids import derive_seed, stable_id
+from cai_lib.quality.injection import redact_addresses
 
 CHOICES = (" (A)", " (B)")
 ANSWER_PREFIX = "The answer is:"          # appended after the assistant turn opens, before the choice
 COT_ANSWER_PREFIX = "\n\nSo the answer is:"
 ORDERS = ("ab", "ba")
+# How a response is shown to the judge: its sentences that address the judge removed (quality/injection.py).
+# In every label's template_sha, so labels made before the defence keep their own ids.
+RESPONSE_FILTER = "redact_addresses/1"
 _OUR_TAGS = re.compile(r"<\s*(/?)\s*(conversation|response_a|response_b)\s*>", re.IGNORECASE)
 
 
@@ -37,10 +41,18 @@ def conversation_text(prompt: str) -> str:
     return f"Human: {escape_delimiters(prompt.strip())}"
 
 
-def feedback_chat(template: str, conversation: str, principle: str, shown_a: str, shown_b: str) -> list[dict]:
-    """The comparison (or CoT) prompt as one user turn; responses are escaped and delimited."""
+def as_data(response: str, redact: bool = True) -> str:
+    """A response as the judge reads it: what addresses the judge removed (`redact_addresses`; the stored
+    text keeps it, for the gate and the review queue), then our block tags escaped."""
+    return escape_delimiters((redact_addresses(response) if redact else response).strip())
+
+
+def feedback_chat(template: str, conversation: str, principle: str, shown_a: str, shown_b: str,
+                  redact: bool = True) -> list[dict]:
+    """The comparison (or CoT) prompt as one user turn; responses are redacted, escaped and delimited
+    (`redact=False`: as before the defence, for bench/bench_label.py's before-and-after)."""
     body = template.format(conversation=conversation, principle=principle,
-                           response_a=escape_delimiters(shown_a.strip()), response_b=escape_delimiters(shown_b.strip()))
+                           response_a=as_data(shown_a, redact), response_b=as_data(shown_b, redact))
     return [{"role": "user", "content": body}]
 
 
@@ -55,7 +67,7 @@ class LabelSettings:
     def template_sha(self, constitution: Constitution) -> str:
         name = "cot" if self.cot else "comparison"
         return template_sha(effective_templates(constitution), names=(name,), choices=list(CHOICES),
-                            prefix=COT_ANSWER_PREFIX if self.cot else ANSWER_PREFIX)
+                            prefix=COT_ANSWER_PREFIX if self.cot else ANSWER_PREFIX, responses=RESPONSE_FILTER)
 
 
 @dataclass(frozen=True)
