@@ -65,8 +65,9 @@ def test_filters_by_principle_and_constitution_and_leaves_out_what_the_reviewer_
         ("s1", "harm"), ("o", "harm"), ("n2", "harm"), ("n1", "harm"), ("d", "harm")]
 
 
-def test_the_latest_row_of_an_order_counts_and_failed_rows_do_not():
+def test_the_latest_row_of_an_order_counts_and_failed_rows_and_eval_labels_do_not():
     rows = both("r", 0.9, 0.9) + [label("r", "ba", 0.2, created_at=5), {**label("r", "ab", 0.1), "status": "failed"}]
+    rows += [label("h", o, 0.7, kind="eval_label") for o in ("ab", "ba")]   # a human pair eval-labeler scored
     [c] = comparisons(rows)
     assert (c.p_a_ab, c.p_a_ba, c.swap_inconsistent) == (0.9, 0.2, True)
     assert len(c.label_event_ids) == 2 and label("r", "ba", 0.2, created_at=5)["event_id"] in c.label_event_ids

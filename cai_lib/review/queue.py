@@ -30,6 +30,7 @@ from typing import Iterable
 
 from cai_lib.feedback.label_metrics import swap_consistent
 from cai_lib.ids import stable_id
+from schemas.suites import AI_LABEL_KINDS
 
 REASONS = ("addresses_labeller", "swap_inconsistent", "near_half", "principles_disagree", "audit")
 LABELLER = ("constitution_sha", "model_fingerprint", "kind")   # one labeller's judgments group together
@@ -81,10 +82,12 @@ def comparison_id(pair_id: str, ensemble_index: int, principle_id: str, constitu
 
 def comparisons(label_rows: Iterable[dict]) -> list[Comparison]:
     """label_events rows (dicts) -> one Comparison per judgment, sorted by id. Failed rows are
-    skipped; of two rows of one order (a relabel with another template), the latest counts."""
+    skipped, and so are rows that are not AI labels of the training pairs (`eval_label`: eval-labeler's
+    scoring of human-labelled pairs, whose texts are not in the lake and whose answer is known); of two
+    rows of one order (a relabel with another template), the latest counts."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in label_rows:
-        if r.get("status", "ok") != "ok":
+        if r.get("status", "ok") != "ok" or r.get("kind", "ai_label") not in AI_LABEL_KINDS:
             continue
         key = (r["pair_id"], int(r["ensemble_index"]), r["principle_id"], *(r[k] for k in LABELLER))
         seen = groups[key].get(r["order"])
