@@ -75,7 +75,9 @@ def gate(stage: str, verdict: str, day: int) -> dict:
             "job_run_id": "t", "created_at": datetime(2026, 1, day, tzinfo=timezone.utc)}
 
 
-GATES = [gate("sl", "failed", 1), gate("sl", "passed", 2), gate("labels", "not_promotable", 3)]
+GATES = [gate("sl", "failed", 1), gate("sl", "passed", 2),
+         {**gate("labels", "not_promotable", 3), "promotion_blockers": ["labels.review_agreement"],
+          "n_failed": 1, "failed_checks": ["labels.review_agreement"]}]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +165,9 @@ def test_queue_verdicts_csrf_and_escaping(spark, lake):
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", dash.text)
     assert cells[cells.index("[0.6, 0.8)"):][:5] == ["[0.6, 0.8)", "0.650", "0.500", "[0.095, 0.905]", "2"]   # A and B
     assert cells[cells.index("0.667"):][:4] == ["0.667", "[0.208, 0.939]", "3", "0"]   # swap-consistent: n, c of s, n, c
-    assert cells[cells.index("sl"):][:5] == ["sl", "2", "1", "1", "passed 2026-01-02 00:00"]
+    assert cells[cells.index("sl"):][:6] == ["sl", "2", "1", "1", "passed 2026-01-02 00:00", "none"]
+    assert cells[cells.index("labels"):][:6] == ["labels", "1", "1", "0", "not_promotable 2026-01-03 00:00",
+                                                 "labels.review_agreement"]
     assert [(v, c) for c, v in re.findall(r'fill="(#[0-9a-f]+)" data-verdict="(\w+)"', dash.text)] == [
         ("not_promotable", "#ef8f00"), ("failed", "#c62828"), ("passed", "#2e7d32")]
 

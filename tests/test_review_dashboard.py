@@ -82,8 +82,10 @@ def test_gate_timeline_orders_each_stage_by_time_and_names_a_missing_verdict_wor
     t = [datetime(2026, 1, d, tzinfo=timezone.utc) for d in (1, 2, 3)]
     rows = [{"event_id": "g2", "stage": "sl", "passed": False, "verdict": "failed", "created_at": t[1]},
             {"event_id": "g1", "stage": "sl", "passed": True, "verdict": None, "created_at": t[0]},
-            {"event_id": "g3", "stage": "labels", "passed": True, "verdict": "not_promotable", "created_at": t[2]}]
-    assert gate_timeline(rows) == {"labels": [GatePoint("labels", t[2], True, "not_promotable", "g3")],
+            {"event_id": "g3", "stage": "labels", "passed": True, "verdict": "not_promotable", "created_at": t[2],
+             "failed_checks": ["labels.review_agreement"], "incomplete_checks": ["labels.calibration"]}]
+    assert gate_timeline(rows) == {"labels": [GatePoint("labels", t[2], True, "not_promotable", "g3",
+                                                        ("labels.calibration", "labels.review_agreement"))],
                                    "sl": [GatePoint("sl", t[0], True, "passed", "g1"),
                                           GatePoint("sl", t[1], False, "failed", "g2")]}
 

@@ -59,6 +59,7 @@ class GatePoint:
     passed: bool
     verdict: str          # passed | failed | incomplete | not_promotable | promoted | refused
     event_id: str
+    checks: tuple[str, ...] = ()   # the checks that failed or could not run (labels.review_agreement among them)
 
 
 def latest_verdicts(review_rows: Iterable[dict]) -> list[dict]:
@@ -181,11 +182,13 @@ def calibration(review_rows: Iterable[dict], label_p: Mapping[str, float], bins:
 
 
 def gate_timeline(gate_rows: Iterable[dict]) -> dict[str, list[GatePoint]]:
-    """stage -> its verdicts in time order (a missing verdict word reads as passed/failed)."""
+    """stage -> its verdicts in time order (a missing verdict word reads as passed/failed), each with the
+    checks that failed or could not run."""
     out: dict[str, list[GatePoint]] = defaultdict(list)
     for g in gate_rows:
         word = g.get("verdict") or ("passed" if g["passed"] else "failed")
-        out[g["stage"]].append(GatePoint(g["stage"], g["created_at"], bool(g["passed"]), word, g["event_id"]))
+        checks = tuple(sorted({*(g.get("failed_checks") or ()), *(g.get("incomplete_checks") or ())}))
+        out[g["stage"]].append(GatePoint(g["stage"], g["created_at"], bool(g["passed"]), word, g["event_id"], checks))
     return {s: sorted(ps, key=lambda p: (p.at, p.event_id)) for s, ps in sorted(out.items())}
 
 

@@ -146,7 +146,8 @@ class ReviewStore:
         """The gates' verdicts (stage, passed, verdict, created_at), for the dashboard's timeline."""
         if not self.lake.exists("gate_events"):
             return []
-        return self.lake.read("gate_events", ["event_id", "stage", "passed", "verdict", "created_at"]).to_pylist()
+        return self.lake.read("gate_events", ["event_id", "stage", "passed", "verdict", "created_at", "failed_checks",
+                                              "incomplete_checks"]).to_pylist()
 
     def verdicts(self, reviewer: str) -> list[dict]:
         """The reviewer's review_events rows, oldest first."""
