@@ -7,6 +7,7 @@
     cai review export --lake lake --format argilla --out records.json
     cai review import --lake lake --format label-studio export.json --reviewer-field completed_by.email
     cai review import --lake lake --format argilla records.json --reviewer-field user_id
+    cai review pointer --lake lake --pointer pointers/reviews.json         # dvc's `reviews` stage
 
 Loopback by default. Any other --host is refused unless --tokens names a YAML mapping reviewer -> token
 (each at least 16 characters, all different): then every page asks for a token and the reviewer is
@@ -18,6 +19,11 @@ export writes the whole queue (everyone's, nothing left out for a reviewer) in L
 Argilla's task format; import reads their annotations back (cai_lib/review/exchange.py says how),
 checks every row before Spark starts, and inserts the verdicts review_events lacks: a second import
 of one file adds nothing.
+
+pointer writes review_events' version and row count (read with delta-rs, no Spark) to a pointer file:
+dvc.yaml's `reviews` stage runs it on every `dvc repro` (always_changed), so the stages that read the
+verdicts (label under `reviewed_verdicts: prefer`, eval-labeler's agreement, the labels gate) rerun when
+verdicts arrived since, and only then.
 """
 from __future__ import annotations
 
@@ -141,12 +147,26 @@ def parser() -> argparse.ArgumentParser:
                    f"(Label Studio, default {DEFAULT_REVIEWER_FIELD['label-studio']}) or a response (Argilla, "
                    f"default {DEFAULT_REVIEWER_FIELD['argilla']})")
     i.add_argument("--master", default="local[1]", help="Spark master of the session that writes verdicts")
+    t = sub.add_parser("pointer", help="review_events' version and rows -> a pointer file (dvc's `reviews` stage)")
+    t.add_argument("--lake", default="lake", help="the lake folder (default: lake)")
+    t.add_argument("--pointer", required=True, help="the JSON file to write")
     return p
 
 
 def review_main(argv=None) -> int:
     a = parser().parse_args(argv)
-    return {"serve": serve, "export": export, "import": import_file}[a.action](a)
+    return {"serve": serve, "export": export, "import": import_file, "pointer": pointer}[a.action](a)
+
+
+def pointer(a: argparse.Namespace) -> int:
+    """What the verdicts are now, for DVC: read with delta-rs (no Spark), 0 rows where none were given."""
+    from cai_lib.lake.tables import Lake
+    from jobs.common import write_pointer
+    lake = Lake(a.lake)
+    write_pointer(a.pointer, lake, ["review_events"])
+    print(f"cai review pointer: review_events {lake.snapshot(['review_events'])['review_events']} -> {a.pointer}",
+          flush=True)
+    return 0
 
 
 def export(a: argparse.Namespace) -> int:

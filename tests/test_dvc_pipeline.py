@@ -1,10 +1,11 @@
 """dvc repro on a copy of this repo with 3 prompts: stages run, a rerun is a no-op, a new prompt
 reruns the stages after ingest (those up to label for real, the rest as dvc's dry run), and only the
-new prompt's events go to the model."""
+new prompt's events go to the model; a reviewer's verdict makes the stages that read verdicts due."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 from cai_lib.lake.tables import Lake
 from tests.conftest import DEMO_HELPFUL, DEMO_RED, ROOT
 from tests.test_one_engine import engines
+from tests.test_review_export import PICK, ls_annotation
 
 
 def sh(cmd: list[str], cwd: Path) -> str:
@@ -26,6 +28,18 @@ def sh(cmd: list[str], cwd: Path) -> str:
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
+
+
+def changed_deps(status: str) -> dict[str, set[str]]:
+    """`dvc status`'s text -> {stage: the dependencies it lists as modified}."""
+    out: dict[str, set[str]] = {}
+    for line in status.splitlines():
+        if line and not line.startswith("\t"):
+            stage = line.rstrip(":")
+            out[stage] = set()
+        elif "modified:" in line:
+            out[stage].add(line.split()[-1])
+    return out
 
 
 @pytest.mark.slow
@@ -90,7 +104,8 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     snap = lake.snapshot()
 
     out = sh(["dvc", "repro"], repo)
-    assert "Data and pipelines are up to date" in out
+    # only `reviews` runs (always_changed: it reads review_events' version); no verdict came, so nothing else
+    assert re.findall(r"Running stage '(\w+)'", out) == ["reviews"]
     assert lake.snapshot() == snap
 
     with open(repo / "data/demo/helpful_prompts.jsonl", "a") as fh:
@@ -110,3 +125,15 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     assert "Running stage 'train_sl'" in out and json.loads((repo / "models/sl.json").read_text())["version"] == "2"
     dry = sh(["dvc", "repro", "--dry"], repo)
     assert "Running stage 'train_rl'" in dry and "Running stage 'train_pm'" not in dry
+
+    # a reviewer's verdict arrives (Label Studio, imported): the stages that read verdicts are due, and only they
+    sh(["cai", "review", "export", "--lake", "lake", "--format", "label-studio", "--out", "tasks.json",
+        "--audit-fraction", "1.0"], repo)
+    tasks = json.loads((repo / "tasks.json").read_text())
+    tasks[0]["annotations"] = [ls_annotation("ann@x", PICK["left"])]
+    (repo / "tasks.json").write_text(json.dumps(tasks))
+    assert "1 new in review_events" in sh(["cai", "review", "import", "--lake", "lake", "--format", "label-studio",
+                                           "tasks.json"], repo)
+    sh(["dvc", "repro", "reviews"], repo)
+    due = changed_deps(sh(["dvc", "status"], repo))
+    assert {s for s, deps in due.items() if "pointers/reviews.json" in deps} == {"label", "eval_labeler", "gate_labels"}
