@@ -161,26 +161,13 @@ def redact_addresses(text: str) -> str:
             return text
         cut = min((s for s, _, name in hits if name in _CUTS), default=len(text))
         drop = [(s, e) for s, e, name in hits if name not in _CUTS and s < cut]
-        pieces: list[list] = []   # [start, end, text or None (removed)], runs of removed sentences merged
+        out, prev_end = "", 0   # prev_end: where the last kept or removed sentence ended
         for start, end in _sentences(text[:cut]):
-            removed = any(s < max(end, start + 1) and e > start for s, e in drop)
-            if removed and pieces and pieces[-1][2] is None:
-                pieces[-1][1] = end
-            elif removed or text[start:end].strip():
-                end = end if removed else start + len(text[start:end].rstrip())
-                pieces.append([start, end, None if removed else text[start:end]])
-        if cut < len(text):
-            if pieces and pieces[-1][2] is None:
-                pieces[-1][1] = len(text)
-            else:
-                pieces.append([cut, len(text), None])
-        out, prev_end = "", None
-        for start, end, piece in pieces:
-            if piece is not None:
-                gap = text[prev_end:start] if prev_end is not None else ""
-                out += (gap if not gap.strip() else " ") if out else ""
-                out += piece
-            prev_end = end
-        out = out or REDACTED
-        text = out
+            if any(s < max(end, start + 1) and e > start for s, e in drop):
+                prev_end = end
+            elif text[start:end].strip():
+                gap, body = text[prev_end:start], text[start:end].rstrip()
+                out += ((gap if not gap.strip() else " ") if out else "") + body
+                prev_end = start + len(body)
+        text = out or REDACTED
     raise ValueError(f"redact_addresses: no fixed point after 8 rounds for {text[:80]!r}")
