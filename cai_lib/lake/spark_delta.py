@@ -70,13 +70,18 @@ class SparkDeltaLake(LakeBase):
         # a local folder as an absolute path: delta-spark reads a relative one ("lake/prompts") as a table name
         root = str(root).rstrip("/") if "://" in str(root) else str(Path(root).resolve())
         self.spark, self.root, self._DeltaTable = spark, root, DeltaTable
+        self._seen: set[str] = set()   # tables seen as Delta tables: one stays one for the life of a job
 
     def path(self, name: str) -> str:
         spec_of(name)
         return f"{self.root}/{name}"
 
     def exists(self, name: str) -> bool:
-        return self._DeltaTable.isDeltaTable(self.spark, self.path(name))
+        """Whether `name` is a Delta table. A yes is remembered (each isDeltaTable lists the log, about 0.5 s
+        on a cold JVM, and a gate asked 16 times); a no is asked again, since another writer may create it."""
+        if name not in self._seen and self._DeltaTable.isDeltaTable(self.spark, self.path(name)):
+            self._seen.add(name)
+        return name in self._seen
 
     def table(self, name: str):
         from pyspark.sql.pandas.types import from_arrow_schema
@@ -116,7 +121,8 @@ class SparkDeltaLake(LakeBase):
     def version(self, name: str) -> int | None:
         if not self.exists(name):
             return None
-        return int(self.table(name).history(1).select("version").first()[0])
+        # forPath, not table(): reading a version needs neither table()'s create check nor its schema check
+        return int(self._DeltaTable.forPath(self.spark, self.path(name)).history(1).select("version").first()[0])
 
     def read(self, name: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         spec = spec_of(name)

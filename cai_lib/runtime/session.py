@@ -12,6 +12,7 @@ import sys
 
 from cai_lib.env import set_offline_env
 from cai_lib.lake.spark_delta import DELTA_PACKAGE, require_delta
+from cai_lib.runtime.jvm_cache import driver_java_options, keep_dump_at_exit
 
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -46,10 +47,17 @@ def get_spark(master: str = "local[1]", app_name: str = "cai", delta: bool = Fal
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    from pyspark import SparkContext
+
     builder = SparkSession.builder.appName(app_name)
+    dump = final = None
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         # Under spark-submit the JVM already exists and --master decides; only set ours otherwise.
         builder = builder.master(local_master(master))
+        if SparkContext._active_spark_context is None:   # this call starts the driver JVM
+            options, dump, final = driver_java_options(DELTA_PACKAGE if delta else "")
+            if options:
+                builder = builder.config("spark.driver.extraJavaOptions", options)
     if delta:
         builder = builder.config("spark.jars.packages", DELTA_PACKAGE)
         for key, value in DELTA_CONF.items():
@@ -68,6 +76,8 @@ def get_spark(master: str = "local[1]", app_name: str = "cai", delta: bool = Fal
     # `cai` sets OFF unless --debug: a failed task's Java stack (hundreds of lines, logged by every executor
     # that saw it) would bury the one-line error the CLI prints; the error itself still carries it
     spark.sparkContext.setLogLevel(os.environ.get(LOG_LEVEL_ENV, "ERROR"))
+    if dump is not None:
+        keep_dump_at_exit(spark, dump, final)
     if delta:
         require_delta(spark)
     return spark
