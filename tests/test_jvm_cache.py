@@ -1,5 +1,6 @@
-"""The driver JVM's class-data-sharing archive: what each start asks for (pure), and for real, a first
-session dumps the archive once its JVM has exited and the next one loads Spark's classes from it."""
+"""The driver JVM's quick start: what each start asks for (pure), and for real, a first Delta session
+dumps the class archive once its JVM has exited and remembers Ivy's jars; the next one loads Spark's
+classes from the archive and resolves nothing."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import sys
 import textwrap
 import time
 
-from cai_lib.runtime.jvm_cache import QUIET, archive_key, cache_dir, plan
+from cai_lib.runtime.jvm_cache import QUIET, archive_key, cache_dir, plan, remember_jars, resolved_jars
 
 
 def test_a_first_start_dumps_under_its_own_pid_and_a_later_one_maps_the_archive(tmp_path):
@@ -40,25 +41,43 @@ def test_off_and_no_java_ask_for_nothing(tmp_path, monkeypatch):
     assert archive_key(str(java), "4.2.0", "") != archive_key(str(java), "4.2.0", "io.delta:delta-spark_4.2_2.13:4.4.0")
 
 
+def test_resolved_jars_are_reused_only_while_every_one_is_there(tmp_path):
+    a, b = tmp_path / "a.jar", tmp_path / "b.jar"
+    a.write_text("a"), b.write_text("b")
+    assert resolved_jars("g:a:1", tmp_path) is None
+    remember_jars("g:a:1", f"file://{a},file://{b}", tmp_path)
+    assert resolved_jars("g:a:1", tmp_path) == f"file://{a},file://{b}"
+    assert resolved_jars("g:a:2", tmp_path) is None          # another package list resolves again
+    b.unlink()
+    assert resolved_jars("g:a:1", tmp_path) is None          # Ivy's folder was cleaned: resolve again
+    remember_jars("g:a:1", "https://repo/x.jar", tmp_path)   # not a local file: never reused
+    assert resolved_jars("g:a:1", tmp_path) is None
+
+
 RUN = textwrap.dedent("""
     import sys
     from cai_lib.runtime.session import get_spark
-    spark = get_spark("local[1]")
-    assert spark.range(3).count() == 3
+    spark = get_spark("local[1]", delta=True)
+    spark.range(3).write.format("delta").save(sys.argv[1])
+    assert spark.read.format("delta").load(sys.argv[1]).count() == 3
     print("ran")
 """)
 
 
-def test_the_second_session_loads_sparks_classes_from_the_first_ones_archive(tmp_path):
+def test_the_second_delta_session_maps_the_first_ones_archive_and_skips_ivy(tmp_path):
     env = {**os.environ, "CAI_JVM_CACHE": str(tmp_path / "jvm")}
-    first = subprocess.run([sys.executable, "-c", RUN], env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "t1")], env=env, capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 0 and "ran" in first.stdout, first.stderr[-2000:]
-    archives = sorted(p.name for p in (tmp_path / "jvm").iterdir())
-    assert len(archives) == 1 and archives[0].endswith(".jsa"), archives   # renamed once its JVM exited
+    kept = sorted(p.suffix for p in (tmp_path / "jvm").iterdir())
+    assert kept == [".jsa", ".json"]   # Ivy's jar list and the archive, renamed once its JVM exited (no .dump)
+    assert ":: resolving dependencies ::" in first.stderr   # Ivy resolved delta-spark the first time
     log = tmp_path / "classes.log"
-    second = subprocess.run([sys.executable, "-c", RUN], capture_output=True, text=True, timeout=300,
+    second = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "t2")], capture_output=True, text=True,
+                            timeout=300,
                             env={**env, "JAVA_TOOL_OPTIONS": f"-Xlog:class+load=info:file={log}"})
     assert second.returncode == 0 and "ran" in second.stdout, second.stderr[-2000:]
     assert "[warning][cds]" not in second.stdout + second.stderr
+    assert ":: resolving dependencies ::" not in second.stderr   # the jars it resolved, passed as they are
     line = next(x for x in log.read_text().splitlines() if " org.apache.spark.SparkContext " in x)
     assert "source: shared objects file (top)" in line   # the dynamic archive's layer, not the JDK's base one

@@ -12,7 +12,7 @@ import sys
 
 from cai_lib.env import set_offline_env
 from cai_lib.lake.spark_delta import DELTA_PACKAGE, require_delta
-from cai_lib.runtime.jvm_cache import driver_java_options, keep_dump_at_exit
+from cai_lib.runtime.jvm_cache import driver_java_options, keep_dump_at_exit, remember_jars, resolved_jars
 
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -45,21 +45,22 @@ def get_spark(master: str = "local[1]", app_name: str = "cai", delta: bool = Fal
     # Workers must run this interpreter (the venv), or they would not find torch or cai_lib.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-    from pyspark import SparkContext
-
     builder = SparkSession.builder.appName(app_name)
-    dump = final = None
+    # under spark-submit the JVM already exists and --master decides; only set ours otherwise
+    starts_jvm = "PYSPARK_GATEWAY_PORT" not in os.environ and SparkContext._active_spark_context is None
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
-        # Under spark-submit the JVM already exists and --master decides; only set ours otherwise.
         builder = builder.master(local_master(master))
-        if SparkContext._active_spark_context is None:   # this call starts the driver JVM
-            options, dump, final = driver_java_options(DELTA_PACKAGE if delta else "")
-            if options:
-                builder = builder.config("spark.driver.extraJavaOptions", options)
+    dump = final = jars = None
+    if starts_jvm:
+        options, dump, final = driver_java_options(DELTA_PACKAGE if delta else "")
+        if options:
+            builder = builder.config("spark.driver.extraJavaOptions", options)
     if delta:
-        builder = builder.config("spark.jars.packages", DELTA_PACKAGE)
+        jars = resolved_jars(DELTA_PACKAGE) if starts_jvm else None
+        builder = builder.config(*(("spark.jars", jars) if jars else ("spark.jars.packages", DELTA_PACKAGE)))
         for key, value in DELTA_CONF.items():
             builder = builder.config(key, value)
     spark = (
@@ -78,6 +79,8 @@ def get_spark(master: str = "local[1]", app_name: str = "cai", delta: bool = Fal
     spark.sparkContext.setLogLevel(os.environ.get(LOG_LEVEL_ENV, "ERROR"))
     if dump is not None:
         keep_dump_at_exit(spark, dump, final)
+    if delta and not jars and spark.sparkContext.getConf().get("spark.jars.packages") == DELTA_PACKAGE:
+        remember_jars(DELTA_PACKAGE, spark.sparkContext.getConf().get("spark.jars"))
     if delta:
         require_delta(spark)
     return spark
