@@ -1,6 +1,7 @@
 """Where model work runs: the Spark session, the code inside its Python workers, the data plane.
 
 session  the local Spark session the jobs share (one model per reused Python worker)
+jvm_cache its driver JVM's quick start: a class-data-sharing archive and the jars Ivy resolved, kept between runs
 worker   runs inside Spark's Python workers: one loaded backend per process, generate or score a partition
 tasks    a generation `Task`, a run's counts, and the `generation_events` rows its results become
 scoring  (chat, choice) items -> Spark -> log-probs of each answer choice (AI feedback)
