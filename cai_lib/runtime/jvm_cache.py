@@ -39,8 +39,9 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cai-lake" / "jvm"
 
 
-def archive_key(java: str | None, spark_version: str, packages: str) -> str | None:
-    """What the archive is valid for: this java binary (path, size, mtime), Spark and the extra jars.
+def archive_key(java: str | None, spark: str, packages: str) -> str | None:
+    """What the archive is valid for: this java binary (path, size, mtime), Spark (its version and where it
+    is installed) and the extra jars.
     None where no java is found (Spark then fails with its own message)."""
     if not java:
         return None
@@ -49,7 +50,7 @@ def archive_key(java: str | None, spark_version: str, packages: str) -> str | No
         st = real.stat()
     except OSError:
         return None
-    raw = f"{real}|{st.st_size}|{st.st_mtime_ns}|{spark_version}|{packages}"
+    raw = f"{real}|{st.st_size}|{st.st_mtime_ns}|{spark}|{packages}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -82,7 +83,10 @@ def driver_java_options(packages: str) -> tuple[str, Path | None, Path | None]:
     """`plan` for the driver JVM that `get_spark` is about to start."""
     import pyspark
     java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
-    return plan(cache_dir(), archive_key(java, pyspark.__version__, packages), os.getpid())
+    # the install's folder too: the archive holds the classpath it was dumped with, and a second venv's
+    # Spark (.venv-vllm) would otherwise find an archive keyed as its own that it cannot map
+    spark = f"{pyspark.__version__}|{Path(pyspark.__file__).resolve().parent}"
+    return plan(cache_dir(), archive_key(java, spark, packages), os.getpid())
 
 
 def keep_dump_at_exit(spark, dump: Path, final: Path) -> None:
