@@ -79,7 +79,8 @@ def get_spark(master: str = "local[1]", app_name: str = "cai", delta: bool = Fal
     spark.sparkContext.setLogLevel(os.environ.get(LOG_LEVEL_ENV, "ERROR"))
     if dump is not None:
         keep_dump_at_exit(spark, dump, final)
-    if delta and not jars and spark.sparkContext.getConf().get("spark.jars.packages") == DELTA_PACKAGE:
+    if starts_jvm and delta and not jars:
+        # only a JVM this call started: under spark-submit spark.jars also holds the user's own --jars
         remember_jars(DELTA_PACKAGE, spark.sparkContext.getConf().get("spark.jars"))
     if delta:
         require_delta(spark)
