@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cai_lib.training.ppo_math import (AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalised_rewards,
-                                       logprobs_from_logits, per_token_kl, ppo_losses, whiten)
+from cai_lib.training.ppo_math import (AdaptiveKLController, Clip, FixedKLController, Targets, ValueHead, gae,
+                                       kl_penalised_rewards, logprobs_from_logits, per_token_kl, ppo_losses, whiten)
 
 # ---------------------------------------------------------------- log-probs, KL, rewards
 
@@ -130,7 +130,7 @@ def _policy_case():
 def test_clipped_surrogate_has_zero_gradient_once_ratio_has_moved_far_enough():
     new, old, adv, mask = _policy_case()
     v = torch.zeros(1, 5)
-    out = ppo_losses(new, old, adv, v, v, v, mask, clip_range=0.2, clip_range_value=0.2, vf_coef=0.0)
+    out = ppo_losses(new, v, Targets(old, v, adv, v, mask), Clip(0.2, 0.2, vf_coef=0.0))
     # max(-A r, -A clip r): max(-1.5,-1.2), max(0.5,0.8), max(-0.5,-0.8), max(-1.1,-1.1)
     assert out["policy_loss"].item() == pytest.approx((-1.2 + 0.8 - 0.5 - 1.1) / 4, abs=1e-6)
     out["policy_loss"].backward()
@@ -146,7 +146,7 @@ def test_on_policy_step_is_plain_policy_gradient():
     logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
     adv = torch.tensor([[0.5, -1.0, 2.0]])
     v = torch.zeros(1, 3)
-    out = ppo_losses(logp, logp.detach(), adv, v, v, v, torch.ones(1, 3), 0.2, 0.2, 0.0)
+    out = ppo_losses(logp, v, Targets(logp.detach(), v, adv, v, torch.ones(1, 3)), Clip(0.2, 0.2, 0.0))
     out["loss"].backward()
     assert logp.grad.tolist()[0] == pytest.approx([-0.5 / 3, 1.0 / 3, -2.0 / 3])
     assert out["approx_kl"].item() == 0.0 and out["clip_fraction"].item() == 0.0
@@ -157,17 +157,26 @@ def test_value_loss_is_clipped_pessimistically():
     values = torch.tensor([[0.5, 0.5, 0.1]], requires_grad=True)
     returns = torch.tensor([[1.0, 0.0, 1.0]])
     logp = torch.zeros(1, 3)
-    out = ppo_losses(logp, logp, torch.zeros(1, 3), values, old_v, returns, torch.ones(1, 3),
-                     0.2, 0.2, vf_coef=0.5)
+    targets = Targets(logp, old_v, torch.zeros(1, 3), returns, torch.ones(1, 3))
+    out = ppo_losses(logp, values, targets, Clip(0.2, 0.2, vf_coef=0.5))
     # token 0: max((0.5-1)^2, (0.2-1)^2) = 0.64; token 1: max(0.25, 0.04) = 0.25;
     # token 2 is inside the clip: (0.1-1)^2 = 0.81
     assert out["value_loss"].item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81) / 3, abs=1e-6)
     assert out["loss"].item() == pytest.approx(0.5 * out["value_loss"].item(), abs=1e-6)
     out["loss"].backward()
     assert values.grad[0, 0].item() == 0.0                 # the clipped branch won: no gradient
-    unclipped = ppo_losses(logp, logp, torch.zeros(1, 3), values, old_v, returns,
-                           torch.ones(1, 3), 0.2, None, 0.5)
+    unclipped = ppo_losses(logp, values, targets, Clip(0.2, None, 0.5))
     assert unclipped["value_loss"].item() == pytest.approx(0.5 * (0.25 + 0.25 + 0.81) / 3)
+
+
+def test_clip_ranges_must_be_positive_and_targets_take_a_minibatch_of_rows():
+    with pytest.raises(ValueError, match=r"clip ranges must be > 0, got clip_range=0, clip_range_value=0.2"):
+        Clip(0)
+    with pytest.raises(ValueError, match=r"clip_range_value=-0.1"):
+        Clip(0.2, -0.1)
+    rows = torch.arange(12.0).reshape(4, 3)
+    part = Targets(rows, rows + 1, rows + 2, rows + 3, torch.ones(4, 3)).rows(torch.tensor([2, 0]))
+    assert part.old_logprobs.tolist() == [[6.0, 7.0, 8.0], [0.0, 1.0, 2.0]] and part.returns[1].tolist() == [3.0, 4.0, 5.0]
 
 
 # ---------------------------------------------------------------- KL controllers
@@ -262,9 +271,8 @@ def train_toy(beta: float, updates: int = 50, batch: int = 64, epochs: int = 4, 
         advantages = whiten(advantages, mask)
         for _ in range(epochs):
             logits, values = policy(inputs)
-            out = ppo_losses(logprobs_from_logits(logits, labels), old_logprobs, advantages,
-                             values, old_values, returns, mask, clip_range=0.2,
-                             clip_range_value=0.2, vf_coef=0.1)
+            out = ppo_losses(logprobs_from_logits(logits, labels), values,
+                             Targets(old_logprobs, old_values, advantages, returns, mask), Clip(0.2, 0.2, 0.1))
             opt.zero_grad()
             out["loss"].backward()
             opt.step()

@@ -14,7 +14,7 @@ from cai_lib.quality.signals import boilerplate_rate, is_refusal
 from cai_lib.training.dpo import DPO_METRICS, train_dpo
 from cai_lib.training.policy import RLSettings, load_policy, render_chat
 from cai_lib.training.ppo import PPO_METRICS, _forward, _Rollout, _rollout, response_mask, train_ppo
-from cai_lib.training.ppo_math import ValueHead, gae, kl_penalised_rewards, ppo_losses
+from cai_lib.training.ppo_math import Targets, ValueHead, gae, kl_penalised_rewards, ppo_losses
 
 PROMPTS = ["Name a fruit.", "Say hello to me.", "What colour is the sky?"]
 PAIRS = [
@@ -174,7 +174,7 @@ def test_an_empty_response_goes_through_the_ppo_math(loaded):
     logprobs, values = _forward(policy, roll, 1.0, head)
     rewards = kl_penalised_rewards(torch.tensor([0.5]), logprobs.detach(), logprobs.detach(), mask, beta=0.1)
     advantages, returns = gae(rewards, values.detach(), mask)
-    out = ppo_losses(logprobs, logprobs.detach(), advantages, values, values.detach(), returns, mask)
+    out = ppo_losses(logprobs, values, Targets(logprobs.detach(), values.detach(), advantages, returns, mask))
     out["loss"].backward()
     assert mask.tolist() == [[1, 0, 0]] and rewards.tolist() == [[0.5, 0.0, 0.0]]
     assert all(torch.isfinite(v) for v in out.values())

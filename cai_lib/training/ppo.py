@@ -49,8 +49,8 @@ from cai_lib.training.distributed import Ranks, rank_seed, ranks
 from cai_lib.training.policy import (OnStep, RewardFn, RLResult, RLSettings, check_settings, load_policy,
                                      finish, make_optimizer, module_device, record_step, render_chat,
                                      step_update, text_list)
-from cai_lib.training.ppo_math import (AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalised_rewards,
-                                       logprobs_from_logits, ppo_losses, whiten)
+from cai_lib.training.ppo_math import (AdaptiveKLController, Clip, FixedKLController, Targets, ValueHead, gae,
+                                       kl_penalised_rewards, logprobs_from_logits, ppo_losses, whiten)
 
 __all__ = ["train_ppo", "prompt_batches", "response_mask", "PPO_METRICS", "PMReward"]
 
@@ -336,14 +336,14 @@ class _PPORun:
 
     def _updates(self, roll, old_logprobs, old_values, advantages, returns) -> list[dict]:
         s, mask, logs = self.s, roll.mask, []
+        targets = Targets(old_logprobs, old_values, advantages, returns, mask)
+        clip = Clip(s.clip_range, s.clip_range_value, s.vf_coef)
         for _ in range(s.ppo_epochs):
             # the order is drawn on the CPU (the same on every device), the rows indexed where the tensors are
             rows_all = torch.randperm(len(roll.texts), generator=self.shuffle).to(mask.device)
             for rows in rows_all.split(s.mini_batch_size // self.group.world):
                 logprobs, values = _forward(self.policy, roll.rows(rows), s.temperature, self.value_head)
-                out = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, old_values[rows],
-                                 returns[rows], mask[rows], clip_range=s.clip_range,
-                                 clip_range_value=s.clip_range_value, vf_coef=s.vf_coef)
+                out = ppo_losses(logprobs, values, targets.rows(rows), clip)
                 step_update(self.optimizer, self.params, out["loss"], s, self.group)
                 logs.append({k: out[k].item() for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")})
         return logs

@@ -16,11 +16,13 @@ HF model; this file holds only the math, so each formula is tested by hand.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor, nn
 
 __all__ = ["logprobs_from_logits", "masked_mean", "whiten", "per_token_kl",
-           "kl_penalised_rewards", "gae", "ppo_losses", "AdaptiveKLController",
+           "kl_penalised_rewards", "gae", "Clip", "Targets", "ppo_losses", "AdaptiveKLController",
            "FixedKLController", "ValueHead"]
 
 
@@ -144,9 +146,34 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
 
 # ---------------------------------------------------------------- the PPO objective
 
-def ppo_losses(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, values: Tensor,
-               old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2,
-               clip_range_value: float | None = 0.2, vf_coef: float = 0.1) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class Clip:
+    """PPO's clip ranges (ratio, value; value None: no value clipping) and the value loss's weight."""
+    ratio: float = 0.2
+    value: float | None = 0.2
+    vf_coef: float = 0.1
+
+    def __post_init__(self):
+        if self.ratio <= 0 or (self.value is not None and self.value <= 0):
+            raise ValueError(f"clip ranges must be > 0, got clip_range={self.ratio}, clip_range_value={self.value}")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the rollout fixed before the update: the old policy's log-probs and values, the
+    advantages and returns, and the mask of real tokens, each [batch, time]."""
+    old_logprobs: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    mask: Tensor
+
+    def rows(self, index: Tensor) -> "Targets":
+        """The same targets for a minibatch's rows."""
+        return Targets(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def ppo_losses(new_logprobs: Tensor, values: Tensor, targets: Targets, clip: Clip = Clip()) -> dict[str, Tensor]:
     """Clipped PPO losses, masked means over tokens (Schulman et al. 2017):
 
         ratio       = exp(logp_new - logp_old)
@@ -157,35 +184,33 @@ def ppo_losses(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, v
     The max makes clipping one-sided: once the ratio has moved past 1 +- eps in the
     direction the advantage favours, that token's gradient is zero. Diagnostics (detached):
     approx_kl = mean((ratio - 1) - log ratio) (Schulman's k3, >= 0) and clip_fraction =
-    share of tokens with |ratio - 1| > eps. clip_range_value=None disables value clipping.
+    share of tokens with |ratio - 1| > eps. Clip(value=None) disables value clipping.
     """
-    _same_shape(new_logprobs=new_logprobs, old_logprobs=old_logprobs, advantages=advantages,
-                values=values, old_values=old_values, returns=returns, mask=mask)
-    if clip_range <= 0 or (clip_range_value is not None and clip_range_value <= 0):
-        raise ValueError(f"clip ranges must be > 0, got clip_range={clip_range}, "
-                         f"clip_range_value={clip_range_value}")
-    m = _mask(mask, new_logprobs)
-    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
-    old_values, returns = old_values.detach(), returns.detach()
+    t = targets
+    _same_shape(new_logprobs=new_logprobs, old_logprobs=t.old_logprobs, advantages=t.advantages,
+                values=values, old_values=t.old_values, returns=t.returns, mask=t.mask)
+    m = _mask(t.mask, new_logprobs)
+    old_logprobs, advantages = t.old_logprobs.detach(), t.advantages.detach()
+    old_values, returns = t.old_values.detach(), t.returns.detach()
 
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip.ratio, 1.0 + clip.ratio)
     policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), m)
 
     vf_unclipped = (values - returns) ** 2
-    if clip_range_value is None:
+    if clip.value is None:
         vf = vf_unclipped
     else:
-        v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+        v_clipped = old_values + torch.clamp(values - old_values, -clip.value, clip.value)
         vf = torch.max(vf_unclipped, (v_clipped - returns) ** 2)
     value_loss = 0.5 * masked_mean(vf, m)
 
     with torch.no_grad():
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, m)
-        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).to(m.dtype), m)
-    return {"loss": policy_loss + vf_coef * value_loss, "policy_loss": policy_loss,
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip.ratio).to(m.dtype), m)
+    return {"loss": policy_loss + clip.vf_coef * value_loss, "policy_loss": policy_loss,
             "value_loss": value_loss, "approx_kl": approx_kl, "clip_fraction": clip_fraction}
 
 
