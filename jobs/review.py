@@ -38,6 +38,7 @@ from cai_lib.files import write_json
 from cai_lib.review.app import ReviewSettings, build_app, queue_for
 from cai_lib.review.exchange import (DEFAULT_REVIEWER_FIELD, FORMATS, LABEL_STUDIO_CONFIG, export_tasks, new_rows,
                                      read_annotations, review_rows)
+from cai_lib.review.queue import QueueRules
 from cai_lib.review.store import ReviewStore
 
 MIN_TOKEN_CHARS = 16
@@ -107,9 +108,12 @@ def constitution_files(a: argparse.Namespace) -> list[str]:
 def settings_of(a: argparse.Namespace) -> ReviewSettings:
     tokens = read_tokens(a.tokens)
     hosts = check_host(a.host, tokens)
-    return ReviewSettings(reviewer=a.reviewer or getpass.getuser(), tokens=tokens, seed=a.seed, near=a.near,
-                          audit_fraction=a.audit_fraction, audit_every=a.audit_every,
+    return ReviewSettings(reviewer=a.reviewer or getpass.getuser(), tokens=tokens, queue=queue_rules(a),
                           principle_texts=principle_texts(constitution_files(a)), allowed_hosts=hosts)
+
+
+def queue_rules(a: argparse.Namespace) -> QueueRules:
+    return QueueRules(near=a.near, audit_fraction=a.audit_fraction, seed=a.seed, audit_every=a.audit_every)
 
 
 def queue_flags(p: argparse.ArgumentParser) -> None:
@@ -171,8 +175,7 @@ def pointer(a: argparse.Namespace) -> int:
 
 def export(a: argparse.Namespace) -> int:
     store = ReviewStore(a.lake)
-    settings = ReviewSettings(seed=a.seed, near=a.near, audit_fraction=a.audit_fraction, audit_every=a.audit_every,
-                              principle_texts=principle_texts(constitution_files(a)))
+    settings = ReviewSettings(queue=queue_rules(a), principle_texts=principle_texts(constitution_files(a)))
     items = queue_for(store, settings, None, None, None)
     prompts, texts = store.texts_of([i.comparison for i in items])
     tasks = export_tasks(a.format, items, prompts, texts, settings.principle_texts, datetime.now(timezone.utc))

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from cai_lib.ids import stable_id
 from cai_lib.lake.tables import Lake
 from cai_lib.review.app import ReviewSettings, build_app
-from cai_lib.review.queue import comparison_id
+from cai_lib.review.queue import QueueRules, comparison_id
 from cai_lib.review.store import ReviewStore
 from cai_lib.review.verdicts import shown_order
 from jobs.cli import main as cai
@@ -104,7 +104,7 @@ def cid(pair: str) -> str:
 
 
 def client(store: ReviewStore, reviewer: str | None = "ann", **kw) -> TestClient:
-    settings = ReviewSettings(reviewer=reviewer, audit_fraction=0.0, **kw)
+    settings = ReviewSettings(reviewer=reviewer, queue=QueueRules(audit_fraction=0.0), **kw)
     return TestClient(build_app(store, settings), base_url="http://127.0.0.1")
 
 
@@ -215,7 +215,7 @@ def served(spark, lake):
     the audit sample, so the reviewer's verdicts count in the dashboard's agreement."""
     import uvicorn
     store = ReviewStore(lake, spark)
-    server = uvicorn.Server(uvicorn.Config(build_app(store, ReviewSettings(reviewer="zed", audit_fraction=1.0)),
+    server = uvicorn.Server(uvicorn.Config(build_app(store, ReviewSettings(reviewer="zed", queue=QueueRules(audit_fraction=1.0))),
                                            host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -10,7 +10,7 @@ import pytest
 from cai_lib.lake.tables import Lake
 from cai_lib.review.exchange import (AnnotationError, ai_choice, argilla_record, export_order, label_studio_task,
                                      new_rows, read_annotations, review_rows)
-from cai_lib.review.queue import comparisons, label, rank
+from cai_lib.review.queue import QueueRules, comparisons, label, rank
 from jobs.cli import main as cai
 from tests.test_review_app import cid, write_lake
 
@@ -24,7 +24,7 @@ REASONS = {"s": ["swap_inconsistent", "audit"], "n": ["near_half", "audit"], "c"
 
 
 def test_a_task_shows_the_sides_in_the_export_order_with_the_ai_label_as_prediction_and_suggestion():
-    [item] = rank(comparisons([label("p", "ab", 0.42), label("p", "ba", 0.42)]), audit_fraction=0.0)
+    [item] = rank(comparisons([label("p", "ab", 0.42), label("p", "ba", 0.42)]), QueueRules(audit_fraction=0.0))
     c = item.comparison
     texts = {"p-a": "answer A", "p-b": "answer B"}
     order = export_order(c.comparison_id)

@@ -8,8 +8,10 @@ from datetime import datetime, timezone
 import pytest
 
 from cai_lib.review.chains import chains, gen
-from cai_lib.review.queue import audit_draw, comparisons, label, rank
+from cai_lib.review.queue import QueueRules, audit_draw, comparisons, label, rank
 from cai_lib.review.verdicts import review_row, shown_order, stored_verdict
+
+NO_AUDIT = QueueRules(audit_fraction=0.0)   # only the comparisons in doubt
 
 
 def both(pair: str, p_ab: float, p_ba: float, **kw) -> list[dict]:
@@ -27,7 +29,7 @@ def order(items) -> list[tuple[str, str]]:
 
 
 def test_doubt_ranks_swap_then_near_half_then_principles_each_by_distance_from_half():
-    items = rank(comparisons(ROWS), audit_fraction=0.0)
+    items = rank(comparisons(ROWS), QueueRules(audit_fraction=0.0))
     assert order(items) == [("s2", "harm"), ("s1", "harm"), ("n2", "harm"), ("n1", "harm"),
                             ("d", "honest"), ("d", "harm")]
     assert [i.reasons for i in items] == [("swap_inconsistent", "near_half"), ("swap_inconsistent",), ("near_half",),
@@ -36,11 +38,11 @@ def test_doubt_ranks_swap_then_near_half_then_principles_each_by_distance_from_h
 
 
 def test_audit_items_are_tagged_and_mixed_in_after_every_n_doubtful_ones():
-    items = rank(comparisons(ROWS), audit_fraction=1.0, audit_every=2)
+    items = rank(comparisons(ROWS), QueueRules(audit_fraction=1.0, audit_every=2))
     assert order(items) == [("s2", "harm"), ("s1", "harm"), ("c", "harm"), ("n2", "harm"), ("n1", "harm"),
                             ("d", "honest"), ("d", "harm")]
     assert all(i.reasons[-1] == "audit" for i in items) and items[2].reasons == ("audit",)
-    assert order(rank(comparisons(ROWS), audit_fraction=1.0, audit_every=0))[-1] == ("c", "harm")
+    assert order(rank(comparisons(ROWS), QueueRules(audit_fraction=1.0, audit_every=0)))[-1] == ("c", "harm")
 
 
 def test_the_audit_sample_is_a_seeded_hash_draw_stable_as_the_lake_grows():
@@ -48,7 +50,7 @@ def test_the_audit_sample_is_a_seeded_hash_draw_stable_as_the_lake_grows():
     assert audit_draw(cid, 3) == int(hashlib.sha256(f"audit:3:{cid}".encode()).hexdigest()[:16], 16) / 2 ** 64
     small = comparisons(sum((both(f"p{i}", 0.9, 0.9) for i in range(40)), []))
     grown = comparisons(sum((both(f"p{i}", 0.9, 0.9) for i in range(80)), []))
-    sample = lambda comps, seed: {i.comparison.pair_id for i in rank(comps, audit_fraction=0.5, seed=seed)}  # noqa: E731
+    sample = lambda comps, seed: {i.comparison.pair_id for i in rank(comps, QueueRules(audit_fraction=0.5, seed=seed))}  # noqa: E731
     assert sample(small, 1) == {p for p in sample(grown, 1) if int(p[1:]) < 40}
     assert sample(small, 1) != sample(small, 2)
     assert sample(small, 1) == {c.pair_id for c in small if audit_draw(c.comparison_id, 1) < 0.5}
@@ -57,11 +59,11 @@ def test_the_audit_sample_is_a_seeded_hash_draw_stable_as_the_lake_grows():
 def test_filters_by_principle_and_constitution_and_leaves_out_what_the_reviewer_judged():
     rows = ROWS + both("o", 0.5, 0.5, constitution="e" * 64)
     comps = comparisons(rows)
-    assert order(rank(comps, audit_fraction=0.0, principle="honest")) == [("d", "honest")]
-    assert order(rank(comps, audit_fraction=0.0, constitution="eeeeeee")) == [("o", "harm")]
-    assert len(rank(comps, audit_fraction=0.0, constitution="default")) == 7
-    assert rank(comps, audit_fraction=0.0, constitution="other") == []
-    assert order(rank(comps, audit_fraction=0.0, reviewed={("s2", "harm"), ("d", "honest")})) == [
+    assert order(rank(comps, NO_AUDIT, principle="honest")) == [("d", "honest")]
+    assert order(rank(comps, NO_AUDIT, constitution="eeeeeee")) == [("o", "harm")]
+    assert len(rank(comps, NO_AUDIT, constitution="default")) == 7
+    assert rank(comps, NO_AUDIT, constitution="other") == []
+    assert order(rank(comps, NO_AUDIT, reviewed={("s2", "harm"), ("d", "honest")})) == [
         ("s1", "harm"), ("o", "harm"), ("n2", "harm"), ("n1", "harm"), ("d", "harm")]
 
 
@@ -77,7 +79,7 @@ def test_the_latest_row_of_an_order_counts_and_failed_rows_and_eval_labels_do_no
                                        ({"audit_every": -1}, "audit_every")])
 def test_bad_queue_settings_are_refused_by_name(kw, field):
     with pytest.raises(ValueError, match=f"review {field} must be"):
-        rank([], **kw)
+        QueueRules(**kw)
 
 
 def test_a_verdict_on_the_displayed_sides_is_stored_as_the_pairs_a_and_b():
@@ -135,11 +137,11 @@ def test_a_response_that_addresses_the_labeller_ranks_first_with_its_reason():
     texts = {f"{p}-{s}": f"Answer {s} to {p}." for p in ("s1", "c") for s in "ab"} | {"c-b": PLANTED}
     flagged = {i for i, t in texts.items() if addresses_evaluator(t)}
     assert flagged == {"c-b"}
-    items = rank(comparisons(both("s1", 0.9, 0.4) + both("c", 0.1, 0.1)), audit_fraction=0.0, flagged=flagged)
+    items = rank(comparisons(both("s1", 0.9, 0.4) + both("c", 0.1, 0.1)), NO_AUDIT, flagged=flagged)
     # pair c's label is clear (p 0.1: B better), and B is the response telling the labeller to answer (B)
     assert [(i.comparison.pair_id, i.reasons) for i in items] == [("c", ("addresses_labeller",)),
                                                                   ("s1", ("swap_inconsistent",))]
-    both_reasons = rank(comparisons(both("s1", 0.9, 0.4)), audit_fraction=1.0, flagged={"s1-a"})
+    both_reasons = rank(comparisons(both("s1", 0.9, 0.4)), QueueRules(audit_fraction=1.0), flagged={"s1-a"})
     assert [i.reasons for i in both_reasons] == [("addresses_labeller", "swap_inconsistent", "audit")]
 
 
@@ -156,5 +158,5 @@ def test_the_store_flags_the_planted_response_from_the_lake(spark, tmp_path):
         spark.createDataFrame(pa.Table.from_pylist(rows, schema=schema)).write.format("delta").save(str(tmp_path / name))
     store = ReviewStore(tmp_path)
     assert store.flagged_responses() == frozenset({"c-b"})
-    [item] = rank(store.comparisons(), audit_fraction=0.0, flagged=store.flagged_responses())
+    [item] = rank(store.comparisons(), NO_AUDIT, flagged=store.flagged_responses())
     assert (item.comparison.pair_id, item.reasons) == ("c", ("addresses_labeller",))

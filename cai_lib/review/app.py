@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from cai_lib.review import charts, dashboard
 from cai_lib.review.chains import chains
-from cai_lib.review.queue import QueueItem, rank
+from cai_lib.review.queue import QueueItem, QueueRules, rank
 from cai_lib.review.store import ReviewStore
 from cai_lib.review.verdicts import CHOICES, review_row, shown_order
 
@@ -53,10 +53,7 @@ HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inl
 class ReviewSettings:
     reviewer: str | None = None              # who reviews on loopback without tokens
     tokens: dict[str, str] | None = None     # reviewer -> token: every page then needs a login
-    seed: int = 0                            # the audit sample's seed
-    near: float = 0.1
-    audit_fraction: float = 0.1
-    audit_every: int = 4
+    queue: QueueRules = QueueRules()         # doubt, the audit sample's share and seed, its spacing
     principle_texts: dict[tuple[str, str], str] = field(default_factory=dict)   # (constitution sha, id) -> text
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
     session_secret: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -154,8 +151,7 @@ def queue_for(store: ReviewStore, settings: ReviewSettings, reviewer: str | None
               constitution: str | None) -> list[QueueItem]:
     """The ranked queue (without what `reviewer` judged already; None: everything, for a verdict's reasons)."""
     reviewed = store.reviewed(reviewer) if reviewer else set()
-    return rank(store.comparisons(), near=settings.near, audit_fraction=settings.audit_fraction, seed=settings.seed,
-                audit_every=settings.audit_every, principle=principle, constitution=constitution, reviewed=reviewed,
+    return rank(store.comparisons(), settings.queue, principle=principle, constitution=constitution, reviewed=reviewed,
                 flagged=store.flagged_responses())
 
 

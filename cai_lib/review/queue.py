@@ -18,7 +18,7 @@ agreement measured only on hard cases says nothing about the labels as a whole. 
 keep their tag whatever else they are, so the dashboard can estimate agreement on them alone.
 
     >>> rows = [label("p1", "ab", 0.9), label("p1", "ba", 0.4), label("p2", "ab", 0.55), label("p2", "ba", 0.5)]
-    >>> [(i.comparison.pair_id, i.reasons) for i in rank(comparisons(rows), audit_fraction=0.0)]
+    >>> [(i.comparison.pair_id, i.reasons) for i in rank(comparisons(rows), QueueRules(audit_fraction=0.0))]
     [('p1', ('swap_inconsistent',)), ('p2', ('near_half',))]
 """
 from __future__ import annotations
@@ -133,40 +133,60 @@ def matches(c: Comparison, principle: str | None = None, constitution: str | Non
     return constitution is None or constitution in (c.constitution_id, c.constitution_sha[:len(constitution)])
 
 
-def reasons_of(c: Comparison, disagree: set[tuple], near: float, seed: int, audit_fraction: float,
+@dataclass(frozen=True)
+class QueueRules:
+    """How the queue is drawn: a debiased p within `near` of 0.5 is in doubt; the audit sample takes
+    `audit_fraction` of all comparisons (drawn with `seed`), one after every `audit_every` doubtful
+    items (0: all at the end). Checked when made, each bad value named."""
+    near: float = 0.1
+    audit_fraction: float = 0.1
+    seed: int = 0
+    audit_every: int = 4
+
+    def __post_init__(self):
+        if not 0.0 <= self.near <= 0.5:
+            raise ValueError(f"review near must be in [0, 0.5] (distance of p from 0.5), got {self.near!r}")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"review audit_fraction must be in [0, 1], got {self.audit_fraction!r}")
+        every = self.audit_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"review audit_every must be an integer >= 0 (0: audit items last), got {every!r}")
+
+
+def reasons_of(c: Comparison, disagree: set[tuple], rules: QueueRules,
                flagged: frozenset | set = frozenset()) -> tuple[str, ...]:
     """Why `c` is in the queue, in REASONS order; `flagged` holds the response ids that address the labeller."""
     found = {"addresses_labeller": c.response_a_id in flagged or c.response_b_id in flagged,
              "swap_inconsistent": c.swap_inconsistent,
-             "near_half": abs(c.p_a - 0.5) <= near,
+             "near_half": abs(c.p_a - 0.5) <= rules.near,
              "principles_disagree": (c.pair_id, c.labeller) in disagree,
-             "audit": audit_draw(c.comparison_id, seed) < audit_fraction}
+             "audit": audit_draw(c.comparison_id, rules.seed) < rules.audit_fraction}
     return tuple(r for r in REASONS if found[r])
 
 
-def rank(comps: list[Comparison], *, near: float = 0.1, audit_fraction: float = 0.1, seed: int = 0,
-         audit_every: int = 4, principle: str | None = None, constitution: str | None = None,
-         reviewed: frozenset | set = frozenset(), flagged: frozenset | set = frozenset()) -> list[QueueItem]:
+def rank(comps: list[Comparison], rules: QueueRules = QueueRules(), *, principle: str | None = None,
+         constitution: str | None = None, reviewed: frozenset | set = frozenset(),
+         flagged: frozenset | set = frozenset()) -> list[QueueItem]:
     """The review queue: the doubtful comparisons by the first reason they have (REASONS order), then
-    by distance of p from 0.5, then id; one audit-only item after every `audit_every` of them (0: all at
-    the end), audit items in their draw's order. `reviewed` holds (pair_id, principle_id) the reviewer
+    by distance of p from 0.5, then id; one audit-only item after every `rules.audit_every` of them (0:
+    all at the end), audit items in their draw's order. `reviewed` holds (pair_id, principle_id) the reviewer
     has judged already: those are left out (a verdict is about the pair and principle, not the labeller).
     `flagged`: response ids whose text addresses the labeller (ReviewStore.flagged_responses).
     Principles' disagreement is computed before the filters, over all of a pair's principles.
 
     >>> rows = [label("p1", "ab", 0.9), label("p1", "ba", 0.4), label("p3", "ab", 0.9)]
-    >>> [(i.comparison.pair_id, i.reasons) for i in rank(comparisons(rows), audit_fraction=0.0, flagged={"p3-b"})]
+    >>> [(i.comparison.pair_id, i.reasons) for i in rank(comparisons(rows), QueueRules(audit_fraction=0.0),
+    ...                                                  flagged={"p3-b"})]
     [('p3', ('addresses_labeller',)), ('p1', ('swap_inconsistent',))]
     """
-    _check(near, audit_fraction, audit_every)
     disagree = disagreeing_pairs(comps)
-    items = [QueueItem(c, reasons_of(c, disagree, near, seed, audit_fraction, flagged)) for c in comps
+    items = [QueueItem(c, reasons_of(c, disagree, rules, flagged)) for c in comps
              if matches(c, principle, constitution) and (c.pair_id, c.principle_id) not in reviewed]
     doubtful = sorted((i for i in items if i.reasons and i.reasons[0] != "audit"),
                       key=lambda i: (REASONS.index(i.reasons[0]), abs(i.comparison.p_a - 0.5), i.comparison.comparison_id))
     audit = sorted((i for i in items if i.reasons == ("audit",)),
-                   key=lambda i: audit_draw(i.comparison.comparison_id, seed))
-    return interleave(doubtful, audit, audit_every)
+                   key=lambda i: audit_draw(i.comparison.comparison_id, rules.seed))
+    return interleave(doubtful, audit, rules.audit_every)
 
 
 def interleave(doubtful: list, audit: list, every: int) -> list:
@@ -183,15 +203,6 @@ def interleave(doubtful: list, audit: list, every: int) -> list:
         if n % every == 0 and rest:
             out.append(rest.pop(0))
     return out + rest
-
-
-def _check(near: float, audit_fraction: float, audit_every: int) -> None:
-    if not 0.0 <= near <= 0.5:
-        raise ValueError(f"review near must be in [0, 0.5] (distance of p from 0.5), got {near!r}")
-    if not 0.0 <= audit_fraction <= 1.0:
-        raise ValueError(f"review audit_fraction must be in [0, 1], got {audit_fraction!r}")
-    if isinstance(audit_every, bool) or not isinstance(audit_every, int) or audit_every < 0:
-        raise ValueError(f"review audit_every must be an integer >= 0 (0: audit items last), got {audit_every!r}")
 
 
 def label(pair_id: str, order: str, p_a: float, *, k: int = 0, principle: str = "harm", constitution: str = "c" * 64,
