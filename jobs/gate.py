@@ -32,7 +32,7 @@ from cai_lib.ids import sha256_text, stable_id
 from cai_lib.quality.frames import STAGE_TABLES, build_frames
 from cai_lib.quality.gates import judge, suite_sha, validate
 from cai_lib.runtime.tasks import new_job_run_id
-from jobs.common import write_pointer, writer_lake
+from jobs.common import reader_of, write_pointer, writer_lake
 from schemas.suites import ROW_KEYS, SUITES, UNINFORMATIVE
 
 
@@ -122,12 +122,13 @@ def _lineage(frames, column: str) -> str | None:
 
 
 def run(cfg: GateConfig) -> tuple[bool, dict]:
-    lake = writer_lake(cfg, f"gate-{cfg.stage}")
+    lake = writer_lake(cfg, f"gate-{cfg.stage}")   # the lake's lock, then quarantine and the verdict go in here
+    source = reader_of(lake)                        # what is judged is read here
     stage = cfg.stage
     tables = STAGE_TABLES[stage] + ["quarantine"]
-    versions = {t: lake.version(t) for t in tables}
+    versions = {t: source.version(t) for t in tables}
     checks = SUITES[stage](cfg)
-    built = build_frames(stage, lake, cfg)
+    built = build_frames(stage, source, cfg)
     results, docs = validate(stage, built.frames, checks, built.notes, cfg.docs_dir)
     j = judge(results, checks, cfg.waive)
     failed = [r for r in results if r.status == "failed"]
@@ -138,8 +139,8 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     inputs = dict(versions)
     if stage == "labels" and built.frames.get("labeller_eval") is not None:
         inputs["eval_metrics_sha"] = sha256_text(open(cfg.eval_metrics).read())[:16]
-    if stage == "labels" and lake.exists("review_events"):   # reviewers' verdicts judged too (an absent
-        inputs["review_events"] = lake.version("review_events")   # table keeps earlier verdicts' ids)
+    if stage == "labels" and source.exists("review_events"):   # reviewers' verdicts judged too (an absent
+        inputs["review_events"] = source.version("review_events")   # table keeps earlier verdicts' ids)
     sha = suite_sha(checks)
     failures = [{"check": r.name, "status": r.status, "blocks": r.blocks, "expectation": r.expectation,
                  "observed": r.observed, "bad_rows": r.unexpected_count, "note": r.note}
@@ -164,7 +165,7 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
         if built.frames.get(frame) is not None or frame in {r.frame for r in results if r.status != "skipped"}:
             print(f"  measured {frame}: {note}")
     if j.passed:
-        write_pointer(cfg.pointer, lake, STAGE_TABLES[stage], {"gate": stage, "passed": True,
+        write_pointer(cfg.pointer, reader_of(lake), STAGE_TABLES[stage], {"gate": stage, "passed": True,
                                                                "promotable": j.promotable,
                                                                "verdict_id": verdict["event_id"]})
     summary = {"stage": stage, "passed": j.passed, "verdict": j.verdict, "promotable": j.promotable,
