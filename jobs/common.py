@@ -93,16 +93,18 @@ def reader_of(lake):
     call (a version, a read) took 1-2 s: a gate's 4 versions and 4 reads were 9-15 s of its ~20 (measured
     2026-12-06, 2-core AVX-512 Xeon); delta-rs reads the same commits in milliseconds. The writer's lock
     keeps the two views on the same versions."""
-    return lake if "://" in str(lake.root) else Lake(lake.root)
+    return lake if isinstance(lake, Lake) or "://" in str(lake.root) else Lake(lake.root)
 
 
 def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict | None = None) -> None:
     """A small, deterministic JSON (table -> Delta version, rows) that DVC tracks instead of the lake.
+    Versions and counts are read through `reader_of(lake)` (a writer lake's Spark took 1-3 s per table).
 
     Written to a temp file and renamed, so a crash never leaves half a pointer.
     """
     if not path:
         return
+    lake = reader_of(lake)
     write_json(path, {"lake": str(lake.root), "tables": lake.snapshot(tables), **(extra or {})})
 
 

@@ -165,7 +165,7 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
         if built.frames.get(frame) is not None or frame in {r.frame for r in results if r.status != "skipped"}:
             print(f"  measured {frame}: {note}")
     if j.passed:
-        write_pointer(cfg.pointer, reader_of(lake), STAGE_TABLES[stage], {"gate": stage, "passed": True,
+        write_pointer(cfg.pointer, lake, STAGE_TABLES[stage], {"gate": stage, "passed": True,
                                                                "promotable": j.promotable,
                                                                "verdict_id": verdict["event_id"]})
     summary = {"stage": stage, "passed": j.passed, "verdict": j.verdict, "promotable": j.promotable,
