@@ -91,9 +91,24 @@ def reader_of(lake):
     """Where a job reads what its writer lake holds: delta-rs at the same folder for a local lake, the lake
     itself on a cloud URI (delta-rs opens local folders only here). On a stage's fresh JVM each delta-spark
     call (a version, a read) took 1-2 s: a gate's 4 versions and 4 reads were 9-15 s of its ~20 (measured
-    2026-12-06, 2-core AVX-512 Xeon); delta-rs reads the same commits in milliseconds. The writer's lock
-    keeps the two views on the same versions."""
+    2026-12-06, 2-core AVX-512 Xeon); delta-rs reads the same commits in milliseconds. Both read the
+    table's log as it is at the call; `AtVersions` pins a read to the versions a job records."""
     return lake if isinstance(lake, Lake) or "://" in str(lake.root) else Lake(lake.root)
+
+
+class AtVersions:
+    """`lake` (a Lake or a SparkDeltaLake) whose reads of the tables in `versions` are at those versions, so
+    what a job judges is exactly what it records, whatever another job commits meanwhile; every other table
+    and method as `lake` has them."""
+
+    def __init__(self, lake, versions: dict[str, int | None]):
+        self.lake, self.versions = lake, versions
+
+    def read(self, name: str, columns: list[str] | None = None, version: int | None = None):
+        return self.lake.read(name, columns, self.versions.get(name) if version is None else version)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.lake, attr)
 
 
 def write_pointer(path: str | None, lake: Lake, tables: list[str], extra: dict | None = None) -> None:

@@ -32,7 +32,7 @@ from cai_lib.ids import sha256_text, stable_id
 from cai_lib.quality.frames import STAGE_TABLES, build_frames
 from cai_lib.quality.gates import judge, suite_sha, validate
 from cai_lib.runtime.tasks import new_job_run_id
-from jobs.common import reader_of, write_pointer, writer_lake
+from jobs.common import AtVersions, reader_of, write_pointer, writer_lake
 from schemas.suites import ROW_KEYS, SUITES, UNINFORMATIVE
 
 
@@ -122,13 +122,13 @@ def _lineage(frames, column: str) -> str | None:
 
 
 def run(cfg: GateConfig) -> tuple[bool, dict]:
-    lake = writer_lake(cfg, f"gate-{cfg.stage}")   # the lake's lock, then quarantine and the verdict go in here
-    source = reader_of(lake)                        # what is judged is read here
+    lake = writer_lake(cfg, f"gate-{cfg.stage}")   # quarantine and the verdict go in here
     stage = cfg.stage
-    tables = STAGE_TABLES[stage] + ["quarantine"]
+    tables = STAGE_TABLES[stage] + ["quarantine"] + (["review_events"] if stage == "labels" else [])
+    source = reader_of(lake)                        # what is judged is read here, at the versions recorded
     versions = {t: source.version(t) for t in tables}
     checks = SUITES[stage](cfg)
-    built = build_frames(stage, source, cfg)
+    built = build_frames(stage, AtVersions(source, versions), cfg)
     results, docs = validate(stage, built.frames, checks, built.notes, cfg.docs_dir)
     j = judge(results, checks, cfg.waive)
     failed = [r for r in results if r.status == "failed"]
@@ -136,11 +136,10 @@ def run(cfg: GateConfig) -> tuple[bool, dict]:
     job_run_id = new_job_run_id()
     q_rows = quarantine_rows(stage, results, built.frames, job_run_id, now)
     quarantined = lake.insert_new("quarantine", pa.Table.from_pylist(q_rows)) if q_rows else 0
-    inputs = dict(versions)
+    # reviewers' verdicts are judged too; while there is no review_events table, earlier verdicts keep their ids
+    inputs = {t: v for t, v in versions.items() if t != "review_events" or v is not None}
     if stage == "labels" and built.frames.get("labeller_eval") is not None:
         inputs["eval_metrics_sha"] = sha256_text(open(cfg.eval_metrics).read())[:16]
-    if stage == "labels" and source.exists("review_events"):   # reviewers' verdicts judged too (an absent
-        inputs["review_events"] = source.version("review_events")   # table keeps earlier verdicts' ids)
     sha = suite_sha(checks)
     failures = [{"check": r.name, "status": r.status, "blocks": r.blocks, "expectation": r.expectation,
                  "observed": r.observed, "bad_rows": r.unexpected_count, "note": r.note}
