@@ -104,7 +104,12 @@ class AtVersions:
     def __init__(self, lake, versions: dict[str, int | None]):
         self.lake, self.versions = lake, versions
 
+    def exists(self, name: str) -> bool:
+        return self.versions[name] is not None if name in self.versions else self.lake.exists(name)
+
     def read(self, name: str, columns: list[str] | None = None, version: int | None = None):
+        if version is None and name in self.versions and self.versions[name] is None:   # absent when recorded
+            return self.lake.read(name, columns).schema.empty_table()
         return self.lake.read(name, columns, self.versions.get(name) if version is None else version)
 
     def __getattr__(self, attr: str):

@@ -100,3 +100,5 @@ def test_reads_pinned_at_versions_see_no_later_commit_and_local_existence_is_rea
     later = recorded + 1
     assert sorted(pinned.read("quarantine", ["event_id"], version=later)["event_id"].to_pylist()) == ["a", "b", "c"]
     assert pinned.count("quarantine") == 3 and pinned.version("quarantine") == later   # the rest is the lake's own
+    before = AtVersions(source, {"quarantine": None})          # recorded while the table was absent
+    assert not before.exists("quarantine") and before.read("quarantine", ["event_id"]).num_rows == 0
