@@ -14,7 +14,7 @@ from cai_lib.backends.models import check_model_early
 from cai_lib.constitution.load import load_constitution
 from cai_lib.config import LakeConfig, RegistryConfig, SeedConfig, SparkModelConfig, check_fields, opt
 from cai_lib.files import write_json
-from cai_lib.lake.tables import Lake, check_lake_target
+from cai_lib.lake.tables import Lake, check_lake_target, read_schema
 
 
 SPLITS = ("train", "test")   # ingest's splits: test is held out for evaluation, never trained on
@@ -109,7 +109,7 @@ class AtVersions:
 
     def read(self, name: str, columns: list[str] | None = None, version: int | None = None):
         if version is None and name in self.versions and self.versions[name] is None:   # absent when recorded
-            return self.lake.read(name, columns).schema.empty_table()
+            return read_schema(name, columns).empty_table()
         return self.lake.read(name, columns, self.versions.get(name) if version is None else version)
 
     def __getattr__(self, attr: str):

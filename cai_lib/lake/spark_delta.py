@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cai_lib.lake.tables import (COMMIT_ATTEMPTS, CommitRaceError, LakeBase, LakeError, added_columns, check_lake_target,
-                                 conform, first_of_each_key, spec_of)
+                                 conform, first_of_each_key, read_schema, spec_of)
 from schemas import TABLES
 
 # delta-spark 4.4.1's own `configure_spark_with_delta_pip` asks for 4.4.1's jar, which Maven Central
@@ -149,11 +149,10 @@ class SparkDeltaLake(LakeBase):
         return int(self._DeltaTable.forPath(self.spark, self.path(name)).history(1).select("version").first()[0])
 
     def read(self, name: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
-        spec = spec_of(name)
-        schema = spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns])
+        schema = read_schema(name, columns)
         if not self.exists(name):
             return schema.empty_table()
-        return self.df(name, version).select(*(columns or spec.schema.names)).toArrow().cast(schema)
+        return self.df(name, version).select(*schema.names).toArrow().cast(schema)
 
     def df(self, name: str, version: int | None = None):
         """The table as a Spark DataFrame (an empty one with its schema if it does not exist yet)."""

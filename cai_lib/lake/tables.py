@@ -41,6 +41,12 @@ def spec_of(name: str) -> TableSpec:
         raise LakeError(f"unknown lake table {name!r}; known tables: {', '.join(sorted(TABLES))}") from None
 
 
+def read_schema(name: str, columns: list[str] | None = None) -> pa.Schema:
+    """The schema a read of table `name` (those `columns`, or all) returns, whether or not the table exists."""
+    spec = spec_of(name)
+    return spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns])
+
+
 def conform(name: str, rows: pa.Table) -> pa.Table:
     """Select and cast `rows` to the table's schema; name the column and row of a null key."""
     spec = spec_of(name)
@@ -165,8 +171,7 @@ class Lake(LakeBase):
 
     def read(self, name: str, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """The table (or an empty one with its schema), at `version` for time travel."""
-        spec = spec_of(name)
-        schema = spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns])
+        spec, schema = spec_of(name), read_schema(name, columns)
         if not self.exists(name):
             return schema.empty_table()
         dt = self.delta_table(name, version)
