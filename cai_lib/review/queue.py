@@ -206,8 +206,9 @@ def interleave(doubtful: list, audit: list, every: int) -> list:
 
 
 def label(pair_id: str, order: str, p_a: float, *, k: int = 0, principle: str = "harm", constitution: str = "c" * 64,
-          model: str = "f" * 16, kind: str = "ai_label", created_at: int = 0) -> dict:
-    """A minimal label_events row (the fields this module reads), for doctests and tests."""
+          kind: str = "ai_label", created_at: int = 0) -> dict:
+    """A minimal label_events row (the fields this module reads), for doctests and tests; one feedback model."""
+    model = "f" * 16
     return {"event_id": stable_id("label", pair=pair_id, order=order, k=k, principle=principle, c=constitution,
                                   m=model, kind=kind, t=created_at),
             "kind": kind, "status": "ok", "pair_id": pair_id, "prompt_id": f"prompt-{pair_id}",
