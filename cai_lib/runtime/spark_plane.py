@@ -29,7 +29,7 @@ import json
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -316,7 +316,8 @@ def cut_rest(plane: Plane, wave: Pending):
 def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], max_attempts: int,
              what: str) -> tuple[RunStats, int, int]:
     """One wave of `planned` generation rows of one `kind` (pair samples, eval answers): pending against
-    their own events, generated and appended; (stats, gave up, the most tries of one id) for Failures.of."""
+    their own events, generated and appended; (stats, gave up, the most tries of one id) for Failures.of,
+    which reads the tries only when some gave up (0 otherwise: a Spark job saved)."""
     from pyspark.sql import functions as F
     events = plane.lake.df("generation_events").where(F.col("kind") == kind)
     mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
@@ -327,7 +328,8 @@ def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Calla
     if wave.rows:
         plane.say(f"{wave.rows} {what} in {wave.describe()}")
         stats = run_wave(plane, wave, make_chat)
-    return stats, wave.gave_up, most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind))
+    tries = most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind)) if wave.gave_up else 0
+    return stats, wave.gave_up, tries
 
 
 def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
