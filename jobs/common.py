@@ -14,7 +14,7 @@ from cai_lib.backends.models import check_model_early
 from cai_lib.constitution.load import load_constitution
 from cai_lib.config import LakeConfig, RegistryConfig, SeedConfig, SparkModelConfig, check_fields, opt
 from cai_lib.files import write_json
-from cai_lib.lake.tables import Lake, check_lake_target, read_schema
+from cai_lib.lake.tables import Lake, check_lake_target, is_uri, read_schema
 
 
 SPLITS = ("train", "test")   # ingest's splits: test is held out for evaluation, never trained on
@@ -93,7 +93,7 @@ def reader_of(lake):
     call (a version, a read) took 1-2 s: a gate's 4 versions and 4 reads were 9-15 s of its ~20 (measured
     2026-12-06, 2-core AVX-512 Xeon); delta-rs reads the same commits in milliseconds. Both read the
     table's log as it is at the call; `AtVersions` pins a read to the versions a job records."""
-    return lake if isinstance(lake, Lake) or "://" in str(lake.root) else Lake(lake.root)
+    return lake if isinstance(lake, Lake) or is_uri(lake.root) else Lake(lake.root)
 
 
 class AtVersions:

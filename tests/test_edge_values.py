@@ -162,17 +162,21 @@ def test_a_named_params_file_must_exist_only_the_implicit_one_may_be_absent(tmp_
 
 # ---------------------------------------------------------------- lake, constitution, ingest
 
-def test_a_lake_uri_is_kept_intact_and_never_made_a_local_folder(tmp_path, monkeypatch, capsys):
-    from cai_lib.lake.tables import Lake, LakeTargetError
+@pytest.mark.parametrize("uri", ["s3://b/x", "dbfs:/b/x"])   # Databricks' dbfs:/ has one slash
+def test_a_lake_uri_is_kept_intact_and_never_made_a_local_folder(tmp_path, monkeypatch, capsys, uri):
+    from cai_lib.lake.spark_delta import SparkDeltaLake
+    from cai_lib.lake.tables import Lake, LakeTargetError, check_lake_target
     monkeypatch.chdir(tmp_path)
-    message = ("lake s3://b/x is a URI, but delta-rs here opens local folders only (cai status, cai sql, notebooks). "
+    message = (f"lake {uri} is a URI, but delta-rs here opens local folders only (cai status, cai sql, notebooks). "
                "Fix: query it on the cluster with `cai sql --engine spark`, or point --lake at a local folder")
     with pytest.raises(LakeTargetError) as exc:
-        Lake("s3://b/x")
+        Lake(uri)
     assert str(exc.value) == message
-    assert cai(["status", "--lake", "s3://b/x"]) == 1
+    assert cai(["status", "--lake", uri]) == 1
     assert capsys.readouterr().err == f"cai status: error: {message}\n"
-    assert list(tmp_path.iterdir()) == []   # no folder "s3:" beside it
+    check_lake_target(uri, "write")   # the cluster's to check: not "no lake at" a local folder of that name
+    assert SparkDeltaLake(None, uri + "/").root == uri   # not glued under the working folder by resolve()
+    assert list(tmp_path.iterdir()) == []   # no folder "s3:" or "dbfs:" beside it
 
 
 def test_constitution_texts_refuse_hidden_characters(tmp_path):

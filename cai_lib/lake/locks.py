@@ -30,8 +30,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-# where a local flock cannot hold: the idempotent appends carry exactly-once alone there
-UNLOCKABLE = ("s3://", "s3a://", "abfss://", "gs://", "dbfs:/", "/Volumes/", "/dbfs/")
+from cai_lib.lake.tables import is_uri
+
+# where a local flock cannot hold, besides a URI (s3://, dbfs:/...): Databricks' FUSE mounts of shared storage.
+# The idempotent appends carry exactly-once alone there
+UNLOCKABLE = ("/Volumes/", "/dbfs/")
 # the jobs that hold a lock while they append (the Spark plane's model jobs); upkeep holds them all
 LOCKED_JOBS = ("sl-generate", "sample-pairs", "label", "eval-labeler", "evaluate")
 UPKEEP = "lake optimize"
@@ -47,7 +50,7 @@ def unlockable(root: str) -> bool:
     >>> unlockable("s3://b/lake"), unlockable("/Volumes/main/cai/lake"), unlockable("dbfs:/lake"), unlockable("/tmp/l")
     (True, True, True, False)
     """
-    return "://" in root or root.startswith(UNLOCKABLE)
+    return is_uri(root) or root.startswith(UNLOCKABLE)
 
 
 def holder_of(path: Path) -> dict:

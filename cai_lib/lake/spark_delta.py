@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cai_lib.lake.tables import (COMMIT_ATTEMPTS, CommitRaceError, LakeBase, LakeError, added_columns, check_lake_target,
-                                 conform, first_of_each_key, read_schema, spec_of)
+                                 conform, first_of_each_key, is_uri, read_schema, spec_of)
 from schemas import TABLES
 
 # delta-spark 4.4.1's own `configure_spark_with_delta_pip` asks for 4.4.1's jar, which Maven Central
@@ -40,7 +40,7 @@ def open_lake(root, spark, mode: str | None = "write"):
     """The lake as its one writer sees it: delta-spark on `spark`, which must have Delta. The folder is
     checked first (`mode`, see check_lake_root): a job fails before any model call."""
     check_lake_target(root, mode)
-    if mode in ("write", "create") and "://" not in str(root):
+    if mode in ("write", "create") and not is_uri(root):
         from cai_lib.lake.writers import check_writers
         check_writers(Path(root), TABLES)   # another engine's commit: refused before any model call
     require_delta(spark)
@@ -88,7 +88,7 @@ class SparkDeltaLake(LakeBase):
     def __init__(self, spark, root):
         from delta.tables import DeltaTable  # delta-spark's Python side; the jars come with the session
         # a local folder as an absolute path: delta-spark reads a relative one ("lake/prompts") as a table name
-        root = str(root).rstrip("/") if "://" in str(root) else str(Path(root).resolve())
+        root = str(root).rstrip("/") if is_uri(root) else str(Path(root).resolve())
         self.spark, self.root, self._DeltaTable = spark, root, DeltaTable
         self._seen: set[str] = set()   # tables seen as Delta tables: one stays one for the life of a job
 
@@ -101,7 +101,7 @@ class SparkDeltaLake(LakeBase):
         stage's fresh JVM, the first call of a job the slowest); a cloud one by isDeltaTable. A yes is
         remembered (a gate asked 16 times); a no is asked again, since another writer may create it."""
         if name not in self._seen:
-            found = (has_commit(Path(self.path(name)) / "_delta_log") if "://" not in self.root
+            found = (has_commit(Path(self.path(name)) / "_delta_log") if not is_uri(self.root)
                      else self._DeltaTable.isDeltaTable(self.spark, self.path(name)))
             if found:
                 self._seen.add(name)

@@ -8,6 +8,7 @@ writer 2, no deletion vectors).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -96,6 +97,20 @@ MODES = (None, "read", "write", "create")
 COMMIT_ATTEMPTS = 20   # concurrent writers of one table each retry a lost commit this many times
 
 
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")   # s3://, abfss://, dbfs:/ (one slash), file:/...
+
+
+def is_uri(root) -> bool:
+    """Whether `root` names a lake by URI (a cloud or cluster location Spark opens) rather than a local path.
+    Path() would fold one ("s3://b/x" -> "s3:/b/x") and resolve() would glue it under the working folder.
+
+    >>> [is_uri(r) for r in ("s3://b/lake", "abfss://c@a.dfs.core.windows.net/l", "dbfs:/lake", "/tmp/lake",
+    ...                      "lake", "runs/lake:v2", "/Volumes/main/cai/lake")]
+    [True, True, True, False, False, False, False]
+    """
+    return SCHEME.match(str(root)) is not None
+
+
 def check_lake_root(root: Path, mode: str | None) -> None:
     """Before a job reads or writes anything: is `root` a lake it can use? `read` and `write` need an
     existing lake, `create` (ingest) may start one, None checks nothing (library use). Raises
@@ -131,8 +146,8 @@ def check_lake_root(root: Path, mode: str | None) -> None:
 
 
 def check_lake_target(root, mode: str | None) -> None:
-    """check_lake_root for a local folder; a cloud URI (s3://, abfss://, dbfs:/...) is the cluster's to check."""
-    if "://" not in str(root):
+    """check_lake_root for a local folder; a URI (s3://, abfss://, dbfs:/...) is the cluster's to check."""
+    if not is_uri(root):
         check_lake_root(Path(root), mode)
 
 
@@ -141,7 +156,7 @@ class Lake(LakeBase):
     `mode` checks the folder first (see check_lake_root): jobs pass it, library use need not."""
 
     def __init__(self, root: str | os.PathLike, mode: str | None = None):
-        if "://" in str(root):   # Path() would fold s3://b/x into s3:/b/x, then write a local folder "s3:"
+        if is_uri(root):
             raise LakeTargetError(f"lake {root} is a URI, but delta-rs here opens local folders only (cai status, "
                                   "cai sql, notebooks). Fix: query it on the cluster with `cai sql --engine spark`, or point --lake at a "
                                   "local folder")

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from cai_lib.ids import sha256_text
-from cai_lib.lake.tables import Lake
+from cai_lib.lake.tables import Lake, is_uri
 
 # The user's MLflow URIs, read before MLflow runs: `mlflow.set_tracking_uri` exports the
 # variable itself, so reading it later would make one configure() call stick for good.
@@ -41,7 +41,7 @@ def configure(tracking_uri: str, artifact_dir: str, experiment: str) -> str:
     mlflow.set_registry_uri(USER_ENV.get("MLFLOW_REGISTRY_URI") or uri)  # e.g. databricks-uc
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        location = Path(artifact_dir).resolve().as_uri() if "://" not in artifact_dir else artifact_dir
+        location = artifact_dir if is_uri(artifact_dir) else Path(artifact_dir).resolve().as_uri()   # dbfs:/..., s3://
         exp_id = mlflow.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
