@@ -179,8 +179,8 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
         plane = Plane(spark, lake, cfg.backend_spec(cfg.base_model), ctx.constants(), job_run_id, cfg.batch_size,
                       cfg.batches_per_commit, cfg.chunk_seconds, progress)
         total, exhausted = run_waves(plane, ctx, inc, cfg.rounds, cfg.max_attempts)
-        # every chosen step without a success was in `left`; the most tries are read only for the message
-        # of steps that gave up (Failures.describe), a Spark job the common run without any skips
+        # every chosen step without a success was in `left`; its most tries are read (a Spark job) only when
+        # some steps gave up, since only that message (Failures.describe) shows them
         fails = Failures.of("generations", total, exhausted, cfg.max_attempts,
                             most_tries(inc.left, lake.df("generation_events")) if exhausted else 0)
         changed, errors, warnings = write_sl_dataset(lake, ctx, plan, fails, cfg.allow_shrink)
