@@ -110,8 +110,8 @@ def cot_wave(plane, todo, cot_sampling: str, make_chat, max_attempts: int):
         plane.say(f"chain of thought for {gen.rows} comparisons in {gen.describe()}")
         stats = plane_mod.run_wave(plane, gen, make_chat)
     cots = plane.lake.df("generation_events").where(F.col("kind") == "cot")
-    tries = plane_mod.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots) if gen.gave_up else 0
-    fails = Failures.of("chains of thought", stats, gen.gave_up, max_attempts, tries)
+    fails = Failures.of("chains of thought", stats, gen.gave_up, max_attempts,
+                        plane_mod.most_tries(todo.select(F.col("cot_id").alias("event_id")), cots, gen.gave_up))
     return (sl.with_cot(todo, plane_mod.successful(cots)), fails, gen.gave_up,
             stats.model_calls if stats else 0)
 

@@ -179,10 +179,9 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
         plane = Plane(spark, lake, cfg.backend_spec(cfg.base_model), ctx.constants(), job_run_id, cfg.batch_size,
                       cfg.batches_per_commit, cfg.chunk_seconds, progress)
         total, exhausted = run_waves(plane, ctx, inc, cfg.rounds, cfg.max_attempts)
-        # every chosen step without a success was in `left`; its most tries are read (a Spark job) only when
-        # some steps gave up, since only that message (Failures.describe) shows them
+        # every chosen step without a success was in `left`
         fails = Failures.of("generations", total, exhausted, cfg.max_attempts,
-                            most_tries(inc.left, lake.df("generation_events")) if exhausted else 0)
+                            most_tries(inc.left, lake.df("generation_events"), exhausted))
         changed, errors, warnings = write_sl_dataset(lake, ctx, plan, fails, cfg.allow_shrink)
     write_pointer(cfg.pointer, lake, ["generation_events", "sl_dataset"],
                   {"constitution_sha": constitution.sha256, "model_fingerprint": fp})

@@ -55,9 +55,12 @@ def failure_counts(events):
             .agg(F.count(F.lit(1)).cast("int").alias("tries")))
 
 
-def most_tries(planned, events) -> int:
+def most_tries(planned, events, gave_up: int) -> int:
     """The most failed attempts any `planned` id (event_id column) without a success has had: what
-    --max-attempts must exceed to retry the given-up ones."""
+    --max-attempts must exceed to retry the given-up ones. Only the message of work that gave up shows it
+    (Failures.describe), so with `gave_up` 0 it is 0 and no Spark job reads the events."""
+    if not gave_up:
+        return 0
     from pyspark.sql import functions as F
     undone = planned.select("event_id").join(successful(events), "event_id", "left_anti")
     return undone.join(failure_counts(events), "event_id").agg(F.max("tries")).first()[0] or 0
@@ -316,8 +319,7 @@ def cut_rest(plane: Plane, wave: Pending):
 def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], max_attempts: int,
              what: str) -> tuple[RunStats, int, int]:
     """One wave of `planned` generation rows of one `kind` (pair samples, eval answers): pending against
-    their own events, generated and appended; (stats, gave up, the most tries of one id) for Failures.of,
-    which reads the tries only when some gave up (0 otherwise: a Spark job saved)."""
+    their own events, generated and appended; (stats, gave up, the most tries of one id) for Failures.of."""
     from pyspark.sql import functions as F
     events = plane.lake.df("generation_events").where(F.col("kind") == kind)
     mine = events.join(planned.select(F.col("event_id").alias("target_event_id")), "target_event_id",
@@ -328,8 +330,8 @@ def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Calla
     if wave.rows:
         plane.say(f"{wave.rows} {what} in {wave.describe()}")
         stats = run_wave(plane, wave, make_chat)
-    tries = most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind)) if wave.gave_up else 0
-    return stats, wave.gave_up, tries
+    return stats, wave.gave_up, most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind),
+                                           wave.gave_up)
 
 
 def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
