@@ -129,9 +129,9 @@ def answers(spark, lake, cfg, ref: str, prompts_df, job_run_id: str,
     plan = functools.partial(answer_partition, seed=cfg.seed, fingerprint=fp, sampling_json=sampling_json)
     planned = prompts_df.select("prompt_id", "text").mapInArrow(plan, from_arrow_schema(SAMPLE_SCHEMA))
     planned = planned.localCheckpoint(eager=True)
-    with job_lock(cfg.lake, "evaluate", job_run_id):
+    with job_lock(cfg.lake, "evaluate", job_run_id) as lock:
         ctx = plane.Plane(spark, lake, cfg.backend_spec(load_as), constants, job_run_id, cfg.batch_size,
-                          cfg.batches_per_commit, cfg.chunk_seconds, progress)
+                          cfg.batches_per_commit, cfg.chunk_seconds, progress, exclusive=lock is not None)
         stats, gave_up, tries = plane.run_step(ctx, planned, kind="eval_response", plan_id=f"{job_run_id}/{label}",
                                                make_chat=sample_chat, max_attempts=cfg.max_attempts,
                                                what=f"answers of {label}")

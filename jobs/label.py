@@ -179,11 +179,12 @@ def run(spark, cfg: LabelConfig, progress=None) -> dict:
     constants = lineage(cfg, constitution, fb_fp)
     make_chat = functools.partial(sl.label_chat, template=template, constitution=constitution)
     job_run_id = new_job_run_id()
-    plane = plane_mod.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id, cfg.batch_size,
-                            cfg.batches_per_commit, cfg.chunk_seconds, progress)
     samples = plane_mod.successful(events.where(F.col("kind") == "pair_sample"))
     cot_fails, cot_gave_up, cot_calls = Failures("chains of thought", max_attempts=cfg.max_attempts), 0, 0
-    with job_lock(cfg.lake, "label", job_run_id):
+    with job_lock(cfg.lake, "label", job_run_id) as lock:
+        plane = plane_mod.Plane(spark, lake, cfg.backend_spec(cfg.feedback_model), constants, job_run_id,
+                                cfg.batch_size, cfg.batches_per_commit, cfg.chunk_seconds, progress,
+                                exclusive=lock is not None)
         todo = jobs.join(lake.df("label_events").select("event_id"), "event_id", "left_anti")
         todo = sl.with_texts(todo, chosen, samples).localCheckpoint(eager=True)
         if s.cot and not todo.isEmpty():

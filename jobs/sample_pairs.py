@@ -85,9 +85,9 @@ def run(spark, cfg: SamplePairsConfig, progress=None) -> dict:
     planned = planned.localCheckpoint(eager=True)   # not re-planned after each append (see spark_plane.pending)
     constants = lineage(cfg, constitution, model_label, fp)
     job_run_id = new_job_run_id()
-    with job_lock(cfg.lake, "sample-pairs", job_run_id):
+    with job_lock(cfg.lake, "sample-pairs", job_run_id) as lock:
         ctx = plane.Plane(spark, lake, cfg.backend_spec(load_as), constants, job_run_id, cfg.batch_size,
-                          cfg.batches_per_commit, cfg.chunk_seconds, progress)
+                          cfg.batches_per_commit, cfg.chunk_seconds, progress, exclusive=lock is not None)
         stats, gave_up, tries = plane.run_step(ctx, planned, kind="pair_sample", plan_id=f"{job_run_id}/pairs",
                                                make_chat=sample_chat, max_attempts=cfg.max_attempts, what="pair samples")
     write_pointer(cfg.pointer, lake, ["generation_events"], {"model_fingerprint": fp})

@@ -172,12 +172,12 @@ def run(spark, cfg: SLGenerateConfig, progress=None) -> dict:
     ctx = SLContext(constitution, cfg.base_model, fp, cfg.backend, cfg.settings())
     job_run_id = new_job_run_id()
     # held from the first read: sl_dataset decides what is planned, and another run could change it
-    with job_lock(cfg.lake, "sl-generate", job_run_id):
+    with job_lock(cfg.lake, "sl-generate", job_run_id) as lock:
         plan = plan_of(spark, lake, ctx, cfg)
         n_planned, n_chosen = plan.opened.count(), plan.prompts.where("chosen").count()
         inc = increment_of(lake, plan, n_chosen)
         plane = Plane(spark, lake, cfg.backend_spec(cfg.base_model), ctx.constants(), job_run_id, cfg.batch_size,
-                      cfg.batches_per_commit, cfg.chunk_seconds, progress)
+                      cfg.batches_per_commit, cfg.chunk_seconds, progress, exclusive=lock is not None)
         total, exhausted = run_waves(plane, ctx, inc, cfg.rounds, cfg.max_attempts)
         # every chosen step without a success was in `left`
         fails = Failures.of("generations", total, exhausted, cfg.max_attempts,

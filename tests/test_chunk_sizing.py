@@ -68,7 +68,8 @@ def test_a_wave_probes_one_batch_per_slot_then_cuts_the_rest():
 
 def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small_lake, monkeypatch):
     """local[1]: 3 prompts x 2 samples in batches of 1 at 0.5 s a call, 1.2 s a chunk: the probe (1 batch),
-    then the other 5 batches cut by the measure (2 a chunk: 3 chunks), each cut recorded before it runs."""
+    then the other 5 batches cut by the measure (2 a chunk: 3 chunks). The batches are recorded before
+    they run; the sized cut is not, since the job holds the lake's lock and no other run can size them."""
     from deltalake import DeltaTable
 
     from jobs.sample_pairs import SamplePairsConfig
@@ -89,15 +90,18 @@ def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small
     # how many later commits find the next job already running depends on the machine's load (a loaded CI run
     # saw [False, True, False, False]); without the extra job in flight none does
     assert len(active_after_commit) == 4 and active_after_commit[0] is False and True in active_after_commit[1:]
-    # the wave's plan (6 batches: the probe's chunk, 5 unsized), then the 5 batches' chunks once sized
+    # the wave's plan (6 batches: the probe's chunk, 5 unsized) and no record of their sized chunks
     plans = [h for h in reversed(DeltaTable(str(small_lake / "work_batches")).history()) if h["operation"] == "WRITE"]
-    assert [int(h["operationMetrics"]["numOutputRows"]) for h in plans] == [6, 5]
+    assert [int(h["operationMetrics"]["numOutputRows"]) for h in plans] == [6]
 
 
 def test_a_cut_another_run_recorded_first_is_the_one_that_runs(spark, small_lake, monkeypatch):
-    """Two runs size the same batches at once, each by its own probe: the cut that lands first is read
-    back and run by both, so their appends share app ids. Here the other run's cut (a chunk per batch)
-    lands just before this run's (one chunk of 5), which Delta then skips as the same attempts."""
+    """Two runs size the same batches at once, each by its own probe, which only runs without the lake's
+    lock (a cloud lake): the cut that lands first is read back and run by both, so their appends share
+    app ids. Here the other run's cut (a chunk per batch) lands just before this run's (one chunk of 5),
+    which Delta then skips as the same attempts."""
+    import contextlib
+
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
@@ -113,12 +117,15 @@ def test_a_cut_another_run_recorded_first_is_the_one_that_runs(spark, small_lake
         record(lake, planned, table, sized)
 
     monkeypatch.setattr(spark_plane, "record_plan", theirs_first)
+    monkeypatch.setattr("cai_lib.lake.locks.job_lock", lambda *a, **k: contextlib.nullcontext())   # as on a cloud lake
     cfg = SamplePairsConfig(lake=str(small_lake), backend="fake", policy="fake", max_new_tokens=24, batch_size=1,
                             batches_per_commit=64, params="/nonexistent.yaml",
                             constitution=str(ROOT / "constitutions/default.yaml"))
     assert sample_pairs(spark, cfg)["ok"] == 6
     commits = [h for h in DeltaTable(str(small_lake / "generation_events")).history() if h["operation"] == "WRITE"]
     assert [int(h["operationMetrics"]["numOutputRows"]) for h in commits] == [1] * 6   # the probe, then theirs
+    plans = [h for h in reversed(DeltaTable(str(small_lake / "work_batches")).history()) if h["operation"] == "WRITE"]
+    assert [int(h["operationMetrics"]["numOutputRows"]) for h in plans] == [6, 5]   # the batches, then their cut
 
 
 def test_with_one_slot_the_next_chunk_runs_while_the_last_one_commits():
@@ -130,6 +137,13 @@ def test_with_one_slot_the_next_chunk_runs_while_the_last_one_commits():
     meet, lines = threading.Barrier(2, timeout=10), []
     done = run_chunks([Chunk("p", c, 2, 1) for c in range(4)], lambda c: meet.wait(), 1, lines.append, "rows")
     assert done == 4 and lines[-1] == "  [####################] 8/8 rows committed in 4 of 4 commits"
+
+
+def test_a_chunk_task_starts_on_the_first_free_slot(spark):
+    """get_spark turns locality waiting off: on a 2-worker standalone cluster the chunk tasks, which read a
+    few KB of rows, waited up to 3 s a locality level for the executor holding those rows (one worker idle
+    4.3 s every round, bench/bench_plane_utilisation.py --standalone)."""
+    assert spark.sparkContext.getConf().get("spark.locality.wait") == "0"
 
 
 def watch_commits(monkeypatch) -> list[bool]:

@@ -115,6 +115,9 @@ class Plane:
     progress: Callable[[str], None] | None = None
     slots: int = 0
     meter: Meter = field(default_factory=Meter)   # seconds per batch, learnt by the run's waves
+    # the job holds the lake's lock (`lake.locks.job_lock`): no other run cuts the same batches meanwhile,
+    # so a sized cut needs no record to agree on (spark_plane.cut_rest)
+    exclusive: bool = False
 
     def __post_init__(self):
         if not self.slots:
