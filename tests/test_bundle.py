@@ -186,6 +186,7 @@ def test_generation_runs_vllm_on_the_gpu_cluster(job, tasks, bundle):
         if key in GENERATION | TRAINING:
             assert gpu and vllm_pin in libraries, f"{key}: GPU cluster with {vllm_pin}"
             assert new_cluster["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
+            assert new_cluster["spark_conf"]["spark.locality.wait"] == "0"   # docs/data_plane.md: engines idle
         else:
             assert key in CPU_ONLY and not gpu and new_cluster["num_workers"] == 0, f"{key}: small CPU cluster"
             assert "--backend" not in argv(task)
