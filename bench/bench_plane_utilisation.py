@@ -4,6 +4,7 @@ against the bare backend's own throughput, in one run.
 
     python bench/bench_plane_utilisation.py                        # local[2], 8,000 prompts, latency 0.2
     python bench/bench_plane_utilisation.py --prompts 2000 --master local[1]
+    python bench/bench_plane_utilisation.py --standalone      # a loopback standalone cluster, 2 workers x 1 core
 
 Utilisation = the job's samples per second / (slots x the bare backend's samples per second): 1.0 means
 every engine generated all the time, from the job's start (pending, plans) to its last commit. Two
@@ -77,7 +78,7 @@ def row(name: str, run: dict, rate: float, per_call: float, slots: int, batch_si
     idle = (slots * wall - s["model_calls"] * per_call) / max(len(sizes), 1)   # engine-seconds not generating
     chunks = f"{min(sizes) // batch_size}-{max(sizes) // batch_size}" if sizes else "-"
     return (f"| {name} | {s['samples']:,} | {len(sizes)} | {chunks} | {wall:.1f} s | {per_s:.1f}/s | "
-            f"{slots} x {rate:.1f}/s | {per_s / (slots * rate):.2f}x | {idle:.2f} s |")
+            f"{slots} x {rate:.1f}/s | {per_s / (slots * rate):.3f}x | {idle:.2f} s |")
 
 
 def main(argv=None) -> int:
@@ -86,11 +87,15 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.2, help="seconds per model call (GPU-like: 0.2)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--standalone", action="store_true",
+                    help="run on a Spark standalone cluster on loopback: a master and two 1-core workers (tests/cluster.py)")
     a = ap.parse_args(argv)
     from cai_lib.env import set_offline_env
     from cai_lib.runtime.session import get_spark
     set_offline_env()
-    spark = get_spark(a.master, "bench-plane-utilisation", delta=True)
+    cluster = start_cluster() if a.standalone else None
+    master = cluster.master if cluster else a.master
+    spark = get_spark(master, "bench-plane-utilisation", delta=True)
     slots = spark.sparkContext.defaultParallelism
     rate, per_call = bare_rate(a.latency, a.batch_size)
     settings = [("defaults (chunk_seconds 30, at most 64 batches)", 64, 30.0),
@@ -108,11 +113,29 @@ def main(argv=None) -> int:
             run = one_run(spark, lake, a.latency, a.batch_size, bpc, chunk_seconds)
             lines.append(row(name, run, rate, per_call, slots, a.batch_size))
             print(lines[-1], flush=True)
+    where = f"standalone cluster {master} (2 workers x 1 core)" if cluster else master
     print(f"\n{a.prompts:,} prompts x 2 samples, batch {a.batch_size}, fake:latency={a.latency} "
-          f"({per_call:.3f} s per bare call), {a.master}, {slots} slots\n")
+          f"({per_call:.3f} s per bare call), {where}, {slots} slots\n")
     print("\n".join(lines))
     spark.stop()
+    if cluster:
+        cluster.stop()
     return 0
+
+
+def start_cluster():
+    """The tests' loopback standalone cluster, and this process set up as its driver: both executors
+    registered before the first job (2 slots), one core per executor."""
+    import os
+
+    from tests.cluster import StandaloneCluster
+    cluster = StandaloneCluster(Path(tempfile.mkdtemp(prefix="bench-cluster-"))).start()
+    os.environ.update(cluster.env())
+    os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join(
+        f"--conf {k}={v}" for k, v in {"spark.cores.max": 2, "spark.executor.cores": 1,
+                                         "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+                                         "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s"}.items()) + " pyspark-shell"
+    return cluster
 
 
 if __name__ == "__main__":
