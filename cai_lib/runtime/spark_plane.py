@@ -194,8 +194,12 @@ def chunk_app_ids(todo, table: str, key: tuple[str, ...] = ("event_id", "attempt
     Delta skips the second append. And why a retry is never skipped wrongly: once a chunk committed, each
     of its keys is done (a success, or a failed attempt n whose retry is attempt n+1; a scoring chunk
     commits only with at least one label), so no later pending set repeats a committed chunk's keys."""
-    return {(r["plan_id"], r["chunk"]): f"cai/{table}/{r['sha']}"
-            for r in todo.groupBy("plan_id", "chunk").agg(keys_sha(key).alias("sha")).collect()}
+    return app_ids_of(todo.groupBy("plan_id", "chunk").agg(keys_sha(key).alias("sha")).collect(), table)
+
+
+def app_ids_of(groups, table: str) -> dict[tuple[str, int], str]:
+    """{(plan_id, chunk): app id} from aggregated rows with plan_id, chunk and sha (`keys_sha`)."""
+    return {(r["plan_id"], r["chunk"]): f"cai/{table}/{r['sha']}" for r in groups}
 
 
 def keys_sha(key: tuple[str, ...] = ("event_id", "attempt")):
@@ -275,7 +279,7 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     stats = RunStats(tasks=wave.rows, batches=sum(c.batches for c in wave.chunks) + wave.unsized_batches)
 
     def write_all(rows, chunks: list[Chunk], app_ids: dict | None = None) -> int:
-        app_ids = app_ids or chunk_app_ids(rows, "generation_events")
+        app_ids = chunk_app_ids(rows, "generation_events") if app_ids is None else app_ids
         return run_chunks(chunks, lambda c: lake.idempotent_append(
             "generation_events", chunk_rows(rows, c).mapInArrow(fn, out_schema), app_ids[chunk_key(c)]),
             plane.slots, plane.progress, "generations")
@@ -283,7 +287,7 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     if not wave.unsized_rows:
         done = write_all(wave.todo, wave.chunks)
     elif plane.meter.per_batch("generate") is not None or not wave.chunks:   # measured before: no barrier
-        rows, chunks, _ = cut_rest(plane, wave)
+        rows, chunks, _ = cut_rest(plane, wave)   # app ids of the union: kept and new chunks hashed as one cut
         done = write_all(rows.unionByName(wave.todo.where(F.col("chunk") != UNSIZED)), wave.chunks + chunks)
     else:   # the probe (and kept chunks) first, then the rest cut by their measured time
         done = write_all(wave.todo, wave.chunks)
@@ -328,8 +332,7 @@ def cut_rest(plane: Plane, wave: Pending):
     chunks = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups]
     plane.say(f"  {wave.unsized_batches} batches in {len(chunks)} commits "
               f"({plane.meter.per_batch('generate') or 0:.3f} s a batch measured)")
-    return rows, sorted(chunks, key=chunk_key), {chunk_key(c): f"cai/generation_events/{r['sha']}"
-                                                 for c, r in zip(chunks, groups)}
+    return rows, sorted(chunks, key=chunk_key), app_ids_of(groups, "generation_events")
 
 
 def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], max_attempts: int,
