@@ -128,13 +128,10 @@ def start_cluster():
     registered before the first job (2 slots), one core per executor."""
     import os
 
-    from tests.cluster import StandaloneCluster
+    from tests.cluster import CLUSTER_CONF, StandaloneCluster
     cluster = StandaloneCluster(Path(tempfile.mkdtemp(prefix="bench-cluster-"))).start()
     os.environ.update(cluster.env())
-    os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join(
-        f"--conf {k}={v}" for k, v in {"spark.cores.max": 2, "spark.executor.cores": 1,
-                                         "spark.scheduler.minRegisteredResourcesRatio": "1.0",
-                                         "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s"}.items()) + " pyspark-shell"
+    os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join(f"--conf {k}={v}" for k, v in CLUSTER_CONF.items()) + " pyspark-shell"
     return cluster
 
 

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WORKERS = 2
+# what a driver needs to use both slots from its first job (docs/clusters.md, Standalone): both executors
+# registered before the job starts (2 workers x 1 core = 2 slots, 1 core per task), as TorchDistributor's
+# barrier stage of 2 tasks needs
+CLUSTER_CONF = {"spark.cores.max": "2", "spark.executor.cores": "1", "spark.task.cpus": "1",
+                "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+                "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s"}
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import pytest
 
 from cai_lib.lake.tables import Lake
 from jobs.sl_generate import SLGenerateConfig, run
-from tests.cluster import StandaloneCluster
+from tests.cluster import CLUSTER_CONF, StandaloneCluster
 from tests.conftest import ROOT, copy_lake
 
 SLOW_S = 4   # a first task attempt's sleep per model call; a speculative copy starts after 0.5 s
@@ -90,11 +90,6 @@ def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, sma
 SFT = ["--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--torch-threads", "1", "--seed", "7",
        "--learning-rate", "3e-3"]
 TOL = 1e-4   # tests/test_distributed_training.py's: the ranks sum the same per-row gradients in another order
-# what TorchDistributor's barrier stage of 2 tasks needs on this cluster (docs/clusters.md, Standalone):
-# both executors registered before the job starts (2 workers x 1 core = 2 slots, 1 core per task)
-CLUSTER_CONF = {"spark.cores.max": "2", "spark.executor.cores": "1", "spark.task.cpus": "1",
-                "spark.scheduler.minRegisteredResourcesRatio": "1.0",
-                "spark.scheduler.maxRegisteredResourcesWaitingTime": "120s"}
 
 
 def tiny_causal_lm(folder: Path) -> Path:
