@@ -5,6 +5,8 @@ against the bare backend's own throughput, in one run.
     python bench/bench_plane_utilisation.py                        # local[2], 8,000 prompts, latency 0.2
     python bench/bench_plane_utilisation.py --prompts 2000 --master local[1]
     python bench/bench_plane_utilisation.py --standalone      # a loopback standalone cluster, 2 workers x 1 core
+    python bench/bench_plane_utilisation.py --standalone --worker-cores 3 --engine-cpus 2   # engines apart from
+                                                               # Delta's jobs: one engine task per worker, a core spare
 
 Utilisation = the job's samples per second / (slots x the bare backend's samples per second): 1.0 means
 every engine generated all the time, from the job's start (pending, plans) to its last commit. Two
@@ -88,15 +90,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--standalone", action="store_true",
-                    help="run on a Spark standalone cluster on loopback: a master and two 1-core workers (tests/cluster.py)")
+                    help="run on a Spark standalone cluster on loopback: a master and two workers (tests/cluster.py)")
+    ap.add_argument("--worker-cores", type=int, default=1, help="with --standalone: cores per worker (and executor)")
+    ap.add_argument("--engine-cpus", type=int, default=None,
+                    help="with --standalone: cores one engine task takes (spark.cai.engineCpus, cai_lib/runtime/engines.py)")
     a = ap.parse_args(argv)
     from cai_lib.env import set_offline_env
     from cai_lib.runtime.session import get_spark
     set_offline_env()
-    cluster = start_cluster() if a.standalone else None
+    from cai_lib.runtime.engines import engine_profile
+    cluster = start_cluster(a.worker_cores, a.engine_cpus) if a.standalone else None
     master = cluster.master if cluster else a.master
     spark = get_spark(master, "bench-plane-utilisation", delta=True)
-    slots = spark.sparkContext.defaultParallelism
+    profile, slots = engine_profile(spark, 1)   # the plane's engines (the fake backend has no threads of its own)
     rate, per_call = bare_rate(a.latency, a.batch_size)
     settings = [("defaults (chunk_seconds 30, at most 64 batches)", 64, 30.0),
                 ("fixed 64 per commit (16 x 4, before)", 4, 0.0)]
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
             run = one_run(spark, lake, a.latency, a.batch_size, bpc, chunk_seconds)
             lines.append(row(name, run, rate, per_call, slots, a.batch_size))
             print(lines[-1], flush=True)
-    where = f"standalone cluster {master} (2 workers x 1 core)" if cluster else master
+    where = (f"standalone cluster {master} (2 workers x {a.worker_cores} cores, an engine task takes "
+             f"{int(profile.taskResources['cpus'].amount) if profile else 1} cores)" if cluster else master)
     print(f"\n{a.prompts:,} prompts x 2 samples, batch {a.batch_size}, fake:latency={a.latency} "
           f"({per_call:.3f} s per bare call), {where}, {slots} slots\n")
     print("\n".join(lines))
@@ -123,15 +130,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def start_cluster():
+def start_cluster(cores: int, engine_cpus: int | None):
     """The tests' loopback standalone cluster, and this process set up as its driver: both executors
-    registered before the first job (2 slots), one core per executor."""
+    registered before the first job, each of a worker's `cores`; engine tasks of `engine_cpus` cores."""
     import os
 
+    from cai_lib.runtime.engines import ENGINE_CPUS
     from tests.cluster import CLUSTER_CONF, StandaloneCluster
-    cluster = StandaloneCluster(Path(tempfile.mkdtemp(prefix="bench-cluster-"))).start()
+    cluster = StandaloneCluster(Path(tempfile.mkdtemp(prefix="bench-cluster-")), cores=cores).start()
+    conf = {**CLUSTER_CONF, "spark.cores.max": str(2 * cores), "spark.executor.cores": str(cores),
+            **({ENGINE_CPUS: str(engine_cpus)} if engine_cpus else {})}
     os.environ.update(cluster.env())
-    os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join(f"--conf {k}={v}" for k, v in CLUSTER_CONF.items()) + " pyspark-shell"
+    os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join(f"--conf {k}={v}" for k, v in conf.items()) + " pyspark-shell"
     return cluster
 
 

@@ -48,6 +48,7 @@ class StandaloneCluster:
     """The running cluster: its master URL, the environment to submit with, each worker's folder."""
     root: Path
     port: int = field(default_factory=free_port)
+    cores: int = 1   # per worker
     procs: list = field(default_factory=list)
 
     @property
@@ -89,10 +90,20 @@ class StandaloneCluster:
         wait_for_port(self.port, master, log)
         for i in range(WORKERS):
             host = f"127.0.0.{i + 1}"
-            self._start(f"worker{i}", host, "org.apache.spark.deploy.worker.Worker", "--host", host, "--cores", "1",
+            self._start(f"worker{i}", host, "org.apache.spark.deploy.worker.Worker", "--host", host, "--cores", str(self.cores),
                         "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(self.work(i)),
                         self.master)
+        self.wait_for_workers(log)
         return self
+
+    def wait_for_workers(self, log: Path, seconds: float = 90) -> None:
+        """Until the master has registered every worker: a worker with cores for all of an application's
+        executors would otherwise take them all when the application comes first (3-core workers do)."""
+        deadline = time.time() + seconds
+        while log.read_text().count("Master: Registering worker") < WORKERS:
+            if time.time() > deadline:
+                raise RuntimeError(f"{WORKERS} workers never registered: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         for p in self.procs:

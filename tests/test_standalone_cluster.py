@@ -1,11 +1,16 @@
 """Jobs, unchanged, on a Spark standalone cluster: a master and two workers on loopback (127.0.0.1 and
-127.0.0.2, 1 core each; tests/cluster.py), started once for this module from pyspark's own launcher classes.
+127.0.0.2, 3 cores each; tests/cluster.py), started once for this module from pyspark's own launcher classes.
+Each job takes the executors its confs ask for: one core each (CLUSTER_CONF) unless a test says otherwise.
 
 sl-generate with `--master spark://127.0.0.1:PORT` writes the ids, texts and sl_dataset a `local[1]` run
 writes, and both workers' executors do the work. The run has speculative execution on (Spark runs it only
 on a cluster, never in local mode): every chunk's first task attempt is slow (`fake:slow=S`), so Spark
 launches a copy of it on the other worker (a copy never runs on the host of the original), the copy wins,
 and each id still lands once.
+
+sample-pairs with 3-core executors and engine tasks of 2 cores (`spark.cai.engineCpus`, stage-level
+scheduling: cai_lib/runtime/engines.py): Spark's event log shows each executor ran one engine task at a
+time, and Delta's jobs ran on the spare core while an engine generated.
 
 train-sl through `spark-submit launch/cai_task.py` with `--num-processes 2 --distributed cluster` runs its
 two ranks as TorchDistributor's barrier tasks, one on each worker's executor (gloo over loopback), on a tiny
@@ -22,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from cai_lib.lake.tables import Lake
+from cai_lib.runtime.engines import ENGINE_CPUS
 from jobs.sl_generate import SLGenerateConfig, run
 from tests.cluster import CLUSTER_CONF, StandaloneCluster
 from tests.conftest import ROOT, copy_lake
@@ -41,7 +47,7 @@ def flags(settings: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One cluster for every test here: starting the JVMs is most of a test's time."""
-    running = StandaloneCluster(tmp_path_factory.mktemp("standalone")).start()
+    running = StandaloneCluster(tmp_path_factory.mktemp("standalone"), cores=3).start()
     yield running
     running.stop()
 
@@ -56,7 +62,7 @@ def new_app(cluster: StandaloneCluster, before: set[str]) -> str:
 def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, small_lake, tmp_path, cluster):
     before = cluster.apps()
     on_cluster = copy_lake(small_lake, tmp_path / "cluster")
-    speculation = {"spark.speculation": "true", "spark.speculation.task.duration.threshold": "500ms",
+    speculation = {**CLUSTER_CONF, "spark.speculation": "true", "spark.speculation.task.duration.threshold": "500ms",
                    "spark.speculation.interval": "100ms"}
     submit = " ".join(f"--conf {k}={v}" for k, v in speculation.items()) + " pyspark-shell"
     job = subprocess.run([sys.executable, "-m", "jobs.cli", "sl-generate", "--lake", str(on_cluster),
@@ -83,6 +89,44 @@ def test_sl_generate_on_a_standalone_cluster_writes_what_local_writes(spark, sma
     rows = lambda lake: Lake(lake).read("sl_dataset").drop_columns(["model_id"]).sort_by("prompt_id")  # noqa: E731
     assert rows(on_cluster).equals(rows(local)) and rows(local).num_rows == 5
     assert set(Lake(on_cluster).read("sl_dataset")["model_id"].to_pylist()) == {f"fake:slow={SLOW_S}"}
+
+
+def spark_events(folder: Path) -> list[dict]:
+    """The one application's event log in `folder` (uncompressed, not rolled)."""
+    (log,) = folder.iterdir()
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_engine_tasks_take_their_cores_and_delta_jobs_run_beside_them(small_lake, tmp_path, cluster):
+    lake, events = copy_lake(small_lake, tmp_path / "engines"), tmp_path / "events"
+    events.mkdir()
+    conf = {**CLUSTER_CONF, "spark.cores.max": "6", "spark.executor.cores": "3", ENGINE_CPUS: "2",
+            "spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
+            "spark.eventLog.compress": "false", "spark.eventLog.rolling.enabled": "false"}
+    submit = " ".join(f"--conf {k}={v}" for k, v in conf.items()) + " pyspark-shell"
+    pairs = dict(backend="fake", policy="fake:latency=0.5", batch_size=1, batches_per_commit=1, params="/dev/null")
+    job = subprocess.run([sys.executable, "-m", "jobs.cli", "sample-pairs", "--lake", str(lake), "--spark-master",
+                          cluster.master, *flags(pairs)], cwd=ROOT,
+                         env={**cluster.env(), "PYSPARK_SUBMIT_ARGS": submit}, capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    assert "sample-pairs: prompts=3, samples=6, model_calls=6, ok=6, failed=0" in job.stdout
+    log = spark_events(events)
+    (engine,) = [e["Resource Profile Id"] for e in log if e["Event"] == "SparkListenerResourceProfileAdded"
+                 and e["Task Resource Requests"].get("cpus", {}).get("Amount") == 2]
+    profile = {e["Stage Info"]["Stage ID"]: e["Stage Info"]["Resource Profile Id"] for e in log
+               if e["Event"] == "SparkListenerStageSubmitted"}
+    tasks = [(profile[e["Stage ID"]], e["Task Info"]["Executor ID"], e["Task Info"]["Launch Time"],
+              e["Task Info"]["Finish Time"]) for e in log if e["Event"] == "SparkListenerTaskEnd"]
+    engines = sorted(t[1:] for t in tasks if t[0] == engine)
+    assert len(engines) == 6 and len({x for x, _, _ in engines}) == 2, engines   # 6 model calls, both executors
+    # one engine task at a time on an executor: 2 of its 3 cores each (a task's finish time is stamped when the
+    # driver handles its end, a few ms after its cores were offered to the next: two engines would overlap by
+    # a model call, 500 ms)
+    assert all(a[2] - 100 <= b[1] for a, b in zip(engines, engines[1:]) if a[0] == b[0]), engines
+    # Delta's jobs (the default profile) ran on an executor's spare core while its engine task generated
+    assert any(p != engine and x == y and s0 < e1 and s1 < e0 for p, x, s0, e0 in tasks for y, s1, e1 in engines)
 
 
 # ---------------------------------------------------------------- train-sl on the cluster's executors

@@ -198,7 +198,7 @@ def run_scoring(plane, todo, chunks: list, *, make_chat: Callable[[dict], list],
     app_ids = chunk_app_ids(todo, "label_events", ("event_id",))
 
     def write(c) -> None:
-        scored = chunk_rows(todo, c).mapInArrow(score, out_schema).localCheckpoint(eager=True)
+        scored = chunk_rows(todo, c).mapInArrow(score, out_schema, profile=plane.profile).localCheckpoint(eager=True)
         bad = quarantine_rows(scored, stage).localCheckpoint(eager=True)
         failed = bad.count()
         if failed < scored.count():   # an append of no label would keep this chunk's id from its retry

@@ -6,6 +6,7 @@ worker   runs inside Spark's Python workers: one loaded backend per process, gen
 tasks    a generation `Task`, a run's counts, and the `generation_events` rows its results become
 scoring  (chat, choice) items -> Spark -> log-probs of each answer choice (AI feedback)
 chunking the plane's pure parts: the Plane context, Chunk, and the rules that size chunks by measured model time
+engines  off local mode, the cores (or GPU) one engine's task asks for, and how many engines the cluster runs
 spark_plane  the Spark-native data plane: anti-join pending work, generate in the executors, append with delta-spark
 broken_state one sentence for a run broken by the machine's state (full disk, read-only lake, dead executor)
 """

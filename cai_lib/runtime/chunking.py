@@ -103,7 +103,8 @@ class Chunk:
 @dataclass(frozen=True)
 class Plane:
     """What every wave of one job run shares: where it writes, which model it runs under which lineage,
-    and how its work is cut (`slots`: chunk jobs at once, the executors' cores unless given)."""
+    and how its work is cut (`slots`: chunk jobs at once, the engines the session runs unless given; off local
+    mode each model task asks for its engine's cores or GPU through `profile`: engines.py)."""
     spark: Any
     lake: Any
     backend_spec: dict
@@ -118,10 +119,14 @@ class Plane:
     # the job holds the lake's lock (`lake.locks.job_lock`): no other run cuts the same batches meanwhile,
     # so a sized cut needs no record to agree on (spark_plane.cut_rest)
     exclusive: bool = False
+    profile: Any = None
 
     def __post_init__(self):
         if not self.slots:
-            object.__setattr__(self, "slots", self.spark.sparkContext.defaultParallelism)
+            from cai_lib.runtime.engines import engine_profile
+            profile, slots = engine_profile(self.spark, int(self.backend_spec.get("threads") or 1))
+            object.__setattr__(self, "profile", profile)
+            object.__setattr__(self, "slots", slots)
 
     def say(self, line: str) -> None:
         if self.progress:

@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 
 from cai_lib.ids import canonical_json
+from cai_lib.runtime.engines import engine_profile
 from cai_lib.runtime.worker import SCORE_DDL, score_partition
 
 
@@ -24,12 +25,13 @@ def score_on_spark(spark, items: list[tuple[list, str]], backend_spec: dict, cho
         "suffix": [suffix for _, suffix in items],
     })
     calls = sc.accumulator(0)
-    parts = min(-(-len(items) // batch_size), max(1, sc.defaultParallelism))
+    profile, slots = engine_profile(spark, int(backend_spec.get("threads") or 1))   # an engine's cores or GPU
+    parts = min(-(-len(items) // batch_size), slots)
     fn = functools.partial(score_partition, spec_json=canonical_json(backend_spec),
                            choices_json=json.dumps(list(choices)), calls=calls)
     # whole batches per partition; each worker's backend batches its partition by batch_size
     df = spark.createDataFrame(table).repartition(parts, "batch_no")
-    out = {r["task_idx"]: r for r in df.mapInArrow(fn, SCORE_DDL).toArrow().to_pylist()}
+    out = {r["task_idx"]: r for r in df.mapInArrow(fn, SCORE_DDL, profile=profile).toArrow().to_pylist()}
     if len(out) != len(items):
         raise RuntimeError(f"Spark returned {len(out)} scores for {len(items)} items")
     return [out[i] for i in range(len(items))], calls.value

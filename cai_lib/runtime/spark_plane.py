@@ -281,7 +281,8 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     def write_all(rows, chunks: list[Chunk], app_ids: dict | None = None) -> int:
         app_ids = chunk_app_ids(rows, "generation_events") if app_ids is None else app_ids
         return run_chunks(chunks, lambda c: lake.idempotent_append(
-            "generation_events", chunk_rows(rows, c).mapInArrow(fn, out_schema), app_ids[chunk_key(c)]),
+            "generation_events", chunk_rows(rows, c).mapInArrow(fn, out_schema, profile=plane.profile),
+            app_ids[chunk_key(c)]),
             plane.slots, plane.progress, "generations")
 
     if not wave.unsized_rows:

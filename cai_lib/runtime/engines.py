@@ -1,0 +1,93 @@
+"""What one engine's task asks of an executor off local mode, and how many engines the cluster runs at once.
+
+Every task of a stage takes one task slot of the default profile (`spark.task.cpus` cores, and a GPU when
+`spark.task.resource.gpu.amount` is set for all). An engine computes on more than that: its backend's
+threads, or a GPU. So on a cluster the plane's model stages carry a task resource profile (Spark's
+stage-level scheduling, `mapInArrow(..., profile=...)`): an engine task takes its engine's cores, and one GPU
+on GPU executors. Delta's own jobs (the table state a commit reads, the commit's follow-up) keep the
+default profile, so on executors with a core to spare they run beside the engines instead of waiting for a
+chunk task to end (docs/data_plane.md, "Engines apart from Spark's task slots").
+
+Local mode refuses task resource profiles, and dynamic allocation would need executor profiles too: there
+every task keeps taking one slot, as before. `spark.cai.engineCpus` overrides the engine's cores (a
+backend without threads of its own: vLLM, the fake one).
+"""
+from __future__ import annotations
+
+ENGINE_CPUS = "spark.cai.engineCpus"
+
+
+def _int(conf: dict, key: str, default: int) -> int:
+    return int(float(conf.get(key) or default))
+
+
+def engine_requests(conf: dict[str, str], threads: int) -> dict[str, float] | None:
+    """{"cpus": n[, "gpu": 1.0]} that one engine's task asks for; None where the default task is that
+    already, where the master is local (it refuses task profiles) or allocation is dynamic.
+
+    An engine takes min(its threads, the executor's cores) cores (`spark.cai.engineCpus` wins over
+    `threads`), never fewer than a default task; on executors with GPUs and no GPU in the default task,
+    one GPU. Without `spark.executor.cores` an executor's size is unknown: no more cores are asked.
+
+    >>> cluster = {"spark.master": "spark://h:7077", "spark.executor.cores": "3"}
+    >>> engine_requests(cluster, 2), engine_requests({**cluster, "spark.master": "local[2]"}, 2)
+    ({'cpus': 2}, None)
+    >>> engine_requests({**cluster, "spark.executor.cores": "1"}, 2), engine_requests(cluster, 1)
+    (None, None)
+    >>> engine_requests({**cluster, "spark.executor.resource.gpu.amount": "1"}, 1)
+    {'cpus': 1, 'gpu': 1.0}
+    >>> engine_requests({**cluster, "spark.executor.resource.gpu.amount": "1",
+    ...                  "spark.task.resource.gpu.amount": "1", ENGINE_CPUS: "2"}, 1)   # every task has a GPU
+    {'cpus': 2}
+    """
+    master = conf.get("spark.master", "local")
+    if master.startswith("local") or conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+        return None
+    task_cpus, cores = _int(conf, "spark.task.cpus", 1), _int(conf, "spark.executor.cores", 0)
+    want = _int(conf, ENGINE_CPUS, max(1, threads))
+    cpus = max(task_cpus, min(want, cores)) if cores else task_cpus
+    gpu = (_int(conf, "spark.executor.resource.gpu.amount", 0) > 0
+           and float(conf.get("spark.task.resource.gpu.amount") or 0) == 0)
+    if cpus == task_cpus and not gpu:
+        return None
+    return {"cpus": cpus, **({"gpu": 1.0} if gpu else {})}
+
+
+def engine_slots(conf: dict[str, str], total_cores: int, requests: dict[str, float] | None) -> int:
+    """Engines the cluster runs at once: `total_cores` (Spark's default parallelism) task slots, or, with
+    engine `requests`, as many engine tasks as fit on each executor, times the executors.
+
+    >>> cluster = {"spark.master": "spark://h:7077", "spark.executor.cores": "3"}
+    >>> engine_slots(cluster, 6, None), engine_slots(cluster, 6, {"cpus": 2}), engine_slots(cluster, 12, {"cpus": 1})
+    (6, 2, 12)
+    >>> engine_slots({**cluster, "spark.executor.cores": "8", "spark.executor.resource.gpu.amount": "1"}, 16,
+    ...              {"cpus": 1, "gpu": 1.0})   # two executors of one GPU each
+    2
+    """
+    if requests is None:
+        return max(1, total_cores)
+    cores = _int(conf, "spark.executor.cores", 1)
+    per_executor = cores // int(requests["cpus"])
+    if "gpu" in requests:
+        per_executor = min(per_executor, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // requests["gpu"]))
+    return max(1, total_cores // cores * per_executor)
+
+
+def session_conf(spark) -> dict[str, str]:
+    """The running session's Spark conf, with its master."""
+    sc = spark.sparkContext
+    return {**dict(sc.getConf().getAll()), "spark.master": sc.master}
+
+
+def engine_profile(spark, threads: int):
+    """(the task resource profile of an engine's stage or None, the engines the session runs at once)."""
+    conf = session_conf(spark)
+    requests = engine_requests(conf, threads)
+    slots = engine_slots(conf, spark.sparkContext.defaultParallelism, requests)
+    if requests is None:
+        return None, slots
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+    task = TaskResourceRequests().cpus(int(requests["cpus"]))
+    if "gpu" in requests:
+        task = task.resource("gpu", requests["gpu"])
+    return ResourceProfileBuilder().require(task).build, slots
