@@ -53,24 +53,38 @@ def engine_requests(conf: dict[str, str], threads: int) -> dict[str, float] | No
     return {"cpus": cpus, **({"gpu": 1.0} if gpu else {})}
 
 
-def engine_slots(conf: dict[str, str], total_cores: int, requests: dict[str, float] | None) -> int:
-    """Engines the cluster runs at once: `total_cores` (Spark's default parallelism) task slots, or, with
-    engine `requests`, as many engine tasks as fit on each executor, times the executors.
+def engine_slots(conf: dict[str, str], total_cores: int, requests: dict[str, float] | None,
+                 executors: int = 0) -> int:
+    """Engines the session runs at once: as many engine tasks (`requests`, else the default task) as fit on
+    one executor, times the `executors`. On a local master `total_cores` (Spark's default parallelism); on a
+    cluster whose tasks ask for no GPU, `total_cores` / `spark.task.cpus` unless `requests` say more.
+
+    An executor's cores are `spark.executor.cores`, else its share of `total_cores`; its GPUs
+    `spark.executor.resource.gpu.amount`.
 
     >>> cluster = {"spark.master": "spark://h:7077", "spark.executor.cores": "3"}
     >>> engine_slots(cluster, 6, None), engine_slots(cluster, 6, {"cpus": 2}), engine_slots(cluster, 12, {"cpus": 1})
     (6, 2, 12)
-    >>> engine_slots({**cluster, "spark.executor.cores": "8", "spark.executor.resource.gpu.amount": "1"}, 16,
-    ...              {"cpus": 1, "gpu": 1.0})   # two executors of one GPU each
+    >>> engine_slots({**cluster, "spark.task.cpus": "3"}, 6, None), engine_slots({"spark.master": "local[2]"}, 2, None)
+    (2, 2)
+    >>> gpus = {"spark.master": "spark://h:7077", "spark.executor.resource.gpu.amount": "1"}   # no executor.cores
+    >>> engine_slots(gpus, 16, {"cpus": 1, "gpu": 1.0}, executors=2)   # two executors of 8 cores and one GPU
+    2
+    >>> engine_slots({**gpus, "spark.task.resource.gpu.amount": "1"}, 16, None, executors=2)   # every task a GPU
     2
     """
-    if requests is None:
+    task_gpu = float(conf.get("spark.task.resource.gpu.amount") or 0)
+    if conf.get("spark.master", "local").startswith("local"):
         return max(1, total_cores)
-    cores = _int(conf, "spark.executor.cores", 1)
-    per_executor = cores // int(requests["cpus"])
-    if "gpu" in requests:
-        per_executor = min(per_executor, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // requests["gpu"]))
-    return max(1, total_cores // cores * per_executor)
+    if requests is None and task_gpu == 0:
+        return max(1, total_cores // _int(conf, "spark.task.cpus", 1))
+    cores = _int(conf, "spark.executor.cores", 0) or (total_cores // executors if executors else 1)
+    cpus, gpu = (requests["cpus"], requests.get("gpu", 0)) if requests else (_int(conf, "spark.task.cpus", 1), 0)
+    per_executor = cores // int(cpus)
+    for need in (gpu, task_gpu):
+        if need:
+            per_executor = min(per_executor, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // need))
+    return max(1, (executors or total_cores // cores) * per_executor)
 
 
 def session_conf(spark) -> dict[str, str]:
@@ -83,7 +97,8 @@ def engine_profile(spark, threads: int):
     """(the task resource profile of an engine's stage or None, the engines the session runs at once)."""
     conf = session_conf(spark)
     requests = engine_requests(conf, threads)
-    slots = engine_slots(conf, spark.sparkContext.defaultParallelism, requests)
+    executors = 0 if conf["spark.master"].startswith("local") else spark.sparkContext._jsc.sc().getExecutorIds().size()
+    slots = engine_slots(conf, spark.sparkContext.defaultParallelism, requests, executors)
     if requests is None:
         return None, slots
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
