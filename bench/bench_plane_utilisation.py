@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     cluster = start_cluster(a.worker_cores, a.engine_cpus) if a.standalone else None
     master = cluster.master if cluster else a.master
     spark = get_spark(master, "bench-plane-utilisation", delta=True)
-    profile, slots = engine_profile(spark, 1)   # the plane's engines (the fake backend has no threads of its own)
+    profile, slots = engine_profile(spark, {"backend": "fake"})   # the plane's engines, as it counts them
     rate, per_call = bare_rate(a.latency, a.batch_size)
     settings = [("defaults (chunk_seconds 30, at most 64 batches)", 64, 30.0),
                 ("fixed 64 per commit (16 x 4, before)", 4, 0.0)]

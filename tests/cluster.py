@@ -90,8 +90,8 @@ class StandaloneCluster:
         wait_for_port(self.port, master, log)
         for i in range(WORKERS):
             host = f"127.0.0.{i + 1}"
-            self._start(f"worker{i}", host, "org.apache.spark.deploy.worker.Worker", "--host", host, "--cores", str(self.cores),
-                        "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(self.work(i)),
+            self._start(f"worker{i}", host, "org.apache.spark.deploy.worker.Worker", "--host", host,
+                        "--cores", str(self.cores), "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(self.work(i)),
                         self.master)
         self.wait_for_workers(log)
         return self

@@ -124,7 +124,7 @@ class Plane:
     def __post_init__(self):
         if not self.slots:
             from cai_lib.runtime.engines import engine_profile
-            profile, slots = engine_profile(self.spark, int(self.backend_spec.get("threads") or 1))
+            profile, slots = engine_profile(self.spark, self.backend_spec)
             object.__setattr__(self, "profile", profile)
             object.__setattr__(self, "slots", slots)
 

@@ -93,10 +93,11 @@ def session_conf(spark) -> dict[str, str]:
     return {**dict(sc.getConf().getAll()), "spark.master": sc.master}
 
 
-def engine_profile(spark, threads: int):
-    """(the task resource profile of an engine's stage or None, the engines the session runs at once)."""
+def engine_profile(spark, backend_spec: dict):
+    """(the task resource profile of a stage running `backend_spec`'s engine or None, the engines the session
+    runs at once): the engine's threads are the spec's (`torch_threads`), else one."""
     conf = session_conf(spark)
-    requests = engine_requests(conf, threads)
+    requests = engine_requests(conf, int(backend_spec.get("threads") or 1))
     executors = 0 if conf["spark.master"].startswith("local") else spark.sparkContext._jsc.sc().getExecutorIds().size()
     slots = engine_slots(conf, spark.sparkContext.defaultParallelism, requests, executors)
     if requests is None:

@@ -25,7 +25,7 @@ def score_on_spark(spark, items: list[tuple[list, str]], backend_spec: dict, cho
         "suffix": [suffix for _, suffix in items],
     })
     calls = sc.accumulator(0)
-    profile, slots = engine_profile(spark, int(backend_spec.get("threads") or 1))   # an engine's cores or GPU
+    profile, slots = engine_profile(spark, backend_spec)   # an engine's cores or GPU, off local mode
     parts = min(-(-len(items) // batch_size), slots)
     fn = functools.partial(score_partition, spec_json=canonical_json(backend_spec),
                            choices_json=json.dumps(list(choices)), calls=calls)
