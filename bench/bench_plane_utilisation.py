@@ -104,13 +104,18 @@ def main(argv=None) -> int:
     spark = get_spark(master, "bench-plane-utilisation", delta=True)
     profile, slots = engine_profile(spark, {"backend": "fake"})   # the plane's engines, as it counts them
     rate, per_call = bare_rate(a.latency, a.batch_size)
-    settings = [("defaults (chunk_seconds 30, at most 64 batches)", 64, 30.0),
+    from dataclasses import fields
+
+    from jobs.sample_pairs import SamplePairsConfig
+    default = {f.name: f.default for f in fields(SamplePairsConfig)}   # the job's own, as a user runs it
+    bpc, chunk_seconds = default["batches_per_commit"], default["chunk_seconds"]
+    settings = [(f"defaults (chunk_seconds {chunk_seconds:g}, at most {bpc} batches)", bpc, chunk_seconds),
                 ("fixed 64 per commit (16 x 4, before)", 4, 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         base, warm = Path(tmp) / "base", Path(tmp) / "warm"
         make_prompts(spark, base, a.prompts)
         make_prompts(spark, warm, 4 * a.batch_size * slots)
-        one_run(spark, warm, a.latency, a.batch_size, 64, 30.0)   # Python workers started, JIT warm
+        one_run(spark, warm, a.latency, a.batch_size, bpc, chunk_seconds)   # Python workers started, JIT warm
         lines = ["| settings | samples | commits | batches per chunk | wall | samples/s | bare engines | "
                  "utilisation | idle engine-s per commit |", "| --- " * 9 + "|"]
         for name, bpc, chunk_seconds in settings:

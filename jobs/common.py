@@ -56,8 +56,9 @@ class GenerationConfig(ModelJobConfig):
     limit: int | None = opt(None, "at most this many prompts of each kind (first by prompt id)", lo=1)
     splits: list = opt(["train"], "prompt splits to generate for (test is held out for evaluation)",
                        choices=SPLITS)
-    batches_per_commit: int = opt(64, "the most batches in one Spark job and Delta commit: bounds what a kill loses and "
-                                      "what one task holds (chunks are sized by chunk_seconds below it)", lo=1, hi=1000)
+    batches_per_commit: int = opt(256, "the most batches in one Spark job and Delta commit: bounds what one task holds "
+                                       "and what a kill loses when nothing is measured (chunks are sized by "
+                                       "chunk_seconds below it)", lo=1, hi=1000)
     chunk_seconds: float = opt(30.0, "model time a chunk of generations aims at, measured on the wave's first "
                                      "batches, so a commit's fixed 1-2 s stays small beside it (0: always "
                                      "batches_per_commit batches)", lo=0.0, hi=3600.0)

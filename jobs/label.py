@@ -53,6 +53,9 @@ class LabelConfig(GenerationConfig, FeedbackFields, RegistryConfig, PointerConfi
                                                "max_attempts", "chunk_seconds")}   # scoring is cut by count
     policy: str | None = opt(None, "label only the pairs this policy sampled (a registered model or folder; "
                                    "default: every sampled pair)")
+    # scorings are cut by this count, not by time (a measured size would let two runs cut them differently)
+    batches_per_commit: int = opt(64, "batches of scorings (and the most of chains of thought) in one Spark job and "
+                                      "Delta commit: bounds what a kill loses", lo=1, hi=1000)
     cot: bool = opt(False, "chain of thought first, then score; p clamped to [clamp_lo, clamp_hi]")
     clamp_lo: float = opt(0.4, "CoT labels are clamped: reasoning makes the model over-confident", lo=0.0, lt=0.5)
     clamp_hi: float = opt(0.6, "upper CoT clamp", gt=0.5, hi=1.0)

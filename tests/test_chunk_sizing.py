@@ -68,31 +68,77 @@ def test_a_wave_probes_one_batch_per_slot_then_cuts_the_rest():
 
 def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small_lake, monkeypatch):
     """local[1]: 3 prompts x 2 samples in batches of 1 at 0.5 s a call, 1.2 s a chunk: the probe (1 batch),
-    then the other 5 batches cut by the measure (2 a chunk: 3 chunks). The batches are recorded before
-    they run; the sized cut is not, since the job holds the lake's lock and no other run can size them."""
+    then the other 5 batches cut by the measure (2, 2, 1). The probe runs while the wave's plan is recorded
+    (here the record waits until the probe's rows are back on the driver, which would never happen if the
+    probe waited for the record), and nothing commits before the plan has landed. The sized cut is not
+    recorded, since the job holds the lake's lock and no other run can size them."""
+    import threading
+
     from deltalake import DeltaTable
 
+    from cai_lib.runtime import spark_plane
     from jobs.sample_pairs import SamplePairsConfig
     from jobs.sample_pairs import run as sample_pairs
     from tests.conftest import ROOT
     active_after_commit = watch_commits(monkeypatch)
+    record, collect, probed, before_plan = spark_plane.record_plan, spark_plane.collect_chunks, threading.Event(), []
+
+    def collect_then_say(*args):
+        out = collect(*args)
+        probed.set()
+        return out
+
+    def record_after_the_probe(lake, planned, table, sized=False, app_id=None):
+        assert probed.wait(120), "the probe waited for the plan's record"
+        before_plan.extend(h["operation"] for h in DeltaTable(str(small_lake / "generation_events")).history())
+        record(lake, planned, table, sized, app_id)
+
+    monkeypatch.setattr(spark_plane, "collect_chunks", collect_then_say)
+    monkeypatch.setattr(spark_plane, "record_plan", record_after_the_probe)
     cfg = SamplePairsConfig(lake=str(small_lake), backend="fake", policy="fake:latency=0.5", max_new_tokens=24,
                             batch_size=1, batches_per_commit=64, chunk_seconds=1.2, params="/nonexistent.yaml",
                             constitution=str(ROOT / "constitutions/default.yaml"))
     s = sample_pairs(spark, cfg)
     assert (s["samples"], s["ok"], s["model_calls"]) == (6, 6, 6)
+    assert before_plan == ["CREATE TABLE"]   # the probe had generated, and nothing had committed
     commits = [h for h in reversed(DeltaTable(str(small_lake / "generation_events")).history())
                if h["operation"] == "WRITE"]
-    sizes = [int(h["operationMetrics"]["numOutputRows"]) for h in commits]
-    assert sizes[0] == 1 and sorted(sizes[1:]) == [1, 2, 2]   # the probe first
-    # one slot, yet when a chunk had committed the next chunk's job was running already (not the probe's:
-    # the rest waits for its measure; not the last)
-    # how many later commits find the next job already running depends on the machine's load (a loaded CI run
-    # saw [False, True, False, False]); without the extra job in flight none does
-    assert len(active_after_commit) == 4 and active_after_commit[0] is False and True in active_after_commit[1:]
+    assert sorted(int(h["operationMetrics"]["numOutputRows"]) for h in commits) == [1, 1, 2, 2]
+    # one slot, yet when a chunk had committed the next chunk's job was running already (how many later
+    # commits see that depends on the machine's load); without the extra job in flight none does
+    assert len(active_after_commit) == 4 and True in active_after_commit
     # the wave's plan (6 batches: the probe's chunk, 5 unsized) and no record of their sized chunks
     plans = [h for h in reversed(DeltaTable(str(small_lake / "work_batches")).history()) if h["operation"] == "WRITE"]
     assert [int(h["operationMetrics"]["numOutputRows"]) for h in plans] == [6]
+
+
+def test_a_cut_on_the_driver_names_its_chunks_as_spark_does(spark):
+    """sized_cut (the cut under the lake's lock, on the driver) hashes a chunk's keys to the app id Spark's
+    keys_sha gives the same rows: the same keys always make the same append, whichever path cut them."""
+    from cai_lib.runtime.app_ids import app_ids_of, batch_keys, keys_sha, sized_cut
+    keys = [("p", b, f"ev{(7 * b + i) % 11:02d}\u00e9", 1 + i % 2) for b in range(5) for i in range(3)]   # not ASCII
+    rows = spark.createDataFrame(keys, "plan_id string, batch_no long, event_id string, attempt int")
+    chunks, ids, chunk_of = sized_cut(batch_keys(rows), 2, 7, "generation_events")
+    assert [(c.chunk, c.rows, c.batches) for c in chunks] == [(7, 6, 2), (8, 6, 2), (9, 3, 1)]
+    cut = spark.createDataFrame([(p, b, c) for (p, b), c in chunk_of.items()],
+                                "plan_id string, batch_no long, chunk long")
+    groups = rows.join(cut, ["plan_id", "batch_no"]).groupBy("plan_id", "chunk").agg(keys_sha().alias("sha"))
+    assert app_ids_of(groups.collect(), "generation_events") == ids
+
+
+def test_the_spread_column_cuts_batches_as_the_rule_does(spark):
+    """spark_plane.spread_chunk (the cut's column) agrees with chunking.spread (the layout `pending`
+    describes without reading the rows): chunk sizes and order, on a few shapes."""
+    from pyspark.sql import functions as F
+
+    from cai_lib.runtime.chunking import spread
+    from cai_lib.runtime.spark_plane import spread_chunk
+    for batches, per_chunk in ((998, 63), (5, 2), (11, 4), (7, 7), (1, 3)):
+        rows = (spark.range(batches).withColumn("c", spread_chunk(F.col("id"), F.lit(batches), per_chunk))
+                .groupBy("c").agg(F.count(F.lit(1)).alias("n"), F.min("id").alias("first")).orderBy("c").collect())
+        assert [r["c"] for r in rows] == list(range(len(rows)))
+        assert [r["n"] for r in rows] == spread(batches, per_chunk)
+        assert [r["first"] for r in rows] == [sum(spread(batches, per_chunk)[:i]) for i in range(len(rows))]
 
 
 def test_a_cut_another_run_recorded_first_is_the_one_that_runs(spark, small_lake, monkeypatch):
@@ -111,10 +157,10 @@ def test_a_cut_another_run_recorded_first_is_the_one_that_runs(spark, small_lake
     from tests.conftest import ROOT
     record = spark_plane.record_plan
 
-    def theirs_first(lake, planned, table, sized=False):
+    def theirs_first(lake, planned, table, sized=False, app_id=None):
         if sized:
             record(lake, planned.withColumn("chunk", F.lit(spark_plane.SIZED) + F.col("batch_no")), table, sized=True)
-        record(lake, planned, table, sized)
+        record(lake, planned, table, sized, app_id)
 
     monkeypatch.setattr(spark_plane, "record_plan", theirs_first)
     monkeypatch.setattr("cai_lib.lake.locks.job_lock", lambda *a, **k: contextlib.nullcontext())   # as on a cloud lake

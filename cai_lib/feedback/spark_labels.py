@@ -184,7 +184,8 @@ def run_scoring(plane, todo, chunks: list, *, make_chat: Callable[[dict], list],
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from cai_lib.runtime.spark_plane import chunk_app_ids, chunk_key, chunk_rows, rows_app_id, run_chunks
+    from cai_lib.runtime.app_ids import chunk_app_ids, rows_app_id
+    from cai_lib.runtime.spark_plane import chunk_key, chunk_rows, run_chunks
     lake = plane.lake
     counters = {"calls": plane.spark.sparkContext.accumulator(0)}
     work = Scoring(canonical_json(plane.backend_spec), make_chat, settings, plane.constants, plane.job_run_id,
@@ -214,7 +215,7 @@ def run_scoring(plane, todo, chunks: list, *, make_chat: Callable[[dict], list],
                 stats.failed, quarantined[0] = stats.failed + failed, quarantined[0] + n_new
                 stats.first_error = stats.first_error or first
 
-    stats.commits = run_chunks(chunks, write, plane.slots, plane.progress, "scorings")
+    stats.commits = run_chunks(chunks, write, plane.slots, plane.progress, "scorings", plane.queued)
     stats.model_calls = counters["calls"].value
     stats.ok = stats.inserted = stats.tasks - stats.failed
     return stats, quarantined[0]

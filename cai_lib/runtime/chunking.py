@@ -59,14 +59,31 @@ def probe_batches(fresh_batches: int, ceiling: int, slots: int, chunk_seconds: f
 
 def rest_layout(fresh_batches: int, probe: int, per_chunk: int) -> list[tuple[int, int]]:
     """[(first batch, batches)] of each chunk of a wave's fresh batches: the `probe` batches one per chunk,
-    then chunks of `per_chunk` (the last one shorter).
+    then the others in chunks of at most `per_chunk` (`spread`).
 
-    >>> rest_layout(10, 2, 3), rest_layout(3, 0, 4), rest_layout(0, 0, 4)
-    ([(0, 1), (1, 1), (2, 3), (5, 3), (8, 2)], [(0, 3)], [])
+    >>> rest_layout(10, 2, 3), rest_layout(3, 0, 4), rest_layout(0, 0, 4), rest_layout(11, 0, 4)
+    ([(0, 1), (1, 1), (2, 3), (5, 3), (8, 2)], [(0, 3)], [], [(0, 4), (4, 4), (8, 3)])
     """
     out = [(b, 1) for b in range(min(probe, fresh_batches))]
-    out += [(b, min(per_chunk, fresh_batches - b)) for b in range(probe, fresh_batches, per_chunk)]
+    first = len(out)
+    for k in spread(fresh_batches - first, per_chunk):
+        out.append((first, k))
+        first += k
     return out
+
+
+def spread(batches: int, per_chunk: int) -> list[int]:
+    """The sizes of the chunks of `batches` batches: as few chunks as `per_chunk` allows, their sizes
+    differing by one at most, so no short last chunk leaves one engine idle while another runs a full one
+    (998 batches at most 63 a chunk: 16 chunks of 62-63, not 15 of 63 and one of 53). `spread_chunk` is
+    the same rule as a Spark column.
+
+    >>> spread(998, 63) == [63] * 6 + [62] * 10, spread(5, 2), spread(4, 2), spread(0, 2)
+    (True, [2, 2, 1], [2, 2], [])
+    """
+    n = -(-batches // max(1, per_chunk))
+    q, r = divmod(batches, n) if n else (0, 0)
+    return [q + 1] * r + [q] * (n - r)
 
 
 class Meter:
@@ -120,13 +137,15 @@ class Plane:
     # so a sized cut needs no record to agree on (spark_plane.cut_rest)
     exclusive: bool = False
     profile: Any = None
+    queued: int = 1   # chunk jobs queued beyond the running ones (engines.engine_plan)
 
     def __post_init__(self):
         if not self.slots:
-            from cai_lib.runtime.engines import engine_profile
-            profile, slots = engine_profile(self.spark, self.backend_spec)
+            from cai_lib.runtime.engines import engine_plan
+            profile, slots, queued = engine_plan(self.spark, self.backend_spec)
             object.__setattr__(self, "profile", profile)
             object.__setattr__(self, "slots", slots)
+            object.__setattr__(self, "queued", queued)
 
     def say(self, line: str) -> None:
         if self.progress:
@@ -147,8 +166,9 @@ SIZED = 1 << 32       # the first chunk number of a sized rest (apart from the p
 
 @dataclass
 class Pending:
-    """A wave's work: `todo`'s rows (plan_id, pos, batch_no, chunk), the `chunks` cut already, and how many
-    rows and batches wait with chunk UNSIZED until the first chunks have measured the model."""
+    """A wave's work: `todo`'s rows (plan_id, pos, batch_no, chunk), the `chunks` cut already, how many
+    rows and batches wait with chunk UNSIZED until the first chunks have measured the model, and the
+    record of the plan, which lands before any of the wave's chunks commits."""
     todo: Any
     gave_up: int
     chunks: list[Chunk]
@@ -156,6 +176,8 @@ class Pending:
     plan_filter: Any = None
     unsized_rows: int = 0
     unsized_batches: int = 0
+    recorded: Any = None   # the Future of the plan's record in work_batches (None: nothing new planned)
+    unsized_keys: Any = None   # the Future of the UNSIZED batches' keys (app_ids.batch_keys), under the lock
 
     @property
     def rows(self) -> int:

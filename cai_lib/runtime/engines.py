@@ -87,6 +87,29 @@ def engine_slots(conf: dict[str, str], total_cores: int, requests: dict[str, flo
     return max(1, (executors or total_cores // cores) * per_executor)
 
 
+def delta_beside(conf: dict[str, str], requests: dict[str, float] | None) -> bool:
+    """Whether a default task (Delta's jobs) still finds a core on an executor whose engines all run: then
+    a commit never waits for an engine task to end, and the plane can queue a chunk job per engine.
+
+    >>> cluster = {"spark.master": "spark://h:7077", "spark.executor.cores": "3"}
+    >>> delta_beside(cluster, {"cpus": 2}), delta_beside({**cluster, "spark.executor.cores": "2"}, {"cpus": 2})
+    (True, False)
+    >>> delta_beside(cluster, None), delta_beside({"spark.master": "spark://h:7077"}, {"cpus": 2})
+    (False, False)
+    >>> gpus = {**cluster, "spark.executor.cores": "8", "spark.executor.resource.gpu.amount": "1"}
+    >>> delta_beside(gpus, {"cpus": 1, "gpu": 1.0}), delta_beside({**gpus, "spark.task.resource.gpu.amount": "1"},
+    ...                                                            {"cpus": 2})   # every task takes the GPU
+    (True, False)
+    """
+    cores = _int(conf, "spark.executor.cores", 0)
+    if requests is None or not cores or float(conf.get("spark.task.resource.gpu.amount") or 0) > 0:
+        return False
+    engines = cores // int(requests["cpus"])
+    if requests.get("gpu"):
+        engines = min(engines, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // requests["gpu"]))
+    return cores - engines * int(requests["cpus"]) >= _int(conf, "spark.task.cpus", 1)
+
+
 def session_conf(spark) -> dict[str, str]:
     """The running session's Spark conf, with its master."""
     sc = spark.sparkContext
@@ -96,14 +119,23 @@ def session_conf(spark) -> dict[str, str]:
 def engine_profile(spark, backend_spec: dict):
     """(the task resource profile of a stage running `backend_spec`'s engine or None, the engines the session
     runs at once): the engine's threads are the spec's (`torch_threads`), else one."""
+    profile, slots, _ = engine_plan(spark, backend_spec)
+    return profile, slots
+
+
+def engine_plan(spark, backend_spec: dict):
+    """`engine_profile`, and the chunk jobs to queue beyond the running ones: one per engine where Delta's
+    jobs run beside the engines (`delta_beside`), else one (a commit's jobs then take the slot a queued
+    chunk would, docs/data_plane.md)."""
     conf = session_conf(spark)
     requests = engine_requests(conf, int(backend_spec.get("threads") or 1))
     executors = 0 if conf["spark.master"].startswith("local") else spark.sparkContext._jsc.sc().getExecutorIds().size()
     slots = engine_slots(conf, spark.sparkContext.defaultParallelism, requests, executors)
+    queued = slots if delta_beside(conf, requests) else 1
     if requests is None:
-        return None, slots
+        return None, slots, queued
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
     task = TaskResourceRequests().cpus(int(requests["cpus"]))
     if "gpu" in requests:
         task = task.resource("gpu", requests["gpu"])
-    return ResourceProfileBuilder().require(task).build, slots
+    return ResourceProfileBuilder().require(task).build, slots, queued

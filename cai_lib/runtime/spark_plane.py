@@ -29,13 +29,17 @@ import functools
 import json
 import time
 from collections import defaultdict
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from typing import Callable, Iterator
 
 import pyarrow as pa
 
 from cai_lib.backends import Sampling
 from cai_lib.ids import canonical_json
+from cai_lib.runtime.plans import plans_of, record_plan  # noqa: F401
+from cai_lib.runtime.inflight import collect_chunks, run_chunks, started  # noqa: F401
+from cai_lib.runtime.app_ids import (app_ids_of, batch_keys, chunk_app_ids, keys_sha, rows_app_id,  # noqa: F401
+                                     sized_cut)
 from cai_lib.runtime.chunking import (SIZED, UNSIZED, Calls, Chunk, Pending, Plane, chunk_batches,  # noqa: F401
                                       chunk_key, keep_text, probe_batches, rest_layout)
 from cai_lib.runtime.tasks import RunStats, Task, event_rows
@@ -88,7 +92,8 @@ def pending(plane: Plane, inputs, ok, failures, *, table: str, plan_id: str, max
     An attempt planned before (by a run that was stopped before committing it) keeps its batch: a
     resumed run makes the same model calls as an uninterrupted one. Attempts never planned are cut into
     new batches in (input_len, event_id) order, so an increment's rows fill whole batches of their
-    own; that plan is appended to `work_batches` before any of its chunks runs."""
+    own; that plan is appended to `work_batches` (`Pending.recorded`: on a thread of its own, while the
+    probe generates) before any of its chunks commits."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     lake, batch_size = plane.lake, plane.batch_size
@@ -106,45 +111,36 @@ def pending(plane: Plane, inputs, ok, failures, *, table: str, plan_id: str, max
     # Materialized apart from the tables it was read from: each chunk's append makes Spark re-run every
     # cached plan that reads generation_events (recacheByPath), which would redo the anti-join per chunk.
     marked = marked.localCheckpoint(eager=True)
-    # one aggregate: how many gave up, how many are fresh, and the chunks of the attempts planned before
-    groups = (marked.groupBy("gave_up", "fresh", "plan_id", "chunk")
-              .agg(F.count(F.lit(1)).alias("n"), F.countDistinct("batch_no").alias("batches")).collect())
+    # one aggregate: how many gave up, how many are fresh, the chunks of the attempts planned before, and
+    # the fresh ones' plan's app id (record_plan's: keys event_id#attempt#tag, tag "" for an unsized plan)
+    groups = (marked.withColumn("tag", F.lit("")).groupBy("gave_up", "fresh", "plan_id", "chunk")
+              .agg(F.count(F.lit(1)).alias("n"), F.countDistinct("batch_no").alias("batches"),
+                   keys_sha(("event_id", "attempt", "tag")).alias("sha")).collect())
     gave_up = sum(r["n"] for r in groups if r["gave_up"])
     n_fresh = sum(r["n"] for r in groups if r["fresh"])
     fresh_batches = -(-n_fresh // batch_size)
     probe = probe_batches(fresh_batches, plane.batches_per_commit, plane.slots, plane.chunk_seconds)
     batch_no = F.floor(F.col("pos") / batch_size)
     fresh_chunk = (F.when(batch_no < probe, batch_no).otherwise(F.lit(UNSIZED)) if probe
-                   else F.floor(batch_no / plane.per_chunk(fresh_batches)))
+                   else spread_chunk(batch_no, F.lit(fresh_batches), plane.per_chunk(fresh_batches)))
     todo = (marked.where(~F.col("gave_up"))
             .withColumn("plan_id", F.coalesce("plan_id", F.lit(plan_id)))
             .withColumn("batch_no", F.coalesce("batch_no", batch_no))
             .withColumn("chunk", F.coalesce("chunk", fresh_chunk)))
-    if n_fresh:
-        record_plan(lake, todo.where("fresh"), table)
+    # recorded while the probe runs; nothing of the wave commits before it has landed (run_wave)
+    plan_app_id = next((f"cai/work_batches/{r['sha']}" for r in groups if r["fresh"]), None)
+    recorded = started(record_plan, lake, todo.where("fresh"), table, False, plan_app_id) if n_fresh else None
     kept = [r for r in groups if not r["gave_up"] and not r["fresh"]]
     layout = fresh_chunks(plan_id, n_fresh, batch_size, probe, 1 if probe else plane.per_chunk(fresh_batches))
     chunks = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in kept if r["chunk"] != UNSIZED]
     out = Pending(todo, gave_up, sorted(chunks + (layout[:probe] if probe else layout), key=chunk_key), table,
-                  plan_filter)
+                  plan_filter, recorded=recorded)
     unsized = [(r["n"], r["batches"]) for r in kept if r["chunk"] == UNSIZED]
     unsized += [(c.rows, c.batches) for c in layout[probe:]] if probe else []
     out.unsized_rows, out.unsized_batches = sum(n for n, _ in unsized), sum(b for _, b in unsized)
+    if out.unsized_rows and plane.exclusive:   # read while the probe runs: cut_rest then needs no Spark job
+        out.unsized_keys = started(batch_keys, todo.where(F.col("chunk") == UNSIZED))
     return out
-
-
-def plans_of(lake, table: str, plan_filter=None):
-    """(event_id, attempt, plan_id, pos, batch_no, chunk): the recorded plan of each attempt at `table`'s
-    rows; one per attempt even if two runs that began at once each recorded one: the same for every run.
-    An attempt's chunk is its sized one when its batch's rest was sized (`cut_rest`), else as planned."""
-    from pyspark.sql import functions as F
-    plans = lake.df("work_batches").where(F.col("target_table") == table)
-    if plan_filter is not None:
-        plans = plans.where(plan_filter)   # lets the read skip files of other rounds
-    # of one plan's rows for an attempt, a sized chunk before UNSIZED (false sorts first)
-    plan = F.struct("plan_id", "pos", "batch_no", (F.col("chunk") == UNSIZED).alias("unsized"), "chunk")
-    return (plans.groupBy("event_id", "attempt").agg(F.min(plan).alias("p"))
-            .select("event_id", "attempt", "p.plan_id", "p.pos", "p.batch_no", "p.chunk"))
 
 
 def cut(plane: Plane, rows, plan_id: str):
@@ -157,9 +153,33 @@ def cut(plane: Plane, rows, plan_id: str):
     per_chunk = chunk_batches(max(1, -(-n // batch_size)), plane.batches_per_commit, plane.slots)
     batch_no = F.floor(F.col("pos") / batch_size)
     out = (rows.withColumn("pos", (F.row_number().over(Window.orderBy("input_len", "event_id")) - 1).cast("long"))
-           .withColumn("batch_no", batch_no).withColumn("chunk", F.floor(batch_no / per_chunk))
+           .withColumn("batch_no", batch_no).withColumn("chunk", spread_chunk(batch_no, F.lit(-(-n // batch_size)),
+                                                                               per_chunk))
            .withColumn("plan_id", F.lit(plan_id)).localCheckpoint(eager=True))
     return out, fresh_chunks(plan_id, n, batch_size, 0, per_chunk)
+
+
+def spread_chunk(idx, batches, per_chunk: int):
+    """Column: the chunk of batch `idx` (0-based) of `batches` (columns) cut as `chunking.spread` cuts them."""
+    from pyspark.sql import functions as F
+    n = F.ceil(batches / per_chunk)
+    q = F.floor(batches / n)
+    big = (batches - q * n) * (q + 1)   # the first (batches mod n) chunks hold q + 1 batches
+    return F.when(idx < big, F.floor(idx / (q + 1))).otherwise(batches - q * n + F.floor((idx - big) / q))
+
+
+def chunk_column(chunk_of: dict[tuple[str, int], int]):
+    """Column: the chunk of each row from {(plan_id, batch_no): chunk}, a chunk being a range of its plan's
+    batches (`sized_cut`): one CASE branch per chunk, evaluated in each chunk's task (no join, no job)."""
+    from pyspark.sql import functions as F
+    ranges: dict[tuple[str, int], list[int]] = {}
+    for (plan_id, batch_no), chunk in chunk_of.items():
+        ranges.setdefault((plan_id, chunk), []).append(batch_no)
+    out = F
+    for (plan_id, chunk), batches in sorted(ranges.items()):
+        out = out.when((F.col("plan_id") == plan_id) & F.col("batch_no").between(min(batches), max(batches)),
+                       F.lit(chunk))
+    return out.otherwise(F.lit(UNSIZED))
 
 
 def fresh_chunks(plan_id: str, n: int, batch_size: int, probe: int, per_chunk: int) -> list[Chunk]:
@@ -179,56 +199,6 @@ def chunk_rows(todo, c: Chunk):
     """One chunk of a cut, in one partition: the rows of one Spark task."""
     from pyspark.sql import functions as F
     return todo.where((F.col("plan_id") == c.plan_id) & (F.col("chunk") == c.chunk)).coalesce(1)
-
-
-def chunk_app_ids(todo, table: str, key: tuple[str, ...] = ("event_id", "attempt")) -> dict[tuple[str, int], str]:
-    """{(plan_id, chunk): the app id of its idempotent append to `table`}: `cai/<table>/<sha256 of the
-    chunk's sorted keys>`, the content that decides its rows, never the run that cut it.
-
-    Why the same rows can never land twice: a chunk writes one row per key (generation: the success or
-    the failed-attempt row of each event_id#attempt; scoring: the label of each event_id that scored).
-    Two runs cut the same chunks: an attempt planned before keeps its recorded cut (`work_batches`, one
-    plan per attempt), and a fresh cut is a function of the pending rows (input_len, event_id order;
-    sizes from their count and the settings), so two runs that see the same pending rows cut them alike,
-    whatever plan_id each named; a run that sees the first one's plan reuses it. Same keys, same app id:
-    Delta skips the second append. And why a retry is never skipped wrongly: once a chunk committed, each
-    of its keys is done (a success, or a failed attempt n whose retry is attempt n+1; a scoring chunk
-    commits only with at least one label), so no later pending set repeats a committed chunk's keys."""
-    return app_ids_of(todo.groupBy("plan_id", "chunk").agg(keys_sha(key).alias("sha")).collect(), table)
-
-
-def app_ids_of(groups, table: str) -> dict[tuple[str, int], str]:
-    """{(plan_id, chunk): app id} from aggregated rows with plan_id, chunk and sha (`keys_sha`)."""
-    return {(r["plan_id"], r["chunk"]): f"cai/{table}/{r['sha']}" for r in groups}
-
-
-def keys_sha(key: tuple[str, ...] = ("event_id", "attempt")):
-    """An aggregate: the sha256 of a group's sorted keys (`chunk_app_ids`' content hash)."""
-    from pyspark.sql import functions as F
-    keys = F.concat_ws("#", *(F.col(c).cast("string") for c in key))
-    return F.sha2(F.concat_ws(",", F.array_sort(F.collect_list(keys))), 256)
-
-
-def rows_app_id(rows, table: str, key: tuple[str, ...] = ("event_id",)) -> str:
-    """The app id of appending all of `rows` at once: `chunk_app_ids` of them as one chunk."""
-    from pyspark.sql import functions as F
-    rows = rows.select(F.lit("all").alias("plan_id"), F.lit(0).alias("chunk"), *key)
-    return chunk_app_ids(rows, table, key)[("all", 0)]
-
-
-def record_plan(lake, planned, table: str, sized: bool = False) -> None:
-    """Append the batches just cut to work_batches (one commit), before any of them runs: idempotent on
-    the attempts it plans, so of two runs that cut the same pending rows at once only one plan lands.
-    `sized`: the chunks of batches planned UNSIZED, rows of their own (work_id `...#sized`, app id apart)."""
-    from pyspark.sql import functions as F
-    lake.table("work_batches")
-    tag = F.lit("#sized" if sized else "")
-    app_id = rows_app_id(planned.withColumn("tag", tag), "work_batches", ("event_id", "attempt", "tag"))
-    rows = planned.select(F.concat("event_id", F.lit("#"), F.col("attempt").cast("string"), tag).alias("work_id"),
-                          F.lit(table).alias("target_table"), "event_id", "attempt",
-                          F.col("round").cast("int").alias("round"), "plan_id", "pos", "batch_no", "chunk",
-                          F.current_timestamp().alias("created_at"))
-    lake.idempotent_append("work_batches", rows, app_id)
 
 
 def generate_events(batches: Iterator[pa.RecordBatch], calls: Calls, counters: dict) -> Iterator[pa.RecordBatch]:
@@ -266,7 +236,10 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
              parse: Callable[[str, str], str] = keep_text) -> RunStats:
     """Generate and append every chunk of the wave, chunk jobs running while earlier ones commit; the
     wave's stats. Its UNSIZED batches are cut by the model's time per batch: measured by an earlier wave,
-    or by this wave's first chunks (the probe), which then run first."""
+    or by this wave's first chunks (the probe), which run while `pending` records the wave's plan: their
+    rows wait on the driver, since nothing of a wave commits before its plan, then land in one append
+    beside the sized chunks (its app id hashes all their keys, which any run with the same pending rows
+    probes alike)."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
     sc, lake = plane.spark.sparkContext, plane.lake
@@ -278,22 +251,41 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
     stats = RunStats(tasks=wave.rows, batches=sum(c.batches for c in wave.chunks) + wave.unsized_batches)
 
-    def write_all(rows, chunks: list[Chunk], app_ids: dict | None = None) -> int:
-        app_ids = chunk_app_ids(rows, "generation_events") if app_ids is None else app_ids
-        return run_chunks(chunks, lambda c: lake.idempotent_append(
-            "generation_events", chunk_rows(rows, c).mapInArrow(fn, out_schema, profile=plane.profile),
-            app_ids[chunk_key(c)]),
-            plane.slots, plane.progress, "generations")
+    def generated(rows) -> Callable[[Chunk], object]:
+        return lambda c: chunk_rows(rows, c).mapInArrow(fn, out_schema, profile=plane.profile)
 
-    if not wave.unsized_rows:
-        done = write_all(wave.todo, wave.chunks)
-    elif plane.meter.per_batch("generate") is not None or not wave.chunks:   # measured before: no barrier
-        rows, chunks, _ = cut_rest(plane, wave)   # app ids of the union: kept and new chunks hashed as one cut
-        done = write_all(rows.unionByName(wave.todo.where(F.col("chunk") != UNSIZED)), wave.chunks + chunks)
-    else:   # the probe (and kept chunks) first, then the rest cut by their measured time
-        done = write_all(wave.todo, wave.chunks)
-        plane.meter.record("generate", counters["seconds"].value, counters["calls"].value)
-        done += write_all(*cut_rest(plane, wave))
+    def append_once(rows, app_id: str) -> None:
+        plan_landed(wave)
+        lake.idempotent_append("generation_events", rows, app_id)
+
+    def write_all(chunks: list[Chunk], frame: Callable[[Chunk], object], app_ids: dict) -> int:
+        return run_chunks(chunks, lambda c: append_once(frame(c), app_ids[chunk_key(c)]), plane.slots, plane.progress,
+                          "generations", plane.queued)
+
+    appended = None
+    try:
+        if not wave.unsized_rows:
+            done = write_all(wave.chunks, generated(wave.todo), chunk_app_ids(wave.todo, "generation_events"))
+        elif plane.meter.per_batch("generate") is not None or not wave.chunks:   # measured before: no barrier
+            rows, chunks, _ = cut_rest(plane, wave)   # app ids of the union: kept and new chunks hashed as one cut
+            rows = rows.unionByName(wave.todo.where(F.col("chunk") != UNSIZED))
+            done = write_all(wave.chunks + chunks, generated(rows), chunk_app_ids(rows, "generation_events"))
+        else:   # the probe (and kept chunks) first, their rows back on the driver; the rest cut by their time
+            probed = collect_chunks(wave.chunks, generated(wave.todo), plane.slots)
+            plane.meter.record("generate", counters["seconds"].value, counters["calls"].value)
+
+            def append_probed() -> int:   # one commit (one task) on a thread of its own: no chunk job waits for it
+                warm_state(plane.spark, lake.path("generation_events"))
+                app_id = rows_app_id(wave.todo.where(F.col("chunk") != UNSIZED), "generation_events",
+                                     ("event_id", "attempt"))
+                append_once(plane.spark.createDataFrame(pa.concat_tables(probed.values())).coalesce(1), app_id)
+                return 1
+            appended = started(append_probed)
+            rows, chunks, sized_ids = cut_rest(plane, wave)
+            done = write_all(chunks, generated(rows), sized_ids) + appended.result()
+    finally:
+        wait([f for f in (wave.recorded, appended) if f is not None])   # no thread writes on once it returns
+    plan_landed(wave)
     plane.meter.record("generate", counters["seconds"].value, counters["calls"].value)
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
     stats.model_calls, stats.commits = counters["calls"].value, done
@@ -304,6 +296,19 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     return stats
 
 
+def warm_state(spark, path: str) -> None:
+    """Compute the Delta table's state (its snapshot's files and app ids, what the first idempotent append
+    checks) now, while the plan lands, not when the first chunk job starts: DESCRIBE DETAIL needs it, and
+    Delta keeps it with the snapshot until the next commit."""
+    spark.sql(f"DESCRIBE DETAIL delta.`{path}`").collect()
+
+
+def plan_landed(wave: Pending) -> None:
+    """Return once the wave's plan has landed in work_batches (raising what recording it raised)."""
+    if wave.recorded is not None:
+        wave.recorded.result()
+
+
 def cut_rest(plane: Plane, wave: Pending):
     """(rows, chunks, their app ids) of the wave's UNSIZED batches, cut into chunks by the measured time.
 
@@ -312,28 +317,35 @@ def cut_rest(plane: Plane, wave: Pending):
     of attempts) and read back, so both run the one cut that landed and their appends share app ids.
     Under the job's lock (`plane.exclusive`) no other run can size them, and the cut is neither recorded
     nor read back: its batches are recorded already (`pending`), so a run resumed after a kill makes the
-    same model calls whichever way it groups them, and its pending set holds none that committed. That
-    saves the probe barrier two Delta round trips (1.7 s of its 2.7 s, measured at GPU-like speed)."""
+    same model calls whichever way it groups them, and its pending set holds none that committed. There the
+    cut is made on the driver from the batches' keys, which `pending` reads while the probe runs
+    (`sized_cut`): the probe barrier runs no Spark job (it took 0.6-2 s at GPU-like speed, more on a cluster)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     per_chunk = plane.per_chunk(wave.unsized_batches)
     rest = wave.todo.where(F.col("chunk") == UNSIZED)
-    first = F.min("batch_no").over(Window.partitionBy("plan_id"))
-    sized = rest.withColumn("chunk", F.lit(SIZED) + F.floor((F.col("batch_no") - first) / per_chunk))
-    if plane.exclusive:
-        rows = sized.localCheckpoint(eager=True)
-    else:
+    if wave.unsized_keys is not None:   # under the lock: cut on the driver, from the batches' keys
+        chunks, ids, chunk_of = sized_cut(wave.unsized_keys.result(), per_chunk, SIZED, "generation_events")
+        rows = rest.withColumn("chunk", chunk_column(chunk_of))
+    else:   # recorded, read back, and hashed by Spark
+        plan_landed(wave)   # the cut's record lands after the batches' own (pending's)
+        # each plan's unsized batches numbered 0.. (a resumed plan's may have gaps), then spread in chunks
+        idx = F.dense_rank().over(Window.partitionBy("plan_id").orderBy("batch_no")) - 1
+        last = F.max("idx").over(Window.partitionBy("plan_id"))
+        sized = rest.withColumn("idx", idx).withColumn("chunk", F.lit(SIZED) + spread_chunk(F.col("idx"), last + 1,
+                                                                                            per_chunk)).drop("idx")
         record_plan(plane.lake, sized, wave.table, sized=True)
         kept = plans_of(plane.lake, wave.table, wave.plan_filter)
         rows = (rest.drop("plan_id", "pos", "batch_no", "chunk").join(kept, ["event_id", "attempt"])
                 .localCheckpoint(eager=True))
-    groups = rows.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
-                                                  F.countDistinct("batch_no").alias("batches"),
-                                                  keys_sha().alias("sha")).collect()
-    chunks = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups]
+        groups = rows.groupBy("plan_id", "chunk").agg(F.count(F.lit(1)).alias("n"),
+                                                      F.countDistinct("batch_no").alias("batches"),
+                                                      keys_sha().alias("sha")).collect()
+        chunks, ids = [Chunk(r["plan_id"], r["chunk"], r["n"], r["batches"]) for r in groups], app_ids_of(
+            groups, "generation_events")
     plane.say(f"  {wave.unsized_batches} batches in {len(chunks)} commits "
               f"({plane.meter.per_batch('generate') or 0:.3f} s a batch measured)")
-    return rows, sorted(chunks, key=chunk_key), app_ids_of(groups, "generation_events")
+    return rows, sorted(chunks, key=chunk_key), ids
 
 
 def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Callable[[dict], list], max_attempts: int,
@@ -352,34 +364,6 @@ def run_step(plane: Plane, planned, *, kind: str, plan_id: str, make_chat: Calla
         stats = run_wave(plane, wave, make_chat)
     return stats, wave.gave_up, most_tries(planned, plane.lake.df("generation_events").where(F.col("kind") == kind),
                                            wave.gave_up)
-
-
-def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
-               progress: Callable[[str], None] | None, what: str) -> int:
-    """Run `write(chunk)` for every chunk, `slots + 1` at a time, each starting when one ends; the number
-    committed. After a failure the chunks in flight finish (they are committed) and no more start.
-
-    One more than the slots: a chunk's commit runs on the driver after its task has freed the slot, and the
-    extra chunk job's task, queued by then, takes that slot at once instead of waiting for the commit."""
-    total, rows, commits = sum(c.rows for c in chunks), 0, 0
-    with ThreadPoolExecutor(max(1, slots) + 1) as pool:
-        futures = {pool.submit(write, c): c for c in chunks}
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
-            failed = [f for f in finished if f.exception() is not None]
-            if failed:
-                for f in remaining:
-                    f.cancel()
-                wait(remaining)
-                raise failed[0].exception()
-            for f in finished:
-                rows += futures[f].rows
-                commits += 1
-            if progress:
-                progress(f"  [{'#' * round(20 * rows / max(total, 1)):.<20}] {rows}/{total} "
-                         f"{what} committed in {commits} of {len(chunks)} commits")
-    return commits
 
 
 def first_error(lake, todo, job_run_id: str) -> str:
