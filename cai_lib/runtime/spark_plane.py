@@ -284,7 +284,8 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
             rows, chunks, sized_ids = cut_rest(plane, wave)
             done = write_all(chunks, generated(rows), sized_ids) + appended.result()
     finally:
-        wait([f for f in (wave.recorded, appended) if f is not None])   # no thread writes on once it returns
+        # no thread of the wave's (the plan's record, the batches' keys, the probe's append) runs on after it
+        wait([f for f in (wave.recorded, wave.unsized_keys, appended) if f is not None])
     plan_landed(wave)
     plane.meter.record("generate", counters["seconds"].value, counters["calls"].value)
     # counted in the tasks (Spark merges a task's counts only when that attempt succeeds)
