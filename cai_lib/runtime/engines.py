@@ -80,11 +80,16 @@ def engine_slots(conf: dict[str, str], total_cores: int, requests: dict[str, flo
         return max(1, total_cores // _int(conf, "spark.task.cpus", 1))
     cores = _int(conf, "spark.executor.cores", 0) or (total_cores // executors if executors else 1)
     cpus, gpu = (requests["cpus"], requests.get("gpu", 0)) if requests else (_int(conf, "spark.task.cpus", 1), 0)
-    per_executor = cores // int(cpus)
-    for need in (gpu, task_gpu):
+    return max(1, (executors or total_cores // cores) * _per_executor(conf, cores, int(cpus), (gpu, task_gpu)))
+
+
+def _per_executor(conf: dict[str, str], cores: int, cpus: int, gpus: tuple[float, ...]) -> int:
+    """Engine tasks of `cpus` cores that fit on an executor of `cores`, and of each GPU share in `gpus` (0: none)."""
+    fit = cores // cpus
+    for need in gpus:
         if need:
-            per_executor = min(per_executor, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // need))
-    return max(1, (executors or total_cores // cores) * per_executor)
+            fit = min(fit, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // need))
+    return fit
 
 
 def delta_beside(conf: dict[str, str], requests: dict[str, float] | None) -> bool:
@@ -104,9 +109,7 @@ def delta_beside(conf: dict[str, str], requests: dict[str, float] | None) -> boo
     cores = _int(conf, "spark.executor.cores", 0)
     if requests is None or not cores or float(conf.get("spark.task.resource.gpu.amount") or 0) > 0:
         return False
-    engines = cores // int(requests["cpus"])
-    if requests.get("gpu"):
-        engines = min(engines, int(_int(conf, "spark.executor.resource.gpu.amount", 0) // requests["gpu"]))
+    engines = _per_executor(conf, cores, int(requests["cpus"]), (requests.get("gpu", 0),))
     return cores - engines * int(requests["cpus"]) >= _int(conf, "spark.task.cpus", 1)
 
 
