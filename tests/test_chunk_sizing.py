@@ -66,41 +66,51 @@ def test_a_wave_probes_one_batch_per_slot_then_cuts_the_rest():
     assert got == [(0, 16, 1), (1, 16, 1), (2, 48, 3), (3, 20, 2)]
 
 
-def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small_lake, monkeypatch):
+@pytest.mark.parametrize("beside", [True, False], ids=["delta-beside-engines", "delta-needs-an-engine-slot"])
+def test_chunks_follow_the_measured_model_time_and_commit_once_each(spark, small_lake, monkeypatch, beside):
     """local[1]: 3 prompts x 2 samples in batches of 1 at 0.5 s a call, 1.2 s a chunk: the probe (1 batch),
-    then the other 5 batches cut by the measure (2, 2, 1). The probe runs while the wave's plan is recorded
-    (here the record waits until the probe's rows are back on the driver, which would never happen if the
-    probe waited for the record), and nothing commits before the plan has landed. The sized cut is not
-    recorded, since the job holds the lake's lock and no other run can size them."""
+    then the other 5 batches cut by the measure (2, 2, 1). The probe runs while the wave's plan is
+    recorded, and so do the first sized chunk jobs where Delta's jobs run beside the engines (forced here:
+    `engines.delta_beside` finds it on a cluster whose executors keep a core no engine takes); their rows
+    wait on the driver. Here the record waits until that many chunks' rows are on the driver, which would
+    never happen if they waited for the record, and nothing commits before the plan has landed. The sized
+    cut is not recorded, since the job holds the lake's lock and no other run can size them."""
     import threading
 
     from deltalake import DeltaTable
 
-    from cai_lib.runtime import spark_plane
+    from cai_lib.runtime import engines, spark_plane
     from jobs.sample_pairs import SamplePairsConfig
     from jobs.sample_pairs import run as sample_pairs
     from tests.conftest import ROOT
     active_after_commit = watch_commits(monkeypatch)
-    record, collect, probed, before_plan = spark_plane.record_plan, spark_plane.collect_chunks, threading.Event(), []
+    record, on_driver, before_plan, held = spark_plane.record_plan, spark_plane.on_driver, [], []
+    all_held, holding = threading.Event(), 2 if beside else 1
 
-    def collect_then_say(*args):
-        out = collect(*args)
-        probed.set()
-        return out
+    def hold(spark, tables):   # the probe's rows, then each sized chunk's that started before the plan landed
+        tables = list(tables)
+        held.append(sum(t.num_rows for t in tables))
+        if len(held) == holding:
+            all_held.set()
+        return on_driver(spark, tables)
 
-    def record_after_the_probe(lake, planned, table, sized=False, app_id=None):
-        assert probed.wait(120), "the probe waited for the plan's record"
+    def record_after_the_held_chunks(lake, planned, table, sized=False, app_id=None):
+        assert all_held.wait(120), f"a chunk waited for the plan's record (rows on the driver: {held})"
         before_plan.extend(h["operation"] for h in DeltaTable(str(small_lake / "generation_events")).history())
         record(lake, planned, table, sized, app_id)
 
-    monkeypatch.setattr(spark_plane, "collect_chunks", collect_then_say)
-    monkeypatch.setattr(spark_plane, "record_plan", record_after_the_probe)
+    monkeypatch.setattr(engines, "engine_plan", lambda spark, spec: (None, 1, beside))
+    monkeypatch.setattr(spark_plane, "on_driver", hold)
+    monkeypatch.setattr(spark_plane, "record_plan", record_after_the_held_chunks)
     cfg = SamplePairsConfig(lake=str(small_lake), backend="fake", policy="fake:latency=0.5", max_new_tokens=24,
                             batch_size=1, batches_per_commit=64, chunk_seconds=1.2, params="/nonexistent.yaml",
                             constitution=str(ROOT / "constitutions/default.yaml"))
     s = sample_pairs(spark, cfg)
     assert (s["samples"], s["ok"], s["model_calls"]) == (6, 6, 6)
-    assert before_plan == ["CREATE TABLE"]   # the probe had generated, and nothing had committed
+    assert before_plan == ["CREATE TABLE"]   # the held chunks had generated, and nothing had committed
+    # on the driver: the probe's batch, and beside the engines the two sized chunk jobs started with it (one
+    # slot, one queued); the last chunk (1 batch) started when one of them had committed, after the plan
+    assert sorted(held) == ([1, 2, 2] if beside else [1])
     commits = [h for h in reversed(DeltaTable(str(small_lake / "generation_events")).history())
                if h["operation"] == "WRITE"]
     assert sorted(int(h["operationMetrics"]["numOutputRows"]) for h in commits) == [1, 1, 2, 2]

@@ -137,15 +137,21 @@ class Plane:
     # so a sized cut needs no record to agree on (spark_plane.cut_rest)
     exclusive: bool = False
     profile: Any = None
-    queued: int = 1   # chunk jobs queued beyond the running ones (engines.engine_plan)
+    beside: bool = False   # Delta's jobs find a core beside the running engines (engines.delta_beside)
 
     def __post_init__(self):
         if not self.slots:
             from cai_lib.runtime.engines import engine_plan
-            profile, slots, queued = engine_plan(self.spark, self.backend_spec)
+            profile, slots, beside = engine_plan(self.spark, self.backend_spec)
             object.__setattr__(self, "profile", profile)
             object.__setattr__(self, "slots", slots)
-            object.__setattr__(self, "queued", queued)
+            object.__setattr__(self, "beside", beside)
+
+    @property
+    def queued(self) -> int:
+        """Chunk jobs queued beyond the running ones: one per engine where Delta's jobs run beside them, so
+        engines that finish together each find one; else one (a commit's jobs need an engine's slot)."""
+        return self.slots if self.beside else 1
 
     def say(self, line: str) -> None:
         if self.progress:

@@ -127,18 +127,18 @@ def engine_profile(spark, backend_spec: dict):
 
 
 def engine_plan(spark, backend_spec: dict):
-    """`engine_profile`, and the chunk jobs to queue beyond the running ones: one per engine where Delta's
-    jobs run beside the engines (`delta_beside`), else one (a commit's jobs then take the slot a queued
-    chunk would, docs/data_plane.md)."""
+    """(`engine_profile`'s two, whether Delta's jobs run beside the engines: `delta_beside`). Where they do,
+    the plane queues a chunk job per engine and starts chunk jobs while a wave's plan lands; else a
+    commit's jobs (and the plan's record) take the slot an engine would (docs/data_plane.md)."""
     conf = session_conf(spark)
     requests = engine_requests(conf, int(backend_spec.get("threads") or 1))
     executors = 0 if conf["spark.master"].startswith("local") else spark.sparkContext._jsc.sc().getExecutorIds().size()
     slots = engine_slots(conf, spark.sparkContext.defaultParallelism, requests, executors)
-    queued = slots if delta_beside(conf, requests) else 1
+    beside = delta_beside(conf, requests)
     if requests is None:
-        return None, slots, queued
+        return None, slots, beside
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
     task = TaskResourceRequests().cpus(int(requests["cpus"]))
     if "gpu" in requests:
         task = task.resource("gpu", requests["gpu"])
-    return ResourceProfileBuilder().require(task).build, slots, queued
+    return ResourceProfileBuilder().require(task).build, slots, beside

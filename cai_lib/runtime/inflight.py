@@ -1,13 +1,18 @@
 """Chunk jobs in flight on the driver's threads: each Spark job (a chunk's generation and append, or a
 probe's rows back to the driver) runs on a thread of its own, one more at once than the slots, so the
-next job's task waits queued while the driver commits the last one."""
+next job's task waits queued while the driver commits the last one; and the rows the driver holds while
+a wave's plan lands (`Held`)."""
 from __future__ import annotations
 
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
+import pyarrow as pa
+
 from cai_lib.runtime.chunking import Chunk, chunk_key
+
+HELD_ROWS = 1 << 16   # rows of chunks started before their wave's plan landed that may wait on the driver at once
 
 
 def run_chunks(chunks: list[Chunk], write: Callable[[Chunk], None], slots: int,
@@ -57,3 +62,33 @@ def started(fn: Callable, *args) -> Future:
             out.set_exception(exc)
     threading.Thread(target=run, name=f"cai-{getattr(fn, '__name__', 'task')}", daemon=True).start()
     return out
+
+
+class Held:
+    """How many rows chunk jobs may bring back to the driver at once, there to wait for their wave's plan
+    to land (`spark_plane.run_wave`): an engine never waits for the plan's record, and the driver's
+    memory holds at most `limit` rows of them (about 1 KB each); past that, a chunk job waits for the plan.
+
+    >>> held = Held(10)
+    >>> held.take(6), held.take(6), held.give(6), held.take(6)
+    (True, False, None, True)
+    """
+
+    def __init__(self, limit: int):
+        self.left, self._lock = limit, threading.Lock()
+
+    def take(self, rows: int) -> bool:
+        with self._lock:
+            if rows > self.left:
+                return False
+            self.left -= rows
+            return True
+
+    def give(self, rows: int) -> None:
+        with self._lock:
+            self.left += rows
+
+
+def on_driver(spark, tables):
+    """Arrow tables held on the driver as one DataFrame of one partition: one append task."""
+    return spark.createDataFrame(pa.concat_tables(list(tables))).coalesce(1)

@@ -16,7 +16,9 @@ Per wave:
    never committed: Spark's commit protocol adds only the winning attempt's files). One more chunk
    job runs at once than there are executor slots, each starting when one ends, so a slot whose task
    is done takes the next queued task while the driver commits the finished chunk, no barrier holds
-   the cluster, and a kill loses only the chunks in flight.
+   the cluster, and a kill loses only the chunks in flight. Nothing of a wave commits before its plan has
+   landed; a chunk job that starts while it lands brings its rows to the driver to wait for it there, so
+   no engine waits for the record.
 3. Each commit is an idempotent append (see `chunk_app_ids`): its cost does not grow with the table (no
    MERGE scans it), and a chunk appended once is never appended again, by a retry or by another run.
 
@@ -37,7 +39,8 @@ import pyarrow as pa
 from cai_lib.backends import Sampling
 from cai_lib.ids import canonical_json
 from cai_lib.runtime.plans import plans_of, record_plan  # noqa: F401
-from cai_lib.runtime.inflight import collect_chunks, run_chunks, started  # noqa: F401
+from cai_lib.runtime.inflight import (HELD_ROWS, Held, collect_chunks, on_driver, run_chunks,  # noqa: F401
+                                      started)
 from cai_lib.runtime.app_ids import (app_ids_of, batch_keys, chunk_app_ids, keys_sha, rows_app_id,  # noqa: F401
                                      sized_cut)
 from cai_lib.runtime.chunking import (SIZED, UNSIZED, Calls, Chunk, Pending, Plane, chunk_batches,  # noqa: F401
@@ -239,7 +242,8 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     or by this wave's first chunks (the probe), which run while `pending` records the wave's plan: their
     rows wait on the driver, since nothing of a wave commits before its plan, then land in one append
     beside the sized chunks (its app id hashes all their keys, which any run with the same pending rows
-    probes alike)."""
+    probes alike). Any chunk job that starts before the plan has landed does the same (`Held`: a bounded
+    number of rows)."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
     sc, lake = plane.spark.sparkContext, plane.lake
@@ -250,6 +254,7 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
     out_schema = from_arrow_schema(GENERATION_EVENTS)
     lake.table("generation_events")   # created (with its schema and properties) before any chunk appends
     stats = RunStats(tasks=wave.rows, batches=sum(c.batches for c in wave.chunks) + wave.unsized_batches)
+    held = Held(HELD_ROWS)
 
     def generated(rows) -> Callable[[Chunk], object]:
         return lambda c: chunk_rows(rows, c).mapInArrow(fn, out_schema, profile=plane.profile)
@@ -258,8 +263,20 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
         plan_landed(wave)
         lake.idempotent_append("generation_events", rows, app_id)
 
+    def write(c: Chunk, rows, app_id: str) -> None:
+        """A chunk job that starts while the plan lands runs to the driver, its rows appended once it has
+        landed: the engine does not wait for the record (about 2 s a wave on a cluster). Only where Delta's
+        jobs run beside the engines: elsewhere the record's jobs need an engine's slot, and would wait for
+        the chunk's task, and every commit for them."""
+        if not plane.beside or wave.recorded is None or wave.recorded.done() or not held.take(c.rows):
+            return append_once(rows, app_id)
+        try:
+            append_once(on_driver(plane.spark, [rows.toArrow()]), app_id)
+        finally:
+            held.give(c.rows)
+
     def write_all(chunks: list[Chunk], frame: Callable[[Chunk], object], app_ids: dict) -> int:
-        return run_chunks(chunks, lambda c: append_once(frame(c), app_ids[chunk_key(c)]), plane.slots, plane.progress,
+        return run_chunks(chunks, lambda c: write(c, frame(c), app_ids[chunk_key(c)]), plane.slots, plane.progress,
                           "generations", plane.queued)
 
     appended = None
@@ -278,7 +295,7 @@ def run_wave(plane: Plane, wave: Pending, make_chat: Callable[[dict], list],
                 warm_state(plane.spark, lake.path("generation_events"))
                 app_id = rows_app_id(wave.todo.where(F.col("chunk") != UNSIZED), "generation_events",
                                      ("event_id", "attempt"))
-                append_once(plane.spark.createDataFrame(pa.concat_tables(probed.values())).coalesce(1), app_id)
+                append_once(on_driver(plane.spark, probed.values()), app_id)
                 return 1
             appended = started(append_probed)
             rows, chunks, sized_ids = cut_rest(plane, wave)
