@@ -4,9 +4,10 @@ against the bare backend's own throughput, in one run.
 
     python bench/bench_plane_utilisation.py                        # local[2], 8,000 prompts, latency 0.2
     python bench/bench_plane_utilisation.py --prompts 2000 --master local[1]
-    python bench/bench_plane_utilisation.py --standalone      # a loopback standalone cluster, 2 workers x 1 core
-    python bench/bench_plane_utilisation.py --standalone --worker-cores 3 --engine-cpus 2   # engines apart from
-                                                               # Delta's jobs: one engine task per worker, a core spare
+    python bench/bench_plane_utilisation.py --standalone      # a loopback standalone cluster laid out as a GPU
+                       # cluster's: 2 workers x 3 cores, an engine task of 2 (one per worker), a core beside it
+    python bench/bench_plane_utilisation.py --standalone --worker-cores 1 --engine-cpus 1   # a CPU cluster's:
+                       # the engine is the worker's only core, which Delta's jobs then share
 
 Utilisation = the job's samples per second / (slots x the bare backend's samples per second): 1.0 means
 every engine generated all the time, from the job's start (pending, plans) to its last commit. Two
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--standalone", action="store_true",
                     help="run on a Spark standalone cluster on loopback: a master and two workers (tests/cluster.py)")
-    ap.add_argument("--worker-cores", type=int, default=1, help="with --standalone: cores per worker (and executor)")
-    ap.add_argument("--engine-cpus", type=int, default=None,
+    # a GPU executor has cores beside its GPU's engine task, where Delta's jobs run (engines.delta_beside)
+    ap.add_argument("--worker-cores", type=int, default=3, help="with --standalone: cores per worker (and executor)")
+    ap.add_argument("--engine-cpus", type=int, default=2,
                     help="with --standalone: cores one engine task takes (spark.cai.engineCpus, cai_lib/runtime/engines.py)")
     a = ap.parse_args(argv)
     from cai_lib.env import set_offline_env
