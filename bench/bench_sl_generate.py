@@ -48,7 +48,8 @@ def make_lake(folder: Path, n: int) -> Path:
 
 
 def bare_waves(backend, cfg: SLGenerateConfig, lake: Path, batched: bool) -> tuple[int, float]:
-    """The same chains as sl-generate, straight on the backend: wave by wave, or one chain at a time."""
+    """The same chains as sl-generate, straight on the backend: wave by wave in the job's batches (its model
+    calls: each wave sorted by `input_len` and event id, cut in batch_size), or one chain at a time."""
     ctx = SLContext(load_constitution(cfg.constitution), cfg.base_model, model_fingerprint(cfg.backend, cfg.base_model),
                     cfg.backend, cfg.settings())
     prompts = Lake(lake).read("prompts").to_pylist()
@@ -58,16 +59,18 @@ def bare_waves(backend, cfg: SLGenerateConfig, lake: Path, batched: bool) -> tup
     t0 = time.perf_counter()
     if batched:
         for wave in range(2 * cfg.rounds + 1):
-            items = [(pid, i, s) for pid, ch in plans.items() for i, s in enumerate(ch) if s.wave == wave]
-            by_sampling: dict[str, list] = {}
-            for it in items:
-                by_sampling.setdefault(it[2].sampling, []).append(it)
-            for group in by_sampling.values():
-                chats = [step_chat(ctx, plans[pid], i, text_of[pid], texts) for pid, i, _ in group]
-                gens = backend.generate(chats, _sampling(group[0][2]), [s.seed for _, _, s in group])
-                for (_, _, s), g in zip(group, gens):
-                    texts[s.event_id] = parse_output(s.kind, g.text)
-                    tokens += g.completion_tokens
+            items = sorted(((pid, i, s) for pid, ch in plans.items() for i, s in enumerate(ch) if s.wave == wave),
+                           key=lambda it: (input_len(plans[it[0]], it[1], text_of[it[0]], texts), it[2].event_id))
+            for at in range(0, len(items), cfg.batch_size):   # the job's batches: its model calls
+                by_sampling: dict[str, list] = {}
+                for it in items[at:at + cfg.batch_size]:
+                    by_sampling.setdefault(it[2].sampling, []).append(it)
+                for group in by_sampling.values():
+                    chats = [step_chat(ctx, plans[pid], i, text_of[pid], texts) for pid, i, _ in group]
+                    gens = backend.generate(chats, _sampling(group[0][2]), [s.seed for _, _, s in group])
+                    for (_, _, s), g in zip(group, gens):
+                        texts[s.event_id] = parse_output(s.kind, g.text)
+                        tokens += g.completion_tokens
     else:
         for pid, chain in plans.items():
             for i, s in enumerate(chain):
@@ -75,6 +78,14 @@ def bare_waves(backend, cfg: SLGenerateConfig, lake: Path, batched: bool) -> tup
                 texts[s.event_id] = parse_output(s.kind, g.text)
                 tokens += g.completion_tokens
     return tokens, time.perf_counter() - t0
+
+
+def input_len(chain, i: int, prompt: str, texts: dict) -> int:
+    """What the plane sorts a wave's steps by before cutting its batches (spark_chain.wave_inputs): the
+    characters of the prompt, the answer the step works on and the critique a revision follows."""
+    response = chain[i - 1 if chain[i].kind == "critique" else i - 2].event_id if i else None
+    critique = chain[i - 1].event_id if chain[i].kind == "revision" else None
+    return len(prompt) + len(texts.get(response) or "") + len(texts.get(critique) or "")
 
 
 def _sampling(step):
