@@ -32,7 +32,7 @@ from cai_lib.constitution.load import load_constitution  # noqa: E402
 from cai_lib.constitution.templates import parse_output  # noqa: E402
 from cai_lib.lake.tables import Lake  # noqa: E402
 from cai_lib.runtime.session import get_spark  # noqa: E402
-from cai_lib.sl.chain import SLContext, plan_chain, step_chat  # noqa: E402
+from cai_lib.sl.chain import SLContext, plan_chain, step_chat, step_inputs  # noqa: E402
 from jobs.ingest import IngestConfig  # noqa: E402
 from jobs.ingest import run as ingest  # noqa: E402
 from jobs.sl_generate import SLGenerateConfig  # noqa: E402
@@ -83,8 +83,7 @@ def bare_waves(backend, cfg: SLGenerateConfig, lake: Path, batched: bool) -> tup
 def input_len(chain, i: int, prompt: str, texts: dict) -> int:
     """What the plane sorts a wave's steps by before cutting its batches (spark_chain.wave_inputs): the
     characters of the prompt, the answer the step works on and the critique a revision follows."""
-    response = chain[i - 1 if chain[i].kind == "critique" else i - 2].event_id if i else None
-    critique = chain[i - 1].event_id if chain[i].kind == "revision" else None
+    response, critique = step_inputs(chain, i)
     return len(prompt) + len(texts.get(response) or "") + len(texts.get(critique) or "")
 
 

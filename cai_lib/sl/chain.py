@@ -95,11 +95,20 @@ def plan_chain(ctx: SLContext, prompt_id: str, prompt_kind: str) -> list[Step]:
     return steps
 
 
+def step_inputs(chain: list[Step], i: int) -> tuple[str | None, str | None]:
+    """(event id of the answer step i works on, of the critique it follows): a critique works on the step
+    before it, a revision on the one before its critique; only a revision follows a critique."""
+    kind = chain[i].kind
+    response = chain[i - 1 if kind == "critique" else i - 2].event_id if i else None
+    return response, chain[i - 1].event_id if kind == "revision" else None
+
+
 def step_chat(ctx: SLContext, chain: list[Step], i: int, prompt: str, texts: Mapping[str, str]) -> list:
     """format_input for step i of a chain, given the texts of the steps before it."""
     step = chain[i]
-    response = texts[chain[i - 1 if step.kind == "critique" else i - 2].event_id] if i else None
-    critique = texts[chain[i - 1].event_id] if step.kind == "revision" else None
+    response_id, critique_id = step_inputs(chain, i)
+    response = texts[response_id] if response_id else None
+    critique = texts[critique_id] if critique_id else None
     return chat_for(ctx, step.kind, step.principle_id, prompt, response, critique)
 
 

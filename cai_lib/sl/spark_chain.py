@@ -19,7 +19,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from cai_lib.ids import canonical_json, stable_id
-from cai_lib.sl.chain import SLContext, chat_for, plan_chain
+from cai_lib.sl.chain import SLContext, chat_for, plan_chain, step_inputs
 
 # Part of built_from: bump it when plan_chain's ids or sl_dataset_df's rows change for the same inputs,
 # so a table written by the older code is rebuilt rather than extended.
@@ -41,12 +41,12 @@ def plan_partition(batches: Iterator[pa.RecordBatch], ctx: SLContext) -> Iterato
         for pid, kind in zip(batch.column("prompt_id").to_pylist(), batch.column("kind").to_pylist()):
             chain = plan_chain(ctx, pid, kind)
             for i, st in enumerate(chain):
-                response = chain[i - 1 if st.kind == "critique" else i - 2].event_id if i else None
+                response, critique = step_inputs(chain, i)
                 rows.append({
                     "event_id": st.event_id, "kind": st.kind, "prompt_id": pid, "parent_id": st.parent_id,
                     "round": st.round, "principle_id": st.principle_id, "seed": st.seed, "sampling": st.sampling,
                     "wave": st.wave, "chain_pos": i, "is_final": i == len(chain) - 1, "response_id": response,
-                    "critique_id": chain[i - 1].event_id if st.kind == "revision" else None})
+                    "critique_id": critique})
         if rows:
             yield pa.RecordBatch.from_pylist(rows, schema=STEP_SCHEMA)
 
