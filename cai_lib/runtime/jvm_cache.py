@@ -84,7 +84,7 @@ def driver_java_options(packages: str) -> tuple[str, Path | None, Path | None]:
     import pyspark
     java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
     # the install's folder too: the archive holds the classpath it was dumped with, and a second venv's
-    # Spark (.venv-vllm) would otherwise find an archive keyed as its own that it cannot map
+    # Spark (another clone's .venv, or .venv-gpu) would otherwise find an archive keyed as its own that it cannot map
     spark = f"{pyspark.__version__}|{Path(pyspark.__file__).resolve().parent}"
     return plan(cache_dir(), archive_key(java, spark, packages), os.getpid())
 
