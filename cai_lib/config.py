@@ -72,7 +72,7 @@ class SeedConfig:
 @dataclasses.dataclass
 class SparkModelConfig:
     """Jobs that run a model through a backend inside Spark's Python workers."""
-    backend: str = opt("transformers", "transformers (CPU/GPU) | vllm (GPU, own environment) | fake (tests)",
+    backend: str = opt("transformers", "transformers (CPU/GPU) | vllm (CPU: in .venv; GPU: .venv-gpu) | fake (tests)",
                        choices=BACKENDS)
     dtype: str = opt("auto", "compute dtype: auto (bf16 on a GPU or a bf16-capable CPU, else float32) | bfloat16 | "
                              "float32 | float16", choices=("auto", *DTYPE_NAMES))
