@@ -67,6 +67,8 @@ def test_dvc_repro_runs_reruns_nothing_and_only_new_prompts(tmp_path):
     params["evaluate"].update(splits=["train"], limit=1, max_new_tokens=6)
     # 4 labels are too few to judge label rates (rate_min_n): the training-blocking ones are waived
     params["gate"]["waive"] = ["labels.skew", "labels.position_bias"]
+    # answers cut at 16 tokens: a 1-2 word one is the cut, not a stub (each engine samples its own texts)
+    params["gate"]["min_response_words"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
