@@ -27,12 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- pure: the settings chosen from the device (no engine) -------------------------------------
 def test_cpu_and_cuda_get_their_own_defaults(monkeypatch):
-    for env in ("CAI_VLLM_GPU_MEMORY_UTILIZATION", "CAI_VLLM_ENFORCE_EAGER"):
+    for env in ("CAI_VLLM_GPU_MEMORY_UTILIZATION", "CAI_VLLM_ENFORCE_EAGER", "CAI_VLLM_BLOCK_SIZE"):
         monkeypatch.delenv(env, raising=False)
-    assert engine_settings("cpu", None, None, ram=(24.0, 20.0)) == {"gpu_memory_utilization": 0.2, "enforce_eager": True}
+    assert engine_settings("cpu", None, None, ram=(24.0, 20.0)) == {"gpu_memory_utilization": 0.2, "enforce_eager": True,
+                                                                   "block_size": 32}
     assert engine_settings("cuda", None, None) == {"gpu_memory_utilization": 0.85, "enforce_eager": False}
     monkeypatch.setenv("CAI_VLLM_ENFORCE_EAGER", "false")
-    assert engine_settings("cpu", 0.1, None, ram=(24.0, 20.0)) == {"gpu_memory_utilization": 0.1, "enforce_eager": False}
+    monkeypatch.setenv("CAI_VLLM_BLOCK_SIZE", "64")
+    assert engine_settings("cpu", 0.1, None, ram=(24.0, 20.0)) == {"gpu_memory_utilization": 0.1, "enforce_eager": False,
+                                                                  "block_size": 64}
 
 
 def test_a_ram_share_that_is_not_free_is_refused_before_start():
@@ -103,7 +106,8 @@ def prompts(ref, n: int) -> list[str]:
 def test_the_engine_settings_come_from_the_cpu(engines):
     vllm, ref = engines
     assert (vllm.device, vllm.dtype, vllm.settings) == ("cpu", "float32", {"gpu_memory_utilization": 0.2,
-                                                                            "enforce_eager": True})
+                                                                            "enforce_eager": True, "block_size": 32})
+    assert vllm.llm.llm_engine.vllm_config.cache_config.block_size == 32   # the engine took it
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and vllm.fingerprint == ref.fingerprint
 
 
